@@ -1,0 +1,340 @@
+//! The image-text loader: a [`ShardStream`] of raw samples, decoded, augmented and tokenized
+//! on a rayon pool by a batcher thread that keeps `prefetch` batches ready, so the trainer
+//! does not wait when the CPU keeps up.
+//!
+//! Bad input never kills a run: a sample with a missing, empty, corrupt or undecodable image, a
+//! missing or non-UTF-8 caption, and a broken or empty shard are skipped, logged at warn with
+//! shard and key, and counted; only a bad fraction above `max_bad_fraction` stops the run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver};
+use fast_image_resize::Resizer;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::decode::decode_rgb;
+use crate::rng::{hash_str, Rng};
+use crate::stream::{ShardStream, StreamItem, StreamPosition, StreamSpec};
+use crate::synth::SynthConfig;
+use crate::tokenize::TextTokenizer;
+use crate::transform::{center_square, crop_resize_normalize, random_resized_crop};
+use crate::wds::RawSample;
+use crate::DataError;
+
+/// The `[data]` config section.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training shards: brace pattern(s) joined by `::`, glob, directory, list file or `pipe:`.
+    pub train: String,
+    /// Held-out shards for evaluation (empty: none).
+    pub val: String,
+    /// HF `tokenizer.json`.
+    pub tokenizer: PathBuf,
+    /// Samples per rank per micro-batch.
+    pub batch_size: usize,
+    /// Side of the square model input in pixels.
+    pub image_size: u32,
+    /// Text tokens per caption, start and end tokens included.
+    pub context_length: usize,
+    /// Shard reader threads per rank.
+    pub workers: usize,
+    /// Threads decoding and augmenting (0: one per core).
+    pub decode_threads: usize,
+    /// Batches decoded ahead of the trainer.
+    pub prefetch: usize,
+    /// Per-worker sample shuffle buffer (0: keep shard order).
+    pub shuffle_buffer: usize,
+    pub seed: u64,
+    /// Draw shards with replacement for an endless stream.
+    pub resampled: bool,
+    /// Image member extensions, by preference.
+    pub image_exts: Vec<String>,
+    /// Caption member extension.
+    pub text_ext: String,
+    /// RandomResizedCrop area fraction range for training.
+    pub crop_scale: [f64; 2],
+    /// RandomResizedCrop aspect ratio range for training.
+    pub crop_ratio: [f64; 2],
+    /// Highest tolerated fraction of bad samples before the run stops.
+    pub max_bad_fraction: f64,
+    /// Bad samples tolerated regardless of the fraction (a few bad files early on are normal).
+    pub min_bad_allowed: u64,
+    /// When the train shards are absent, generate the synthetic set described by `[data.synth]`.
+    pub synthesize_if_missing: bool,
+    pub synth: SynthConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        let synth = SynthConfig::default();
+        DataConfig {
+            train: synth.train_pattern(),
+            val: synth.val_pattern(),
+            tokenizer: synth.tokenizer_path(),
+            batch_size: 64,
+            image_size: 64,
+            context_length: 32,
+            workers: 2,
+            decode_threads: 0,
+            prefetch: 4,
+            shuffle_buffer: 2000,
+            seed: 0,
+            resampled: false,
+            image_exts: ["jpg", "jpeg", "png", "webp"].map(String::from).to_vec(),
+            text_ext: "txt".into(),
+            crop_scale: [0.9, 1.0],
+            crop_ratio: [0.75, 4.0 / 3.0],
+            max_bad_fraction: 0.05,
+            min_bad_allowed: 10,
+            synthesize_if_missing: true,
+            synth,
+        }
+    }
+}
+
+/// Bad-sample accounting, part of the position so that resumed counts continue exactly.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadCounts {
+    pub seen: u64,
+    pub bad: u64,
+    pub by_reason: std::collections::BTreeMap<String, u64>,
+}
+
+/// Where the loader is: resuming from it yields exactly the batches that would have come next.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoaderPosition {
+    pub stream: StreamPosition,
+    pub counts: BadCounts,
+    pub batches: u64,
+}
+
+/// A batch of image-text pairs, laid out for `Tensor::from_data`.
+#[derive(Clone, Debug)]
+pub struct ImageTextBatch {
+    /// `[B, 3, S, S]` normalised pixels.
+    pub images: Vec<f32>,
+    /// `[B, T]` token ids.
+    pub tokens: Vec<i64>,
+    pub batch_size: usize,
+    pub image_size: usize,
+    pub context_length: usize,
+    pub keys: Vec<String>,
+    pub captions: Vec<String>,
+    /// The sample's `.json` member, when present (labels of the synthetic set).
+    pub json: Vec<Option<serde_json::Value>>,
+    /// Epoch each sample came from.
+    pub epochs: Vec<u64>,
+    /// Loader position after this batch.
+    pub position: LoaderPosition,
+}
+
+/// Training (shuffled, augmented, endless) or evaluation (in order, center crop, one pass).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Eval,
+}
+
+/// A running loader; iterate it for batches.
+pub struct Loader {
+    rx: Receiver<Result<ImageTextBatch, DataError>>,
+    _thread: JoinHandle<()>,
+}
+
+struct Decoded {
+    image: Vec<f32>,
+    tokens: Vec<i64>,
+    caption: String,
+    json: Option<serde_json::Value>,
+}
+
+impl Loader {
+    /// Starts a loader over `shards` for `rank` of `world`, from `position` if resuming.
+    pub fn new(
+        cfg: &DataConfig,
+        tokenizer: Arc<TextTokenizer>,
+        shards: Vec<String>,
+        rank: usize,
+        world: usize,
+        mode: Mode,
+        position: Option<LoaderPosition>,
+    ) -> Result<Self, DataError> {
+        let spec = StreamSpec {
+            shards,
+            rank,
+            world,
+            workers: cfg.workers.max(1),
+            seed: cfg.seed,
+            shuffle_buffer: if mode == Mode::Train { cfg.shuffle_buffer } else { 0 },
+            resampled: cfg.resampled && mode == Mode::Train,
+            single_epoch: mode == Mode::Eval,
+        };
+        let (stream_pos, counts, batches) = match position {
+            Some(p) => (Some(p.stream), p.counts, p.batches),
+            None => (None, BadCounts::default(), 0),
+        };
+        let stream = ShardStream::start(spec, stream_pos).map_err(DataError::Invalid)?;
+        let threads = if cfg.decode_threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cfg.decode_threads };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("decode-{i}"))
+            .build()
+            .map_err(|e| DataError::Invalid(e.to_string()))?;
+        let (tx, rx) = bounded(cfg.prefetch.max(1));
+        let mut batcher = Batcher { cfg: cfg.clone(), tokenizer, mode, stream, counts, batches, pool };
+        let thread = std::thread::Builder::new()
+            .name("batcher".into())
+            .spawn(move || {
+                while let Some(b) = batcher.next_batch() {
+                    let stop = b.is_err();
+                    if tx.send(b).is_err() || stop {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| DataError::Invalid(e.to_string()))?;
+        Ok(Loader { rx, _thread: thread })
+    }
+}
+
+impl Iterator for Loader {
+    type Item = Result<ImageTextBatch, DataError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.recv().ok()
+    }
+}
+
+struct Batcher {
+    cfg: DataConfig,
+    tokenizer: Arc<TextTokenizer>,
+    mode: Mode,
+    stream: ShardStream,
+    counts: BadCounts,
+    batches: u64,
+    pool: rayon::ThreadPool,
+}
+
+impl Batcher {
+    /// Pulls raw samples until `batch_size` decode cleanly. In eval mode the last batch may be
+    /// short; `None` once the stream is exhausted.
+    fn next_batch(&mut self) -> Option<Result<ImageTextBatch, DataError>> {
+        let bs = self.cfg.batch_size;
+        let mut good: Vec<(RawSample, u64, Decoded)> = Vec::with_capacity(bs);
+        let mut exhausted = false;
+        while good.len() < bs && !exhausted {
+            let mut raws = Vec::with_capacity(bs - good.len());
+            while raws.len() < bs - good.len() {
+                match self.stream.next_item() {
+                    Some(StreamItem::Sample { sample, epoch }) => raws.push((sample, epoch)),
+                    Some(StreamItem::Bad { shard, reason }) => {
+                        if let Err(e) = self.count_bad(&shard, "-", &reason) {
+                            return Some(Err(e));
+                        }
+                    }
+                    None => {
+                        exhausted = true;
+                        break;
+                    }
+                }
+            }
+            let decoded: Vec<Result<Decoded, String>> = self.pool.install(|| raws.par_iter().map(|(s, e)| self.decode(s, *e)).collect());
+            for ((raw, epoch), d) in raws.into_iter().zip(decoded) {
+                self.counts.seen += 1;
+                match d {
+                    Ok(d) => good.push((raw, epoch, d)),
+                    Err(reason) => {
+                        if let Err(e) = self.count_bad(&raw.shard, &raw.key, &reason) {
+                            return Some(Err(e));
+                        }
+                    }
+                }
+            }
+        }
+        if good.is_empty() {
+            return if exhausted && self.counts.seen == 0 && self.batches == 0 {
+                Some(Err(DataError::Invalid("the shards hold no usable sample".into())))
+            } else {
+                None
+            };
+        }
+        self.batches += 1;
+        Some(Ok(self.assemble(good)))
+    }
+
+    fn count_bad(&mut self, shard: &str, key: &str, reason: &str) -> Result<(), DataError> {
+        self.counts.bad += 1;
+        let kind = reason.split(':').next().unwrap_or(reason).to_string();
+        *self.counts.by_reason.entry(kind).or_default() += 1;
+        tracing::warn!(shard, key, reason, "skipping bad sample");
+        let total = self.counts.seen.max(1);
+        let frac = self.counts.bad as f64 / total as f64;
+        if self.counts.bad > self.cfg.min_bad_allowed && frac > self.cfg.max_bad_fraction {
+            return Err(DataError::TooManyBad {
+                bad: self.counts.bad,
+                total,
+                frac: 100.0 * frac,
+                limit: self.cfg.max_bad_fraction,
+                last: format!("{shard} key {key}: {reason}"),
+            });
+        }
+        Ok(())
+    }
+
+    fn decode(&self, s: &RawSample, epoch: u64) -> Result<Decoded, String> {
+        let (ext, bytes) = s.first_of(&self.cfg.image_exts).ok_or_else(|| format!("missing image: no member with extension {:?}", self.cfg.image_exts))?;
+        let text = s.get(&self.cfg.text_ext).ok_or_else(|| format!("missing caption: no .{} member", self.cfg.text_ext))?;
+        let caption = std::str::from_utf8(text).map_err(|_| "caption is not UTF-8".to_string())?.trim().to_string();
+        if caption.is_empty() {
+            return Err("empty caption".into());
+        }
+        let img = decode_rgb(ext, bytes).map_err(|e| format!("undecodable image .{ext}: {e}"))?;
+        let size = self.cfg.image_size;
+        let crop = match self.mode {
+            Mode::Train => {
+                let mut rng = Rng::derive(&[self.cfg.seed, epoch, hash_str(&s.shard), s.index]);
+                let (sc, ra) = (self.cfg.crop_scale, self.cfg.crop_ratio);
+                random_resized_crop(img.width, img.height, (sc[0], sc[1]), (ra[0], ra[1]), &mut rng)
+            }
+            Mode::Eval => center_square(img.width, img.height),
+        };
+        let mut image = vec![0f32; 3 * (size * size) as usize];
+        RESIZER.with(|r| crop_resize_normalize(&img, crop, size, &mut r.borrow_mut(), &mut image)).map_err(|e| format!("resize: {e}"))?;
+        let mut tokens = vec![0i64; self.cfg.context_length];
+        self.tokenizer.encode_into(&caption, &mut tokens).map_err(|e| format!("tokenize: {e}"))?;
+        let json = s.get("json").and_then(|b| serde_json::from_slice(b).ok());
+        Ok(Decoded { image, tokens, caption, json })
+    }
+
+    fn assemble(&self, good: Vec<(RawSample, u64, Decoded)>) -> ImageTextBatch {
+        let n = good.len();
+        let mut b = ImageTextBatch {
+            images: Vec::with_capacity(n * good[0].2.image.len()),
+            tokens: Vec::with_capacity(n * self.cfg.context_length),
+            batch_size: n,
+            image_size: self.cfg.image_size as usize,
+            context_length: self.cfg.context_length,
+            keys: Vec::with_capacity(n),
+            captions: Vec::with_capacity(n),
+            json: Vec::with_capacity(n),
+            epochs: Vec::with_capacity(n),
+            position: LoaderPosition { stream: self.stream.position().clone(), counts: self.counts.clone(), batches: self.batches },
+        };
+        for (raw, epoch, d) in good {
+            b.images.extend_from_slice(&d.image);
+            b.tokens.extend_from_slice(&d.tokens);
+            b.keys.push(raw.key);
+            b.captions.push(d.caption);
+            b.json.push(d.json);
+            b.epochs.push(epoch);
+        }
+        b
+    }
+}
+
+thread_local! {
+    static RESIZER: std::cell::RefCell<Resizer> = std::cell::RefCell::new(Resizer::new());
+}
