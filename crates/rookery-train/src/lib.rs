@@ -1,1 +1,14 @@
-//! placeholder
+//! rookery-train: the run configuration ([`config`]), the training loop ([`trainer`]), the
+//! optimizer pieces ([`optim`]), checkpoints ([`checkpoint`]), evaluation ([`eval`]), metrics
+//! ([`metrics`]) and plots ([`plot`]).
+
+pub mod checkpoint;
+pub mod config;
+pub mod eval;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod trainer;
+
+pub use config::RunConfig;
+pub use trainer::{train, TrainSummary};

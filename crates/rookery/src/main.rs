@@ -1,1 +1,67 @@
-fn main() {}
+//! `rookery`: train CLIP and Flamingo-style vision-language models.
+
+mod cmd;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "rookery", version, about = "Train CLIP-style vision-language models on webdataset shards")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model from a TOML config (synthesizes the embedded dataset when it is absent).
+    Train {
+        /// Config file, e.g. configs/clip-tiny.toml.
+        config: PathBuf,
+        /// Override a key: --set section.key=value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue from the run directory's latest checkpoint (same as train.resume = "auto").
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Evaluate a checkpoint: held-out recall@1/5/10 and zero-shot accuracy.
+    Eval {
+        /// Checkpoint directory (or a run directory, meaning its latest checkpoint).
+        checkpoint: PathBuf,
+        /// Held-out shards (default: the checkpoint config's data.val).
+        #[arg(long)]
+        data: Option<String>,
+    },
+    /// Draw a run's curves from its metrics.jsonl.
+    Plot {
+        run_dir: PathBuf,
+        /// Output file (.png or .svg); default RUN_DIR/metrics.png.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Data tools: synthesize, inspect, benchmark.
+    Data {
+        #[command(subcommand)]
+        command: cmd::data::DataCommand,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Train { config, set, resume } => cmd::train::run(&config, &set, resume),
+        Command::Eval { checkpoint, data } => cmd::train::eval(&checkpoint, data),
+        Command::Plot { run_dir, out } => {
+            let out = out.unwrap_or_else(|| run_dir.join("metrics.png"));
+            rookery_train::plot::plot_run(&run_dir, &out)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::Data { command } => cmd::data::run(command),
+    }
+}

@@ -1,0 +1,88 @@
+//! CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+//! Supervision"): an image tower and a text tower projected into one embedding space, compared
+//! by cosine similarity scaled by the learnable temperature `logit_scale`.
+
+use burn::module::Param;
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::text::{TextConfig, TextTransformer};
+use crate::vit::{VisionTransformer, VitConfig};
+
+/// Upper bound of `logit_scale` (ln 100), as in CLIP.
+pub const MAX_LOGIT_SCALE: f32 = 4.605_170_2;
+
+/// `[model]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClipConfig {
+    pub embed_dim: usize,
+    /// Initial `logit_scale` (ln(1/0.07)).
+    pub init_logit_scale: f32,
+    pub vision: VitConfig,
+    pub text: TextConfig,
+}
+
+impl Default for ClipConfig {
+    fn default() -> Self {
+        ClipConfig { embed_dim: 128, init_logit_scale: (1.0f32 / 0.07).ln(), vision: VitConfig::default(), text: TextConfig::default() }
+    }
+}
+
+impl ClipConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Clip<B> {
+        Clip {
+            visual: self.vision.init(self.embed_dim, device),
+            text: self.text.init(self.embed_dim, device),
+            logit_scale: Param::from_data([self.init_logit_scale], device),
+        }
+    }
+
+    /// Checks the shape constraints, naming the offending key.
+    pub fn validate(&self) -> Result<(), String> {
+        let v = &self.vision;
+        let checks = [
+            (self.embed_dim == 0, "model.embed_dim", "must be > 0"),
+            (v.patch_size == 0 || v.image_size % v.patch_size != 0, "model.vision.patch_size", "must divide model.vision.image_size"),
+            (v.heads == 0 || v.width % v.heads != 0, "model.vision.heads", "must divide model.vision.width"),
+            (v.layers == 0, "model.vision.layers", "must be > 0"),
+            (self.text.heads == 0 || self.text.width % self.text.heads != 0, "model.text.heads", "must divide model.text.width"),
+            (self.text.layers == 0, "model.text.layers", "must be > 0"),
+            (self.text.context_length < 2, "model.text.context_length", "must be >= 2"),
+        ];
+        match checks.iter().find(|c| c.0) {
+            Some((_, key, why)) => Err(format!("`{key}` {why}")),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Clip<B: Backend> {
+    pub visual: VisionTransformer<B>,
+    pub text: TextTransformer<B>,
+    pub logit_scale: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Clip<B> {
+    /// L2-normalised image features `[B, E]`.
+    pub fn encode_image(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
+        l2_normalize(self.visual.forward(images))
+    }
+
+    /// L2-normalised text features `[B, E]`.
+    pub fn encode_text(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        l2_normalize(self.text.forward(tokens))
+    }
+
+    /// Clamps `logit_scale` to at most ln(100) after an optimizer step, keeping its id and grad flag.
+    pub fn clamp_logit_scale(mut self) -> Self {
+        self.logit_scale = self.logit_scale.map(|t| t.clamp_max(MAX_LOGIT_SCALE));
+        self
+    }
+}
+
+pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+    x / norm
+}

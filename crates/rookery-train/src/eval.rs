@@ -1,0 +1,139 @@
+//! Held-out evaluation of CLIP: image->text and text->image recall@{1,5,10} over the whole
+//! held-out set, with chance level, and zero-shot classification from class prompts (several
+//! templates, embeddings averaged) on the labels stored in the samples' `.json`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Result;
+use burn::prelude::*;
+use rookery_data::loader::Mode;
+use rookery_data::{DataConfig, ImageTextBatch, Loader, TextTokenizer};
+use rookery_model::clip::l2_normalize;
+use rookery_model::Clip;
+use serde::Serialize;
+
+/// Recall figures over `n` held-out pairs.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EvalReport {
+    pub n: usize,
+    pub i2t_r1: f64,
+    pub i2t_r5: f64,
+    pub i2t_r10: f64,
+    pub t2i_r1: f64,
+    pub t2i_r5: f64,
+    pub t2i_r10: f64,
+    /// Recall@1 of a random ranking: 1 / n.
+    pub chance_r1: f64,
+    /// Zero-shot accuracy per label (`shape`, `color`), with its chance level.
+    pub zero_shot: BTreeMap<String, (f64, f64)>,
+}
+
+const TEMPLATES: [&str; 3] = ["a photo of a {}.", "an image with a {}.", "there is a {}."];
+
+pub fn batch_tensors<B: Backend>(b: &ImageTextBatch, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 2, Int>) {
+    let s = b.image_size;
+    let images = Tensor::from_data(TensorData::new(b.images.clone(), [b.batch_size, 3, s, s]), device);
+    let tokens = Tensor::from_data(TensorData::new(b.tokens.clone(), [b.batch_size, b.context_length]), device);
+    (images, tokens)
+}
+
+/// Evaluates `model` on the `data.val` shards (one pass, center crops, no shuffle).
+pub fn evaluate<B: Backend>(model: &Clip<B>, data: &DataConfig, tokenizer: Arc<TextTokenizer>, device: &B::Device) -> Result<EvalReport> {
+    let shards = rookery_data::expand_shards(&data.val)?;
+    let loader = Loader::new(data, tokenizer.clone(), shards, 0, 1, Mode::Eval, None)?;
+    let (mut img, mut txt, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    for batch in loader {
+        let batch = batch?;
+        let (images, tokens) = batch_tensors::<B>(&batch, device);
+        img.push(model.encode_image(images));
+        txt.push(model.encode_text(tokens));
+        labels.extend(batch.json);
+    }
+    anyhow::ensure!(!img.is_empty(), "data.val `{}` holds no usable sample", data.val);
+    let (img, txt) = (Tensor::cat(img, 0), Tensor::cat(txt, 0));
+    let sim = img.clone().matmul(txt.clone().transpose()); // [N, N]
+    let n = sim.dims()[0];
+    let i2t = ranks(sim.clone());
+    let t2i = ranks(sim.transpose());
+    let recall = |r: &[usize], k: usize| r.iter().filter(|&&x| x < k).count() as f64 / n as f64;
+    let mut report = EvalReport {
+        n,
+        i2t_r1: recall(&i2t, 1),
+        i2t_r5: recall(&i2t, 5),
+        i2t_r10: recall(&i2t, 10),
+        t2i_r1: recall(&t2i, 1),
+        t2i_r5: recall(&t2i, 5),
+        t2i_r10: recall(&t2i, 10),
+        chance_r1: 1.0 / n as f64,
+        zero_shot: BTreeMap::new(),
+    };
+    for (label, classes) in [("shape", &rookery_data::synth::scene::SHAPES[..]), ("color", &rookery_data::synth::scene::COLORS[..])] {
+        if let Some(acc) = zero_shot(model, &tokenizer, data.context_length, &img, &labels, label, classes, device)? {
+            report.zero_shot.insert(label.to_string(), (acc, 1.0 / classes.len() as f64));
+        }
+    }
+    Ok(report)
+}
+
+/// For each row, the rank of its diagonal entry (0 = best): entries strictly greater than it.
+fn ranks<B: Backend>(sim: Tensor<B, 2>) -> Vec<usize> {
+    let [n, _] = sim.dims();
+    let diag = sim.clone().mul(Tensor::eye(n, &sim.device())).sum_dim(1); // [N, 1]
+    let above = sim.greater(diag).int().sum_dim(1);
+    above.into_data().convert::<i64>().to_vec::<i64>().expect("int data").into_iter().map(|x| x as usize).collect()
+}
+
+/// Accuracy of predicting `label` by the nearest class-prompt embedding; `None` when the
+/// samples carry no such label.
+fn zero_shot<B: Backend>(
+    model: &Clip<B>,
+    tokenizer: &TextTokenizer,
+    ctx: usize,
+    img: &Tensor<B, 2>,
+    labels: &[Option<serde_json::Value>],
+    label: &str,
+    classes: &[&str],
+    device: &B::Device,
+) -> Result<Option<f64>> {
+    let truth: Vec<Option<usize>> = labels
+        .iter()
+        .map(|j| j.as_ref().and_then(|j| j[label].as_str()).and_then(|v| classes.iter().position(|c| *c == v)))
+        .collect();
+    if truth.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let mut class_emb = Vec::new();
+    for c in classes {
+        let mut tokens = vec![0i64; TEMPLATES.len() * ctx];
+        for (t, chunk) in TEMPLATES.iter().zip(tokens.chunks_mut(ctx)) {
+            tokenizer.encode_into(&t.replace("{}", c), chunk).map_err(anyhow::Error::msg)?;
+        }
+        let t = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [TEMPLATES.len(), ctx]), device);
+        class_emb.push(model.encode_text(t).mean_dim(0));
+    }
+    let class_emb = l2_normalize(Tensor::cat(class_emb, 0)); // [C, E]
+    let pred = img.clone().matmul(class_emb.transpose()).argmax(1).into_data().convert::<i64>().to_vec::<i64>().expect("int data");
+    let (mut right, mut total) = (0usize, 0usize);
+    for (p, t) in pred.iter().zip(&truth) {
+        if let Some(t) = t {
+            total += 1;
+            right += (*p as usize == *t) as usize;
+        }
+    }
+    Ok(Some(right as f64 / total.max(1) as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn ranks_count_entries_above_the_diagonal() {
+        let dev = Default::default();
+        let sim = Tensor::<Flex, 2>::from_data([[0.9, 0.1, 0.95], [0.2, 0.5, 0.1], [0.3, 0.8, 0.7]], &dev);
+        assert_eq!(ranks(sim.clone()), vec![1, 0, 1]);
+        assert_eq!(ranks(sim.transpose()), vec![0, 1, 0]);
+    }
+}

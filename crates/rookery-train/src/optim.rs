@@ -1,0 +1,167 @@
+//! AdamW as CLIP trains it: weight decay on matrices only (not on biases, norms, embeddings or
+//! `logit_scale`), global-norm gradient clipping like torch's `clip_grad_norm_`, and a learning
+//! rate with linear warmup then cosine decay.
+//!
+//! burn 0.21 has no parameter groups, so the decayed and undecayed sets are two AdamW
+//! optimizers over disjoint parameter ids ([`ParamSplit`]).
+
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+/// `[optim]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine decay.
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this (0: off).
+    pub grad_clip_norm: f32,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig { lr: 1e-3, min_lr: 1e-5, warmup_steps: 100, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.2, grad_clip_norm: 1.0 }
+    }
+}
+
+impl OptimConfig {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let checks = [
+            (!(self.lr > 0.0), "optim.lr", "must be > 0"),
+            (self.min_lr < 0.0 || self.min_lr > self.lr, "optim.min_lr", "must be in [0, optim.lr]"),
+            (!(0.0..1.0).contains(&self.beta1), "optim.beta1", "must be in [0, 1)"),
+            (!(0.0..1.0).contains(&self.beta2), "optim.beta2", "must be in [0, 1)"),
+            (!(self.eps > 0.0), "optim.eps", "must be > 0"),
+            (self.weight_decay < 0.0, "optim.weight_decay", "must be >= 0"),
+            (self.grad_clip_norm < 0.0, "optim.grad_clip_norm", "must be >= 0"),
+        ];
+        match checks.iter().find(|c| c.0) {
+            Some((_, k, m)) => Err((k.to_string(), m.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Learning rate at optimizer step `step` (1-based) of `total`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        if step <= self.warmup_steps {
+            return self.lr * step as f64 / self.warmup_steps.max(1) as f64;
+        }
+        let t = ((step - self.warmup_steps) as f64 / (total.saturating_sub(self.warmup_steps)).max(1) as f64).min(1.0);
+        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+}
+
+/// Parameter ids with and without weight decay, chosen by path as open_clip does: no decay for
+/// tensors with fewer than 2 dims, norms, biases, embeddings and `logit_scale`.
+#[derive(Default, Debug)]
+pub struct ParamSplit {
+    stack: Vec<String>,
+    pub decay: Vec<ParamId>,
+    pub no_decay: Vec<ParamId>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for ParamSplit {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.stack.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.stack.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        let path = self.stack.join(".");
+        let embedding = path.contains("embedding") || path.ends_with("positional_embedding");
+        if D < 2 || path.contains("ln_") || path.ends_with("bias") || embedding || path.ends_with("logit_scale") {
+            self.no_decay.push(p.id);
+        } else {
+            self.decay.push(p.id);
+        }
+    }
+}
+
+/// Gives every parameter an id derived from its path, so a model rebuilt from safetensors
+/// (which assigns fresh ids) matches optimizer state saved against the original.
+#[derive(Default)]
+pub struct PathIds {
+    stack: Vec<String>,
+}
+
+impl<B: Backend> ModuleMapper<B> for PathIds {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.stack.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.stack.pop();
+    }
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let id = ParamId::from(rookery_data::rng::hash_str(&self.stack.join(".")) >> 1);
+        let require_grad = p.is_require_grad();
+        let (_, tensor, _) = p.consume();
+        Param::initialized(id, tensor).set_require_grad(require_grad)
+    }
+}
+
+/// Scales all gradients so that their global L2 norm is at most `max_norm` (torch's
+/// `clip_grad_norm_`); returns the norm before clipping. `max_norm == 0` only measures.
+pub fn clip_global_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(model: &M, grads: &mut GradientsParams, max_norm: f32) -> f32 {
+    let mut v = GlobalNorm::<AB::InnerBackend> { grads, sq: None, scale: None };
+    model.visit(&mut v);
+    let Some(sq) = v.sq.take() else { return 0.0 };
+    let norm: f32 = sq.sqrt().into_scalar().elem();
+    if max_norm > 0.0 && norm > max_norm {
+        v.scale = Some(max_norm / (norm + 1e-6));
+        model.visit(&mut v);
+    }
+    norm
+}
+
+struct GlobalNorm<'a, IB: Backend> {
+    grads: &'a mut GradientsParams,
+    sq: Option<Tensor<IB, 1>>,
+    scale: Option<f32>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for GlobalNorm<'_, AB::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AB, D>>) {
+        match self.scale {
+            None => {
+                if let Some(g) = self.grads.get::<AB::InnerBackend, D>(p.id) {
+                    let s = g.square().sum();
+                    self.sq = Some(match self.sq.take() {
+                        Some(a) => a + s,
+                        None => s,
+                    });
+                }
+            }
+            Some(c) => {
+                if let Some(g) = self.grads.remove::<AB::InnerBackend, D>(p.id) {
+                    self.grads.register::<AB::InnerBackend, D>(p.id, g * c);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_cosine() {
+        let c = OptimConfig { lr: 1e-3, min_lr: 1e-5, warmup_steps: 10, ..Default::default() };
+        assert!((c.lr_at(1, 110) - 1e-4).abs() < 1e-12);
+        assert!((c.lr_at(10, 110) - 1e-3).abs() < 1e-12);
+        assert!((c.lr_at(60, 110) - (1e-5 + 0.5 * (1e-3 - 1e-5))).abs() < 1e-12);
+        assert!((c.lr_at(110, 110) - 1e-5).abs() < 1e-12);
+        assert!((c.lr_at(500, 110) - 1e-5).abs() < 1e-12, "stays at min after the end");
+    }
+}

@@ -1,0 +1,134 @@
+//! `rookery data synth|inspect|bench`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use rookery_data::loader::Mode;
+use rookery_data::synth::SynthConfig;
+use rookery_data::{DataConfig, Loader, TextTokenizer};
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Render the synthetic image-text world as webdataset shards (+ tokenizer.json).
+    Synth {
+        #[arg(long, default_value = "data/synth")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 64)]
+        image_size: u32,
+        #[arg(long, default_value_t = 16)]
+        train_shards: usize,
+        #[arg(long, default_value_t = 4000)]
+        samples_per_shard: usize,
+        #[arg(long, default_value_t = 1)]
+        val_shards: usize,
+        #[arg(long, default_value_t = 2000)]
+        val_samples_per_shard: usize,
+        /// Share of images written as PNG.
+        #[arg(long, default_value_t = 0.25)]
+        png_fraction: f64,
+        /// Also write MMC4-style interleaved pages.
+        #[arg(long)]
+        interleaved: bool,
+    },
+    /// Count shards, samples and extensions; image-size and caption-length stats; list bad samples.
+    Inspect {
+        /// Shard spec: brace pattern, glob, directory, list file, pipe:CMD; parts joined by ::.
+        pattern: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decode + augment throughput of the loader (samples/s total and per core).
+    Bench {
+        pattern: String,
+        #[arg(long, default_value = "data/synth/tokenizer.json")]
+        tokenizer: PathBuf,
+        #[arg(long, default_value_t = 224)]
+        image_size: u32,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Samples to time (after a warm-up batch).
+        #[arg(long, default_value_t = 10_000)]
+        samples: usize,
+        /// Decode threads (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+}
+
+pub fn run(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Synth { out, seed, image_size, train_shards, samples_per_shard, val_shards, val_samples_per_shard, png_fraction, interleaved } => {
+            let cfg = SynthConfig {
+                out,
+                seed,
+                image_size,
+                train_shards,
+                train_samples_per_shard: samples_per_shard,
+                val_shards,
+                val_samples_per_shard,
+                png_fraction,
+                interleaved,
+                ..Default::default()
+            };
+            let t = Instant::now();
+            let s = rookery_data::synth::generate(&cfg)?;
+            println!(
+                "wrote {} train + {} val samples ({} + {} pages) to {} in {:.1} s; shards {}",
+                s.train, s.val, s.pages_train, s.pages_val, cfg.out.display(), t.elapsed().as_secs_f64(), cfg.train_pattern()
+            );
+            Ok(())
+        }
+        DataCommand::Inspect { pattern, json } => {
+            let shards = rookery_data::expand_shards(&pattern)?;
+            let exts = DataConfig::default().image_exts;
+            let r = rookery_data::inspect::inspect(&shards, &exts, "txt");
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            println!("shards: {}\nsamples: {}", r.shards, r.samples);
+            println!("extensions: {:?}", r.extensions);
+            println!("longest image side: {:?}", r.image_sides);
+            let (w, c) = (r.caption_words, r.caption_chars);
+            println!("caption words: min {} mean {:.1} max {}; chars: min {} mean {:.1} max {}", w.min, w.mean, w.max, c.min, c.mean, c.max);
+            println!("bad samples: {}", r.bad.len());
+            for (shard, key, why) in &r.bad {
+                println!("  {shard} {key}: {why}");
+            }
+            Ok(())
+        }
+        DataCommand::Bench { pattern, tokenizer, image_size, batch_size, samples, threads } => bench(&pattern, &tokenizer, image_size, batch_size, samples, threads),
+    }
+}
+
+fn bench(pattern: &str, tokenizer: &PathBuf, image_size: u32, batch_size: usize, samples: usize, threads: usize) -> Result<()> {
+    let shards = rookery_data::expand_shards(pattern)?;
+    let tk = Arc::new(TextTokenizer::from_file(tokenizer)?);
+    let cfg = DataConfig { image_size, batch_size, decode_threads: threads, shuffle_buffer: 256, resampled: true, ..Default::default() };
+    let cores = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+    let mut loader = Loader::new(&cfg, tk, shards, 0, 1, Mode::Train, None)?;
+    loader.next().transpose()?; // warm-up: fill the shuffle buffers and the prefetch queue
+    let bar = ProgressBar::new(samples as u64);
+    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} samples {per_sec} ETA {eta}")?);
+    let (t, mut n) = (Instant::now(), 0usize);
+    while n < samples {
+        let b = loader.next().ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        n += b.batch_size;
+        bar.inc(b.batch_size as u64);
+    }
+    bar.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64();
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "{n} samples at {image_size}x{image_size} in {secs:.2} s: {:.0} samples/s total, {:.0} samples/s per core ({cores} decode threads); loadavg {}",
+        n as f64 / secs, n as f64 / secs / cores as f64, loadavg.trim()
+    );
+    Ok(())
+}
