@@ -267,7 +267,13 @@ impl Batcher {
 
     fn count_bad(&mut self, shard: &str, key: &str, reason: &str) -> Result<(), DataError> {
         self.counts.bad += 1;
-        let kind = reason.split(':').next().unwrap_or(reason).to_string();
+        let kind = if key == "-" && reason.contains("broken tar") {
+            "broken tar".to_string()
+        } else if key == "-" && !reason.starts_with("empty shard") {
+            "unreadable shard".to_string()
+        } else {
+            reason.split(':').next().unwrap_or(reason).to_string()
+        };
         *self.counts.by_reason.entry(kind).or_default() += 1;
         tracing::warn!(shard, key, reason, "skipping bad sample");
         let total = self.counts.seen.max(1);

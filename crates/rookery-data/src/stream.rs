@@ -188,7 +188,7 @@ fn run_worker(spec: StreamSpec, g: usize, total: usize, mut st: WorkerState, tx:
     loop {
         while st.cursor < shards.len() {
             let url = shards[st.cursor].clone();
-            let (mut seen, mut alive) = (0u64, true);
+            let (mut seen, mut alive, mut broken) = (0u64, true, false);
             read_shard(&url, |item| match item {
                 ShardItem::Sample(s) => {
                     seen += 1;
@@ -200,6 +200,7 @@ fn run_worker(spec: StreamSpec, g: usize, total: usize, mut st: WorkerState, tx:
                     alive
                 }
                 ShardItem::Broken(e) => {
+                    broken = true;
                     alive = send(&tx, &st, StreamItem::Bad { shard: url.clone(), reason: e.to_string() });
                     false
                 }
@@ -207,7 +208,7 @@ fn run_worker(spec: StreamSpec, g: usize, total: usize, mut st: WorkerState, tx:
             if !alive {
                 return;
             }
-            if seen == 0 && st.offset == 0 {
+            if seen == 0 && st.offset == 0 && !broken {
                 let bad = StreamItem::Bad { shard: url.clone(), reason: "empty shard: no samples".into() };
                 if !send(&tx, &st, bad) {
                     return;

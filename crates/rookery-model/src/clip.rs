@@ -75,9 +75,15 @@ impl<B: Backend> Clip<B> {
         l2_normalize(self.text.forward(tokens))
     }
 
-    /// Clamps `logit_scale` to at most ln(100) after an optimizer step, keeping its id and grad flag.
+    /// Clamps `logit_scale` to at most ln(100) after an optimizer step, keeping its id. The clamp
+    /// happens outside the autodiff graph: a clamped *tracked* tensor would be a non-leaf and
+    /// silently stop receiving gradients.
     pub fn clamp_logit_scale(mut self) -> Self {
-        self.logit_scale = self.logit_scale.map(|t| t.clamp_max(MAX_LOGIT_SCALE));
+        let require_grad = self.logit_scale.is_require_grad();
+        self.logit_scale = self.logit_scale.map(|t| {
+            let clamped = t.clone().detach().clamp_max(MAX_LOGIT_SCALE).into_data();
+            Tensor::from_data(clamped, &t.device()).set_require_grad(require_grad)
+        });
         self
     }
 }

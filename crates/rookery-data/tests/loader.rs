@@ -1,0 +1,268 @@
+//! Integration tests of the shard reader and loader on shards made here: by rookery's writer,
+//! by GNU tar, in Python webdataset's ShardWriter layout, and broken in every supported way.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use rookery_data::loader::Mode;
+use rookery_data::stream::{ShardStream, StreamItem, StreamSpec};
+use rookery_data::synth::{generate, SynthConfig};
+use rookery_data::wds::{read_shard, ShardItem};
+use rookery_data::writer::write_shard;
+use rookery_data::{expand_shards, DataConfig, Loader, TextTokenizer};
+
+fn synth(dir: &Path, shards: usize, per: usize) -> SynthConfig {
+    let cfg = SynthConfig {
+        out: dir.to_path_buf(),
+        train_shards: shards,
+        train_samples_per_shard: per,
+        val_shards: 1,
+        val_samples_per_shard: 20,
+        image_size: 32,
+        ..Default::default()
+    };
+    generate(&cfg).unwrap();
+    cfg
+}
+
+fn keys_of(url: &str) -> Vec<String> {
+    let mut keys = vec![];
+    read_shard(url, |i| {
+        if let ShardItem::Sample(s) = i {
+            keys.push(s.key);
+        }
+        true
+    });
+    keys
+}
+
+fn data_cfg(train: String, tokenizer: &Path) -> DataConfig {
+    DataConfig { train, tokenizer: tokenizer.to_path_buf(), batch_size: 8, image_size: 32, shuffle_buffer: 16, workers: 2, decode_threads: 2, ..Default::default() }
+}
+
+fn loader(cfg: &DataConfig, rank: usize, world: usize, mode: Mode) -> Loader {
+    let tk = Arc::new(TextTokenizer::from_file(&cfg.tokenizer).unwrap());
+    Loader::new(cfg, tk, expand_shards(&cfg.train).unwrap(), rank, world, mode, None).unwrap()
+}
+
+#[test]
+fn synthetic_shards_read_back_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = synth(dir.path(), 2, 30);
+    let shards = expand_shards(&cfg.train_pattern()).unwrap();
+    assert_eq!(shards.len(), 2);
+    let mut n = 0;
+    read_shard(&shards[1], |i| {
+        let ShardItem::Sample(s) = i else { panic!("broken") };
+        assert_eq!(s.key, format!("{:09}", 30 + n));
+        assert_eq!(s.index, n as u64);
+        assert!(s.get("txt").is_some() && s.get("json").is_some());
+        assert!(s.get("jpg").is_some() ^ s.get("png").is_some());
+        n += 1;
+        true
+    });
+    assert_eq!(n, 30);
+    // same seed, same bytes
+    let again = tempfile::tempdir().unwrap();
+    let cfg2 = synth(again.path(), 2, 30);
+    let a = std::fs::read(&shards[0]).unwrap();
+    let b = std::fs::read(expand_shards(&cfg2.train_pattern()).unwrap()[0].clone()).unwrap();
+    assert!(a == b, "synthesis is deterministic");
+}
+
+#[test]
+fn gnu_tar_and_webdataset_layouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    // keys with dots in directories, several extensions, a multi-dot extension
+    for (p, body) in [("a.b/000001.jpg", "j1"), ("a.b/000001.txt", "t1"), ("a.b/000001.seg.png", "s1"), ("a.b/000002.txt", "t2"), ("a.b/000002.JSON", "{}")] {
+        let path = src.join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, body).unwrap();
+    }
+    let tar = dir.path().join("gnu.tar");
+    let ok = std::process::Command::new("tar")
+        .args(["--format=gnu", "--sort=name", "-cf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(&src)
+        .arg("a.b")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let mut samples = vec![];
+    read_shard(tar.to_str().unwrap(), |i| {
+        let ShardItem::Sample(s) = i else { panic!("broken") };
+        samples.push(s);
+        true
+    });
+    assert_eq!(samples.len(), 2);
+    assert_eq!(samples[0].key, "a.b/000001");
+    let mut exts: Vec<_> = samples[0].members.iter().map(|m| m.0.clone()).collect();
+    exts.sort();
+    assert_eq!(exts, ["jpg", "seg.png", "txt"]);
+    assert_eq!(samples[0].get("seg.png"), Some(&b"s1"[..]));
+    assert_eq!(samples[1].get("json"), Some(&b"{}"[..]), "extensions are lower-cased");
+    // ShardWriter layout: flat `key.ext` members, and a repeated extension starts a new sample
+    let wds = dir.path().join("wds.tar");
+    let m = |e: &str, b: &str| (e.to_string(), b.as_bytes().to_vec());
+    write_shard(&wds, vec![("k1".to_string(), vec![m("txt", "x"), m("cls", "1")]), ("k1".to_string(), vec![m("txt", "y")])]).unwrap();
+    let texts: Vec<String> = {
+        let mut v = vec![];
+        read_shard(wds.to_str().unwrap(), |i| {
+            if let ShardItem::Sample(s) = i {
+                v.push(String::from_utf8(s.get("txt").unwrap().to_vec()).unwrap());
+            }
+            true
+        });
+        v
+    };
+    assert_eq!(texts, ["x", "y"]);
+    // pipe: sources read the same bytes
+    let piped = keys_of(&format!("pipe:cat {}", tar.display()));
+    assert_eq!(piped, ["a.b/000001", "a.b/000002"]);
+}
+
+#[test]
+fn ranks_and_workers_split_without_overlap_and_cover_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = synth(dir.path(), 6, 7);
+    let all: HashSet<String> = expand_shards(&cfg.train_pattern()).unwrap().iter().flat_map(|s| keys_of(s)).collect();
+    assert_eq!(all.len(), 42);
+    let dc = data_cfg(cfg.train_pattern(), &cfg.tokenizer_path());
+    let mut seen = HashSet::new();
+    for rank in 0..3 {
+        for batch in loader(&dc, rank, 3, Mode::Eval) {
+            for k in batch.unwrap().keys {
+                assert!(seen.insert(k.clone()), "sample {k} read by two ranks");
+            }
+        }
+    }
+    assert_eq!(seen, all);
+    // the training stream of one epoch also covers everything exactly once across ranks
+    let spec = |rank| StreamSpec { shards: expand_shards(&cfg.train_pattern()).unwrap(), rank, world: 2, workers: 2, seed: 5, shuffle_buffer: 4, resampled: false, single_epoch: true };
+    let mut train_seen = HashSet::new();
+    for rank in 0..2 {
+        for item in ShardStream::start(spec(rank), None).unwrap() {
+            if let StreamItem::Sample { sample, .. } = item {
+                assert!(train_seen.insert(sample.key));
+            }
+        }
+    }
+    assert_eq!(train_seen, all);
+}
+
+#[test]
+fn order_is_deterministic_for_a_seed_and_changes_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = synth(dir.path(), 4, 10);
+    let mut dc = data_cfg(cfg.train_pattern(), &cfg.tokenizer_path());
+    let take = |dc: &DataConfig| -> (Vec<String>, Vec<f32>) {
+        let mut l = loader(dc, 0, 1, Mode::Train);
+        let (mut keys, mut px) = (vec![], vec![]);
+        for _ in 0..8 {
+            let b = l.next().unwrap().unwrap();
+            keys.extend(b.keys);
+            px.extend_from_slice(&b.images[..16]);
+        }
+        (keys, px)
+    };
+    let a = take(&dc);
+    assert_eq!(a.0.len(), 64, "epochs roll over without a gap (40 samples per epoch)");
+    assert_eq!(a, take(&dc), "same seed, same samples and same augmentations");
+    dc.seed = 1;
+    assert_ne!(a.0, take(&dc).0);
+}
+
+#[test]
+fn resume_mid_shard_yields_exactly_the_remaining_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = synth(dir.path(), 3, 25);
+    let dc = data_cfg(cfg.train_pattern(), &cfg.tokenizer_path());
+    let tk = Arc::new(TextTokenizer::from_file(&dc.tokenizer).unwrap());
+    let shards = expand_shards(&dc.train).unwrap();
+    let full: Vec<_> = loader(&dc, 0, 1, Mode::Train).take(20).map(|b| b.unwrap()).collect();
+    for stop in [1, 4, 11] {
+        let pos = full[stop - 1].position.clone();
+        let json = serde_json::to_string(&pos).unwrap(); // positions survive serialization
+        let pos = serde_json::from_str(&json).unwrap();
+        let resumed = Loader::new(&dc, tk.clone(), shards.clone(), 0, 1, Mode::Train, Some(pos)).unwrap();
+        for (want, got) in full[stop..].iter().zip(resumed) {
+            let got = got.unwrap();
+            assert_eq!(want.keys, got.keys, "resumed after batch {stop}");
+            assert_eq!(want.images, got.images);
+            assert_eq!(want.tokens, got.tokens);
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_skipped_counted_and_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = synth(dir.path(), 1, 40);
+    let good = std::fs::read(expand_shards(&cfg.train_pattern()).unwrap()[0].clone()).unwrap();
+    let d = dir.path().join("bad");
+    std::fs::create_dir_all(&d).unwrap();
+    // 1. a truncated tar (cut inside a member); 2. garbage bytes; 3. an empty shard
+    std::fs::write(d.join("a-truncated.tar"), &good[..good.len() / 2 + 100]).unwrap();
+    std::fs::write(d.join("b-garbage.tar"), vec![0x5au8; 5000]).unwrap();
+    write_shard(&d.join("c-empty.tar"), vec![]).unwrap();
+    // 4. corrupt image, zero-byte image, missing caption, non-UTF-8 caption, missing image
+    let m = |e: &str, b: &[u8]| (e.to_string(), b.to_vec());
+    let jpg = {
+        let mut v = vec![];
+        read_shard(&expand_shards(&cfg.train_pattern()).unwrap()[0], |i| {
+            if let ShardItem::Sample(s) = i {
+                if let Some(j) = s.get("jpg") {
+                    v = j.to_vec();
+                    return false;
+                }
+            }
+            true
+        });
+        v
+    };
+    let samples = vec![
+        ("ok1".to_string(), vec![m("jpg", &jpg), m("txt", b"two red circles")]),
+        ("corrupt".to_string(), vec![m("jpg", &jpg[..jpg.len() / 3]), m("txt", b"x")]),
+        ("zero".to_string(), vec![m("jpg", b""), m("txt", b"x")]),
+        ("nocaption".to_string(), vec![m("jpg", &jpg)]),
+        ("latin1".to_string(), vec![m("jpg", &jpg), m("txt", b"caf\xe9")]),
+        ("noimage".to_string(), vec![m("txt", b"two red circles")]),
+        ("ok2".to_string(), vec![m("jpg", &jpg), m("txt", b"a blue square")]),
+    ];
+    write_shard(&d.join("d-samples.tar"), samples).unwrap();
+    let spec = format!("{}/{{a-truncated,b-garbage,c-empty,d-samples}}.tar", d.display());
+    let mut dc = data_cfg(spec.clone(), &cfg.tokenizer_path());
+    dc.batch_size = 4;
+    dc.max_bad_fraction = 1.0;
+    dc.workers = 1;
+    let batches: Vec<_> = loader(&dc, 0, 1, Mode::Eval).map(|b| b.unwrap()).collect();
+    let keys: Vec<String> = batches.iter().flat_map(|b| b.keys.clone()).collect();
+    assert!(keys.contains(&"ok1".to_string()) && keys.contains(&"ok2".to_string()));
+    for bad in ["corrupt", "zero", "nocaption", "latin1", "noimage"] {
+        assert!(!keys.contains(&bad.to_string()), "{bad} was not skipped");
+    }
+    let counts = &batches.last().unwrap().position.counts;
+    let c = |k: &str| counts.by_reason.get(k).copied().unwrap_or(0);
+    assert_eq!(c("undecodable image .jpg"), 2, "{counts:?}");
+    assert_eq!((c("missing caption"), c("caption is not UTF-8"), c("missing image")), (1, 1, 1), "{counts:?}");
+    assert_eq!(c("empty shard"), 1, "{counts:?}");
+    assert!(counts.by_reason.keys().any(|k| k.contains("broken tar")), "{counts:?}");
+    assert_eq!(counts.bad, 8, "{counts:?}");
+    // a truncated shard still delivers the samples before the cut
+    assert!(keys.len() > 2 + 10, "{} samples", keys.len());
+    // over the limit: a clear error naming shard and key
+    dc.max_bad_fraction = 0.01;
+    dc.min_bad_allowed = 0;
+    let err = loader(&dc, 0, 1, Mode::Eval).find_map(|b| b.err()).expect("limit stops the run");
+    let msg = err.to_string();
+    assert!(msg.contains("too many bad samples") && msg.contains(".tar"), "{msg}");
+    // inspect lists them all, with shard and key
+    let report = rookery_data::inspect::inspect(&expand_shards(&spec).unwrap(), &dc.image_exts, "txt");
+    let bad_keys: HashSet<&str> = report.bad.iter().map(|b| b.1.as_str()).collect();
+    for k in ["corrupt", "zero", "nocaption", "latin1", "noimage"] {
+        assert!(bad_keys.contains(k), "inspect missed {k}: {:?}", report.bad);
+    }
+}

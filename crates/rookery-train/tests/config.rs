@@ -1,0 +1,59 @@
+//! Bad configs are refused before any work, with the key and the file named.
+
+use std::path::Path;
+
+use rookery_train::RunConfig;
+
+fn load(text: &str, sets: &[&str]) -> Result<RunConfig, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    RunConfig::load(&path, &sets).map_err(|e| e.to_string())
+}
+
+fn refused(text: &str, sets: &[&str], key: &str) {
+    let err = load(text, sets).expect_err("must be refused");
+    assert!(err.contains("bad.toml"), "file not named: {err}");
+    assert!(err.contains(key), "key {key} not named: {err}");
+}
+
+#[test]
+fn shipped_configs_load() {
+    for f in ["clip-tiny.toml", "clip-vit-b32.toml", "clip-vit-b16.toml", "clip-vit-l14.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs").join(f);
+        RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{f}: {e}"));
+    }
+}
+
+#[test]
+fn bad_configs_name_the_key() {
+    refused("[data]\nbatch_sise = 3\n", &[], "batch_sise");
+    refused("[nonsense]\nx = 1\n", &[], "nonsense");
+    refused("[data]\nbatch_size = \"many\"\n", &[], "data.batch_size");
+    refused("[data]\nbatch_size = 0\n", &[], "data.batch_size");
+    refused("[optim]\nlr = -0.1\n", &[], "optim.lr");
+    refused("", &["optim.lr=-1e-3"], "optim.lr");
+    refused("", &["train.steps=0"], "train.steps");
+    refused("", &["model.vision.patch_size=7"], "model.vision.patch_size");
+    refused("", &["data.image_size=32"], "data.image_size");
+    refused("[train]\nsteps = 10\n[train]\nsteps = 3\n", &[], "bad.toml");
+}
+
+#[test]
+fn overrides_apply_and_resolved_config_round_trips() {
+    let cfg = load("[data]\nbatch_size = 8\n", &["data.batch_size=16", "optim.lr=3e-4", "train.run_dir=runs/x", "model.vision.act=quickgelu"]).unwrap();
+    assert_eq!(cfg.data.batch_size, 16);
+    assert_eq!(cfg.optim.lr, 3e-4);
+    assert_eq!(cfg.train.run_dir, Path::new("runs/x"));
+    let again: RunConfig = toml::from_str(&cfg.to_toml()).unwrap();
+    assert_eq!(again, cfg);
+}
+
+#[test]
+fn shard_pattern_matching_nothing_is_refused_with_the_key() {
+    let cfg = load("", &["data.train=/nonexistent/{000..003}.tar"]).unwrap();
+    let (key, msg) = cfg.check_shards().unwrap_err();
+    assert_eq!(key, "data.train");
+    assert!(msg.contains("/nonexistent/{000..003}.tar"), "{msg}");
+}
