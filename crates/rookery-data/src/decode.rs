@@ -27,7 +27,11 @@ pub fn decode_rgb(ext: &str, bytes: &[u8]) -> Result<RgbImage, String> {
     } else {
         let d = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
         let rgb = d.to_rgb8();
-        RgbImage { width: rgb.width(), height: rgb.height(), data: rgb.into_raw() }
+        RgbImage {
+            width: rgb.width(),
+            height: rgb.height(),
+            data: rgb.into_raw(),
+        }
     };
     if img.width == 0 || img.height == 0 {
         return Err(format!("image has zero size {}x{}", img.width, img.height));
@@ -47,7 +51,11 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, String> {
     if data.len() != (w * h * 3) as usize {
         return Err(format!("jpeg: {} bytes for {w}x{h} RGB", data.len()));
     }
-    Ok(RgbImage { width: w, height: h, data })
+    Ok(RgbImage {
+        width: w,
+        height: h,
+        data,
+    })
 }
 
 #[cfg(test)]
@@ -55,7 +63,9 @@ mod tests {
     use super::*;
 
     fn encode(fmt: image::ImageFormat) -> Vec<u8> {
-        let img = image::RgbImage::from_fn(20, 10, |x, y| image::Rgb([(x * 12) as u8, (y * 25) as u8, 128]));
+        let img = image::RgbImage::from_fn(20, 10, |x, y| {
+            image::Rgb([(x * 12) as u8, (y * 25) as u8, 128])
+        });
         let mut out = std::io::Cursor::new(Vec::new());
         img.write_to(&mut out, fmt).unwrap();
         out.into_inner()
@@ -68,7 +78,13 @@ mod tests {
         assert_eq!(&png.data[(5 * 20 + 3) * 3..][..3], &[36, 125, 128]);
         let jpg = decode_rgb("jpg", &encode(image::ImageFormat::Jpeg)).unwrap();
         assert_eq!((jpg.width, jpg.height), (20, 10));
-        let err: i32 = jpg.data.iter().zip(&png.data).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+        let err: i32 = jpg
+            .data
+            .iter()
+            .zip(&png.data)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
         assert!(err < 40, "max jpeg error {err}");
     }
 

@@ -35,7 +35,13 @@ pub enum DataError {
     #[error("tokenizer {0}: {1}")]
     Tokenizer(String, String),
     #[error("too many bad samples: {bad} of {total} ({frac:.1}%) exceed the limit max_bad_fraction = {limit}; last: {last}")]
-    TooManyBad { bad: u64, total: u64, frac: f64, limit: f64, last: String },
+    TooManyBad {
+        bad: u64,
+        total: u64,
+        frac: f64,
+        limit: f64,
+        last: String,
+    },
     #[error("{0}")]
     Invalid(String),
 }

@@ -169,7 +169,11 @@ impl Loader {
             world,
             workers: cfg.workers.max(1),
             seed: cfg.seed,
-            shuffle_buffer: if mode == Mode::Train { cfg.shuffle_buffer } else { 0 },
+            shuffle_buffer: if mode == Mode::Train {
+                cfg.shuffle_buffer
+            } else {
+                0
+            },
             resampled: cfg.resampled && mode == Mode::Train,
             single_epoch: mode == Mode::Eval,
         };
@@ -178,14 +182,26 @@ impl Loader {
             None => (None, BadCounts::default(), 0),
         };
         let stream = ShardStream::start(spec, stream_pos).map_err(DataError::Invalid)?;
-        let threads = if cfg.decode_threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cfg.decode_threads };
+        let threads = if cfg.decode_threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            cfg.decode_threads
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("decode-{i}"))
             .build()
             .map_err(|e| DataError::Invalid(e.to_string()))?;
         let (tx, rx) = bounded(cfg.prefetch.max(1));
-        let mut batcher = Batcher { cfg: cfg.clone(), tokenizer, mode, stream, counts, batches, pool };
+        let mut batcher = Batcher {
+            cfg: cfg.clone(),
+            tokenizer,
+            mode,
+            stream,
+            counts,
+            batches,
+            pool,
+        };
         let thread = std::thread::Builder::new()
             .name("batcher".into())
             .spawn(move || {
@@ -197,7 +213,10 @@ impl Loader {
                 }
             })
             .map_err(|e| DataError::Invalid(e.to_string()))?;
-        Ok(Loader { rx, _thread: thread })
+        Ok(Loader {
+            rx,
+            _thread: thread,
+        })
     }
 }
 
@@ -241,7 +260,9 @@ impl Batcher {
                     }
                 }
             }
-            let decoded: Vec<Result<Decoded, String>> = self.pool.install(|| raws.par_iter().map(|(s, e)| self.decode(s, *e)).collect());
+            let decoded: Vec<Result<Decoded, String>> = self
+                .pool
+                .install(|| raws.par_iter().map(|(s, e)| self.decode(s, *e)).collect());
             for ((raw, epoch), d) in raws.into_iter().zip(decoded) {
                 self.counts.seen += 1;
                 match d {
@@ -256,7 +277,9 @@ impl Batcher {
         }
         if good.is_empty() {
             return if exhausted && self.counts.seen == 0 && self.batches == 0 {
-                Some(Err(DataError::Invalid("the shards hold no usable sample".into())))
+                Some(Err(DataError::Invalid(
+                    "the shards hold no usable sample".into(),
+                )))
             } else {
                 None
             };
@@ -291,9 +314,19 @@ impl Batcher {
     }
 
     fn decode(&self, s: &RawSample, epoch: u64) -> Result<Decoded, String> {
-        let (ext, bytes) = s.first_of(&self.cfg.image_exts).ok_or_else(|| format!("missing image: no member with extension {:?}", self.cfg.image_exts))?;
-        let text = s.get(&self.cfg.text_ext).ok_or_else(|| format!("missing caption: no .{} member", self.cfg.text_ext))?;
-        let caption = std::str::from_utf8(text).map_err(|_| "caption is not UTF-8".to_string())?.trim().to_string();
+        let (ext, bytes) = s.first_of(&self.cfg.image_exts).ok_or_else(|| {
+            format!(
+                "missing image: no member with extension {:?}",
+                self.cfg.image_exts
+            )
+        })?;
+        let text = s
+            .get(&self.cfg.text_ext)
+            .ok_or_else(|| format!("missing caption: no .{} member", self.cfg.text_ext))?;
+        let caption = std::str::from_utf8(text)
+            .map_err(|_| "caption is not UTF-8".to_string())?
+            .trim()
+            .to_string();
         if caption.is_empty() {
             return Err("empty caption".into());
         }
@@ -303,16 +336,31 @@ impl Batcher {
             Mode::Train => {
                 let mut rng = Rng::derive(&[self.cfg.seed, epoch, hash_str(&s.shard), s.index]);
                 let (sc, ra) = (self.cfg.crop_scale, self.cfg.crop_ratio);
-                random_resized_crop(img.width, img.height, (sc[0], sc[1]), (ra[0], ra[1]), &mut rng)
+                random_resized_crop(
+                    img.width,
+                    img.height,
+                    (sc[0], sc[1]),
+                    (ra[0], ra[1]),
+                    &mut rng,
+                )
             }
             Mode::Eval => center_square(img.width, img.height),
         };
         let mut image = vec![0f32; 3 * (size * size) as usize];
-        RESIZER.with(|r| crop_resize_normalize(&img, crop, size, &mut r.borrow_mut(), &mut image)).map_err(|e| format!("resize: {e}"))?;
+        RESIZER
+            .with(|r| crop_resize_normalize(&img, crop, size, &mut r.borrow_mut(), &mut image))
+            .map_err(|e| format!("resize: {e}"))?;
         let mut tokens = vec![0i64; self.cfg.context_length];
-        self.tokenizer.encode_into(&caption, &mut tokens).map_err(|e| format!("tokenize: {e}"))?;
+        self.tokenizer
+            .encode_into(&caption, &mut tokens)
+            .map_err(|e| format!("tokenize: {e}"))?;
         let json = s.get("json").and_then(|b| serde_json::from_slice(b).ok());
-        Ok(Decoded { image, tokens, caption, json })
+        Ok(Decoded {
+            image,
+            tokens,
+            caption,
+            json,
+        })
     }
 
     fn assemble(&self, good: Vec<(RawSample, u64, Decoded)>) -> ImageTextBatch {
@@ -327,7 +375,11 @@ impl Batcher {
             captions: Vec::with_capacity(n),
             json: Vec::with_capacity(n),
             epochs: Vec::with_capacity(n),
-            position: LoaderPosition { stream: self.stream.position().clone(), counts: self.counts.clone(), batches: self.batches },
+            position: LoaderPosition {
+                stream: self.stream.position().clone(),
+                counts: self.counts.clone(),
+                batches: self.batches,
+            },
         };
         for (raw, epoch, d) in good {
             b.images.extend_from_slice(&d.image);

@@ -58,7 +58,8 @@ fn expand_part(part: &str, out: &mut Vec<String>) -> Result<(), DataError> {
     }
     for p in expand_braces(part)? {
         if p.contains(['*', '?', '[']) {
-            let pattern = glob::glob(&p).map_err(|e| DataError::Pattern(p.clone(), e.to_string()))?;
+            let pattern =
+                glob::glob(&p).map_err(|e| DataError::Pattern(p.clone(), e.to_string()))?;
             let mut found: Vec<String> = pattern
                 .filter_map(|e| e.ok())
                 .map(|p| p.to_string_lossy().into_owned())
@@ -82,7 +83,11 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, DataError> {
         .find('}')
         .map(|i| open + i)
         .ok_or_else(|| DataError::Pattern(pattern.into(), "unclosed '{'".into()))?;
-    let (head, body, tail) = (&pattern[..open], &pattern[open + 1..close], &pattern[close + 1..]);
+    let (head, body, tail) = (
+        &pattern[..open],
+        &pattern[open + 1..close],
+        &pattern[close + 1..],
+    );
     let alternatives = brace_alternatives(pattern, body)?;
     let rest = expand_braces(tail)?;
     let mut out = Vec::with_capacity(alternatives.len() * rest.len());
@@ -97,7 +102,10 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, DataError> {
 fn brace_alternatives(pattern: &str, body: &str) -> Result<Vec<String>, DataError> {
     if let Some((lo, hi)) = body.split_once("..") {
         let bad = || DataError::Pattern(pattern.into(), format!("bad range {{{body}}}"));
-        let (a, b): (u64, u64) = (lo.parse().map_err(|_| bad())?, hi.parse().map_err(|_| bad())?);
+        let (a, b): (u64, u64) = (
+            lo.parse().map_err(|_| bad())?,
+            hi.parse().map_err(|_| bad())?,
+        );
         if a > b {
             return Err(bad());
         }
@@ -113,8 +121,14 @@ mod tests {
 
     #[test]
     fn braces_ranges_and_lists() {
-        assert_eq!(expand_braces("d/{000..002}.tar").unwrap(), ["d/000.tar", "d/001.tar", "d/002.tar"]);
-        assert_eq!(expand_braces("{a,b}/{8..10}").unwrap(), ["a/8", "a/9", "a/10", "b/8", "b/9", "b/10"]);
+        assert_eq!(
+            expand_braces("d/{000..002}.tar").unwrap(),
+            ["d/000.tar", "d/001.tar", "d/002.tar"]
+        );
+        assert_eq!(
+            expand_braces("{a,b}/{8..10}").unwrap(),
+            ["a/8", "a/9", "a/10", "b/8", "b/9", "b/10"]
+        );
         assert_eq!(expand_braces("plain.tar").unwrap(), ["plain.tar"]);
         assert!(expand_braces("d/{3..1}.tar").is_err());
         assert!(expand_braces("d/{0..1.tar").is_err());
@@ -135,11 +149,18 @@ mod tests {
         let joined = format!("{brace}::{ds}/s-002.tar");
         assert_eq!(expand_shards(&joined).unwrap().len(), 3);
         let list = d.join("list.txt");
-        std::fs::write(&list, format!("# shards\n{ds}/s-000.tar\n\n{ds}/s-002.tar\n")).unwrap();
+        std::fs::write(
+            &list,
+            format!("# shards\n{ds}/s-000.tar\n\n{ds}/s-002.tar\n"),
+        )
+        .unwrap();
         assert_eq!(expand_shards(&list.to_string_lossy()).unwrap().len(), 2);
         let missing = format!("{ds}/nope-{{0..3}}.tar");
         let err = expand_shards(&missing).unwrap_err().to_string();
         assert!(err.contains("nope-{0..3}.tar"), "{err}");
-        assert_eq!(expand_shards("pipe:cat a/{0..1}.tar").unwrap(), ["pipe:cat a/0.tar", "pipe:cat a/1.tar"]);
+        assert_eq!(
+            expand_shards("pipe:cat a/{0..1}.tar").unwrap(),
+            ["pipe:cat a/0.tar", "pipe:cat a/1.tar"]
+        );
     }
 }

@@ -67,9 +67,15 @@ pub struct StreamPosition {
 
 /// What a stream yields, in a deterministic order.
 pub enum StreamItem {
-    Sample { sample: RawSample, epoch: u64 },
+    Sample {
+        sample: RawSample,
+        epoch: u64,
+    },
     /// A shard that failed or held nothing; its samples before the failure were delivered.
-    Bad { shard: String, reason: String },
+    Bad {
+        shard: String,
+        reason: String,
+    },
 }
 
 struct Msg {
@@ -95,7 +101,11 @@ impl StreamSpec {
             return Err(format!("{n} shards cannot feed {} ranks: each rank needs at least one shard (or set resampled = true)", self.world));
         }
         // More workers than shards would leave workers idle forever.
-        let per_rank = if self.resampled { self.workers } else { self.workers.min(n / self.world).max(1) };
+        let per_rank = if self.resampled {
+            self.workers
+        } else {
+            self.workers.min(n / self.world).max(1)
+        };
         Ok(per_rank)
     }
 
@@ -104,17 +114,31 @@ impl StreamSpec {
         let n = self.shards.len();
         if self.resampled {
             let mut rng = Rng::derive(&[self.seed, epoch, g as u64, 0x5e5a]);
-            return (0..n.div_ceil(total)).map(|_| self.shards[rng.below(n)].clone()).collect();
+            return (0..n.div_ceil(total))
+                .map(|_| self.shards[rng.below(n)].clone())
+                .collect();
         }
         let mut order: Vec<usize> = (0..n).collect();
         if self.shuffle_buffer > 0 {
             Rng::derive(&[self.seed, epoch, 0x0bde]).shuffle(&mut order);
         }
-        order.into_iter().skip(g).step_by(total).map(|i| self.shards[i].clone()).collect()
+        order
+            .into_iter()
+            .skip(g)
+            .step_by(total)
+            .map(|i| self.shards[i].clone())
+            .collect()
     }
 
     fn fresh_state(&self, epoch: u64, g: usize) -> WorkerState {
-        WorkerState { epoch, cursor: 0, offset: 0, rng: Rng::derive(&[self.seed, epoch, g as u64, 0x5bff]), buffer: vec![], done: false }
+        WorkerState {
+            epoch,
+            cursor: 0,
+            offset: 0,
+            rng: Rng::derive(&[self.seed, epoch, g as u64, 0x5bff]),
+            buffer: vec![],
+            done: false,
+        }
     }
 }
 
@@ -125,9 +149,16 @@ impl ShardStream {
         let total = per_rank * spec.world;
         let position = match position {
             Some(p) if p.workers.len() == per_rank => p,
-            Some(p) => return Err(format!("loader position has {} workers, this run has {per_rank}", p.workers.len())),
+            Some(p) => {
+                return Err(format!(
+                    "loader position has {} workers, this run has {per_rank}",
+                    p.workers.len()
+                ))
+            }
             None => StreamPosition {
-                workers: (0..per_rank).map(|w| spec.fresh_state(0, spec.rank * per_rank + w)).collect(),
+                workers: (0..per_rank)
+                    .map(|w| spec.fresh_state(0, spec.rank * per_rank + w))
+                    .collect(),
                 next_worker: 0,
             },
         };
@@ -140,10 +171,19 @@ impl ShardStream {
             let (tx, r) = bounded::<Msg>(64);
             let (spec, state) = (spec.clone(), state.clone());
             let g = spec.rank * per_rank + w;
-            threads.push(std::thread::Builder::new().name(format!("shard-reader-{w}")).spawn(move || run_worker(spec, g, total, state, tx)).map_err(|e| e.to_string())?);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("shard-reader-{w}"))
+                    .spawn(move || run_worker(spec, g, total, state, tx))
+                    .map_err(|e| e.to_string())?,
+            );
             rx.push(Some(r));
         }
-        Ok(ShardStream { rx, position, _threads: threads })
+        Ok(ShardStream {
+            rx,
+            position,
+            _threads: threads,
+        })
     }
 
     /// The position after the last item returned.
@@ -201,7 +241,14 @@ fn run_worker(spec: StreamSpec, g: usize, total: usize, mut st: WorkerState, tx:
                 }
                 ShardItem::Broken(e) => {
                     broken = true;
-                    alive = send(&tx, &st, StreamItem::Bad { shard: url.clone(), reason: e.to_string() });
+                    alive = send(
+                        &tx,
+                        &st,
+                        StreamItem::Bad {
+                            shard: url.clone(),
+                            reason: e.to_string(),
+                        },
+                    );
                     false
                 }
             });
@@ -209,7 +256,10 @@ fn run_worker(spec: StreamSpec, g: usize, total: usize, mut st: WorkerState, tx:
                 return;
             }
             if seen == 0 && st.offset == 0 && !broken {
-                let bad = StreamItem::Bad { shard: url.clone(), reason: "empty shard: no samples".into() };
+                let bad = StreamItem::Bad {
+                    shard: url.clone(),
+                    reason: "empty shard: no samples".into(),
+                };
                 if !send(&tx, &st, bad) {
                     return;
                 }
@@ -234,8 +284,17 @@ fn run_worker(spec: StreamSpec, g: usize, total: usize, mut st: WorkerState, tx:
 }
 
 /// Adds a sample to the shuffle buffer and, once it is full, emits a random one.
-fn push(spec: &StreamSpec, st: &mut WorkerState, buffer: &mut Vec<(SampleRef, RawSample)>, s: RawSample, tx: &Sender<Msg>) -> bool {
-    let r = SampleRef { cursor: st.cursor as u32, index: s.index as u32 };
+fn push(
+    spec: &StreamSpec,
+    st: &mut WorkerState,
+    buffer: &mut Vec<(SampleRef, RawSample)>,
+    s: RawSample,
+    tx: &Sender<Msg>,
+) -> bool {
+    let r = SampleRef {
+        cursor: st.cursor as u32,
+        index: s.index as u32,
+    };
     if spec.shuffle_buffer == 0 {
         return emit(tx, st, s);
     }
@@ -251,11 +310,22 @@ fn push(spec: &StreamSpec, st: &mut WorkerState, buffer: &mut Vec<(SampleRef, Ra
 }
 
 fn emit(tx: &Sender<Msg>, st: &WorkerState, sample: RawSample) -> bool {
-    send(tx, st, StreamItem::Sample { sample, epoch: st.epoch })
+    send(
+        tx,
+        st,
+        StreamItem::Sample {
+            sample,
+            epoch: st.epoch,
+        },
+    )
 }
 
 fn send(tx: &Sender<Msg>, st: &WorkerState, item: StreamItem) -> bool {
-    tx.send(Msg { item, state: st.clone() }).is_ok()
+    tx.send(Msg {
+        item,
+        state: st.clone(),
+    })
+    .is_ok()
 }
 
 /// Re-reads the samples a saved shuffle buffer referred to, in buffer order.
@@ -279,5 +349,7 @@ fn restore_buffer(shards: &[String], refs: &[SampleRef]) -> Vec<(SampleRef, RawS
             ShardItem::Broken(_) => false,
         });
     }
-    refs.iter().filter_map(|r| found.remove(&(r.cursor, r.index)).map(|s| (*r, s))).collect()
+    refs.iter()
+        .filter_map(|r| found.remove(&(r.cursor, r.index)).map(|s| (*r, s)))
+        .collect()
 }

@@ -4,15 +4,22 @@
 use std::path::Path;
 
 use tokenizers::models::wordlevel::{WordLevel, WordLevelTrainer};
+use tokenizers::models::TrainerWrapper;
 use tokenizers::normalizers::utils::Lowercase;
 use tokenizers::pre_tokenizers::whitespace::Whitespace;
-use tokenizers::models::TrainerWrapper;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::DataError;
 
 /// Special tokens of the tokenizers that rookery writes. Their ids are their positions here.
-pub const SPECIAL_TOKENS: [&str; 6] = ["<pad>", "<unk>", "<start_of_text>", "<end_of_text>", "<image>", "<|endofchunk|>"];
+pub const SPECIAL_TOKENS: [&str; 6] = [
+    "<pad>",
+    "<unk>",
+    "<start_of_text>",
+    "<end_of_text>",
+    "<image>",
+    "<|endofchunk|>",
+];
 
 const SOT_NAMES: [&str; 4] = ["<start_of_text>", "<|startoftext|>", "<s>", "[CLS]"];
 const EOT_NAMES: [&str; 4] = ["<end_of_text>", "<|endoftext|>", "</s>", "[SEP]"];
@@ -30,21 +37,39 @@ pub struct TextTokenizer {
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TextTokenizer(vocab {}, sot {}, eot {}, pad {})", self.vocab_size, self.sot, self.eot, self.pad)
+        write!(
+            f,
+            "TextTokenizer(vocab {}, sot {}, eot {}, pad {})",
+            self.vocab_size, self.sot, self.eot, self.pad
+        )
     }
 }
 
 impl TextTokenizer {
     pub fn from_file(path: &Path) -> Result<Self, DataError> {
         let name = path.display().to_string();
-        let inner = Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer(name.clone(), e.to_string()))?;
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| DataError::Tokenizer(name.clone(), e.to_string()))?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
-        let sot = find(&SOT_NAMES).ok_or_else(|| DataError::Tokenizer(name.clone(), format!("no start token (one of {SOT_NAMES:?})")))?;
-        let eot = find(&EOT_NAMES).ok_or_else(|| DataError::Tokenizer(name.clone(), format!("no end token (one of {EOT_NAMES:?})")))?;
+        let sot = find(&SOT_NAMES).ok_or_else(|| {
+            DataError::Tokenizer(
+                name.clone(),
+                format!("no start token (one of {SOT_NAMES:?})"),
+            )
+        })?;
+        let eot = find(&EOT_NAMES).ok_or_else(|| {
+            DataError::Tokenizer(name.clone(), format!("no end token (one of {EOT_NAMES:?})"))
+        })?;
         // OpenAI's CLIP pads with id 0; so do we when the vocabulary has no pad token.
         let pad = inner.token_to_id("<pad>").unwrap_or(0);
         let vocab_size = inner.get_vocab_size(true);
-        Ok(TextTokenizer { inner, sot, eot, pad, vocab_size })
+        Ok(TextTokenizer {
+            inner,
+            sot,
+            eot,
+            pad,
+            vocab_size,
+        })
     }
 
     /// Token ids of `text` without start/end tokens.
@@ -86,7 +111,10 @@ where
 {
     let name = path.display().to_string();
     let err = |e: tokenizers::Error| DataError::Tokenizer(name.clone(), e.to_string());
-    let special: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
+    let special: Vec<AddedToken> = SPECIAL_TOKENS
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
     let mut trainer: TrainerWrapper = WordLevelTrainer::builder()
         .special_tokens(special.clone())
         .show_progress(false)
@@ -124,10 +152,15 @@ mod tests {
         assert_eq!(out[2], red);
         assert_eq!(&out[4..], &[3, 0]);
         let mut short = [9i64; 4];
-        tk.encode_into("a blue square above two red circles", &mut short).unwrap();
+        tk.encode_into("a blue square above two red circles", &mut short)
+            .unwrap();
         assert_eq!(short[0], 2);
         assert_eq!(short[3], 3, "truncation keeps the end token");
         assert_eq!(tk.decode(&[red as u32]), "red");
-        assert_eq!(tk.ids("purple").unwrap(), vec![1], "unknown words map to <unk>");
+        assert_eq!(
+            tk.ids("purple").unwrap(),
+            vec![1],
+            "unknown words map to <unk>"
+        );
     }
 }

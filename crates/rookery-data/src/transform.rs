@@ -24,7 +24,13 @@ pub struct CropBox {
 
 /// torchvision's `RandomResizedCrop.get_params`: area fraction in `scale`, log-uniform aspect
 /// ratio in `ratio`, ten tries, then a center crop clamped to the ratio range.
-pub fn random_resized_crop(w: u32, h: u32, scale: (f64, f64), ratio: (f64, f64), rng: &mut Rng) -> CropBox {
+pub fn random_resized_crop(
+    w: u32,
+    h: u32,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut Rng,
+) -> CropBox {
     let (wf, hf) = (w as f64, h as f64);
     let area = wf * hf;
     let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
@@ -36,7 +42,12 @@ pub fn random_resized_crop(w: u32, h: u32, scale: (f64, f64), ratio: (f64, f64),
         if cw > 0.0 && ch > 0.0 && cw <= wf && ch <= hf {
             let top = rng.below((hf - ch) as usize + 1) as f64;
             let left = rng.below((wf - cw) as usize + 1) as f64;
-            return CropBox { left, top, width: cw, height: ch };
+            return CropBox {
+                left,
+                top,
+                width: cw,
+                height: ch,
+            };
         }
     }
     let in_ratio = wf / hf;
@@ -47,27 +58,46 @@ pub fn random_resized_crop(w: u32, h: u32, scale: (f64, f64), ratio: (f64, f64),
     } else {
         (wf, hf)
     };
-    CropBox { left: ((wf - cw) / 2.0).floor(), top: ((hf - ch) / 2.0).floor(), width: cw, height: ch }
+    CropBox {
+        left: ((wf - cw) / 2.0).floor(),
+        top: ((hf - ch) / 2.0).floor(),
+        width: cw,
+        height: ch,
+    }
 }
 
 /// The central square of the shortest side: resizing it to `size` equals "resize the shortest
 /// side to `size`, then center crop", without the intermediate image.
 pub fn center_square(w: u32, h: u32) -> CropBox {
     let s = w.min(h) as f64;
-    CropBox { left: ((w as f64 - s) / 2.0).floor(), top: ((h as f64 - s) / 2.0).floor(), width: s, height: s }
+    CropBox {
+        left: ((w as f64 - s) / 2.0).floor(),
+        top: ((h as f64 - s) / 2.0).floor(),
+        width: s,
+        height: s,
+    }
 }
 
 /// Resizes `crop` of `img` to `size`x`size` and writes normalised CHW f32 into `out`
 /// (length `3 * size * size`). `resizer` is reused across calls to keep its buffers.
-pub fn crop_resize_normalize(img: &RgbImage, crop: CropBox, size: u32, resizer: &mut Resizer, out: &mut [f32]) -> Result<(), String> {
+pub fn crop_resize_normalize(
+    img: &RgbImage,
+    crop: CropBox,
+    size: u32,
+    resizer: &mut Resizer,
+    out: &mut [f32],
+) -> Result<(), String> {
     let n = (size * size) as usize;
     assert_eq!(out.len(), 3 * n, "output slice must hold 3 x size x size");
-    let src = ImageRef::new(img.width, img.height, &img.data, PixelType::U8x3).map_err(|e| e.to_string())?;
+    let src = ImageRef::new(img.width, img.height, &img.data, PixelType::U8x3)
+        .map_err(|e| e.to_string())?;
     let mut dst = Image::new(size, size, PixelType::U8x3);
     let opts = ResizeOptions::new()
         .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
         .crop(crop.left, crop.top, crop.width, crop.height);
-    resizer.resize(&src, &mut dst, &opts).map_err(|e| e.to_string())?;
+    resizer
+        .resize(&src, &mut dst, &opts)
+        .map_err(|e| e.to_string())?;
     let px = dst.buffer();
     let (r, rest) = out.split_at_mut(n);
     let (g, b) = rest.split_at_mut(n);
@@ -88,7 +118,13 @@ mod tests {
         let mut rng = Rng::new(1);
         for _ in 0..1000 {
             let c = random_resized_crop(200, 100, (0.9, 1.0), (0.75, 4.0 / 3.0), &mut rng);
-            assert!(c.left >= 0.0 && c.top >= 0.0 && c.left + c.width <= 200.0 && c.top + c.height <= 100.0, "{c:?}");
+            assert!(
+                c.left >= 0.0
+                    && c.top >= 0.0
+                    && c.left + c.width <= 200.0
+                    && c.top + c.height <= 100.0,
+                "{c:?}"
+            );
             let frac = c.width * c.height / 20_000.0;
             // the fallback for this 2:1 image keeps the whole height at ratio 4/3
             assert!(frac > 0.6 && frac <= 1.0, "{frac}");
@@ -97,19 +133,48 @@ mod tests {
 
     #[test]
     fn center_square_is_centered() {
-        assert_eq!(center_square(200, 100), CropBox { left: 50.0, top: 0.0, width: 100.0, height: 100.0 });
-        assert_eq!(center_square(30, 41), CropBox { left: 0.0, top: 5.0, width: 30.0, height: 30.0 });
+        assert_eq!(
+            center_square(200, 100),
+            CropBox {
+                left: 50.0,
+                top: 0.0,
+                width: 100.0,
+                height: 100.0
+            }
+        );
+        assert_eq!(
+            center_square(30, 41),
+            CropBox {
+                left: 0.0,
+                top: 5.0,
+                width: 30.0,
+                height: 30.0
+            }
+        );
     }
 
     #[test]
     fn constant_image_normalises_to_known_values() {
-        let img = RgbImage { width: 10, height: 7, data: [255u8, 0, 128].repeat(70) };
+        let img = RgbImage {
+            width: 10,
+            height: 7,
+            data: [255u8, 0, 128].repeat(70),
+        };
         let mut out = vec![0f32; 3 * 16];
-        crop_resize_normalize(&img, center_square(10, 7), 4, &mut Resizer::new(), &mut out).unwrap();
-        let want = [(1.0 - CLIP_MEAN[0]) / CLIP_STD[0], -CLIP_MEAN[1] / CLIP_STD[1], (128.0 / 255.0 - CLIP_MEAN[2]) / CLIP_STD[2]];
+        crop_resize_normalize(&img, center_square(10, 7), 4, &mut Resizer::new(), &mut out)
+            .unwrap();
+        let want = [
+            (1.0 - CLIP_MEAN[0]) / CLIP_STD[0],
+            -CLIP_MEAN[1] / CLIP_STD[1],
+            (128.0 / 255.0 - CLIP_MEAN[2]) / CLIP_STD[2],
+        ];
         for c in 0..3 {
             for v in &out[c * 16..(c + 1) * 16] {
-                assert!((v - want[c]).abs() < 1e-5, "channel {c}: {v} vs {}", want[c]);
+                assert!(
+                    (v - want[c]).abs() < 1e-5,
+                    "channel {c}: {v} vs {}",
+                    want[c]
+                );
             }
         }
     }
@@ -118,14 +183,28 @@ mod tests {
     fn crop_picks_the_right_region() {
         // left half black, right half white; a crop well inside each half (the bicubic kernel
         // reaches 5 source pixels past the crop edge when shrinking 10 -> 2) takes that color
-        let data: Vec<u8> = (0..40 * 10).flat_map(|i| if i % 40 >= 20 { [255u8; 3] } else { [0u8; 3] }).collect();
-        let img = RgbImage { width: 40, height: 10, data };
+        let data: Vec<u8> = (0..40 * 10)
+            .flat_map(|i| if i % 40 >= 20 { [255u8; 3] } else { [0u8; 3] })
+            .collect();
+        let img = RgbImage {
+            width: 40,
+            height: 10,
+            data,
+        };
         let mut out = vec![0f32; 3 * 4];
         for (left, want) in [(25.0, 1.0), (5.0, 0.0)] {
-            let crop = CropBox { left, top: 0.0, width: 10.0, height: 10.0 };
+            let crop = CropBox {
+                left,
+                top: 0.0,
+                width: 10.0,
+                height: 10.0,
+            };
             crop_resize_normalize(&img, crop, 2, &mut Resizer::new(), &mut out).unwrap();
             for v in &out[..4] {
-                assert!((v - (want - CLIP_MEAN[0]) / CLIP_STD[0]).abs() < 1e-5, "crop at {left}: {v}");
+                assert!(
+                    (v - (want - CLIP_MEAN[0]) / CLIP_STD[0]).abs() < 1e-5,
+                    "crop at {left}: {v}"
+                );
             }
         }
     }

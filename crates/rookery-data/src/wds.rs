@@ -23,12 +23,16 @@ pub struct RawSample {
 
 impl RawSample {
     pub fn get(&self, ext: &str) -> Option<&[u8]> {
-        self.members.iter().find(|(e, _)| e == ext).map(|(_, b)| b.as_slice())
+        self.members
+            .iter()
+            .find(|(e, _)| e == ext)
+            .map(|(_, b)| b.as_slice())
     }
 
     /// The first member whose extension is in `exts` (order of `exts` wins).
     pub fn first_of<'a>(&'a self, exts: &'a [String]) -> Option<(&'a str, &'a [u8])> {
-        exts.iter().find_map(|e| self.get(e).map(|b| (e.as_str(), b)))
+        exts.iter()
+            .find_map(|e| self.get(e).map(|b| (e.as_str(), b)))
     }
 }
 
@@ -53,10 +57,16 @@ pub fn open_shard(url: &str) -> Result<ShardReader, DataError> {
             .spawn()
             .map_err(|e| DataError::io(url, e))?;
         let out = child.stdout.take().expect("piped stdout");
-        return Ok(ShardReader { inner: Box::new(out), child: Some(child) });
+        return Ok(ShardReader {
+            inner: Box::new(out),
+            child: Some(child),
+        });
     }
     let f = std::fs::File::open(url).map_err(|e| DataError::io(url, e))?;
-    Ok(ShardReader { inner: Box::new(std::io::BufReader::with_capacity(1 << 20, f)), child: None })
+    Ok(ShardReader {
+        inner: Box::new(std::io::BufReader::with_capacity(1 << 20, f)),
+        child: None,
+    })
 }
 
 /// A readable shard; kills its `pipe:` child, if any, when dropped early.
@@ -113,7 +123,10 @@ pub fn read_shard(url: &str, mut f: impl FnMut(ShardItem) -> bool) {
         let mut entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                f(ShardItem::Broken(DataError::BadTar(url.into(), e.to_string())));
+                f(ShardItem::Broken(DataError::BadTar(
+                    url.into(),
+                    e.to_string(),
+                )));
                 return; // the partial sample is dropped: its members may be incomplete
             }
         };
@@ -124,10 +137,15 @@ pub fn read_shard(url: &str, mut f: impl FnMut(ShardItem) -> bool) {
             Ok(p) => p.to_string_lossy().into_owned(),
             Err(_) => continue,
         };
-        let Some((key, ext)) = split_key(&path) else { continue };
+        let Some((key, ext)) = split_key(&path) else {
+            continue;
+        };
         let mut data = Vec::with_capacity(entry.size() as usize);
         if let Err(e) = entry.read_to_end(&mut data) {
-            f(ShardItem::Broken(DataError::BadTar(url.into(), format!("{path}: {e}"))));
+            f(ShardItem::Broken(DataError::BadTar(
+                url.into(),
+                format!("{path}: {e}"),
+            )));
             return;
         }
         let starts_new = match &current {
@@ -141,9 +159,18 @@ pub fn read_shard(url: &str, mut f: impl FnMut(ShardItem) -> bool) {
                 }
                 index += 1;
             }
-            current = Some(RawSample { shard: shard.clone(), key: key.to_string(), index, members: vec![] });
+            current = Some(RawSample {
+                shard: shard.clone(),
+                key: key.to_string(),
+                index,
+                members: vec![],
+            });
         }
-        current.as_mut().expect("set above").members.push((ext, data));
+        current
+            .as_mut()
+            .expect("set above")
+            .members
+            .push((ext, data));
     }
     if let Some(done) = current {
         f(ShardItem::Sample(done));
@@ -157,7 +184,10 @@ mod tests {
     #[test]
     fn split_key_follows_webdataset() {
         assert_eq!(split_key("d/a.seg.png"), Some(("d/a", "seg.png".into())));
-        assert_eq!(split_key("x.y/000123.JPG"), Some(("x.y/000123", "jpg".into())));
+        assert_eq!(
+            split_key("x.y/000123.JPG"),
+            Some(("x.y/000123", "jpg".into()))
+        );
         assert_eq!(split_key("noext"), None);
         assert_eq!(split_key("d/.hidden"), None);
     }

@@ -12,7 +12,10 @@ use crate::DataError;
 pub type SampleMembers = (String, Vec<(String, Vec<u8>)>);
 
 /// Writes `samples` to the tar file `path` atomically (temp + fsync + rename).
-pub fn write_shard(path: &Path, samples: impl IntoIterator<Item = SampleMembers>) -> Result<u64, DataError> {
+pub fn write_shard(
+    path: &Path,
+    samples: impl IntoIterator<Item = SampleMembers>,
+) -> Result<u64, DataError> {
     let name = path.display().to_string();
     let tmp = path.with_extension("tar.tmp");
     let file = File::create(&tmp).map_err(|e| DataError::io(&name, e))?;
@@ -33,7 +36,9 @@ pub fn write_shard(path: &Path, samples: impl IntoIterator<Item = SampleMembers>
     }
     let mut w = builder.into_inner().map_err(|e| DataError::io(&name, e))?;
     w.flush().map_err(|e| DataError::io(&name, e))?;
-    let file = w.into_inner().map_err(|e| DataError::io(&name, e.into_error()))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| DataError::io(&name, e.into_error()))?;
     file.sync_all().map_err(|e| DataError::io(&name, e))?;
     std::fs::rename(&tmp, path).map_err(|e| DataError::io(&name, e))?;
     Ok(n)

@@ -38,12 +38,30 @@ fn keys_of(url: &str) -> Vec<String> {
 }
 
 fn data_cfg(train: String, tokenizer: &Path) -> DataConfig {
-    DataConfig { train, tokenizer: tokenizer.to_path_buf(), batch_size: 8, image_size: 32, shuffle_buffer: 16, workers: 2, decode_threads: 2, ..Default::default() }
+    DataConfig {
+        train,
+        tokenizer: tokenizer.to_path_buf(),
+        batch_size: 8,
+        image_size: 32,
+        shuffle_buffer: 16,
+        workers: 2,
+        decode_threads: 2,
+        ..Default::default()
+    }
 }
 
 fn loader(cfg: &DataConfig, rank: usize, world: usize, mode: Mode) -> Loader {
     let tk = Arc::new(TextTokenizer::from_file(&cfg.tokenizer).unwrap());
-    Loader::new(cfg, tk, expand_shards(&cfg.train).unwrap(), rank, world, mode, None).unwrap()
+    Loader::new(
+        cfg,
+        tk,
+        expand_shards(&cfg.train).unwrap(),
+        rank,
+        world,
+        mode,
+        None,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -54,7 +72,9 @@ fn synthetic_shards_read_back_identically() {
     assert_eq!(shards.len(), 2);
     let mut n = 0;
     read_shard(&shards[1], |i| {
-        let ShardItem::Sample(s) = i else { panic!("broken") };
+        let ShardItem::Sample(s) = i else {
+            panic!("broken")
+        };
         assert_eq!(s.key, format!("{:09}", 30 + n));
         assert_eq!(s.index, n as u64);
         assert!(s.get("txt").is_some() && s.get("json").is_some());
@@ -76,7 +96,13 @@ fn gnu_tar_and_webdataset_layouts() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     // keys with dots in directories, several extensions, a multi-dot extension
-    for (p, body) in [("a.b/000001.jpg", "j1"), ("a.b/000001.txt", "t1"), ("a.b/000001.seg.png", "s1"), ("a.b/000002.txt", "t2"), ("a.b/000002.JSON", "{}")] {
+    for (p, body) in [
+        ("a.b/000001.jpg", "j1"),
+        ("a.b/000001.txt", "t1"),
+        ("a.b/000001.seg.png", "s1"),
+        ("a.b/000002.txt", "t2"),
+        ("a.b/000002.JSON", "{}"),
+    ] {
         let path = src.join(p);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, body).unwrap();
@@ -93,7 +119,9 @@ fn gnu_tar_and_webdataset_layouts() {
     assert!(ok.success());
     let mut samples = vec![];
     read_shard(tar.to_str().unwrap(), |i| {
-        let ShardItem::Sample(s) = i else { panic!("broken") };
+        let ShardItem::Sample(s) = i else {
+            panic!("broken")
+        };
         samples.push(s);
         true
     });
@@ -103,11 +131,22 @@ fn gnu_tar_and_webdataset_layouts() {
     exts.sort();
     assert_eq!(exts, ["jpg", "seg.png", "txt"]);
     assert_eq!(samples[0].get("seg.png"), Some(&b"s1"[..]));
-    assert_eq!(samples[1].get("json"), Some(&b"{}"[..]), "extensions are lower-cased");
+    assert_eq!(
+        samples[1].get("json"),
+        Some(&b"{}"[..]),
+        "extensions are lower-cased"
+    );
     // ShardWriter layout: flat `key.ext` members, and a repeated extension starts a new sample
     let wds = dir.path().join("wds.tar");
     let m = |e: &str, b: &str| (e.to_string(), b.as_bytes().to_vec());
-    write_shard(&wds, vec![("k1".to_string(), vec![m("txt", "x"), m("cls", "1")]), ("k1".to_string(), vec![m("txt", "y")])]).unwrap();
+    write_shard(
+        &wds,
+        vec![
+            ("k1".to_string(), vec![m("txt", "x"), m("cls", "1")]),
+            ("k1".to_string(), vec![m("txt", "y")]),
+        ],
+    )
+    .unwrap();
     let texts: Vec<String> = {
         let mut v = vec![];
         read_shard(wds.to_str().unwrap(), |i| {
@@ -128,7 +167,11 @@ fn gnu_tar_and_webdataset_layouts() {
 fn ranks_and_workers_split_without_overlap_and_cover_everything() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = synth(dir.path(), 6, 7);
-    let all: HashSet<String> = expand_shards(&cfg.train_pattern()).unwrap().iter().flat_map(|s| keys_of(s)).collect();
+    let all: HashSet<String> = expand_shards(&cfg.train_pattern())
+        .unwrap()
+        .iter()
+        .flat_map(|s| keys_of(s))
+        .collect();
     assert_eq!(all.len(), 42);
     let dc = data_cfg(cfg.train_pattern(), &cfg.tokenizer_path());
     let mut seen = HashSet::new();
@@ -141,7 +184,16 @@ fn ranks_and_workers_split_without_overlap_and_cover_everything() {
     }
     assert_eq!(seen, all);
     // the training stream of one epoch also covers everything exactly once across ranks
-    let spec = |rank| StreamSpec { shards: expand_shards(&cfg.train_pattern()).unwrap(), rank, world: 2, workers: 2, seed: 5, shuffle_buffer: 4, resampled: false, single_epoch: true };
+    let spec = |rank| StreamSpec {
+        shards: expand_shards(&cfg.train_pattern()).unwrap(),
+        rank,
+        world: 2,
+        workers: 2,
+        seed: 5,
+        shuffle_buffer: 4,
+        resampled: false,
+        single_epoch: true,
+    };
     let mut train_seen = HashSet::new();
     for rank in 0..2 {
         for item in ShardStream::start(spec(rank), None).unwrap() {
@@ -169,8 +221,16 @@ fn order_is_deterministic_for_a_seed_and_changes_with_it() {
         (keys, px)
     };
     let a = take(&dc);
-    assert_eq!(a.0.len(), 64, "epochs roll over without a gap (40 samples per epoch)");
-    assert_eq!(a, take(&dc), "same seed, same samples and same augmentations");
+    assert_eq!(
+        a.0.len(),
+        64,
+        "epochs roll over without a gap (40 samples per epoch)"
+    );
+    assert_eq!(
+        a,
+        take(&dc),
+        "same seed, same samples and same augmentations"
+    );
     dc.seed = 1;
     assert_ne!(a.0, take(&dc).0);
 }
@@ -182,12 +242,24 @@ fn resume_mid_shard_yields_exactly_the_remaining_batches() {
     let dc = data_cfg(cfg.train_pattern(), &cfg.tokenizer_path());
     let tk = Arc::new(TextTokenizer::from_file(&dc.tokenizer).unwrap());
     let shards = expand_shards(&dc.train).unwrap();
-    let full: Vec<_> = loader(&dc, 0, 1, Mode::Train).take(20).map(|b| b.unwrap()).collect();
+    let full: Vec<_> = loader(&dc, 0, 1, Mode::Train)
+        .take(20)
+        .map(|b| b.unwrap())
+        .collect();
     for stop in [1, 4, 11] {
         let pos = full[stop - 1].position.clone();
         let json = serde_json::to_string(&pos).unwrap(); // positions survive serialization
         let pos = serde_json::from_str(&json).unwrap();
-        let resumed = Loader::new(&dc, tk.clone(), shards.clone(), 0, 1, Mode::Train, Some(pos)).unwrap();
+        let resumed = Loader::new(
+            &dc,
+            tk.clone(),
+            shards.clone(),
+            0,
+            1,
+            Mode::Train,
+            Some(pos),
+        )
+        .unwrap();
         for (want, got) in full[stop..].iter().zip(resumed) {
             let got = got.unwrap();
             assert_eq!(want.keys, got.keys, "resumed after batch {stop}");
@@ -224,16 +296,31 @@ fn bad_input_is_skipped_counted_and_bounded() {
         v
     };
     let samples = vec![
-        ("ok1".to_string(), vec![m("jpg", &jpg), m("txt", b"two red circles")]),
-        ("corrupt".to_string(), vec![m("jpg", &jpg[..jpg.len() / 3]), m("txt", b"x")]),
+        (
+            "ok1".to_string(),
+            vec![m("jpg", &jpg), m("txt", b"two red circles")],
+        ),
+        (
+            "corrupt".to_string(),
+            vec![m("jpg", &jpg[..jpg.len() / 3]), m("txt", b"x")],
+        ),
         ("zero".to_string(), vec![m("jpg", b""), m("txt", b"x")]),
         ("nocaption".to_string(), vec![m("jpg", &jpg)]),
-        ("latin1".to_string(), vec![m("jpg", &jpg), m("txt", b"caf\xe9")]),
+        (
+            "latin1".to_string(),
+            vec![m("jpg", &jpg), m("txt", b"caf\xe9")],
+        ),
         ("noimage".to_string(), vec![m("txt", b"two red circles")]),
-        ("ok2".to_string(), vec![m("jpg", &jpg), m("txt", b"a blue square")]),
+        (
+            "ok2".to_string(),
+            vec![m("jpg", &jpg), m("txt", b"a blue square")],
+        ),
     ];
     write_shard(&d.join("d-samples.tar"), samples).unwrap();
-    let spec = format!("{}/{{a-truncated,b-garbage,c-empty,d-samples}}.tar", d.display());
+    let spec = format!(
+        "{}/{{a-truncated,b-garbage,c-empty,d-samples}}.tar",
+        d.display()
+    );
     let mut dc = data_cfg(spec.clone(), &cfg.tokenizer_path());
     dc.batch_size = 4;
     dc.max_bad_fraction = 1.0;
@@ -247,22 +334,89 @@ fn bad_input_is_skipped_counted_and_bounded() {
     let counts = &batches.last().unwrap().position.counts;
     let c = |k: &str| counts.by_reason.get(k).copied().unwrap_or(0);
     assert_eq!(c("undecodable image .jpg"), 2, "{counts:?}");
-    assert_eq!((c("missing caption"), c("caption is not UTF-8"), c("missing image")), (1, 1, 1), "{counts:?}");
+    assert_eq!(
+        (
+            c("missing caption"),
+            c("caption is not UTF-8"),
+            c("missing image")
+        ),
+        (1, 1, 1),
+        "{counts:?}"
+    );
     assert_eq!(c("empty shard"), 1, "{counts:?}");
-    assert!(counts.by_reason.keys().any(|k| k.contains("broken tar")), "{counts:?}");
+    assert!(
+        counts.by_reason.keys().any(|k| k.contains("broken tar")),
+        "{counts:?}"
+    );
     assert_eq!(counts.bad, 8, "{counts:?}");
     // a truncated shard still delivers the samples before the cut
     assert!(keys.len() > 2 + 10, "{} samples", keys.len());
     // over the limit: a clear error naming shard and key
     dc.max_bad_fraction = 0.01;
     dc.min_bad_allowed = 0;
-    let err = loader(&dc, 0, 1, Mode::Eval).find_map(|b| b.err()).expect("limit stops the run");
+    let err = loader(&dc, 0, 1, Mode::Eval)
+        .find_map(|b| b.err())
+        .expect("limit stops the run");
     let msg = err.to_string();
-    assert!(msg.contains("too many bad samples") && msg.contains(".tar"), "{msg}");
+    assert!(
+        msg.contains("too many bad samples") && msg.contains(".tar"),
+        "{msg}"
+    );
     // inspect lists them all, with shard and key
-    let report = rookery_data::inspect::inspect(&expand_shards(&spec).unwrap(), &dc.image_exts, "txt");
+    let report =
+        rookery_data::inspect::inspect(&expand_shards(&spec).unwrap(), &dc.image_exts, "txt");
     let bad_keys: HashSet<&str> = report.bad.iter().map(|b| b.1.as_str()).collect();
     for k in ["corrupt", "zero", "nocaption", "latin1", "noimage"] {
         assert!(bad_keys.contains(k), "inspect missed {k}: {:?}", report.bad);
     }
+}
+
+#[test]
+fn interleaved_pages_inspect_clean_and_flag_broken_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SynthConfig {
+        out: dir.path().to_path_buf(),
+        train_shards: 1,
+        train_samples_per_shard: 4,
+        val_shards: 1,
+        val_samples_per_shard: 4,
+        image_size: 32,
+        interleaved: true,
+        page_shards: 1,
+        pages_per_shard: 12,
+        val_page_shards: 1,
+        ..Default::default()
+    };
+    generate(&cfg).unwrap();
+    let shards = expand_shards(&cfg.pages_train_pattern()).unwrap();
+    let r = rookery_data::inspect::inspect(&shards, &DataConfig::default().image_exts, "txt");
+    assert_eq!(r.samples, 12);
+    assert!(r.bad.is_empty(), "{:?}", r.bad);
+    assert!(
+        r.image_sides.values().sum::<u64>() >= 24,
+        "2-4 images per page"
+    );
+    // a page whose image member is missing and whose index is out of range
+    let m = |e: &str, b: &[u8]| (e.to_string(), b.to_vec());
+    let doc = br#"{"text_list": ["a", "b"], "image_info": [{"image_name": "img0.jpg", "matched_text_index": 1, "matched_sim": 0.3}, {"image_name": "img1.jpg", "matched_text_index": 5, "matched_sim": 0.3}]}"#;
+    let broken = dir.path().join("broken.tar");
+    write_shard(
+        &broken,
+        vec![(
+            "p1".to_string(),
+            vec![m("json", doc), m("img1.jpg", b"not a jpeg")],
+        )],
+    )
+    .unwrap();
+    let r = rookery_data::inspect::inspect(
+        &[broken.to_string_lossy().into_owned()],
+        &DataConfig::default().image_exts,
+        "txt",
+    );
+    let why: Vec<&str> = r.bad.iter().map(|b| b.2.as_str()).collect();
+    assert_eq!(why.len(), 2, "{why:?}");
+    assert!(
+        why[0].contains("not a member") && why[1].contains("undecodable"),
+        "{why:?}"
+    );
 }

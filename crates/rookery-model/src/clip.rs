@@ -21,11 +21,19 @@ pub struct ClipConfig {
     pub init_logit_scale: f32,
     pub vision: VitConfig,
     pub text: TextConfig,
+    /// Start from weights written by `rookery export` in this directory ("": random init).
+    pub init_from: String,
 }
 
 impl Default for ClipConfig {
     fn default() -> Self {
-        ClipConfig { embed_dim: 128, init_logit_scale: (1.0f32 / 0.07).ln(), vision: VitConfig::default(), text: TextConfig::default() }
+        ClipConfig {
+            embed_dim: 128,
+            init_logit_scale: (1.0f32 / 0.07).ln(),
+            vision: VitConfig::default(),
+            text: TextConfig::default(),
+            init_from: String::new(),
+        }
     }
 }
 
@@ -43,12 +51,28 @@ impl ClipConfig {
         let v = &self.vision;
         let checks = [
             (self.embed_dim == 0, "model.embed_dim", "must be > 0"),
-            (v.patch_size == 0 || v.image_size % v.patch_size != 0, "model.vision.patch_size", "must divide model.vision.image_size"),
-            (v.heads == 0 || v.width % v.heads != 0, "model.vision.heads", "must divide model.vision.width"),
+            (
+                v.patch_size == 0 || v.image_size % v.patch_size != 0,
+                "model.vision.patch_size",
+                "must divide model.vision.image_size",
+            ),
+            (
+                v.heads == 0 || v.width % v.heads != 0,
+                "model.vision.heads",
+                "must divide model.vision.width",
+            ),
             (v.layers == 0, "model.vision.layers", "must be > 0"),
-            (self.text.heads == 0 || self.text.width % self.text.heads != 0, "model.text.heads", "must divide model.text.width"),
+            (
+                self.text.heads == 0 || self.text.width % self.text.heads != 0,
+                "model.text.heads",
+                "must divide model.text.width",
+            ),
             (self.text.layers == 0, "model.text.layers", "must be > 0"),
-            (self.text.context_length < 2, "model.text.context_length", "must be >= 2"),
+            (
+                self.text.context_length < 2,
+                "model.text.context_length",
+                "must be >= 2",
+            ),
         ];
         match checks.iter().find(|c| c.0) {
             Some((_, key, why)) => Err(format!("`{key}` {why}")),

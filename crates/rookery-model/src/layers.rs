@@ -27,6 +27,15 @@ impl Act {
     }
 }
 
+/// A `Linear` over the last dim of `[B, T, D]`, as one `[B*T, D]` GEMM: burn's `Linear` on a 3-D
+/// input runs B small broadcast GEMMs, each below flex's threshold for going multi-threaded.
+pub fn linear_3d<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, d] = x.dims();
+    let y = layer.forward(x.reshape([b * t, d]));
+    let out = y.dims()[1];
+    y.reshape([b, t, out])
+}
+
 /// Multi-head self-attention with a packed input projection (`in_proj`: width -> 3 x width).
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -41,13 +50,19 @@ impl<B: Backend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let h = self.n_heads;
-        let qkv = self.in_proj.forward(x).reshape([b, t, 3, h, d / h]).permute([2, 0, 3, 1, 4]); // [3, B, H, T, Dh]
+        let qkv = linear_3d(&self.in_proj, x)
+            .reshape([b, t, 3, h, d / h])
+            .permute([2, 0, 3, 1, 4]); // [3, B, H, T, Dh]
         let q = qkv.clone().slice(s![0..1]).squeeze_dim::<4>(0);
         let k = qkv.clone().slice(s![1..2]).squeeze_dim::<4>(0);
         let v = qkv.slice(s![2..3]).squeeze_dim::<4>(0);
-        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
+        let opts = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: causal,
+        };
         let y = attention(q, k, v, None, None, opts); // [B, H, T, Dh]
-        self.out_proj.forward(y.swap_dims(1, 2).reshape([b, t, d]))
+        linear_3d(&self.out_proj, y.swap_dims(1, 2).reshape([b, t, d]))
     }
 }
 
@@ -71,8 +86,8 @@ pub struct ResidualAttentionBlock<B: Backend> {
 impl<B: Backend> ResidualAttentionBlock<B> {
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
         let x = x.clone() + self.attn.forward(self.ln_1.forward(x), causal);
-        let h = self.mlp.c_fc.forward(self.ln_2.forward(x.clone()));
-        x + self.mlp.c_proj.forward(self.mlp.act.forward(h))
+        let h = linear_3d(&self.mlp.c_fc, self.ln_2.forward(x.clone()));
+        x + linear_3d(&self.mlp.c_proj, self.mlp.act.forward(h))
     }
 }
 
@@ -84,19 +99,38 @@ pub struct Transformer<B: Backend> {
 
 impl<B: Backend> Transformer<B> {
     /// open_clip's initialisation: attention and MLP weights scaled by width and depth.
-    pub fn new(width: usize, layers: usize, heads: usize, mlp_ratio: f64, act: Act, device: &B::Device) -> Self {
+    pub fn new(
+        width: usize,
+        layers: usize,
+        heads: usize,
+        mlp_ratio: f64,
+        act: Act,
+        device: &B::Device,
+    ) -> Self {
         let normal = |std: f64| Initializer::Normal { mean: 0.0, std };
         let attn_std = (width as f64).powf(-0.5);
         let proj_std = attn_std * ((2 * layers) as f64).powf(-0.5);
         let fc_std = ((2 * width) as f64).powf(-0.5);
         let hidden = (width as f64 * mlp_ratio) as usize;
-        let linear = |i, o, std| LinearConfig::new(i, o).with_initializer(normal(std)).init(device);
+        let linear = |i, o, std| {
+            LinearConfig::new(i, o)
+                .with_initializer(normal(std))
+                .init(device)
+        };
         let resblocks = (0..layers)
             .map(|_| ResidualAttentionBlock {
                 ln_1: LayerNormConfig::new(width).init(device),
-                attn: Attention { in_proj: linear(width, 3 * width, attn_std), out_proj: linear(width, width, proj_std), n_heads: heads },
+                attn: Attention {
+                    in_proj: linear(width, 3 * width, attn_std),
+                    out_proj: linear(width, width, proj_std),
+                    n_heads: heads,
+                },
                 ln_2: LayerNormConfig::new(width).init(device),
-                mlp: Mlp { c_fc: linear(width, hidden, fc_std), c_proj: linear(hidden, width, proj_std), act },
+                mlp: Mlp {
+                    c_fc: linear(width, hidden, fc_std),
+                    c_proj: linear(hidden, width, proj_std),
+                    act,
+                },
             })
             .collect();
         Transformer { resblocks }

@@ -12,7 +12,8 @@ use burn::tensor::activation::log_softmax;
 fn diagonal_cross_entropy<B: Backend>(logits: Tensor<B, 2>, offset: usize) -> Tensor<B, 1> {
     let [n, _] = logits.dims();
     let device = logits.device();
-    let targets = Tensor::<B, 1, Int>::arange(offset as i64..(offset + n) as i64, &device).reshape([n, 1]);
+    let targets =
+        Tensor::<B, 1, Int>::arange(offset as i64..(offset + n) as i64, &device).reshape([n, 1]);
     -log_softmax(logits, 1).gather(1, targets).mean()
 }
 
@@ -32,11 +33,17 @@ pub fn clip_loss_rows<B: Backend>(
     let scale = logit_scale.exp().unsqueeze::<2>(); // [1, 1]
     let logits_per_image = img_local.matmul(txt_all.transpose()) * scale.clone();
     let logits_per_text = txt_local.matmul(img_all.transpose()) * scale;
-    (diagonal_cross_entropy(logits_per_image, offset) + diagonal_cross_entropy(logits_per_text, offset)) / 2.0
+    (diagonal_cross_entropy(logits_per_image, offset)
+        + diagonal_cross_entropy(logits_per_text, offset))
+        / 2.0
 }
 
 /// InfoNCE over one batch held entirely by this process.
-pub fn clip_loss<B: Backend>(img: Tensor<B, 2>, txt: Tensor<B, 2>, logit_scale: Tensor<B, 1>) -> Tensor<B, 1> {
+pub fn clip_loss<B: Backend>(
+    img: Tensor<B, 2>,
+    txt: Tensor<B, 2>,
+    logit_scale: Tensor<B, 1>,
+) -> Tensor<B, 1> {
     clip_loss_rows(img.clone(), txt.clone(), img, txt, logit_scale, 0)
 }
 
@@ -49,20 +56,41 @@ mod tests {
     type B = Autodiff<Flex>;
 
     /// Loss and gradients by hand in f64: d/dI of the loss for row-normalised inputs.
-    fn reference(img: &[f64], txt: &[f64], n: usize, e: usize, s: f64) -> (f64, Vec<f64>, Vec<f64>, f64) {
-        let dot = |a: &[f64], i: usize, b: &[f64], j: usize| (0..e).map(|k| a[i * e + k] * b[j * e + k]).sum::<f64>();
-        let logits: Vec<Vec<f64>> = (0..n).map(|i| (0..n).map(|j| s.exp() * dot(img, i, txt, j)).collect()).collect();
+    fn reference(
+        img: &[f64],
+        txt: &[f64],
+        n: usize,
+        e: usize,
+        s: f64,
+    ) -> (f64, Vec<f64>, Vec<f64>, f64) {
+        let dot = |a: &[f64], i: usize, b: &[f64], j: usize| {
+            (0..e).map(|k| a[i * e + k] * b[j * e + k]).sum::<f64>()
+        };
+        let logits: Vec<Vec<f64>> = (0..n)
+            .map(|i| (0..n).map(|j| s.exp() * dot(img, i, txt, j)).collect())
+            .collect();
         let softmax = |row: Vec<f64>| {
             let m = row.iter().cloned().fold(f64::MIN, f64::max);
             let z: f64 = row.iter().map(|x| (x - m).exp()).sum();
             row.iter().map(|x| (x - m).exp() / z).collect::<Vec<_>>()
         };
         let p_i2t: Vec<Vec<f64>> = (0..n).map(|i| softmax(logits[i].clone())).collect();
-        let p_t2i: Vec<Vec<f64>> = (0..n).map(|j| softmax((0..n).map(|i| logits[i][j]).collect())).collect();
-        let loss = (0..n).map(|i| -(p_i2t[i][i].ln() + p_t2i[i][i].ln())).sum::<f64>() / (2.0 * n as f64);
+        let p_t2i: Vec<Vec<f64>> = (0..n)
+            .map(|j| softmax((0..n).map(|i| logits[i][j]).collect()))
+            .collect();
+        let loss = (0..n)
+            .map(|i| -(p_i2t[i][i].ln() + p_t2i[i][i].ln()))
+            .sum::<f64>()
+            / (2.0 * n as f64);
         // dL/dlogits[i][j] = ((p_i2t[i][j] - δij) + (p_t2i[j][i] - δij)) / 2n
         let g: Vec<Vec<f64>> = (0..n)
-            .map(|i| (0..n).map(|j| (p_i2t[i][j] + p_t2i[j][i] - 2.0 * (i == j) as u8 as f64) / (2.0 * n as f64)).collect())
+            .map(|i| {
+                (0..n)
+                    .map(|j| {
+                        (p_i2t[i][j] + p_t2i[j][i] - 2.0 * (i == j) as u8 as f64) / (2.0 * n as f64)
+                    })
+                    .collect()
+            })
             .collect();
         let mut gi = vec![0.0; n * e];
         let mut gt = vec![0.0; n * e];
@@ -86,7 +114,10 @@ mod tests {
         B::seed(&dev, 11);
         let img = Tensor::<B, 2>::random([n, e], Distribution::Normal(0.0, 1.0), &dev);
         let txt = Tensor::<B, 2>::random([n, e], Distribution::Normal(0.0, 1.0), &dev);
-        let (img, txt) = (crate::clip::l2_normalize(img).detach().require_grad(), crate::clip::l2_normalize(txt).detach().require_grad());
+        let (img, txt) = (
+            crate::clip::l2_normalize(img).detach().require_grad(),
+            crate::clip::l2_normalize(txt).detach().require_grad(),
+        );
         let s = 1.3f64;
         let scale = Tensor::<B, 1>::from_data([s as f32], &dev).require_grad();
         let loss = clip_loss(img.clone(), txt.clone(), scale.clone());
@@ -100,21 +131,49 @@ mod tests {
                 assert!((*a as f64 - b).abs() < 1e-5, "{what}: {a} vs {b}");
             }
         };
-        check(img.grad(&grads).unwrap().to_data().to_vec().unwrap(), &gi, "d/d img");
-        check(txt.grad(&grads).unwrap().to_data().to_vec().unwrap(), &gt, "d/d txt");
-        check(scale.grad(&grads).unwrap().to_data().to_vec().unwrap(), &[gs], "d/d logit_scale");
+        check(
+            img.grad(&grads).unwrap().to_data().to_vec().unwrap(),
+            &gi,
+            "d/d img",
+        );
+        check(
+            txt.grad(&grads).unwrap().to_data().to_vec().unwrap(),
+            &gt,
+            "d/d txt",
+        );
+        check(
+            scale.grad(&grads).unwrap().to_data().to_vec().unwrap(),
+            &[gs],
+            "d/d logit_scale",
+        );
     }
 
     #[test]
     fn rows_against_gathered_columns_average_to_the_full_loss() {
         let dev = Default::default();
         B::seed(&dev, 3);
-        let img = crate::clip::l2_normalize(Tensor::<B, 2>::random([8, 4], Distribution::Normal(0.0, 1.0), &dev));
-        let txt = crate::clip::l2_normalize(Tensor::<B, 2>::random([8, 4], Distribution::Normal(0.0, 1.0), &dev));
+        let img = crate::clip::l2_normalize(Tensor::<B, 2>::random(
+            [8, 4],
+            Distribution::Normal(0.0, 1.0),
+            &dev,
+        ));
+        let txt = crate::clip::l2_normalize(Tensor::<B, 2>::random(
+            [8, 4],
+            Distribution::Normal(0.0, 1.0),
+            &dev,
+        ));
         let s = Tensor::<B, 1>::from_data([2.0f32], &dev);
         let full: f32 = clip_loss(img.clone(), txt.clone(), s.clone()).into_scalar();
         let half = |r: std::ops::Range<usize>, off| {
-            clip_loss_rows(img.clone().slice(s![r.clone(), ..]), txt.clone().slice(s![r, ..]), img.clone(), txt.clone(), s.clone(), off).into_scalar()
+            clip_loss_rows(
+                img.clone().slice(s![r.clone(), ..]),
+                txt.clone().slice(s![r, ..]),
+                img.clone(),
+                txt.clone(),
+                s.clone(),
+                off,
+            )
+            .into_scalar()
         };
         let split: f32 = (half(0..4, 0) + half(4..8, 4)) / 2.0;
         assert!((full - split).abs() < 1e-6, "{full} vs {split}");

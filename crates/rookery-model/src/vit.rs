@@ -27,7 +27,15 @@ pub struct VitConfig {
 
 impl Default for VitConfig {
     fn default() -> Self {
-        VitConfig { image_size: 64, patch_size: 8, width: 128, layers: 3, heads: 4, mlp_ratio: 4.0, act: Act::Gelu }
+        VitConfig {
+            image_size: 64,
+            patch_size: 8,
+            width: 128,
+            layers: 3,
+            heads: 4,
+            mlp_ratio: 4.0,
+            act: Act::Gelu,
+        }
     }
 }
 
@@ -39,14 +47,27 @@ impl VitConfig {
     pub fn init<B: Backend>(&self, embed_dim: usize, device: &B::Device) -> VisionTransformer<B> {
         let w = self.width;
         let scale = (w as f64).powf(-0.5);
-        let normal = Initializer::Normal { mean: 0.0, std: scale };
+        let normal = Initializer::Normal {
+            mean: 0.0,
+            std: scale,
+        };
         let n = self.grid() * self.grid() + 1;
         VisionTransformer {
-            conv1: Conv2dConfig::new([3, w], [self.patch_size, self.patch_size]).with_stride([self.patch_size, self.patch_size]).with_bias(false).init(device),
+            conv1: Conv2dConfig::new([3, w], [self.patch_size, self.patch_size])
+                .with_stride([self.patch_size, self.patch_size])
+                .with_bias(false)
+                .init(device),
             class_embedding: normal.init([w], device),
             positional_embedding: normal.init([n, w], device),
             ln_pre: LayerNormConfig::new(w).init(device),
-            transformer: Transformer::new(w, self.layers, self.heads, self.mlp_ratio, self.act, device),
+            transformer: Transformer::new(
+                w,
+                self.layers,
+                self.heads,
+                self.mlp_ratio,
+                self.act,
+                device,
+            ),
             ln_post: LayerNormConfig::new(w).init(device),
             proj: normal.init([w, embed_dim], device),
         }
@@ -70,9 +91,17 @@ impl<B: Backend> VisionTransformer<B> {
     /// # Shapes
     /// `images`: `[B, 3, H, W]` -> `[B, 1 + (H/p)(W/p), width]`.
     pub fn forward_tokens(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
-        let x = self.conv1.forward(images).flatten::<3>(2, 3).swap_dims(1, 2); // [B, N, W]
+        let x = self
+            .conv1
+            .forward(images)
+            .flatten::<3>(2, 3)
+            .swap_dims(1, 2); // [B, N, W]
         let [b, _, w] = x.dims();
-        let cls = self.class_embedding.val().reshape([1, 1, w]).expand([b, 1, w]);
+        let cls = self
+            .class_embedding
+            .val()
+            .reshape([1, 1, w])
+            .expand([b, 1, w]);
         let x = Tensor::cat(vec![cls, x], 1) + self.positional_embedding.val().unsqueeze::<3>();
         self.transformer.forward(self.ln_pre.forward(x), false)
     }
@@ -82,7 +111,9 @@ impl<B: Backend> VisionTransformer<B> {
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
         let x = self.forward_tokens(images);
         let [b, _, w] = x.dims();
-        let cls = self.ln_post.forward(x.slice(s![.., 0..1, ..]).reshape([b, w]));
+        let cls = self
+            .ln_post
+            .forward(x.slice(s![.., 0..1, ..]).reshape([b, w]));
         cls.matmul(self.proj.val())
     }
 }

@@ -33,7 +33,10 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { every: 200, keep: 2 }
+        CheckpointConfig {
+            every: 200,
+            keep: 2,
+        }
     }
 }
 
@@ -51,14 +54,25 @@ struct Manifest {
     files: Vec<(String, String)>,
 }
 
-const FILES: [&str; 4] = ["model.safetensors", "optim.bin", "state.json", "config.toml"];
+const FILES: [&str; 4] = [
+    "model.safetensors",
+    "optim.bin",
+    "state.json",
+    "config.toml",
+];
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
 /// Saves a checkpoint for `state.step` and points `latest` at it.
-pub fn save<B, O>(run_dir: &Path, cfg: &RunConfig, model: &Clip<B>, optim: &O, state: &TrainState) -> Result<PathBuf>
+pub fn save<B, O>(
+    run_dir: &Path,
+    cfg: &RunConfig,
+    model: &Clip<B>,
+    optim: &O,
+    state: &TrainState,
+) -> Result<PathBuf>
 where
     B: AutodiffBackend,
     O: Optimizer<Clip<B>, B>,
@@ -69,12 +83,26 @@ where
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut store = SafetensorsStore::from_file(tmp.join("model.safetensors")).overwrite(true);
-    model.valid().save_into(&mut store).context("writing model.safetensors")?;
-    BinFileRecorder::<FullPrecisionSettings>::new().record(optim.to_record(), tmp.join("optim")).context("writing optimizer state")?;
+    model
+        .valid()
+        .save_into(&mut store)
+        .context("writing model.safetensors")?;
+    BinFileRecorder::<FullPrecisionSettings>::new()
+        .record(optim.to_record(), tmp.join("optim"))
+        .context("writing optimizer state")?;
     std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(state)?)?;
     std::fs::write(tmp.join("config.toml"), cfg.to_toml())?;
-    let files = FILES.iter().map(|f| Ok((f.to_string(), sha256(&tmp.join(f))?))).collect::<Result<Vec<_>>>()?;
-    std::fs::write(tmp.join("manifest.json"), serde_json::to_vec_pretty(&Manifest { step: state.step, files })?)?;
+    let files = FILES
+        .iter()
+        .map(|f| Ok((f.to_string(), sha256(&tmp.join(f))?)))
+        .collect::<Result<Vec<_>>>()?;
+    std::fs::write(
+        tmp.join("manifest.json"),
+        serde_json::to_vec_pretty(&Manifest {
+            step: state.step,
+            files,
+        })?,
+    )?;
     for f in FILES.iter().chain(&["manifest.json"]) {
         File::open(tmp.join(f))?.sync_all()?;
     }
@@ -95,13 +123,20 @@ pub fn latest(run_dir: &Path) -> Option<PathBuf> {
 
 /// Loads a checkpoint directory into `model` and `optim` after verifying its manifest, and
 /// refuses one whose model shape or data differs from `cfg`, naming both values.
-pub fn load<B, O>(dir: &Path, cfg: &RunConfig, model: Clip<B>, optim: O, device: &B::Device) -> Result<(Clip<B>, O, TrainState)>
+pub fn load<B, O>(
+    dir: &Path,
+    cfg: &RunConfig,
+    model: Clip<B>,
+    optim: O,
+    device: &B::Device,
+) -> Result<(Clip<B>, O, TrainState)>
 where
     B: AutodiffBackend,
     O: Optimizer<Clip<B>, B>,
 {
     verify(dir)?;
-    let saved = RunConfig::load(&dir.join("config.toml"), &[]).with_context(|| format!("{}: config.toml", dir.display()))?;
+    let saved = RunConfig::load(&dir.join("config.toml"), &[])
+        .with_context(|| format!("{}: config.toml", dir.display()))?;
     if saved.model != cfg.model {
         bail!("checkpoint {} was trained with a different model: checkpoint [model] {:?}, config [model] {:?}", dir.display(), saved.model, cfg.model);
     }
@@ -112,9 +147,12 @@ where
         );
     }
     let model = load_weights(model, &dir.join("model.safetensors"))?;
-    let record = BinFileRecorder::<FullPrecisionSettings>::new().load(dir.join("optim"), device).context("reading optimizer state")?;
+    let record = BinFileRecorder::<FullPrecisionSettings>::new()
+        .load(dir.join("optim"), device)
+        .context("reading optimizer state")?;
     let optim = optim.load_record(record);
-    let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?).context("reading state.json")?;
+    let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
+        .context("reading state.json")?;
     Ok((model, optim, state))
 }
 
@@ -122,20 +160,36 @@ where
 /// restores the path-derived parameter ids that optimizer state is keyed by.
 pub fn load_weights<B: burn::prelude::Backend>(mut model: Clip<B>, path: &Path) -> Result<Clip<B>> {
     let mut store = SafetensorsStore::from_file(path);
-    let res = model.load_from(&mut store).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let res = model
+        .load_from(&mut store)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     if !res.errors.is_empty() || !res.missing.is_empty() {
-        bail!("{}: missing {:?}, errors {:?}", path.display(), res.missing, res.errors);
+        bail!(
+            "{}: missing {:?}, errors {:?}",
+            path.display(),
+            res.missing,
+            res.errors
+        );
     }
     Ok(model.map(&mut PathIds::default()))
 }
 
 fn verify(dir: &Path) -> Result<()> {
-    let text = std::fs::read(dir.join("manifest.json")).with_context(|| format!("{}: no manifest.json (incomplete checkpoint?)", dir.display()))?;
-    let m: Manifest = serde_json::from_slice(&text).with_context(|| format!("{}: manifest.json", dir.display()))?;
+    let text = std::fs::read(dir.join("manifest.json")).with_context(|| {
+        format!(
+            "{}: no manifest.json (incomplete checkpoint?)",
+            dir.display()
+        )
+    })?;
+    let m: Manifest = serde_json::from_slice(&text)
+        .with_context(|| format!("{}: manifest.json", dir.display()))?;
     for (f, want) in &m.files {
         let got = sha256(&dir.join(f)).with_context(|| format!("{}: {f}", dir.display()))?;
         if &got != want {
-            bail!("checkpoint {} is corrupt: {f} has SHA-256 {got}, manifest says {want}", dir.display());
+            bail!(
+                "checkpoint {} is corrupt: {f} has SHA-256 {got}, manifest says {want}",
+                dir.display()
+            );
         }
     }
     Ok(())
@@ -158,7 +212,13 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 fn prune(root: &Path, keep: usize) -> Result<()> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-") && !n.to_string_lossy().ends_with(".tmp")))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name().is_some_and(|n| {
+                    n.to_string_lossy().starts_with("step-")
+                        && !n.to_string_lossy().ends_with(".tmp")
+                })
+        })
         .collect();
     dirs.sort();
     let n = dirs.len().saturating_sub(keep);

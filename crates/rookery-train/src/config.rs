@@ -29,7 +29,10 @@ pub struct DistConfig {
 
 impl Default for DistConfig {
     fn default() -> Self {
-        DistConfig { world_size: 1, timeout_s: 300 }
+        DistConfig {
+            world_size: 1,
+            timeout_s: 300,
+        }
     }
 }
 
@@ -52,7 +55,11 @@ pub enum ConfigError {
     #[error("{file}: {msg}")]
     Parse { file: String, msg: String },
     #[error("{file}: key `{key}`: {msg}")]
-    Key { file: String, key: String, msg: String },
+    Key {
+        file: String,
+        key: String,
+        msg: String,
+    },
     #[error("--set {0}: expected section.key=value")]
     BadOverride(String),
 }
@@ -64,18 +71,31 @@ impl RunConfig {
         let text = if path.as_os_str().is_empty() {
             String::new()
         } else {
-            std::fs::read_to_string(path).map_err(|e| ConfigError::Parse { file: file.clone(), msg: e.to_string() })?
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Parse {
+                file: file.clone(),
+                msg: e.to_string(),
+            })?
         };
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { file: file.clone(), msg: e.to_string() })?;
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    file: file.clone(),
+                    msg: e.to_string(),
+                })?;
         for o in overrides {
             apply_override(&mut table, o)?;
         }
         let de = toml::Value::Table(table);
         let cfg: RunConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
-            ConfigError::Key { file: file.clone(), key, msg: e.into_inner().to_string() }
+            ConfigError::Key {
+                file: file.clone(),
+                key,
+                msg: e.into_inner().to_string(),
+            }
         })?;
-        cfg.validate().map_err(|(key, msg)| ConfigError::Key { file, key, msg })?;
+        cfg.validate()
+            .map_err(|(key, msg)| ConfigError::Key { file, key, msg })?;
         Ok(cfg)
     }
 
@@ -90,15 +110,28 @@ impl RunConfig {
             return err("data.train", "names no shards");
         }
         if d.image_size != self.model.vision.image_size as u32 {
-            return err("data.image_size", &format!("is {} but model.vision.image_size is {}", d.image_size, self.model.vision.image_size));
+            return err(
+                "data.image_size",
+                &format!(
+                    "is {} but model.vision.image_size is {}",
+                    d.image_size, self.model.vision.image_size
+                ),
+            );
         }
         if d.context_length != self.model.text.context_length {
-            return err("data.context_length", &format!("is {} but model.text.context_length is {}", d.context_length, self.model.text.context_length));
+            return err(
+                "data.context_length",
+                &format!(
+                    "is {} but model.text.context_length is {}",
+                    d.context_length, self.model.text.context_length
+                ),
+            );
         }
         if !(0.0..=1.0).contains(&d.max_bad_fraction) {
             return err("data.max_bad_fraction", "must be in [0, 1]");
         }
-        if !(d.crop_scale[0] > 0.0 && d.crop_scale[0] <= d.crop_scale[1] && d.crop_scale[1] <= 1.0) {
+        if !(d.crop_scale[0] > 0.0 && d.crop_scale[0] <= d.crop_scale[1] && d.crop_scale[1] <= 1.0)
+        {
             return err("data.crop_scale", "must satisfy 0 < lo <= hi <= 1");
         }
         self.model.validate().map_err(|m| {
@@ -115,9 +148,11 @@ impl RunConfig {
 
     /// Checks that the shard patterns match files (after any synthesis), naming the key.
     pub fn check_shards(&self) -> Result<(), (String, String)> {
-        rookery_data::expand_shards(&self.data.train).map_err(|e| ("data.train".to_string(), e.to_string()))?;
+        rookery_data::expand_shards(&self.data.train)
+            .map_err(|e| ("data.train".to_string(), e.to_string()))?;
         if !self.data.val.trim().is_empty() {
-            rookery_data::expand_shards(&self.data.val).map_err(|e| ("data.val".to_string(), e.to_string()))?;
+            rookery_data::expand_shards(&self.data.val)
+                .map_err(|e| ("data.val".to_string(), e.to_string()))?;
         }
         Ok(())
     }
@@ -134,7 +169,9 @@ impl RunConfig {
 /// `section.sub.key=value`: the value is parsed as TOML (`3`, `1e-4`, `true`, `[1, 2]`,
 /// `"text"`), and taken as a plain string when it does not parse.
 fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), ConfigError> {
-    let (path, raw) = o.split_once('=').ok_or_else(|| ConfigError::BadOverride(o.into()))?;
+    let (path, raw) = o
+        .split_once('=')
+        .ok_or_else(|| ConfigError::BadOverride(o.into()))?;
     let keys: Vec<&str> = path.trim().split('.').collect();
     if keys.iter().any(|k| k.is_empty()) {
         return Err(ConfigError::BadOverride(o.into()));
@@ -147,8 +184,12 @@ fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), ConfigError> {
     let (last, parents) = keys.split_last().expect("non-empty");
     let mut t = table;
     for k in parents {
-        let entry = t.entry(k.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        t = entry.as_table_mut().ok_or_else(|| ConfigError::BadOverride(format!("{o}: `{k}` is not a section")))?;
+        let entry = t
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::BadOverride(format!("{o}: `{k}` is not a section")))?;
     }
     t.insert(last.to_string(), value);
     Ok(())

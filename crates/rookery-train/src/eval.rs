@@ -31,15 +31,29 @@ pub struct EvalReport {
 
 const TEMPLATES: [&str; 3] = ["a photo of a {}.", "an image with a {}.", "there is a {}."];
 
-pub fn batch_tensors<B: Backend>(b: &ImageTextBatch, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 2, Int>) {
+pub fn batch_tensors<B: Backend>(
+    b: &ImageTextBatch,
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 2, Int>) {
     let s = b.image_size;
-    let images = Tensor::from_data(TensorData::new(b.images.clone(), [b.batch_size, 3, s, s]), device);
-    let tokens = Tensor::from_data(TensorData::new(b.tokens.clone(), [b.batch_size, b.context_length]), device);
+    let images = Tensor::from_data(
+        TensorData::new(b.images.clone(), [b.batch_size, 3, s, s]),
+        device,
+    );
+    let tokens = Tensor::from_data(
+        TensorData::new(b.tokens.clone(), [b.batch_size, b.context_length]),
+        device,
+    );
     (images, tokens)
 }
 
 /// Evaluates `model` on the `data.val` shards (one pass, center crops, no shuffle).
-pub fn evaluate<B: Backend>(model: &Clip<B>, data: &DataConfig, tokenizer: Arc<TextTokenizer>, device: &B::Device) -> Result<EvalReport> {
+pub fn evaluate<B: Backend>(
+    model: &Clip<B>,
+    data: &DataConfig,
+    tokenizer: Arc<TextTokenizer>,
+    device: &B::Device,
+) -> Result<EvalReport> {
     let shards = rookery_data::expand_shards(&data.val)?;
     let loader = Loader::new(data, tokenizer.clone(), shards, 0, 1, Mode::Eval, None)?;
     let (mut img, mut txt, mut labels) = (Vec::new(), Vec::new(), Vec::new());
@@ -50,7 +64,11 @@ pub fn evaluate<B: Backend>(model: &Clip<B>, data: &DataConfig, tokenizer: Arc<T
         txt.push(model.encode_text(tokens));
         labels.extend(batch.json);
     }
-    anyhow::ensure!(!img.is_empty(), "data.val `{}` holds no usable sample", data.val);
+    anyhow::ensure!(
+        !img.is_empty(),
+        "data.val `{}` holds no usable sample",
+        data.val
+    );
     let (img, txt) = (Tensor::cat(img, 0), Tensor::cat(txt, 0));
     let sim = img.clone().matmul(txt.clone().transpose()); // [N, N]
     let n = sim.dims()[0];
@@ -68,9 +86,23 @@ pub fn evaluate<B: Backend>(model: &Clip<B>, data: &DataConfig, tokenizer: Arc<T
         chance_r1: 1.0 / n as f64,
         zero_shot: BTreeMap::new(),
     };
-    for (label, classes) in [("shape", &rookery_data::synth::scene::SHAPES[..]), ("color", &rookery_data::synth::scene::COLORS[..])] {
-        if let Some(acc) = zero_shot(model, &tokenizer, data.context_length, &img, &labels, label, classes, device)? {
-            report.zero_shot.insert(label.to_string(), (acc, 1.0 / classes.len() as f64));
+    for (label, classes) in [
+        ("shape", &rookery_data::synth::scene::SHAPES[..]),
+        ("color", &rookery_data::synth::scene::COLORS[..]),
+    ] {
+        if let Some(acc) = zero_shot(
+            model,
+            &tokenizer,
+            data.context_length,
+            &img,
+            &labels,
+            label,
+            classes,
+            device,
+        )? {
+            report
+                .zero_shot
+                .insert(label.to_string(), (acc, 1.0 / classes.len() as f64));
         }
     }
     Ok(report)
@@ -81,7 +113,14 @@ fn ranks<B: Backend>(sim: Tensor<B, 2>) -> Vec<usize> {
     let [n, _] = sim.dims();
     let diag = sim.clone().mul(Tensor::eye(n, &sim.device())).sum_dim(1); // [N, 1]
     let above = sim.greater(diag).int().sum_dim(1);
-    above.into_data().convert::<i64>().to_vec::<i64>().expect("int data").into_iter().map(|x| x as usize).collect()
+    above
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .expect("int data")
+        .into_iter()
+        .map(|x| x as usize)
+        .collect()
 }
 
 /// Accuracy of predicting `label` by the nearest class-prompt embedding; `None` when the
@@ -98,7 +137,11 @@ fn zero_shot<B: Backend>(
 ) -> Result<Option<f64>> {
     let truth: Vec<Option<usize>> = labels
         .iter()
-        .map(|j| j.as_ref().and_then(|j| j[label].as_str()).and_then(|v| classes.iter().position(|c| *c == v)))
+        .map(|j| {
+            j.as_ref()
+                .and_then(|j| j[label].as_str())
+                .and_then(|v| classes.iter().position(|c| *c == v))
+        })
         .collect();
     if truth.iter().all(Option::is_none) {
         return Ok(None);
@@ -107,13 +150,23 @@ fn zero_shot<B: Backend>(
     for c in classes {
         let mut tokens = vec![0i64; TEMPLATES.len() * ctx];
         for (t, chunk) in TEMPLATES.iter().zip(tokens.chunks_mut(ctx)) {
-            tokenizer.encode_into(&t.replace("{}", c), chunk).map_err(anyhow::Error::msg)?;
+            tokenizer
+                .encode_into(&t.replace("{}", c), chunk)
+                .map_err(anyhow::Error::msg)?;
         }
-        let t = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [TEMPLATES.len(), ctx]), device);
+        let t =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [TEMPLATES.len(), ctx]), device);
         class_emb.push(model.encode_text(t).mean_dim(0));
     }
     let class_emb = l2_normalize(Tensor::cat(class_emb, 0)); // [C, E]
-    let pred = img.clone().matmul(class_emb.transpose()).argmax(1).into_data().convert::<i64>().to_vec::<i64>().expect("int data");
+    let pred = img
+        .clone()
+        .matmul(class_emb.transpose())
+        .argmax(1)
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .expect("int data");
     let (mut right, mut total) = (0usize, 0usize);
     for (p, t) in pred.iter().zip(&truth) {
         if let Some(t) = t {
@@ -132,7 +185,10 @@ mod tests {
     #[test]
     fn ranks_count_entries_above_the_diagonal() {
         let dev = Default::default();
-        let sim = Tensor::<Flex, 2>::from_data([[0.9, 0.1, 0.95], [0.2, 0.5, 0.1], [0.3, 0.8, 0.7]], &dev);
+        let sim = Tensor::<Flex, 2>::from_data(
+            [[0.9, 0.1, 0.95], [0.2, 0.5, 0.1], [0.3, 0.8, 0.7]],
+            &dev,
+        );
         assert_eq!(ranks(sim.clone()), vec![1, 0, 1]);
         assert_eq!(ranks(sim.transpose()), vec![0, 1, 1]);
     }

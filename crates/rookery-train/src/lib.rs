@@ -2,9 +2,11 @@
 //! optimizer pieces ([`optim`]), checkpoints ([`checkpoint`]), evaluation ([`eval`]), metrics
 //! ([`metrics`]) and plots ([`plot`]).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod export;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

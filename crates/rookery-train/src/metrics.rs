@@ -19,7 +19,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { every: 10, progress: true }
+        LogConfig {
+            every: 10,
+            progress: true,
+        }
     }
 }
 
@@ -30,7 +33,10 @@ pub struct MetricsWriter {
 
 impl MetricsWriter {
     pub fn open(run_dir: &Path) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(run_dir.join("metrics.jsonl"))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join("metrics.jsonl"))?;
         Ok(MetricsWriter { file })
     }
 
@@ -44,5 +50,8 @@ impl MetricsWriter {
 /// (a crash can leave a partial last line).
 pub fn read_metrics(run_dir: &Path) -> std::io::Result<Vec<serde_json::Value>> {
     let text = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?;
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }

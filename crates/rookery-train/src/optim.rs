@@ -30,7 +30,16 @@ pub struct OptimConfig {
 
 impl Default for OptimConfig {
     fn default() -> Self {
-        OptimConfig { lr: 1e-3, min_lr: 1e-5, warmup_steps: 100, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.2, grad_clip_norm: 1.0 }
+        OptimConfig {
+            lr: 1e-3,
+            min_lr: 1e-5,
+            warmup_steps: 100,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-6,
+            weight_decay: 0.2,
+            grad_clip_norm: 1.0,
+        }
     }
 }
 
@@ -38,12 +47,32 @@ impl OptimConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         let checks = [
             (!(self.lr > 0.0), "optim.lr", "must be > 0"),
-            (self.min_lr < 0.0 || self.min_lr > self.lr, "optim.min_lr", "must be in [0, optim.lr]"),
-            (!(0.0..1.0).contains(&self.beta1), "optim.beta1", "must be in [0, 1)"),
-            (!(0.0..1.0).contains(&self.beta2), "optim.beta2", "must be in [0, 1)"),
+            (
+                self.min_lr < 0.0 || self.min_lr > self.lr,
+                "optim.min_lr",
+                "must be in [0, optim.lr]",
+            ),
+            (
+                !(0.0..1.0).contains(&self.beta1),
+                "optim.beta1",
+                "must be in [0, 1)",
+            ),
+            (
+                !(0.0..1.0).contains(&self.beta2),
+                "optim.beta2",
+                "must be in [0, 1)",
+            ),
             (!(self.eps > 0.0), "optim.eps", "must be > 0"),
-            (self.weight_decay < 0.0, "optim.weight_decay", "must be >= 0"),
-            (self.grad_clip_norm < 0.0, "optim.grad_clip_norm", "must be >= 0"),
+            (
+                self.weight_decay < 0.0,
+                "optim.weight_decay",
+                "must be >= 0",
+            ),
+            (
+                self.grad_clip_norm < 0.0,
+                "optim.grad_clip_norm",
+                "must be >= 0",
+            ),
         ];
         match checks.iter().find(|c| c.0) {
             Some((_, k, m)) => Err((k.to_string(), m.to_string())),
@@ -56,7 +85,9 @@ impl OptimConfig {
         if step <= self.warmup_steps {
             return self.lr * step as f64 / self.warmup_steps.max(1) as f64;
         }
-        let t = ((step - self.warmup_steps) as f64 / (total.saturating_sub(self.warmup_steps)).max(1) as f64).min(1.0);
+        let t = ((step - self.warmup_steps) as f64
+            / (total.saturating_sub(self.warmup_steps)).max(1) as f64)
+            .min(1.0);
         self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
     }
 }
@@ -80,7 +111,12 @@ impl<B: Backend> ModuleVisitor<B> for ParamSplit {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
         let path = self.stack.join(".");
         let embedding = path.contains("embedding") || path.ends_with("positional_embedding");
-        if D < 2 || path.contains("ln_") || path.ends_with("bias") || embedding || path.ends_with("logit_scale") {
+        if D < 2
+            || path.contains("ln_")
+            || path.ends_with("bias")
+            || embedding
+            || path.ends_with("logit_scale")
+        {
             self.no_decay.push(p.id);
         } else {
             self.decay.push(p.id);
@@ -112,8 +148,16 @@ impl<B: Backend> ModuleMapper<B> for PathIds {
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm` (torch's
 /// `clip_grad_norm_`); returns the norm before clipping. `max_norm == 0` only measures.
-pub fn clip_global_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(model: &M, grads: &mut GradientsParams, max_norm: f32) -> f32 {
-    let mut v = GlobalNorm::<AB::InnerBackend> { grads, sq: None, scale: None };
+pub fn clip_global_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    max_norm: f32,
+) -> f32 {
+    let mut v = GlobalNorm::<AB::InnerBackend> {
+        grads,
+        sq: None,
+        scale: None,
+    };
     model.visit(&mut v);
     let Some(sq) = v.sq.take() else { return 0.0 };
     let norm: f32 = sq.sqrt().into_scalar().elem();
@@ -157,11 +201,19 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine() {
-        let c = OptimConfig { lr: 1e-3, min_lr: 1e-5, warmup_steps: 10, ..Default::default() };
+        let c = OptimConfig {
+            lr: 1e-3,
+            min_lr: 1e-5,
+            warmup_steps: 10,
+            ..Default::default()
+        };
         assert!((c.lr_at(1, 110) - 1e-4).abs() < 1e-12);
         assert!((c.lr_at(10, 110) - 1e-3).abs() < 1e-12);
         assert!((c.lr_at(60, 110) - (1e-5 + 0.5 * (1e-3 - 1e-5))).abs() < 1e-12);
         assert!((c.lr_at(110, 110) - 1e-5).abs() < 1e-12);
-        assert!((c.lr_at(500, 110) - 1e-5).abs() < 1e-12, "stays at min after the end");
+        assert!(
+            (c.lr_at(500, 110) - 1e-5).abs() < 1e-12,
+            "stays at min after the end"
+        );
     }
 }

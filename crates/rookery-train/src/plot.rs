@@ -19,15 +19,25 @@ const PANELS: [(&str, &str, &str); 6] = [
 
 /// Draws the curves of the run in `run_dir` into `out`.
 pub fn plot_run(run_dir: &Path, out: &Path) -> Result<()> {
-    let records = read_metrics(run_dir).with_context(|| format!("reading {}/metrics.jsonl", run_dir.display()))?;
+    let records = read_metrics(run_dir)
+        .with_context(|| format!("reading {}/metrics.jsonl", run_dir.display()))?;
     if out.extension().is_some_and(|e| e == "svg") {
-        draw(SVGBackend::new(out, (1500, 800)).into_drawing_area(), &records)
+        draw(
+            SVGBackend::new(out, (1500, 800)).into_drawing_area(),
+            &records,
+        )
     } else {
-        draw(BitMapBackend::new(out, (1500, 800)).into_drawing_area(), &records)
+        draw(
+            BitMapBackend::new(out, (1500, 800)).into_drawing_area(),
+            &records,
+        )
     }
 }
 
-fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, records: &[serde_json::Value]) -> Result<()>
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    records: &[serde_json::Value],
+) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
@@ -39,8 +49,18 @@ where
             .filter_map(|r| Some((r["step"].as_f64()?, r[*key].as_f64()?)))
             .filter(|p| p.1.is_finite())
             .collect();
-        let (x1, y0, y1) = pts.iter().fold((1.0f64, f64::MAX, f64::MIN), |(x, lo, hi), p| (x.max(p.0), lo.min(p.1), hi.max(p.1)));
-        let (y0, y1) = if pts.is_empty() { (0.0, 1.0) } else if y1 > y0 { (y0, y1 + 0.05 * (y1 - y0)) } else { (y0 - 0.5, y1 + 0.5) };
+        let (x1, y0, y1) = pts
+            .iter()
+            .fold((1.0f64, f64::MAX, f64::MIN), |(x, lo, hi), p| {
+                (x.max(p.0), lo.min(p.1), hi.max(p.1))
+            });
+        let (y0, y1) = if pts.is_empty() {
+            (0.0, 1.0)
+        } else if y1 > y0 {
+            (y0, y1 + 0.05 * (y1 - y0))
+        } else {
+            (y0 - 0.5, y1 + 0.5)
+        };
         let mut chart = ChartBuilder::on(&area)
             .caption(*title, ("sans-serif", 18))
             .margin(10)
@@ -48,10 +68,18 @@ where
             .y_label_area_size(60)
             .build_cartesian_2d(0.0..x1, y0..y1)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        chart.configure_mesh().x_desc("step").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
-        chart.draw_series(LineSeries::new(pts.iter().copied(), &BLUE)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), &BLUE))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         if *kind == "eval" {
-            chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, BLUE.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
+            chart
+                .draw_series(pts.iter().map(|p| Circle::new(*p, 3, BLUE.filled())))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -3,7 +3,7 @@
 //! `logit_scale` clamp; then logging, evaluation and checkpoints when due.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -64,9 +64,21 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         let checks = [
             (self.steps == 0, "train.steps", "must be at least 1"),
-            (self.accum_steps == 0, "train.accum_steps", "must be at least 1"),
-            (!["never", "auto"].contains(&self.resume.as_str()), "train.resume", "must be \"never\" or \"auto\""),
-            (self.stage != "clip", "train.stage", "must be \"clip\" (the only stage implemented so far)"),
+            (
+                self.accum_steps == 0,
+                "train.accum_steps",
+                "must be at least 1",
+            ),
+            (
+                !["never", "auto"].contains(&self.resume.as_str()),
+                "train.resume",
+                "must be \"never\" or \"auto\"",
+            ),
+            (
+                self.stage != "clip",
+                "train.stage",
+                "must be \"clip\" (the only stage implemented so far)",
+            ),
         ];
         match checks.iter().find(|c| c.0) {
             Some((_, k, m)) => Err((k.to_string(), m.to_string())),
@@ -104,18 +116,33 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Decay<'_> {
 /// Trains CLIP as `cfg` says, on `device`.
 pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<TrainSummary> {
     let run_dir = cfg.run_dir();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("creating run directory {}", run_dir.display()))?;
     std::fs::write(run_dir.join("config.toml"), cfg.to_toml())?;
     let tokenizer = Arc::new(TextTokenizer::from_file(&cfg.data.tokenizer)?);
     let cfg = &with_tokenizer(cfg, &tokenizer);
     B::seed(device, cfg.train.seed);
     let mut model: Clip<B> = cfg.model.init(device).map(&mut PathIds::default());
+    if !cfg.model.init_from.is_empty() {
+        model = crate::export::load_exported(model, Path::new(&cfg.model.init_from))
+            .context("model.init_from")?;
+        tracing::info!(from = %cfg.model.init_from, "initialised from exported weights");
+    }
     let mut split = ParamSplit::default();
     model.visit(&mut split);
     let decay: HashSet<ParamId> = split.decay.iter().copied().collect();
     let o = &cfg.optim;
-    let mut optim = AdamWConfig::new().with_beta_1(o.beta1).with_beta_2(o.beta2).with_epsilon(o.eps).with_weight_decay(0.0).init::<B, Clip<B>>();
-    let mut state = TrainState { step: 0, samples_seen: 0, loader: None };
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(o.beta1)
+        .with_beta_2(o.beta2)
+        .with_epsilon(o.eps)
+        .with_weight_decay(0.0)
+        .init::<B, Clip<B>>();
+    let mut state = TrainState {
+        step: 0,
+        samples_seen: 0,
+        loader: None,
+    };
     let mut position = None;
     if cfg.train.resume == "auto" {
         if let Some(dir) = checkpoint::latest(&run_dir) {
@@ -125,7 +152,15 @@ pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<
         }
     }
     let shards = rookery_data::expand_shards(&cfg.data.train)?;
-    let mut loader = Loader::new(&cfg.data, tokenizer.clone(), shards, 0, 1, Mode::Train, position)?;
+    let mut loader = Loader::new(
+        &cfg.data,
+        tokenizer.clone(),
+        shards,
+        0,
+        1,
+        Mode::Train,
+        position,
+    )?;
     let mut metrics = MetricsWriter::open(&run_dir)?;
     let bar = progress_bar(cfg, state.step);
     let (start, total) = (Instant::now(), cfg.train.steps);
@@ -140,7 +175,11 @@ pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<
             let batch = loader.next().context("the training stream ended")??;
             wait_s += tw.elapsed().as_secs_f64();
             let (images, tokens) = batch_tensors::<B>(&batch, device);
-            let loss = clip_loss(model.encode_image(images), model.encode_text(tokens), model.logit_scale.val()) / cfg.train.accum_steps as f32;
+            let loss = clip_loss(
+                model.encode_image(images),
+                model.encode_text(tokens),
+                model.logit_scale.val(),
+            ) / cfg.train.accum_steps as f32;
             loss_sum += loss.clone().into_scalar().elem::<f32>();
             acc.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             state.samples_seen += batch.batch_size as u64;
@@ -151,7 +190,10 @@ pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<
         let grad_norm = clip_global_norm(&model, &mut grads, o.grad_clip_norm);
         state.step += 1;
         let lr = o.lr_at(state.step, total);
-        model = model.map(&mut Decay { ids: &decay, factor: 1.0 - (lr as f32) * o.weight_decay });
+        model = model.map(&mut Decay {
+            ids: &decay,
+            factor: 1.0 - (lr as f32) * o.weight_decay,
+        });
         model = optim.step(lr, model, grads).clamp_logit_scale();
         last_loss = loss_sum;
         compute_s += t0.elapsed().as_secs_f64();
@@ -161,7 +203,14 @@ pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<
             let rec = json!({"kind": "train", "step": state.step, "samples": state.samples_seen, "loss": loss_sum, "lr": lr,
                 "logit_scale": scale.exp(), "grad_norm": grad_norm, "samples_per_s": window_samples as f64 / compute_s,
                 "data_wait_share": wait_s / compute_s, "step_s": compute_s / cfg.log.every as f64, "bad_samples": state.loader.as_ref().map_or(0, |p| p.counts.bad)});
-            tracing::info!(step = state.step, loss = loss_sum, lr, logit_scale = scale.exp(), grad_norm, "train");
+            tracing::info!(
+                step = state.step,
+                loss = loss_sum,
+                lr,
+                logit_scale = scale.exp(),
+                grad_norm,
+                "train"
+            );
             bar.set_message(format!("loss {loss_sum:.3}"));
             metrics.write(&rec)?;
             (wait_s, compute_s, window_samples) = (0.0, 0.0, 0);
@@ -179,7 +228,13 @@ pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<
     }
     bar.finish();
     let model_dir = checkpoint::latest(&run_dir).unwrap_or_default();
-    Ok(TrainSummary { steps: state.step, final_loss: last_loss, eval: last_eval, wall_s: start.elapsed().as_secs_f64(), model_dir })
+    Ok(TrainSummary {
+        steps: state.step,
+        final_loss: last_loss,
+        eval: last_eval,
+        wall_s: start.elapsed().as_secs_f64(),
+        model_dir,
+    })
 }
 
 /// The config with the text vocabulary and end token taken from the tokenizer.
@@ -206,6 +261,11 @@ fn progress_bar(cfg: &RunConfig, done: usize) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(cfg.train.steps as u64).with_position(done as u64);
-    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps {per_sec} ETA {eta} {msg}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps {per_sec} ETA {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
     bar
 }

@@ -20,8 +20,15 @@ fn refused(text: &str, sets: &[&str], key: &str) {
 
 #[test]
 fn shipped_configs_load() {
-    for f in ["clip-tiny.toml", "clip-vit-b32.toml", "clip-vit-b16.toml", "clip-vit-l14.toml"] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs").join(f);
+    for f in [
+        "clip-tiny.toml",
+        "clip-vit-b32.toml",
+        "clip-vit-b16.toml",
+        "clip-vit-l14.toml",
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../configs")
+            .join(f);
         RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{f}: {e}"));
     }
 }
@@ -35,14 +42,27 @@ fn bad_configs_name_the_key() {
     refused("[optim]\nlr = -0.1\n", &[], "optim.lr");
     refused("", &["optim.lr=-1e-3"], "optim.lr");
     refused("", &["train.steps=0"], "train.steps");
-    refused("", &["model.vision.patch_size=7"], "model.vision.patch_size");
+    refused(
+        "",
+        &["model.vision.patch_size=7"],
+        "model.vision.patch_size",
+    );
     refused("", &["data.image_size=32"], "data.image_size");
     refused("[train]\nsteps = 10\n[train]\nsteps = 3\n", &[], "bad.toml");
 }
 
 #[test]
 fn overrides_apply_and_resolved_config_round_trips() {
-    let cfg = load("[data]\nbatch_size = 8\n", &["data.batch_size=16", "optim.lr=3e-4", "train.run_dir=runs/x", "model.vision.act=quickgelu"]).unwrap();
+    let cfg = load(
+        "[data]\nbatch_size = 8\n",
+        &[
+            "data.batch_size=16",
+            "optim.lr=3e-4",
+            "train.run_dir=runs/x",
+            "model.vision.act=quickgelu",
+        ],
+    )
+    .unwrap();
     assert_eq!(cfg.data.batch_size, 16);
     assert_eq!(cfg.optim.lr, 3e-4);
     assert_eq!(cfg.train.run_dir, Path::new("runs/x"));

@@ -12,7 +12,15 @@ use rookery_train::{checkpoint, train, RunConfig};
 type B = Autodiff<Flex>;
 
 fn tiny(dir: &Path, run: &str, extra: &[&str]) -> RunConfig {
-    let synth = SynthConfig { out: dir.join("synth"), train_shards: 2, train_samples_per_shard: 256, val_shards: 1, val_samples_per_shard: 48, image_size: 32, ..Default::default() };
+    let synth = SynthConfig {
+        out: dir.join("synth"),
+        train_shards: 2,
+        train_samples_per_shard: 256,
+        val_shards: 1,
+        val_samples_per_shard: 48,
+        image_size: 32,
+        ..Default::default()
+    };
     if !synth.is_complete() {
         generate(&synth).unwrap();
     }
@@ -47,7 +55,12 @@ fn tiny(dir: &Path, run: &str, extra: &[&str]) -> RunConfig {
 }
 
 fn losses(run_dir: &Path) -> Vec<f64> {
-    rookery_train::metrics::read_metrics(run_dir).unwrap().iter().filter(|r| r["kind"] == "train").map(|r| r["loss"].as_f64().unwrap()).collect()
+    rookery_train::metrics::read_metrics(run_dir)
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "train")
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect()
 }
 
 #[test]
@@ -56,34 +69,82 @@ fn loss_falls_and_eval_reports_recall() {
     let cfg = tiny(dir.path(), "run", &["train.steps=300"]);
     let s = train::<B>(&cfg, &Default::default()).unwrap();
     let l = losses(&cfg.train.run_dir);
-    let (first, last) = (l[..5].iter().sum::<f64>() / 5.0, l[l.len() - 5..].iter().sum::<f64>() / 5.0);
+    let (first, last) = (
+        l[..5].iter().sum::<f64>() / 5.0,
+        l[l.len() - 5..].iter().sum::<f64>() / 5.0,
+    );
     assert!(last < first - 0.3, "loss did not fall: {first} -> {last}");
     let e = s.eval.expect("final eval");
     assert_eq!(e.n, 48);
-    assert!(e.i2t_r10 > 1.5 * 10.0 * e.chance_r1, "R@10 {} not above 1.5x chance", e.i2t_r10);
-    let scale = rookery_train::metrics::read_metrics(&cfg.train.run_dir).unwrap().iter().filter_map(|r| r["logit_scale"].as_f64()).collect::<Vec<_>>();
-    assert!((scale.last().unwrap() - scale[0]).abs() > 0.01, "logit_scale is not learned: {} -> {}", scale[0], scale.last().unwrap());
+    assert!(
+        e.i2t_r10 > 1.5 * 10.0 * e.chance_r1,
+        "R@10 {} not above 1.5x chance",
+        e.i2t_r10
+    );
+    let scale = rookery_train::metrics::read_metrics(&cfg.train.run_dir)
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["logit_scale"].as_f64())
+        .collect::<Vec<_>>();
+    assert!(
+        (scale.last().unwrap() - scale[0]).abs() > 0.01,
+        "logit_scale is not learned: {} -> {}",
+        scale[0],
+        scale.last().unwrap()
+    );
     assert!(cfg.train.run_dir.join("metrics.png").exists());
 }
 
 #[test]
 fn resume_is_exact_and_bad_checkpoints_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let full = tiny(dir.path(), "full", &["train.steps=6", "checkpoint.every=3", "checkpoint.keep=5", "train.accum_steps=2"]);
+    let full = tiny(
+        dir.path(),
+        "full",
+        &[
+            "train.steps=6",
+            "checkpoint.every=3",
+            "checkpoint.keep=5",
+            "train.accum_steps=2",
+        ],
+    );
     train::<B>(&full, &Default::default()).unwrap();
     // a run "stopped" at step 3: its directory holds only the step-3 checkpoint
-    let cut = tiny(dir.path(), "cut", &["train.steps=6", "checkpoint.every=3", "checkpoint.keep=5", "train.accum_steps=2", "train.resume=auto"]);
+    let cut = tiny(
+        dir.path(),
+        "cut",
+        &[
+            "train.steps=6",
+            "checkpoint.every=3",
+            "checkpoint.keep=5",
+            "train.accum_steps=2",
+            "train.resume=auto",
+        ],
+    );
     let ck = cut.train.run_dir.join("checkpoints");
     std::fs::create_dir_all(&ck).unwrap();
     let src = full.train.run_dir.join("checkpoints/step-00000003");
     copy_dir(&src, &ck.join("step-00000003"));
     std::fs::write(ck.join("latest"), "step-00000003").unwrap();
     train::<B>(&cut, &Default::default()).unwrap();
-    let a = weights(&full, &full.train.run_dir.join("checkpoints/step-00000006/model.safetensors"));
+    let a = weights(
+        &full,
+        &full
+            .train
+            .run_dir
+            .join("checkpoints/step-00000006/model.safetensors"),
+    );
     let b = weights(&full, &ck.join("step-00000006/model.safetensors"));
     assert_eq!(a.len(), 38, "every tensor compared");
-    assert!(a == b, "resumed weights differ from the uninterrupted run (bit-exact expected on CPU)");
-    assert_eq!(losses(&full.train.run_dir)[3..], losses(&cut.train.run_dir)[..], "resumed run saw different samples");
+    assert!(
+        a == b,
+        "resumed weights differ from the uninterrupted run (bit-exact expected on CPU)"
+    );
+    assert_eq!(
+        losses(&full.train.run_dir)[3..],
+        losses(&cut.train.run_dir)[..],
+        "resumed run saw different samples"
+    );
 
     // a corrupt checkpoint is refused, naming the file
     let bad = dir.path().join("bad-ck");
@@ -94,15 +155,27 @@ fn resume_is_exact_and_bad_checkpoints_are_refused() {
     std::fs::write(bad.join("model.safetensors"), bytes).unwrap();
     let model = full.model.init::<B>(&Default::default());
     let optim = burn::optim::AdamWConfig::new().init::<B, rookery_model::Clip<B>>();
-    let err = checkpoint::load(&bad, &full, model, optim, &Default::default()).err().unwrap().to_string();
-    assert!(err.contains("corrupt") && err.contains("model.safetensors"), "{err}");
+    let err = checkpoint::load(&bad, &full, model, optim, &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("corrupt") && err.contains("model.safetensors"),
+        "{err}"
+    );
 
     // a different model shape is refused, naming both
     let other = tiny(dir.path(), "other", &["model.vision.width=64"]);
     let model = other.model.init::<B>(&Default::default());
     let optim = burn::optim::AdamWConfig::new().init::<B, rookery_model::Clip<B>>();
-    let err = checkpoint::load(&src, &other, model, optim, &Default::default()).err().unwrap().to_string();
-    assert!(err.contains("different model") && err.contains("width: 64") && err.contains("width: 32"), "{err}");
+    let err = checkpoint::load(&src, &other, model, optim, &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("different model") && err.contains("width: 64") && err.contains("width: 32"),
+        "{err}"
+    );
 }
 
 /// Every parameter's values, in module order.
@@ -115,8 +188,12 @@ fn weights(cfg: &RunConfig, path: &Path) -> Vec<Vec<f32>> {
     }
     let mut c = Collect(vec![]);
     let mut m = cfg.model.clone();
-    m.text.vocab_size = rookery_data::TextTokenizer::from_file(&cfg.data.tokenizer).unwrap().vocab_size;
-    checkpoint::load_weights(m.init::<Flex>(&Default::default()), path).unwrap().visit(&mut c);
+    m.text.vocab_size = rookery_data::TextTokenizer::from_file(&cfg.data.tokenizer)
+        .unwrap()
+        .vocab_size;
+    checkpoint::load_weights(m.init::<Flex>(&Default::default()), path)
+        .unwrap()
+        .visit(&mut c);
     c.0
 }
 
@@ -126,4 +203,95 @@ fn copy_dir(from: &Path, to: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+#[test]
+fn export_round_trips_in_f32_and_bf16_with_open_clip_names() {
+    use burn::prelude::{Int, TensorData};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(dir.path(), "run", &["train.steps=2"]);
+    let s = train::<B>(&cfg, &Default::default()).unwrap();
+    let mut mc = cfg.model.clone();
+    mc.text.vocab_size = rookery_data::TextTokenizer::from_file(&cfg.data.tokenizer)
+        .unwrap()
+        .vocab_size;
+    let dev = Default::default();
+    let model = checkpoint::load_weights(
+        mc.init::<Flex>(&dev),
+        &s.model_dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let images = Tensor::<Flex, 4>::random(
+        [3, 3, 32, 32],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
+    let tokens = Tensor::<Flex, 2, Int>::from_data(
+        TensorData::new(
+            vec![2i64, 7, 9, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0].repeat(3),
+            [3, 16],
+        ),
+        &dev,
+    );
+    let out = |m: &rookery_model::Clip<Flex>| {
+        (
+            m.encode_image(images.clone())
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+            m.encode_text(tokens.clone())
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+        )
+    };
+    let want = out(&model);
+    for (bf16, tol) in [(false, 0.0f32), (true, 3e-2)] {
+        let exp = dir.path().join(if bf16 { "bf16" } else { "f32" });
+        rookery_train::export::export(&model, &mc, Some(&cfg.data.tokenizer), &exp, bf16).unwrap();
+        assert_eq!(rookery_train::export::exported_config(&exp).unwrap(), mc);
+        let back = rookery_train::export::load_exported(mc.init::<Flex>(&dev), &exp).unwrap();
+        let got = out(&back);
+        let err = want
+            .0
+            .iter()
+            .chain(&want.1)
+            .zip(got.0.iter().chain(&got.1))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err <= tol, "bf16={bf16}: max error {err}");
+        // open_clip names and PyTorch layouts
+        let bytes = std::fs::read(exp.join(rookery_train::export::WEIGHTS)).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        let in_proj = &header["visual.transformer.resblocks.0.attn.in_proj_weight"];
+        assert_eq!(
+            in_proj["shape"],
+            serde_json::json!([96, 32]),
+            "[out, in] like torch"
+        );
+        assert_eq!(in_proj["dtype"], if bf16 { "BF16" } else { "F32" });
+        for k in [
+            "token_embedding.weight",
+            "positional_embedding",
+            "ln_final.weight",
+            "text_projection",
+            "visual.conv1.weight",
+            "visual.proj",
+            "logit_scale",
+            "transformer.resblocks.0.mlp.c_fc.bias",
+        ] {
+            assert!(header.get(k).is_some(), "missing {k}");
+        }
+    }
+    // and training can start from an export
+    let from = tiny(
+        dir.path(),
+        "from",
+        &[
+            "train.steps=1",
+            &format!("model.init_from={}", dir.path().join("f32").display()),
+        ],
+    );
+    train::<B>(&from, &Default::default()).unwrap();
 }

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rookery", version, about = "Train CLIP-style vision-language models on webdataset shards")]
+#[command(
+    name = "rookery",
+    version,
+    about = "Train CLIP-style vision-language models on webdataset shards"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,12 +38,36 @@ enum Command {
         #[arg(long)]
         data: Option<String>,
     },
+    /// Export a checkpoint's weights as safetensors with open_clip key names, plus config.json.
+    Export {
+        /// Checkpoint directory (or a run directory, meaning its latest checkpoint).
+        checkpoint: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight dtype: f32 or bf16.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+        dtype: String,
+    },
     /// Draw a run's curves from its metrics.jsonl.
     Plot {
         run_dir: PathBuf,
         /// Output file (.png or .svg); default RUN_DIR/metrics.png.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Time one training step (forward + backward + AdamW) on random inputs, no loader.
+    Bench {
+        /// Config whose [model] to build.
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Text vocabulary size for the random tokens.
+        #[arg(long, default_value_t = 64)]
+        vocab: usize,
     },
     /// Data tools: synthesize, inspect, benchmark.
     Data {
@@ -50,18 +78,36 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Train { config, set, resume } => cmd::train::run(&config, &set, resume),
+        Command::Train {
+            config,
+            set,
+            resume,
+        } => cmd::train::run(&config, &set, resume),
         Command::Eval { checkpoint, data } => cmd::train::eval(&checkpoint, data),
+        Command::Export {
+            checkpoint,
+            out,
+            dtype,
+        } => cmd::train::export(&checkpoint, &out, dtype == "bf16"),
         Command::Plot { run_dir, out } => {
             let out = out.unwrap_or_else(|| run_dir.join("metrics.png"));
             rookery_train::plot::plot_run(&run_dir, &out)?;
             println!("wrote {}", out.display());
             Ok(())
         }
+        Command::Bench {
+            config,
+            set,
+            batch,
+            steps,
+            vocab,
+        } => cmd::train::bench(&config, &set, batch, steps, vocab),
         Command::Data { command } => cmd::data::run(command),
     }
 }

@@ -84,13 +84,19 @@ impl SynthConfig {
     }
     /// True when a complete set made with this exact configuration is already on disk.
     pub fn is_complete(&self) -> bool {
-        let Ok(text) = std::fs::read_to_string(self.out.join("synth.json")) else { return false };
+        let Ok(text) = std::fs::read_to_string(self.out.join("synth.json")) else {
+            return false;
+        };
         serde_json::from_str::<SynthConfig>(&text).is_ok_and(|c| &c == self)
     }
 }
 
 fn pattern(dir: &Path, n: usize) -> String {
-    format!("{}/shard-{{000000..{:06}}}.tar", dir.display(), n.saturating_sub(1))
+    format!(
+        "{}/shard-{{000000..{:06}}}.tar",
+        dir.display(),
+        n.saturating_sub(1)
+    )
 }
 
 /// Counts of what was written.
@@ -108,8 +114,15 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
     if cfg.image_size < 16 {
         return bad("image_size", "must be at least 16");
     }
-    if cfg.train_shards == 0 || cfg.train_samples_per_shard == 0 || cfg.val_shards == 0 || cfg.val_samples_per_shard == 0 {
-        return bad("train/val shards and samples_per_shard", "must be at least 1");
+    if cfg.train_shards == 0
+        || cfg.train_samples_per_shard == 0
+        || cfg.val_shards == 0
+        || cfg.val_samples_per_shard == 0
+    {
+        return bad(
+            "train/val shards and samples_per_shard",
+            "must be at least 1",
+        );
     }
     let _ = std::fs::remove_file(cfg.out.join("synth.json"));
     let mut jobs: Vec<(&str, u64, usize, usize)> = Vec::new(); // (split, split id, shard, per shard)
@@ -121,7 +134,8 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
     }
     for split in ["train", "val", "pages-train", "pages-val"] {
         if jobs.iter().any(|j| j.0 == split) {
-            std::fs::create_dir_all(cfg.out.join(split)).map_err(|e| DataError::io(cfg.out.join(split).display().to_string(), e))?;
+            std::fs::create_dir_all(cfg.out.join(split))
+                .map_err(|e| DataError::io(cfg.out.join(split).display().to_string(), e))?;
         }
     }
     let texts: Vec<(String, u64, Vec<String>)> = jobs
@@ -131,7 +145,11 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
             let samples: Vec<(SampleMembers, Vec<String>)> = (first..first + per as u64)
                 .map(|i| {
                     let mut rng = Rng::derive(&[cfg.seed, sid, i]);
-                    if sid >= 2 { page_sample(cfg, &mut rng, i) } else { pair_sample(cfg, &mut rng, i) }
+                    if sid >= 2 {
+                        page_sample(cfg, &mut rng, i)
+                    } else {
+                        pair_sample(cfg, &mut rng, i)
+                    }
                 })
                 .collect();
             let path = cfg.out.join(split).join(format!("shard-{shard:06}.tar"));
@@ -151,10 +169,17 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
     }
     // Fit on the training texts plus the full grammar vocabulary, so held-out text has no <unk>.
     let vocab = scene::vocabulary_text();
-    let train_texts = texts.iter().filter(|t| t.0.ends_with("train")).flat_map(|t| t.2.iter().map(String::as_str));
-    crate::tokenize::fit_word_level(train_texts.chain(std::iter::once(vocab.as_str())), &cfg.tokenizer_path())?;
+    let train_texts = texts
+        .iter()
+        .filter(|t| t.0.ends_with("train"))
+        .flat_map(|t| t.2.iter().map(String::as_str));
+    crate::tokenize::fit_word_level(
+        train_texts.chain(std::iter::once(vocab.as_str())),
+        &cfg.tokenizer_path(),
+    )?;
     let manifest = serde_json::to_string_pretty(cfg).expect("config serializes");
-    std::fs::write(cfg.out.join("synth.json"), manifest).map_err(|e| DataError::io("synth.json", e))?;
+    std::fs::write(cfg.out.join("synth.json"), manifest)
+        .map_err(|e| DataError::io("synth.json", e))?;
     Ok(summary)
 }
 
@@ -169,7 +194,11 @@ fn pair_sample(cfg: &SynthConfig, rng: &mut Rng, i: u64) -> (SampleMembers, Vec<
         "shape": scene::SHAPES[g.shape], "color": scene::COLORS[g.color], "count": g.count,
         "size": scene::SIZES[g.size], "scene": scene, "caption": caption,
     });
-    let members = vec![(ext.to_string(), img), ("txt".into(), caption.clone().into_bytes()), ("json".into(), labels.to_string().into_bytes())];
+    let members = vec![
+        (ext.to_string(), img),
+        ("txt".into(), caption.clone().into_bytes()),
+        ("json".into(), labels.to_string().into_bytes()),
+    ];
     ((format!("{i:09}"), members), vec![caption])
 }
 
@@ -182,7 +211,12 @@ fn page_sample(cfg: &SynthConfig, rng: &mut Rng, i: u64) -> (SampleMembers, Vec<
         let (_, img) = encode(&s.render(cfg.image_size, rng), cfg.image_size, false);
         members.push((format!("img{k}.jpg"), img));
     }
-    let texts = doc["text_list"].as_array().expect("text_list").iter().filter_map(|t| t.as_str().map(str::to_string)).collect();
+    let texts = doc["text_list"]
+        .as_array()
+        .expect("text_list")
+        .iter()
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect();
     ((format!("page{i:09}"), members), texts)
 }
 
@@ -190,10 +224,13 @@ fn encode(rgb: &[u8], size: u32, png: bool) -> (&'static str, Vec<u8>) {
     let img = image::RgbImage::from_raw(size, size, rgb.to_vec()).expect("buffer matches size");
     let mut out = Cursor::new(Vec::new());
     if png {
-        img.write_to(&mut out, image::ImageFormat::Png).expect("png encodes to memory");
+        img.write_to(&mut out, image::ImageFormat::Png)
+            .expect("png encodes to memory");
         ("png", out.into_inner())
     } else {
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92).encode_image(&img).expect("jpeg encodes to memory");
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92)
+            .encode_image(&img)
+            .expect("jpeg encodes to memory");
         ("jpg", out.into_inner())
     }
 }

@@ -11,12 +11,17 @@ use crate::rng::Rng;
 
 /// Words the page templates use besides the scene vocabulary.
 pub const PAGE_WORDS: &[&str] = &[
-    "q", "a", ":", "?", ".", "how", "many", "what", "color", "shape", "is", "it", "are", "the", "shapes", "which", "image", "has",
-    "more", "first", "second", "third", "fourth", "here", "some", "pictures", "look", "at", "these", "images", "page", "about",
-    "this", "shows", "photo", "of", "an", "with", "there",
+    "q", "a", ":", "?", ".", "how", "many", "what", "color", "shape", "is", "it", "are", "the",
+    "shapes", "which", "image", "has", "more", "first", "second", "third", "fourth", "here",
+    "some", "pictures", "look", "at", "these", "images", "page", "about", "this", "shows", "photo",
+    "of", "an", "with", "there",
 ];
 const ORDINALS: [&str; 4] = ["first", "second", "third", "fourth"];
-const INTROS: [&str; 3] = ["here are some pictures.", "look at these images.", "a page about shapes."];
+const INTROS: [&str; 3] = [
+    "here are some pictures.",
+    "look at these images.",
+    "a page about shapes.",
+];
 
 /// A question about one image (or, for `compare`, about the whole page).
 #[derive(Clone, Debug, Serialize)]
@@ -38,7 +43,11 @@ pub fn page(rng: &mut Rng, n_images: usize, p_low_sim: f64) -> (serde_json::Valu
         texts.push(text);
         qa.extend(q);
         // matched_sim below OpenFlamingo's 0.24 threshold for a few images exercises the filter.
-        let sim = if rng.bool(p_low_sim) { rng.uniform(0.05, 0.2) } else { rng.uniform(0.26, 0.42) };
+        let sim = if rng.bool(p_low_sim) {
+            rng.uniform(0.05, 0.2)
+        } else {
+            rng.uniform(0.26, 0.42)
+        };
         info.push(json!({ "image_name": format!("img{i}.jpg"), "matched_text_index": i + 1, "matched_sim": sim }));
         scenes.push(scene);
     }
@@ -46,9 +55,17 @@ pub fn page(rng: &mut Rng, n_images: usize, p_low_sim: f64) -> (serde_json::Valu
     let max = *counts.iter().max().expect("at least one image");
     if counts.iter().filter(|&&c| c == max).count() == 1 {
         let k = counts.iter().position(|&c| c == max).expect("max exists");
-        let (question, answer) = ("q: which image has more shapes?".to_string(), format!("the {} image.", ORDINALS[k]));
+        let (question, answer) = (
+            "q: which image has more shapes?".to_string(),
+            format!("the {} image.", ORDINALS[k]),
+        );
         texts.push(format!("{question} a: {answer}"));
-        qa.push(Qa { image: k, kind: "compare", question, answer });
+        qa.push(Qa {
+            image: k,
+            kind: "compare",
+            question,
+            answer,
+        });
     }
     let doc = json!({ "text_list": texts, "image_info": info, "qa": qa });
     (doc, scenes)
@@ -58,12 +75,32 @@ pub fn page(rng: &mut Rng, n_images: usize, p_low_sim: f64) -> (serde_json::Valu
 fn chunk_text(rng: &mut Rng, i: usize, g: &Group, scene: &Scene) -> (String, Option<Qa>) {
     let (kind, question, answer) = match rng.below(4) {
         0 => return (format!("this image shows {}.", scene.caption(rng)), None),
-        1 => ("count", format!("q: how many {}?", super::scene::plural(SHAPES[g.shape], 2)), format!("{}.", COUNT_WORDS[g.count as usize])),
-        2 => ("color", "q: what color are the shapes?".to_string(), format!("{}.", COLORS[g.color])),
-        _ => ("shape", "q: what shape is it?".to_string(), format!("{}.", SHAPES[g.shape])),
+        1 => (
+            "count",
+            format!("q: how many {}?", super::scene::plural(SHAPES[g.shape], 2)),
+            format!("{}.", COUNT_WORDS[g.count as usize]),
+        ),
+        2 => (
+            "color",
+            "q: what color are the shapes?".to_string(),
+            format!("{}.", COLORS[g.color]),
+        ),
+        _ => (
+            "shape",
+            "q: what shape is it?".to_string(),
+            format!("{}.", SHAPES[g.shape]),
+        ),
     };
     let text = format!("{question} a: {answer}");
-    (text, Some(Qa { image: i, kind, question, answer }))
+    (
+        text,
+        Some(Qa {
+            image: i,
+            kind,
+            question,
+            answer,
+        }),
+    )
 }
 
 #[cfg(test)]
@@ -87,7 +124,10 @@ mod tests {
         for q in doc["qa"].as_array().unwrap() {
             let i = q["image"].as_u64().unwrap() as usize;
             if q["kind"] == "count" {
-                assert_eq!(q["answer"], format!("{}.", COUNT_WORDS[scenes[i].groups[0].count as usize]));
+                assert_eq!(
+                    q["answer"],
+                    format!("{}.", COUNT_WORDS[scenes[i].groups[0].count as usize])
+                );
             }
         }
     }

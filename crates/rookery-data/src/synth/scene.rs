@@ -7,7 +7,9 @@ use serde::Serialize;
 use crate::rng::Rng;
 
 pub const SHAPES: [&str; 6] = ["circle", "square", "triangle", "star", "diamond", "cross"];
-pub const COLORS: [&str; 8] = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"];
+pub const COLORS: [&str; 8] = [
+    "red", "green", "blue", "yellow", "purple", "orange", "white", "black",
+];
 const RGB: [[f32; 3]; 8] = [
     [220., 40., 40.],
     [40., 180., 60.],
@@ -48,8 +50,17 @@ impl Group {
 
     /// "two small red circles", "a large blue star".
     pub fn phrase(&self, rng: &mut Rng) -> String {
-        let n = if self.count == 1 && rng.bool(0.5) { "a" } else { COUNT_WORDS[self.count as usize] };
-        format!("{n} {} {} {}", SIZES[self.size], COLORS[self.color], self.shape_word())
+        let n = if self.count == 1 && rng.bool(0.5) {
+            "a"
+        } else {
+            COUNT_WORDS[self.count as usize]
+        };
+        format!(
+            "{n} {} {} {}",
+            SIZES[self.size],
+            COLORS[self.color],
+            self.shape_word()
+        )
     }
 }
 
@@ -91,15 +102,28 @@ impl Scene {
         let base = rng.uniform(85.0, 170.0) as f32;
         let tint = |r: &mut Rng| base + r.uniform(-18.0, 18.0) as f32;
         let background = [tint(rng), tint(rng), tint(rng)];
-        let gradient = [rng.uniform(-30.0, 30.0) as f32, rng.uniform(-30.0, 30.0) as f32, rng.uniform(-12.0, 12.0) as f32];
-        Scene { groups, relation, background, gradient }
+        let gradient = [
+            rng.uniform(-30.0, 30.0) as f32,
+            rng.uniform(-30.0, 30.0) as f32,
+            rng.uniform(-12.0, 12.0) as f32,
+        ];
+        Scene {
+            groups,
+            relation,
+            background,
+            gradient,
+        }
     }
 
     /// A caption from one of several templates.
     pub fn caption(&self, rng: &mut Rng) -> String {
         let a = self.groups[0].phrase(rng);
         let Some(rel) = self.relation else {
-            let verb = if self.groups[0].count == 1 { "is" } else { "are" };
+            let verb = if self.groups[0].count == 1 {
+                "is"
+            } else {
+                "are"
+            };
             return match rng.below(4) {
                 0 => a,
                 1 => format!("a photo of {a}"),
@@ -125,7 +149,9 @@ impl Scene {
             for x in 0..s {
                 let (fx, fy) = (x as f32 / s as f32, y as f32 / s as f32);
                 for c in 0..3 {
-                    px[(y * s + x) * 3 + c] = self.background[c] + self.gradient[c] * (fx - 0.5) + self.gradient[(c + 1) % 3] * (fy - 0.5);
+                    px[(y * s + x) * 3 + c] = self.background[c]
+                        + self.gradient[c] * (fx - 0.5)
+                        + self.gradient[(c + 1) % 3] * (fy - 0.5);
                 }
             }
         }
@@ -162,9 +188,15 @@ impl Scene {
 fn place(rng: &mut Rng, r: [f64; 4], half: f64, placed: &[(f64, f64)]) -> (f64, f64) {
     let mut best = (0.5 * (r[0] + r[2]), 0.5 * (r[1] + r[3]));
     for _ in 0..60 {
-        let c = (rng.uniform(r[0] + half, (r[2] - half).max(r[0] + half)), rng.uniform(r[1] + half, (r[3] - half).max(r[1] + half)));
+        let c = (
+            rng.uniform(r[0] + half, (r[2] - half).max(r[0] + half)),
+            rng.uniform(r[1] + half, (r[3] - half).max(r[1] + half)),
+        );
         best = c;
-        if placed.iter().all(|p| (p.0 - c.0).abs() > 2.0 * half || (p.1 - c.1).abs() > 2.0 * half) {
+        if placed
+            .iter()
+            .all(|p| (p.0 - c.0).abs() > 2.0 * half || (p.1 - c.1).abs() > 2.0 * half)
+        {
             break;
         }
     }
@@ -178,7 +210,10 @@ fn inside(shape: usize, u: f32, v: f32) -> bool {
         1 => u.abs() <= 0.85 && v.abs() <= 0.85,
         2 => (-0.9..=0.8).contains(&v) && u.abs() <= 0.95 * (v + 0.9) / 1.7,
         3 => {
-            let (r, th) = ((u * u + v * v).sqrt(), v.atan2(u) + std::f32::consts::FRAC_PI_2);
+            let (r, th) = (
+                (u * u + v * v).sqrt(),
+                v.atan2(u) + std::f32::consts::FRAC_PI_2,
+            );
             let k = 0.5 * (1.0 + (5.0 * th).cos());
             r <= 0.42 + 0.58 * k * k
         }
@@ -188,11 +223,29 @@ fn inside(shape: usize, u: f32, v: f32) -> bool {
 }
 
 /// Draws with 4x4 supersampling for anti-aliased edges; `tilt` is a small rotation in radians.
-fn draw_shape(px: &mut [f32], s: usize, shape: usize, rgb: [f32; 3], c: (f64, f64), half: f64, tilt: f64) {
-    let (cx, cy, h) = ((c.0 * s as f64) as f32, (c.1 * s as f64) as f32, (half * s as f64) as f32);
+fn draw_shape(
+    px: &mut [f32],
+    s: usize,
+    shape: usize,
+    rgb: [f32; 3],
+    c: (f64, f64),
+    half: f64,
+    tilt: f64,
+) {
+    let (cx, cy, h) = (
+        (c.0 * s as f64) as f32,
+        (c.1 * s as f64) as f32,
+        (half * s as f64) as f32,
+    );
     let (sin, cos) = (tilt as f32).sin_cos();
-    let (x0, x1) = (((cx - h - 1.0).floor().max(0.0)) as usize, ((cx + h + 1.0).ceil() as usize).min(s));
-    let (y0, y1) = (((cy - h - 1.0).floor().max(0.0)) as usize, ((cy + h + 1.0).ceil() as usize).min(s));
+    let (x0, x1) = (
+        ((cx - h - 1.0).floor().max(0.0)) as usize,
+        ((cx + h + 1.0).ceil() as usize).min(s),
+    );
+    let (y0, y1) = (
+        ((cy - h - 1.0).floor().max(0.0)) as usize,
+        ((cy + h + 1.0).ceil() as usize).min(s),
+    );
     for y in y0..y1 {
         for x in x0..x1 {
             let mut hits = 0;
@@ -219,8 +272,19 @@ pub fn vocabulary_text() -> String {
         words.push(s.into());
         words.push(plural(s, 2));
     }
-    words.extend(COLORS.iter().chain(&SIZES).chain(&COUNT_WORDS).chain(&RELATIONS).map(|w| w.to_string()));
-    words.extend(crate::synth::pages::PAGE_WORDS.iter().map(|w| w.to_string()));
+    words.extend(
+        COLORS
+            .iter()
+            .chain(&SIZES)
+            .chain(&COUNT_WORDS)
+            .chain(&RELATIONS)
+            .map(|w| w.to_string()),
+    );
+    words.extend(
+        crate::synth::pages::PAGE_WORDS
+            .iter()
+            .map(|w| w.to_string()),
+    );
     words.join(" ")
 }
 
@@ -235,7 +299,12 @@ mod tests {
             let sc = Scene::random(&mut rng, 0.7);
             let cap = sc.caption(&mut rng);
             for g in &sc.groups {
-                assert!(cap.contains(COLORS[g.color]) && cap.contains(SIZES[g.size]) && cap.contains(SHAPES[g.shape]), "{cap}");
+                assert!(
+                    cap.contains(COLORS[g.color])
+                        && cap.contains(SIZES[g.size])
+                        && cap.contains(SHAPES[g.shape]),
+                    "{cap}"
+                );
             }
         }
     }
@@ -243,10 +312,18 @@ mod tests {
     #[test]
     fn render_draws_the_object_color() {
         let mut rng = Rng::new(9);
-        let g = Group { count: 1, size: 1, color: 2, shape: 1 };
+        let g = Group {
+            count: 1,
+            size: 1,
+            color: 2,
+            shape: 1,
+        };
         let sc = Scene::with_groups(&mut rng, vec![g], None);
         let img = sc.render(64, &mut rng);
-        let blue = img.chunks_exact(3).filter(|p| p[2] > 180 && p[0] < 90 && p[1] < 130).count();
+        let blue = img
+            .chunks_exact(3)
+            .filter(|p| p[2] > 180 && p[0] < 90 && p[1] < 130)
+            .count();
         // a large square covers about (0.25 * 0.85 * 64)^2 = 185 pixels
         assert!((120..260).contains(&blue), "{blue} blue pixels");
     }

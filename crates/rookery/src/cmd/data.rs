@@ -35,6 +35,10 @@ pub enum DataCommand {
         /// Also write MMC4-style interleaved pages.
         #[arg(long)]
         interleaved: bool,
+        #[arg(long, default_value_t = 8)]
+        page_shards: usize,
+        #[arg(long, default_value_t = 2000)]
+        pages_per_shard: usize,
     },
     /// Count shards, samples and extensions; image-size and caption-length stats; list bad samples.
     Inspect {
@@ -64,7 +68,19 @@ pub enum DataCommand {
 
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
-        DataCommand::Synth { out, seed, image_size, train_shards, samples_per_shard, val_shards, val_samples_per_shard, png_fraction, interleaved } => {
+        DataCommand::Synth {
+            out,
+            seed,
+            image_size,
+            train_shards,
+            samples_per_shard,
+            val_shards,
+            val_samples_per_shard,
+            png_fraction,
+            interleaved,
+            page_shards,
+            pages_per_shard,
+        } => {
             let cfg = SynthConfig {
                 out,
                 seed,
@@ -75,13 +91,21 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 val_samples_per_shard,
                 png_fraction,
                 interleaved,
+                page_shards,
+                pages_per_shard,
                 ..Default::default()
             };
             let t = Instant::now();
             let s = rookery_data::synth::generate(&cfg)?;
             println!(
                 "wrote {} train + {} val samples ({} + {} pages) to {} in {:.1} s; shards {}",
-                s.train, s.val, s.pages_train, s.pages_val, cfg.out.display(), t.elapsed().as_secs_f64(), cfg.train_pattern()
+                s.train,
+                s.val,
+                s.pages_train,
+                s.pages_val,
+                cfg.out.display(),
+                t.elapsed().as_secs_f64(),
+                cfg.train_pattern()
             );
             Ok(())
         }
@@ -97,29 +121,63 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             println!("extensions: {:?}", r.extensions);
             println!("longest image side: {:?}", r.image_sides);
             let (w, c) = (r.caption_words, r.caption_chars);
-            println!("caption words: min {} mean {:.1} max {}; chars: min {} mean {:.1} max {}", w.min, w.mean, w.max, c.min, c.mean, c.max);
+            println!(
+                "caption words: min {} mean {:.1} max {}; chars: min {} mean {:.1} max {}",
+                w.min, w.mean, w.max, c.min, c.mean, c.max
+            );
             println!("bad samples: {}", r.bad.len());
             for (shard, key, why) in &r.bad {
                 println!("  {shard} {key}: {why}");
             }
             Ok(())
         }
-        DataCommand::Bench { pattern, tokenizer, image_size, batch_size, samples, threads } => bench(&pattern, &tokenizer, image_size, batch_size, samples, threads),
+        DataCommand::Bench {
+            pattern,
+            tokenizer,
+            image_size,
+            batch_size,
+            samples,
+            threads,
+        } => bench(
+            &pattern, &tokenizer, image_size, batch_size, samples, threads,
+        ),
     }
 }
 
-fn bench(pattern: &str, tokenizer: &PathBuf, image_size: u32, batch_size: usize, samples: usize, threads: usize) -> Result<()> {
+fn bench(
+    pattern: &str,
+    tokenizer: &PathBuf,
+    image_size: u32,
+    batch_size: usize,
+    samples: usize,
+    threads: usize,
+) -> Result<()> {
     let shards = rookery_data::expand_shards(pattern)?;
     let tk = Arc::new(TextTokenizer::from_file(tokenizer)?);
-    let cfg = DataConfig { image_size, batch_size, decode_threads: threads, shuffle_buffer: 256, resampled: true, ..Default::default() };
-    let cores = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+    let cfg = DataConfig {
+        image_size,
+        batch_size,
+        decode_threads: threads,
+        shuffle_buffer: 256,
+        resampled: true,
+        ..Default::default()
+    };
+    let cores = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    };
     let mut loader = Loader::new(&cfg, tk, shards, 0, 1, Mode::Train, None)?;
     loader.next().transpose()?; // warm-up: fill the shuffle buffers and the prefetch queue
     let bar = ProgressBar::new(samples as u64);
-    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} samples {per_sec} ETA {eta}")?);
+    bar.set_style(ProgressStyle::with_template(
+        "[{bar:30}] {pos}/{len} samples {per_sec} ETA {eta}",
+    )?);
     let (t, mut n) = (Instant::now(), 0usize);
     while n < samples {
-        let b = loader.next().ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        let b = loader
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
         n += b.batch_size;
         bar.inc(b.batch_size as u64);
     }

@@ -29,9 +29,13 @@ pub fn run(config: &Path, overrides: &[String], resume: bool) -> Result<()> {
         cfg.train.resume = "auto".into();
     }
     ensure_data(&cfg)?;
-    cfg.check_shards().map_err(|(key, msg)| anyhow::anyhow!("{}: key `{key}`: {msg}", config.display()))?;
+    cfg.check_shards()
+        .map_err(|(key, msg)| anyhow::anyhow!("{}: key `{key}`: {msg}", config.display()))?;
     let summary = rookery_train::train::<backend::Train>(&cfg, &backend::device())?;
-    println!("trained {} steps in {:.0} s, final loss {:.4}", summary.steps, summary.wall_s, summary.final_loss);
+    println!(
+        "trained {} steps in {:.0} s, final loss {:.4}",
+        summary.steps, summary.wall_s, summary.final_loss
+    );
     if let Some(e) = &summary.eval {
         println!(
             "held-out ({} pairs): image->text R@1 {:.3} R@5 {:.3} R@10 {:.3}; text->image R@1 {:.3}; chance R@1 {:.4}",
@@ -58,23 +62,91 @@ fn ensure_data(cfg: &RunConfig) -> Result<()> {
     tracing::info!(out = %d.synth.out.display(), "synthetic shards are absent: generating them first");
     let t = std::time::Instant::now();
     let s = rookery_data::synth::generate(&d.synth)?;
-    tracing::info!(train = s.train, val = s.val, seconds = t.elapsed().as_secs_f64(), "synthetic shards written");
+    tracing::info!(
+        train = s.train,
+        val = s.val,
+        seconds = t.elapsed().as_secs_f64(),
+        "synthetic shards written"
+    );
+    Ok(())
+}
+
+type Inner = <backend::Train as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+
+/// A checkpoint directory and its model, from a checkpoint or a run directory (its latest).
+fn open_checkpoint(
+    path: &Path,
+) -> Result<(std::path::PathBuf, RunConfig, rookery_model::Clip<Inner>)> {
+    let dir = if path.join("manifest.json").exists() {
+        path.to_path_buf()
+    } else {
+        rookery_train::checkpoint::latest(path)
+            .with_context(|| format!("{}: no checkpoint found", path.display()))?
+    };
+    let cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
+    let model = cfg.model.init::<Inner>(&backend::device());
+    let model = rookery_train::checkpoint::load_weights(model, &dir.join("model.safetensors"))?;
+    Ok((dir, cfg, model))
+}
+
+/// `rookery export`.
+pub fn export(path: &Path, out: &Path, bf16: bool) -> Result<()> {
+    let (dir, cfg, model) = open_checkpoint(path)?;
+    rookery_train::export::export(&model, &cfg.model, Some(&cfg.data.tokenizer), out, bf16)?;
+    println!(
+        "exported {} to {} ({})",
+        dir.display(),
+        out.display(),
+        if bf16 { "bf16" } else { "f32" }
+    );
     Ok(())
 }
 
 /// Evaluates a checkpoint (or a run directory's latest one).
 pub fn eval(path: &Path, data: Option<String>) -> Result<()> {
-    let dir = if path.join("manifest.json").exists() { path.to_path_buf() } else { rookery_train::checkpoint::latest(path).context("no checkpoint found")? };
-    let mut cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
+    let (_, mut cfg, model) = open_checkpoint(path)?;
     if let Some(d) = data {
         cfg.data.val = d;
     }
     let tokenizer = Arc::new(rookery_data::TextTokenizer::from_file(&cfg.data.tokenizer)?);
-    let device = backend::device();
-    type Inner = <backend::Train as burn::tensor::backend::AutodiffBackend>::InnerBackend;
-    let model = cfg.model.init::<Inner>(&device);
-    let model = rookery_train::checkpoint::load_weights(model, &dir.join("model.safetensors"))?;
-    let r = rookery_train::eval::evaluate(&model, &cfg.data, tokenizer, &device)?;
+    let r = rookery_train::eval::evaluate(&model, &cfg.data, tokenizer, &backend::device())?;
     println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
+}
+
+/// `rookery bench`: training-step time on random inputs, with machine and load recorded.
+pub fn bench(
+    config: &Path,
+    overrides: &[String],
+    batch: usize,
+    steps: usize,
+    vocab: usize,
+) -> Result<()> {
+    let cfg = RunConfig::load(config, overrides)?;
+    let mut model = cfg.model.clone();
+    model.text.vocab_size = vocab;
+    let threads = rayon::current_num_threads();
+    let times = rookery_train::bench::step_times::<backend::Train>(
+        &model,
+        batch,
+        2,
+        steps,
+        &backend::device(),
+    )?;
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "rookery clip step: batch {batch}, {threads} threads: median {:.3} s, min {:.3} s over {steps} steps; cpu {cpu}; loadavg {}",
+        sorted[sorted.len() / 2], sorted[0], load.trim()
+    );
     Ok(())
 }

@@ -1,0 +1,141 @@
+//! `rookery export`: CLIP weights as safetensors under open_clip's key names and layouts
+//! (`visual.transformer.resblocks.N.attn.in_proj_weight`, `token_embedding.weight`,
+//! `ln_final.weight`, Linear weights as `[out, in]`), in f32 or bf16, with a JSON config beside
+//! them; and the reverse, used by `[model] init_from = "DIR"`.
+//!
+//! Differences from an open_clip checkpoint: `logit_scale` has shape `[1]` (open_clip: `[]`),
+//! and the vocabulary is this run's tokenizer (copied beside the weights), not OpenAI's BPE.
+
+use std::path::Path;
+use std::rc::Rc;
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn_store::{
+    BurnToPyTorchAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
+    TensorSnapshot,
+};
+use rookery_model::{Clip, ClipConfig};
+use serde_json::json;
+
+use crate::optim::PathIds;
+
+pub const WEIGHTS: &str = "open_clip_model.safetensors";
+
+/// Casts float tensors to `to` (and 0-d tensors to `[1]` when loading HF/open_clip files).
+#[derive(Clone)]
+struct Cast {
+    to: DType,
+}
+
+impl ModuleAdapter for Cast {
+    fn adapt(&self, s: &TensorSnapshot) -> TensorSnapshot {
+        let float = matches!(s.dtype, DType::F32 | DType::BF16 | DType::F16 | DType::F64);
+        let scalar = s.shape.num_dims() == 0;
+        if (!float || s.dtype == self.to) && !scalar {
+            return s.clone();
+        }
+        let (f, to) = (s.clone_data_fn(), if float { self.to } else { s.dtype });
+        let shape = if scalar {
+            burn::tensor::Shape::new([1])
+        } else {
+            s.shape.clone()
+        };
+        let shape2 = shape.clone();
+        TensorSnapshot::from_closure(
+            Rc::new(move || {
+                let mut d = f()?;
+                if d.dtype != to {
+                    d = d.convert_dtype(to);
+                }
+                d.shape = shape2.clone();
+                Ok(d)
+            }),
+            to,
+            shape,
+            s.path_stack.clone().unwrap_or_default(),
+            s.container_stack.clone().unwrap_or_default(),
+            s.tensor_id.unwrap_or_default(),
+        )
+    }
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// Writes `DIR/open_clip_model.safetensors`, `DIR/config.json` and (if given) `DIR/tokenizer.json`.
+pub fn export<B: Backend>(
+    model: &Clip<B>,
+    cfg: &ClipConfig,
+    tokenizer: Option<&Path>,
+    out: &Path,
+    bf16: bool,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+    let mut store = SafetensorsStore::from_file(out.join(WEIGHTS))
+        .overwrite(true)
+        .with_to_adapter(BurnToPyTorchAdapter.chain(Cast { to: dtype }))
+        .with_key_remapping(r"^text\.", "")
+        .with_key_remapping(r"attn\.in_proj\.(weight|bias)$", "attn.in_proj_$1");
+    model
+        .save_into(&mut store)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.join(WEIGHTS).display()))?;
+    let v = &cfg.vision;
+    let config = json!({
+        "rookery_model": cfg,
+        "dtype": if bf16 { "bf16" } else { "f32" },
+        "open_clip": {
+            "embed_dim": cfg.embed_dim,
+            "vision_cfg": { "image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers,
+                            "head_width": v.width / v.heads, "mlp_ratio": v.mlp_ratio },
+            "text_cfg": { "context_length": cfg.text.context_length, "vocab_size": cfg.text.vocab_size, "width": cfg.text.width,
+                          "heads": cfg.text.heads, "layers": cfg.text.layers },
+            "quick_gelu": v.act == rookery_model::layers::Act::QuickGelu,
+        },
+    });
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    if let Some(t) = tokenizer {
+        std::fs::copy(t, out.join("tokenizer.json"))
+            .with_context(|| format!("copying {}", t.display()))?;
+    }
+    Ok(())
+}
+
+/// The model config stored beside exported weights.
+pub fn exported_config(dir: &Path) -> Result<ClipConfig> {
+    let path = dir.join("config.json");
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?;
+    serde_json::from_value(v["rookery_model"].clone())
+        .with_context(|| format!("{}: rookery_model", path.display()))
+}
+
+/// Loads exported weights (f32 or bf16) into `model`, which must have the exported shapes.
+pub fn load_exported<B: Backend>(mut model: Clip<B>, dir: &Path) -> Result<Clip<B>> {
+    let path = dir.join(WEIGHTS);
+    let mut store = SafetensorsStore::from_file(&path)
+        .with_from_adapter(PyTorchToBurnAdapter.chain(Cast { to: DType::F32 }))
+        .with_key_remapping(
+            r"^(token_embedding|positional_embedding|transformer|ln_final|text_projection)",
+            "text.$1",
+        )
+        .with_key_remapping(r"attn\.in_proj_(weight|bias)$", "attn.in_proj.$1");
+    let res = model
+        .load_from(&mut store)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if !res.missing.is_empty() || !res.errors.is_empty() {
+        bail!(
+            "{}: missing {:?}, errors {:?}",
+            path.display(),
+            res.missing,
+            res.errors
+        );
+    }
+    Ok(model.map(&mut PathIds::default()))
+}
