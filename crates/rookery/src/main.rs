@@ -2,6 +2,11 @@
 
 mod cmd;
 
+/// Training and decoding allocate and free many large buffers per step; glibc returns each to
+/// the OS (mmap/munmap), so every op pays page faults. mimalloc keeps freed pages for reuse.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
