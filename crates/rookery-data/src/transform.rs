@@ -11,7 +11,7 @@ use crate::rng::Rng;
 
 /// OpenAI CLIP normalisation constants.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// A crop rectangle in source pixels.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -420,3 +420,55 @@ fn interleaved_pages_inspect_clean_and_flag_broken_pages() {
         "{why:?}"
     );
 }
+
+#[test]
+fn resampled_streams_are_endless_draws_with_replacement() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = synth(dir.path(), 3, 5);
+    let spec = StreamSpec {
+        shards: expand_shards(&cfg.train_pattern()).unwrap(),
+        rank: 0,
+        world: 1,
+        workers: 1,
+        seed: 9,
+        shuffle_buffer: 4,
+        resampled: true,
+        single_epoch: false,
+    };
+    let keys: Vec<String> = ShardStream::start(spec.clone(), None)
+        .unwrap()
+        .take(60)
+        .filter_map(|i| {
+            if let StreamItem::Sample { sample, .. } = i {
+                Some(sample.key)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(
+        keys.len(),
+        60,
+        "four times the 15 samples: the stream does not end"
+    );
+    // shard draws with replacement: some epoch repeats a shard, so its samples come twice in it
+    let draws: Vec<Vec<String>> = (0..20).map(|e| spec.worker_shards(e, 0, 1)).collect();
+    assert!(
+        draws
+            .iter()
+            .any(|d| d.iter().collect::<HashSet<_>>().len() < d.len()),
+        "{draws:?}"
+    );
+    let again: Vec<String> = ShardStream::start(spec, None)
+        .unwrap()
+        .take(60)
+        .filter_map(|i| {
+            if let StreamItem::Sample { sample, .. } = i {
+                Some(sample.key)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(keys, again, "deterministic for a seed");
+}

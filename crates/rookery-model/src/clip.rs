@@ -52,18 +52,18 @@ impl ClipConfig {
         let checks = [
             (self.embed_dim == 0, "model.embed_dim", "must be > 0"),
             (
-                v.patch_size == 0 || v.image_size % v.patch_size != 0,
+                v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size),
                 "model.vision.patch_size",
                 "must divide model.vision.image_size",
             ),
             (
-                v.heads == 0 || v.width % v.heads != 0,
+                v.heads == 0 || !v.width.is_multiple_of(v.heads),
                 "model.vision.heads",
                 "must divide model.vision.width",
             ),
             (v.layers == 0, "model.vision.layers", "must be > 0"),
             (
-                self.text.heads == 0 || self.text.width % self.text.heads != 0,
+                self.text.heads == 0 || !self.text.width.is_multiple_of(self.text.heads),
                 "model.text.heads",
                 "must divide model.text.width",
             ),

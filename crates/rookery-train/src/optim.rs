@@ -46,7 +46,11 @@ impl Default for OptimConfig {
 impl OptimConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         let checks = [
-            (!(self.lr > 0.0), "optim.lr", "must be > 0"),
+            (
+                self.lr.is_nan() || self.lr <= 0.0,
+                "optim.lr",
+                "must be > 0",
+            ),
             (
                 self.min_lr < 0.0 || self.min_lr > self.lr,
                 "optim.min_lr",
@@ -62,7 +66,11 @@ impl OptimConfig {
                 "optim.beta2",
                 "must be in [0, 1)",
             ),
-            (!(self.eps > 0.0), "optim.eps", "must be > 0"),
+            (
+                self.eps.is_nan() || self.eps <= 0.0,
+                "optim.eps",
+                "must be > 0",
+            ),
             (
                 self.weight_decay < 0.0,
                 "optim.weight_decay",

@@ -198,7 +198,7 @@ pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<
         last_loss = loss_sum;
         compute_s += t0.elapsed().as_secs_f64();
         bar.inc(1);
-        if state.step % cfg.log.every == 0 || state.step == total {
+        if state.step.is_multiple_of(cfg.log.every) || state.step == total {
             let scale: f32 = model.logit_scale.val().into_scalar().elem();
             let rec = json!({"kind": "train", "step": state.step, "samples": state.samples_seen, "loss": loss_sum, "lr": lr,
                 "logit_scale": scale.exp(), "grad_norm": grad_norm, "samples_per_s": window_samples as f64 / compute_s,
@@ -215,7 +215,7 @@ pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<
             metrics.write(&rec)?;
             (wait_s, compute_s, window_samples) = (0.0, 0.0, 0);
         }
-        let due = |every: usize| every > 0 && state.step % every == 0;
+        let due = |every: usize| every > 0 && state.step.is_multiple_of(every);
         if !cfg.data.val.is_empty() && (due(cfg.train.eval_every) || state.step == total) {
             let report = evaluate(&model.valid(), &cfg.data, tokenizer.clone(), device)?;
             log_eval(&mut metrics, state.step, &report)?;

@@ -1,6 +1,6 @@
 //! `rookery data synth|inspect|bench`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -146,7 +146,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
 
 fn bench(
     pattern: &str,
-    tokenizer: &PathBuf,
+    tokenizer: &Path,
     image_size: u32,
     batch_size: usize,
     samples: usize,
