@@ -118,9 +118,9 @@ pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("creating run directory {}", run_dir.display()))?;
-    std::fs::write(run_dir.join("config.toml"), cfg.to_toml())?;
     let tokenizer = Arc::new(TextTokenizer::from_file(&cfg.data.tokenizer)?);
     let cfg = &with_tokenizer(cfg, &tokenizer);
+    std::fs::write(run_dir.join("config.toml"), cfg.to_toml())?;
     B::seed(device, cfg.train.seed);
     let mut model: Clip<B> = cfg.model.init(device).map(&mut PathIds::default());
     if !cfg.model.init_from.is_empty() {

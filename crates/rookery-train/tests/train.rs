@@ -93,6 +93,11 @@ fn loss_falls_and_eval_reports_recall() {
         scale.last().unwrap()
     );
     assert!(cfg.train.run_dir.join("metrics.png").exists());
+    let resolved = RunConfig::load(&cfg.train.run_dir.join("config.toml"), &[]).unwrap();
+    assert!(
+        resolved.model.text.vocab_size > 6,
+        "the run directory holds the fully resolved config"
+    );
 }
 
 #[test]
