@@ -435,17 +435,7 @@ fn resampled_streams_are_endless_draws_with_replacement() {
         resampled: true,
         single_epoch: false,
     };
-    let keys: Vec<String> = ShardStream::start(spec.clone(), None)
-        .unwrap()
-        .take(60)
-        .filter_map(|i| {
-            if let StreamItem::Sample { sample, .. } = i {
-                Some(sample.key)
-            } else {
-                None
-            }
-        })
-        .collect();
+    let keys = stream_keys(spec.clone(), 60);
     assert_eq!(
         keys.len(),
         60,
@@ -459,9 +449,14 @@ fn resampled_streams_are_endless_draws_with_replacement() {
             .any(|d| d.iter().collect::<HashSet<_>>().len() < d.len()),
         "{draws:?}"
     );
-    let again: Vec<String> = ShardStream::start(spec, None)
-        .unwrap()
-        .take(60)
+    let again = stream_keys(spec, 60);
+    assert_eq!(keys, again, "deterministic for a seed");
+}
+
+/// The keys of the first `n` samples of a stream.
+fn stream_keys(spec: StreamSpec, n: usize) -> Vec<String> {
+    let stream = ShardStream::start(spec, None).unwrap();
+    stream
         .filter_map(|i| {
             if let StreamItem::Sample { sample, .. } = i {
                 Some(sample.key)
@@ -469,6 +464,6 @@ fn resampled_streams_are_endless_draws_with_replacement() {
                 None
             }
         })
-        .collect();
-    assert_eq!(keys, again, "deterministic for a seed");
+        .take(n)
+        .collect()
 }

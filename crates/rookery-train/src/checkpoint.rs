@@ -158,10 +158,18 @@ where
 
 /// Loads safetensors weights into `model` strictly (every tensor present, shapes checked), then
 /// restores the path-derived parameter ids that optimizer state is keyed by.
-pub fn load_weights<B: burn::prelude::Backend>(mut model: Clip<B>, path: &Path) -> Result<Clip<B>> {
-    let mut store = SafetensorsStore::from_file(path);
+pub fn load_weights<B: burn::prelude::Backend>(model: Clip<B>, path: &Path) -> Result<Clip<B>> {
+    load_store(model, &mut SafetensorsStore::from_file(path), path)
+}
+
+/// `load_from` through `store`, refusing missing tensors and shape errors, then path ids.
+pub(crate) fn load_store<B: burn::prelude::Backend>(
+    mut model: Clip<B>,
+    store: &mut SafetensorsStore,
+    path: &Path,
+) -> Result<Clip<B>> {
     let res = model
-        .load_from(&mut store)
+        .load_from(store)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     if !res.errors.is_empty() || !res.missing.is_empty() {
         bail!(

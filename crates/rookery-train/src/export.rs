@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::rc::Rc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn_store::{
@@ -18,8 +18,6 @@ use burn_store::{
 };
 use rookery_model::{Clip, ClipConfig};
 use serde_json::json;
-
-use crate::optim::PathIds;
 
 pub const WEIGHTS: &str = "open_clip_model.safetensors";
 
@@ -117,7 +115,7 @@ pub fn exported_config(dir: &Path) -> Result<ClipConfig> {
 }
 
 /// Loads exported weights (f32 or bf16) into `model`, which must have the exported shapes.
-pub fn load_exported<B: Backend>(mut model: Clip<B>, dir: &Path) -> Result<Clip<B>> {
+pub fn load_exported<B: Backend>(model: Clip<B>, dir: &Path) -> Result<Clip<B>> {
     let path = dir.join(WEIGHTS);
     let mut store = SafetensorsStore::from_file(&path)
         .with_from_adapter(PyTorchToBurnAdapter.chain(Cast { to: DType::F32 }))
@@ -126,16 +124,5 @@ pub fn load_exported<B: Backend>(mut model: Clip<B>, dir: &Path) -> Result<Clip<
             "text.$1",
         )
         .with_key_remapping(r"attn\.in_proj_(weight|bias)$", "attn.in_proj.$1");
-    let res = model
-        .load_from(&mut store)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    if !res.missing.is_empty() || !res.errors.is_empty() {
-        bail!(
-            "{}: missing {:?}, errors {:?}",
-            path.display(),
-            res.missing,
-            res.errors
-        );
-    }
-    Ok(model.map(&mut PathIds::default()))
+    crate::checkpoint::load_store(model, &mut store, &path)
 }
