@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod export;
+pub mod hf;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

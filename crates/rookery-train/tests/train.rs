@@ -289,6 +289,67 @@ fn export_round_trips_in_f32_and_bf16_with_open_clip_names() {
             assert!(header.get(k).is_some(), "missing {k}");
         }
     }
+    // HF transformers names: q/k/v split out of in_proj, [out, in] layouts, 0-d logit_scale
+    let hf = dir.path().join("hf");
+    rookery_train::hf::export_hf(&model, &mc, &hf, false).unwrap();
+    let bytes = std::fs::read(hf.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let q = &header["vision_model.encoder.layers.0.self_attn.q_proj.weight"];
+    assert_eq!(q["shape"], serde_json::json!([32, 32]));
+    assert_eq!(header["logit_scale"]["shape"], serde_json::json!([]));
+    assert_eq!(
+        header["visual_projection.weight"]["shape"],
+        serde_json::json!([32, 32])
+    );
+    assert_eq!(
+        header["text_model.embeddings.position_embedding.weight"]["shape"],
+        serde_json::json!([16, 32])
+    );
+    // k_proj.bias is the middle third of in_proj.bias
+    let k = &header["text_model.encoder.layers.0.self_attn.k_proj.bias"]["data_offsets"];
+    let (a, b) = (
+        k[0].as_u64().unwrap() as usize + 8 + n,
+        k[1].as_u64().unwrap() as usize + 8 + n,
+    );
+    let got: Vec<f32> = bytes[a..b]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let in_bias = model.text.transformer.resblocks[0]
+        .attn
+        .in_proj
+        .bias
+        .as_ref()
+        .unwrap()
+        .val()
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    assert_eq!(got, in_bias[32..64]);
+    // Cross-check with HF transformers itself when a Python with it is named (see docs/benchmarks.md).
+    if let Ok(py) = std::env::var("ROOKERY_HF_PYTHON") {
+        let io = serde_json::json!({
+            "images": images.clone().into_data().to_vec::<f32>().unwrap(), "image_shape": [3, 3, 32, 32],
+            "tokens": tokens.clone().into_data().convert::<i64>().to_vec::<i64>().unwrap(), "token_shape": [3, 16],
+            "img_feat": want.0, "txt_feat": want.1, "logit_scale": model.logit_scale.val().into_data().to_vec::<f32>().unwrap()[0],
+        });
+        std::fs::write(dir.path().join("io.json"), io.to_string()).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../benches/reference/check_hf_export.py");
+        let out = std::process::Command::new(py)
+            .arg(script)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && text.contains("OK"),
+            "HF transformers disagrees: {text}"
+        );
+        eprintln!("{text}");
+    }
     // and training can start from an export
     let from = tiny(
         dir.path(),

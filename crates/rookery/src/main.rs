@@ -52,6 +52,9 @@ enum Command {
         /// Weight dtype: f32 or bf16.
         #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
         dtype: String,
+        /// Key names: open_clip, or hf (HF transformers CLIPModel; `from_pretrained(DIR)`).
+        #[arg(long, default_value = "open_clip", value_parser = ["open_clip", "hf"])]
+        format: String,
     },
     /// Draw a run's curves from its metrics.jsonl.
     Plot {
@@ -99,7 +102,8 @@ fn main() -> anyhow::Result<()> {
             checkpoint,
             out,
             dtype,
-        } => cmd::train::export(&checkpoint, &out, dtype == "bf16"),
+            format,
+        } => cmd::train::export(&checkpoint, &out, dtype == "bf16", format == "hf"),
         Command::Plot { run_dir, out } => {
             let out = out.unwrap_or_else(|| run_dir.join("metrics.png"));
             rookery_train::plot::plot_run(&run_dir, &out)?;

@@ -90,9 +90,15 @@ fn open_checkpoint(
 }
 
 /// `rookery export`.
-pub fn export(path: &Path, out: &Path, bf16: bool) -> Result<()> {
+pub fn export(path: &Path, out: &Path, bf16: bool, hf: bool) -> Result<()> {
     let (dir, cfg, model) = open_checkpoint(path)?;
-    rookery_train::export::export(&model, &cfg.model, Some(&cfg.data.tokenizer), out, bf16)?;
+    if hf {
+        rookery_train::hf::export_hf(&model, &cfg.model, out, bf16)?;
+        std::fs::copy(&cfg.data.tokenizer, out.join("tokenizer.json"))
+            .context("copying tokenizer.json")?;
+    } else {
+        rookery_train::export::export(&model, &cfg.model, Some(&cfg.data.tokenizer), out, bf16)?;
+    }
     println!(
         "exported {} to {} ({})",
         dir.display(),
