@@ -23,16 +23,11 @@ use crate::trainer::TrainConfig;
 pub struct DistConfig {
     /// Number of ranks.
     pub world_size: usize,
-    /// Seconds any collective may wait before it fails naming the missing rank.
-    pub timeout_s: u64,
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
-        DistConfig {
-            world_size: 1,
-            timeout_s: 300,
-        }
+        DistConfig { world_size: 1 }
     }
 }
 

@@ -166,6 +166,7 @@ pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<
     let (start, total) = (Instant::now(), cfg.train.steps);
     let (mut last_loss, mut last_eval) = (f32::NAN, None);
     let (mut wait_s, mut compute_s, mut window_samples) = (0.0, 0.0, 0u64);
+    let mut epoch = 0u64;
     while state.step < total {
         let t0 = Instant::now();
         let mut acc = GradientsAccumulator::<Clip<B>>::new();
@@ -184,6 +185,7 @@ pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<
             acc.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             state.samples_seen += batch.batch_size as u64;
             window_samples += batch.batch_size as u64;
+            epoch = batch.epochs.last().copied().unwrap_or(epoch);
             state.loader = Some(batch.position);
         }
         let mut grads = acc.grads();
@@ -200,7 +202,7 @@ pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<
         bar.inc(1);
         if state.step.is_multiple_of(cfg.log.every) || state.step == total {
             let scale: f32 = model.logit_scale.val().into_scalar().elem();
-            let rec = json!({"kind": "train", "step": state.step, "samples": state.samples_seen, "loss": loss_sum, "lr": lr,
+            let rec = json!({"kind": "train", "step": state.step, "epoch": epoch, "samples": state.samples_seen, "loss": loss_sum, "lr": lr,
                 "logit_scale": scale.exp(), "grad_norm": grad_norm, "samples_per_s": window_samples as f64 / compute_s,
                 "data_wait_share": wait_s / compute_s, "step_s": compute_s / cfg.log.every as f64, "bad_samples": state.loader.as_ref().map_or(0, |p| p.counts.bad)});
             tracing::info!(

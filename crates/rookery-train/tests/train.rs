@@ -93,6 +93,17 @@ fn loss_falls_and_eval_reports_recall() {
         scale.last().unwrap()
     );
     assert!(cfg.train.run_dir.join("metrics.png").exists());
+    // 300 steps x 16 samples over 512 training samples: the stream rolled into later epochs
+    let epochs: Vec<u64> = rookery_train::metrics::read_metrics(&cfg.train.run_dir)
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["epoch"].as_u64())
+        .collect();
+    assert_eq!(
+        (epochs[0], *epochs.last().unwrap() >= 8),
+        (0, true),
+        "{epochs:?}"
+    );
     let resolved = RunConfig::load(&cfg.train.run_dir.join("config.toml"), &[]).unwrap();
     assert!(
         resolved.model.text.vocab_size > 6,
