@@ -1,0 +1,23 @@
+//! rookery-dist: the collectives data-parallel training needs, behind one small trait
+//! ([`Communicator`]), with real engines behind it:
+//!
+//! - [`local`]: ranks as threads of one process, through burn's own collectives
+//!   (burn-collective); the default for several ranks on one machine and in tests;
+//! - [`mpi`] (cargo feature `mpi`): processes on one or many nodes through OpenMPI;
+//! - [`single`]: the world of one rank, where every collective is the identity.
+//!
+//! Every call is bounded by a timeout, so a dead peer becomes an error naming it, never a hang.
+//! [`flat`] packs many tensors into a few flat buckets so gradients cross the wire in large
+//! messages; [`launch`] reads ranks from the environment (torchrun, Slurm, OpenMPI).
+
+pub mod comm;
+pub mod flat;
+pub mod launch;
+pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod single;
+
+pub use comm::{check_same, Communicator, DistError};
+pub use local::LocalGroup;
+pub use single::Single;
