@@ -81,7 +81,11 @@ pub trait Communicator<B: Backend> {
         if self.world_size() == 1 {
             return Ok(t);
         }
-        let mine = if self.rank() == root { t.clone() } else { t.zeros_like() };
+        let mine = if self.rank() == root {
+            t.clone()
+        } else {
+            t.zeros_like()
+        };
         self.all_reduce_sum(mine)
     }
 
@@ -89,6 +93,13 @@ pub trait Communicator<B: Backend> {
     fn barrier(&self) -> Result<(), DistError> {
         self.all_reduce_sum(Tensor::ones([1], self.device()))
             .map(|_| ())
+    }
+
+    /// A barrier that may wait `timeout` instead of the usual limit: for ranks waiting while
+    /// rank 0 evaluates or writes a checkpoint.
+    fn barrier_timeout(&self, timeout: std::time::Duration) -> Result<(), DistError> {
+        let _ = timeout;
+        self.barrier()
     }
 }
 

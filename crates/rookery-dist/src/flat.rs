@@ -66,6 +66,9 @@ mod tests {
             .into_iter()
             .map(|t| t.into_data().to_vec().unwrap())
             .collect();
-        assert_eq!(got, vec![vec![0.0; 3], vec![2.0], vec![4.0; 5], vec![6.0; 2]]);
+        assert_eq!(
+            got,
+            vec![vec![0.0; 3], vec![2.0], vec![4.0; 5], vec![6.0; 2]]
+        );
     }
 }

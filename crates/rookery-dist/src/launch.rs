@@ -91,21 +91,30 @@ mod tests {
         ])
         .unwrap()
         .unwrap();
-        assert_eq!((t.rank, t.world_size, t.local_rank, t.source), (3, 8, 1, "torchrun"));
+        assert_eq!(
+            (t.rank, t.world_size, t.local_rank, t.source),
+            (3, 8, 1, "torchrun")
+        );
         assert_eq!(t.master_port, Some(29500));
         let o = env(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "2")])
             .unwrap()
             .unwrap();
         assert_eq!((o.rank, o.world_size, o.source), (1, 2, "openmpi"));
-        let s = env(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "1")])
-            .unwrap()
-            .unwrap();
+        let s = env(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_LOCALID", "1"),
+        ])
+        .unwrap()
+        .unwrap();
         assert_eq!((s.rank, s.local_rank, s.source), (5, 1, "slurm"));
     }
 
     #[test]
     fn refuses_inconsistent_variables() {
-        assert!(env(&[("RANK", "2"), ("WORLD_SIZE", "2")]).unwrap_err().contains("below"));
+        assert!(env(&[("RANK", "2"), ("WORLD_SIZE", "2")])
+            .unwrap_err()
+            .contains("below"));
         assert!(env(&[("RANK", "0")]).unwrap_err().contains("WORLD_SIZE"));
         assert!(env(&[("RANK", "x"), ("WORLD_SIZE", "2")]).is_err());
     }

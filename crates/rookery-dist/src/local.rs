@@ -82,12 +82,21 @@ impl<B: Backend> LocalComm<B> {
         op: &'static str,
         job: impl FnOnce() -> Result<R, CollectiveError> + Send + 'static,
     ) -> Result<R, DistError> {
+        self.call_within(op, self.timeout, job)
+    }
+
+    fn call_within<R: Send + 'static>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        job: impl FnOnce() -> Result<R, CollectiveError> + Send + 'static,
+    ) -> Result<R, DistError> {
         let count = self.board.enter(self.rank);
         let (tx, rx) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || {
             let _ = tx.send(job());
         });
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             match rx.recv_timeout(POLL) {
                 Ok(Ok(r)) => return Ok(r),
@@ -109,7 +118,7 @@ impl<B: Backend> LocalComm<B> {
                 return Err(DistError::Timeout {
                     rank: self.rank,
                     op,
-                    secs: self.timeout.as_secs_f64(),
+                    secs: timeout.as_secs_f64(),
                     waiting_for: self.board.behind(count),
                 });
             }
@@ -149,6 +158,15 @@ impl<B: Backend> Communicator<B> for LocalComm<B> {
         let mine = (self.rank == root).then(|| t.into_primitive().tensor());
         let out = self.call("broadcast", move || collective::broadcast::<B>(id, mine))?;
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    fn barrier_timeout(&self, timeout: Duration) -> Result<(), DistError> {
+        let (id, one) = (self.id(), Tensor::<B, 1>::ones([1], &self.device));
+        let one = one.into_primitive().tensor();
+        self.call_within("barrier", timeout, move || {
+            collective::all_reduce::<B>(id, one, ReduceOperation::Sum)
+        })
+        .map(|_| ())
     }
 }
 
@@ -212,7 +230,9 @@ where
     let (id, dev, world) = (comm.id(), comm.device.clone(), comm.world);
     let config = CollectiveConfig::default().with_num_devices(world);
     let outcome = comm
-        .call("register", move || collective::register::<B>(id, dev, config))
+        .call("register", move || {
+            collective::register::<B>(id, dev, config)
+        })
         .map_err(|e| e.to_string())
         .and_then(|_| match catch_unwind(AssertUnwindSafe(|| f(&comm))) {
             Ok(r) => r.map_err(|e| format!("{e:#}")),
@@ -289,9 +309,15 @@ mod tests {
                 c.barrier()
             },
         );
-        assert!(start.elapsed() < Duration::from_secs(10), "peers must not wait the timeout");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "peers must not wait the timeout"
+        );
         let e0 = out[0].as_ref().unwrap_err();
-        assert!(e0.contains("rank 1 failed") && e0.contains("disk on fire"), "{e0}");
+        assert!(
+            e0.contains("rank 1 failed") && e0.contains("disk on fire"),
+            "{e0}"
+        );
         assert!(out[1].as_ref().unwrap_err().contains("disk on fire"));
     }
 

@@ -11,7 +11,7 @@ use burn::prelude::*;
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
-use mpi::traits::*;
+use mpi::traits::{Communicator as _, CommunicatorCollectives, Root};
 
 use crate::comm::{to_f32, Communicator, DistError};
 
@@ -45,9 +45,18 @@ impl<B: Backend> MpiComm<B> {
     fn finish<'a, D: ?Sized, S: mpi::request::Scope<'a>>(
         &self,
         op: &'static str,
+        req: mpi::request::Request<'a, D, S>,
+    ) {
+        self.finish_within(op, self.timeout, req)
+    }
+
+    fn finish_within<'a, D: ?Sized, S: mpi::request::Scope<'a>>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
         mut req: mpi::request::Request<'a, D, S>,
     ) {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             match req.test() {
                 Ok(_) => return,
@@ -57,7 +66,7 @@ impl<B: Backend> MpiComm<B> {
                 let e = DistError::Timeout {
                     rank: self.world.rank() as usize,
                     op,
-                    secs: self.timeout.as_secs_f64(),
+                    secs: timeout.as_secs_f64(),
                     waiting_for: vec![],
                 };
                 tracing::error!("{e}; aborting the MPI job");
@@ -139,8 +148,12 @@ impl<B: Backend> Communicator<B> for MpiComm<B> {
     }
 
     fn barrier(&self) -> Result<(), DistError> {
+        self.barrier_timeout(self.timeout)
+    }
+
+    fn barrier_timeout(&self, timeout: Duration) -> Result<(), DistError> {
         let req = self.world.immediate_barrier();
-        self.finish("barrier", req);
+        self.finish_within("barrier", timeout, req);
         Ok(())
     }
 }

@@ -17,8 +17,12 @@ pub const MAX_LOGIT_SCALE: f32 = 4.605_170_2;
 #[serde(default, deny_unknown_fields)]
 pub struct ClipConfig {
     pub embed_dim: usize,
-    /// Initial `logit_scale` (ln(1/0.07)).
+    /// Contrastive objective: "infonce" (CLIP's softmax) or "siglip" (pairwise sigmoid).
+    pub loss: String,
+    /// Initial `logit_scale` (ln(1/0.07) for InfoNCE; SigLIP uses ln 10).
     pub init_logit_scale: f32,
+    /// Initial `logit_bias`, SigLIP only (the paper's -10).
+    pub init_logit_bias: f32,
     pub vision: VitConfig,
     pub text: TextConfig,
     /// Start from weights written by `rookery export` in this directory ("": random init).
@@ -29,7 +33,9 @@ impl Default for ClipConfig {
     fn default() -> Self {
         ClipConfig {
             embed_dim: 128,
+            loss: "infonce".into(),
             init_logit_scale: (1.0f32 / 0.07).ln(),
+            init_logit_bias: -10.0,
             vision: VitConfig::default(),
             text: TextConfig::default(),
             init_from: String::new(),
@@ -43,6 +49,8 @@ impl ClipConfig {
             visual: self.vision.init(self.embed_dim, device),
             text: self.text.init(self.embed_dim, device),
             logit_scale: Param::from_data([self.init_logit_scale], device),
+            logit_bias: (self.loss == "siglip")
+                .then(|| Param::from_data([self.init_logit_bias], device)),
         }
     }
 
@@ -51,6 +59,11 @@ impl ClipConfig {
         let v = &self.vision;
         let checks = [
             (self.embed_dim == 0, "model.embed_dim", "must be > 0"),
+            (
+                !["infonce", "siglip"].contains(&self.loss.as_str()),
+                "model.loss",
+                "must be \"infonce\" or \"siglip\"",
+            ),
             (
                 v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size),
                 "model.vision.patch_size",
@@ -86,6 +99,8 @@ pub struct Clip<B: Backend> {
     pub visual: VisionTransformer<B>,
     pub text: TextTransformer<B>,
     pub logit_scale: Param<Tensor<B, 1>>,
+    /// SigLIP's learnable bias of the pairwise logits (absent for InfoNCE).
+    pub logit_bias: Option<Param<Tensor<B, 1>>>,
 }
 
 impl<B: Backend> Clip<B> {

@@ -6,7 +6,7 @@
 //! the local and global features are the same tensors and `offset` is 0.
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
+use burn::tensor::activation::{log_sigmoid, log_softmax};
 
 /// Mean cross-entropy of `logits` `[N, C]` against the class index `offset + row`.
 fn diagonal_cross_entropy<B: Backend>(logits: Tensor<B, 2>, offset: usize) -> Tensor<B, 1> {
@@ -45,6 +45,43 @@ pub fn clip_loss<B: Backend>(
     logit_scale: Tensor<B, 1>,
 ) -> Tensor<B, 1> {
     clip_loss_rows(img.clone(), txt.clone(), img, txt, logit_scale, 0)
+}
+
+/// SigLIP (Zhai et al. 2023): `-sum_ij log sigmoid(z_ij * (exp(logit_scale) * img_i . txt_j +
+/// logit_bias)) / n_total`, with z_ij = 1 on the diagonal and -1 elsewhere.
+///
+/// Takes this rank's image rows `img_local` `[n, E]` (global rows `offset..offset+n`) against
+/// text columns given as `txt_chunks` (every rank's text embeddings, in rank order) and sums
+/// over them one chunk at a time, so no `[N, N]` matrix exists anywhere. Divided by the global
+/// batch `n_total`, the ranks' values add up to the loss over the whole batch.
+pub fn siglip_loss_rows<B: Backend>(
+    img_local: Tensor<B, 2>,
+    txt_chunks: Vec<Tensor<B, 2>>,
+    logit_scale: Tensor<B, 1>,
+    logit_bias: Tensor<B, 1>,
+    offset: usize,
+    n_total: usize,
+) -> Tensor<B, 1> {
+    let [n, _] = img_local.dims();
+    let device = img_local.device();
+    let (scale, bias) = (
+        logit_scale.exp().unsqueeze::<2>(),
+        logit_bias.unsqueeze::<2>(),
+    );
+    let rows =
+        Tensor::<B, 1, Int>::arange(offset as i64..(offset + n) as i64, &device).reshape([n, 1]);
+    let mut total = Tensor::<B, 1>::zeros([1], &device);
+    let mut start = 0;
+    for txt in txt_chunks {
+        let [c, _] = txt.dims();
+        let logits = img_local.clone().matmul(txt.transpose()) * scale.clone() + bias.clone();
+        let cols =
+            Tensor::<B, 1, Int>::arange(start as i64..(start + c) as i64, &device).reshape([1, c]);
+        let z = rows.clone().equal(cols).float() * 2.0 - 1.0;
+        total = total + log_sigmoid(logits * z).sum();
+        start += c;
+    }
+    -total / n_total as f32
 }
 
 #[cfg(test)]
@@ -177,5 +214,67 @@ mod tests {
         };
         let split: f32 = (half(0..4, 0) + half(4..8, 4)) / 2.0;
         assert!((full - split).abs() < 1e-6, "{full} vs {split}");
+    }
+
+    #[test]
+    fn siglip_matches_f64_reference_and_splits_over_ranks() {
+        let dev = Default::default();
+        B::seed(&dev, 5);
+        let (n, e) = (6, 4);
+        let norm = |t| crate::clip::l2_normalize(t);
+        let img = norm(Tensor::<B, 2>::random(
+            [n, e],
+            Distribution::Normal(0.0, 1.0),
+            &dev,
+        ));
+        let txt = norm(Tensor::<B, 2>::random(
+            [n, e],
+            Distribution::Normal(0.0, 1.0),
+            &dev,
+        ));
+        let (s, b) = (2.3f64, -1.5f64);
+        let scale = Tensor::<B, 1>::from_data([s as f32], &dev);
+        let bias = Tensor::<B, 1>::from_data([b as f32], &dev);
+        let to64 = |t: &Tensor<B, 2>| t.to_data().convert::<f64>().to_vec::<f64>().unwrap();
+        let (vi, vt) = (to64(&img), to64(&txt));
+        let mut want = 0.0;
+        for i in 0..n {
+            for j in 0..n {
+                let dot: f64 = (0..e).map(|k| vi[i * e + k] * vt[j * e + k]).sum();
+                let z = if i == j { 1.0 } else { -1.0 };
+                let x = z * (s.exp() * dot + b);
+                want -= -(1.0 + (-x).exp()).ln();
+            }
+        }
+        want /= n as f64;
+        let full: f32 = siglip_loss_rows(
+            img.clone(),
+            vec![txt.clone()],
+            scale.clone(),
+            bias.clone(),
+            0,
+            n,
+        )
+        .into_scalar();
+        assert!((full as f64 - want).abs() < 1e-5, "{full} vs {want}");
+        // Two "ranks" of 3 rows each, text in two chunks: the shares add up to the whole.
+        let chunks = vec![
+            txt.clone().slice(s![0..3, ..]),
+            txt.clone().slice(s![3..6, ..]),
+        ];
+        let share = |r: std::ops::Range<usize>| -> f32 {
+            let off = r.start;
+            siglip_loss_rows(
+                img.clone().slice(s![r, ..]),
+                chunks.clone(),
+                scale.clone(),
+                bias.clone(),
+                off,
+                n,
+            )
+            .into_scalar()
+        };
+        let split = share(0..3) + share(3..6);
+        assert!((full - split).abs() < 1e-5, "{full} vs {split}");
     }
 }

@@ -41,11 +41,15 @@ impl Default for CheckpointConfig {
 }
 
 /// What the trainer needs besides weights and optimizer state to continue exactly.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TrainState {
     pub step: usize,
     pub samples_seen: u64,
+    /// This rank's loader position (in memory only; checkpoints hold `loaders`).
+    #[serde(skip)]
     pub loader: Option<LoaderPosition>,
+    /// Every rank's loader position, in rank order.
+    pub loaders: Vec<LoaderPosition>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

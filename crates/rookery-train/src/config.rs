@@ -15,21 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::CheckpointConfig;
 use crate::metrics::LogConfig;
 use crate::optim::OptimConfig;
+use crate::parallel::DistConfig;
 use crate::trainer::TrainConfig;
-
-/// `[dist]`: ranks of this run. Only one rank is implemented so far.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DistConfig {
-    /// Number of ranks.
-    pub world_size: usize,
-}
-
-impl Default for DistConfig {
-    fn default() -> Self {
-        DistConfig { world_size: 1 }
-    }
-}
 
 /// The whole configuration of a run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -135,9 +122,7 @@ impl RunConfig {
         })?;
         self.optim.validate()?;
         self.train.validate()?;
-        if self.dist.world_size != 1 {
-            return err("dist.world_size", "only 1 rank is implemented so far");
-        }
+        self.dist.validate()?;
         Ok(())
     }
 

@@ -10,8 +10,10 @@ pub mod export;
 pub mod hf;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod plot;
+pub mod step;
 pub mod trainer;
 
 pub use config::RunConfig;
-pub use trainer::{train, TrainSummary};
+pub use trainer::{train, train_on, TrainSummary};

@@ -5,10 +5,14 @@
 //! burn 0.21 has no parameter groups, so the decayed and undecayed sets are two AdamW
 //! optimizers over disjoint parameter ids ([`ParamSplit`]).
 
+use std::collections::HashSet;
+
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::GradientsParams;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use rookery_model::Clip;
 use serde::{Deserialize, Serialize};
 
 /// `[optim]`.
@@ -200,6 +204,78 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for GlobalNorm<'_, AB::InnerBackend>
                 }
             }
         }
+    }
+}
+
+/// AdamW over CLIP's parameters.
+pub type ClipAdamW<B> = OptimizerAdaptor<AdamW, Clip<B>, B>;
+
+impl OptimConfig {
+    /// AdamW with this config's betas and eps; weight decay is applied by [`Updater`] instead,
+    /// decoupled and only to the parameters [`ParamSplit`] picks.
+    pub fn adamw<B: AutodiffBackend>(&self) -> ClipAdamW<B> {
+        AdamWConfig::new()
+            .with_beta_1(self.beta1)
+            .with_beta_2(self.beta2)
+            .with_epsilon(self.eps)
+            .with_weight_decay(0.0)
+            .init::<B, Clip<B>>()
+    }
+}
+
+/// One optimizer update: global-norm clipping, decoupled weight decay at `lr(step)`, AdamW,
+/// `logit_scale` clamp.
+pub struct Updater<B: AutodiffBackend> {
+    pub optim: ClipAdamW<B>,
+    cfg: OptimConfig,
+    decay: HashSet<ParamId>,
+}
+
+impl<B: AutodiffBackend> Updater<B> {
+    pub fn new(cfg: &OptimConfig, optim: ClipAdamW<B>, model: &Clip<B>) -> Self {
+        let mut split = ParamSplit::default();
+        model.visit(&mut split);
+        Updater {
+            optim,
+            cfg: cfg.clone(),
+            decay: split.decay.into_iter().collect(),
+        }
+    }
+
+    /// Applies `grads` as optimizer step `step` of `total`; returns the model, the learning
+    /// rate and the gradient norm before clipping.
+    pub fn apply(
+        &mut self,
+        model: Clip<B>,
+        mut grads: GradientsParams,
+        step: usize,
+        total: usize,
+    ) -> (Clip<B>, f64, f32) {
+        let o = &self.cfg;
+        let grad_norm = clip_global_norm(&model, &mut grads, o.grad_clip_norm);
+        let lr = o.lr_at(step, total);
+        let model = model.map(&mut Decay {
+            ids: &self.decay,
+            factor: 1.0 - (lr as f32) * o.weight_decay,
+        });
+        let model = self.optim.step(lr, model, grads).clamp_logit_scale();
+        (model, lr, grad_norm)
+    }
+}
+
+/// Multiplies the listed parameters by `factor` outside the graph: AdamW's decoupled decay.
+struct Decay<'a> {
+    ids: &'a HashSet<ParamId>,
+    factor: f32,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Decay<'_> {
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if !self.ids.contains(&p.id) {
+            return p;
+        }
+        let factor = self.factor;
+        p.map(|t| Tensor::from_inner(t.inner() * factor).require_grad())
     }
 }
 

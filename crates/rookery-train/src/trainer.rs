@@ -2,20 +2,23 @@
 //! micro-batches), global-norm clipping, decoupled weight decay + AdamW at `lr(step)`,
 //! `logit_scale` clamp; then logging, evaluation and checkpoints when due.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use burn::module::{AutodiffModule, Module};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 use rookery_data::loader::Mode;
-use rookery_data::{Loader, TextTokenizer};
-use rookery_model::loss::clip_loss;
+use rookery_data::rng::hash_str;
+use rookery_data::{Loader, LoaderPosition, TextTokenizer};
+use rookery_dist::comm::all_gather_bytes;
+use rookery_dist::launch::RankEnv;
+use rookery_dist::{check_same, Communicator, LocalGroup, Single};
 use rookery_model::Clip;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -24,7 +27,9 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::eval::{batch_tensors, evaluate, EvalReport};
 use crate::metrics::MetricsWriter;
-use crate::optim::{clip_global_norm, ParamSplit, PathIds};
+use crate::optim::{ClipAdamW, PathIds, Updater};
+use crate::parallel::broadcast_weights;
+use crate::step::{contrastive_grads, Micro, Negatives};
 
 /// `[train]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,6 +49,9 @@ pub struct TrainConfig {
     pub resume: String,
     /// Training stage; "clip" is the one implemented.
     pub stage: String,
+    /// Negatives of each pair: "global" (every rank's and every micro-batch's samples, exact
+    /// full-batch gradients) or "local" (only its own micro-batch on its own rank; cheaper).
+    pub negatives: String,
 }
 
 impl Default for TrainConfig {
@@ -56,6 +64,7 @@ impl Default for TrainConfig {
             seed: 0,
             resume: "never".into(),
             stage: "clip".into(),
+            negatives: "global".into(),
         }
     }
 }
@@ -73,6 +82,11 @@ impl TrainConfig {
                 !["never", "auto"].contains(&self.resume.as_str()),
                 "train.resume",
                 "must be \"never\" or \"auto\"",
+            ),
+            (
+                !["global", "local"].contains(&self.negatives.as_str()),
+                "train.negatives",
+                "must be \"global\" or \"local\"",
             ),
             (
                 self.stage != "clip",
@@ -97,30 +111,190 @@ pub struct TrainSummary {
     pub model_dir: PathBuf,
 }
 
-/// Multiplies the listed parameters by `factor` outside the graph: AdamW's decoupled decay.
-struct Decay<'a> {
-    ids: &'a HashSet<ParamId>,
-    factor: f32,
-}
-
-impl<B: AutodiffBackend> ModuleMapper<B> for Decay<'_> {
-    fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        if !self.ids.contains(&p.id) {
-            return p;
-        }
-        let factor = self.factor;
-        p.map(|t| Tensor::from_inner(t.inner() * factor).require_grad())
-    }
-}
-
-/// Trains CLIP as `cfg` says, on `device`.
+/// Trains CLIP as `cfg` says: one rank, several ranks as threads of this process (all on
+/// `device`), or this process's rank of an MPI job.
 pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<TrainSummary> {
+    train_on::<B>(cfg, |_| device.clone())
+}
+
+/// As [`train`], with rank r of an in-process group on `device(r)` (one GPU each).
+pub fn train_on<B: AutodiffBackend>(
+    cfg: &RunConfig,
+    device: impl Fn(usize) -> B::Device + Sync,
+) -> Result<TrainSummary> {
+    let d = &cfg.dist;
+    if d.backend == "mpi" {
+        return train_mpi::<B>(cfg, device(0));
+    }
+    if let Some(env) = RankEnv::detect().map_err(anyhow::Error::msg)? {
+        if env.world_size > 1 {
+            bail!("this process was launched as rank {} of {} ({}), but dist.backend = \"local\" runs ranks as threads of one process: set dist.backend = \"mpi\" (under mpirun/srun) or dist.world_size = {} without a launcher", env.rank, env.world_size, env.source, env.world_size);
+        }
+    }
+    if d.world_size == 1 {
+        let dev = device(0);
+        return train_rank::<B>(cfg, &dev, &Single::new(dev.clone()));
+    }
+    let results =
+        LocalGroup::run::<B::InnerBackend, _, _, _>(d.world_size, &device, d.timeout(), |comm| {
+            train_rank::<B>(cfg, &device(comm.rank()), comm)
+        });
+    collect_ranks(results)
+}
+
+/// Rank 0's summary, or every failed rank's error (the rank that failed first is named by the
+/// others' errors too).
+fn collect_ranks(results: Vec<Result<TrainSummary, String>>) -> Result<TrainSummary> {
+    let errors: Vec<String> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(r, res)| res.as_ref().err().map(|e| format!("rank {r}: {e}")))
+        .collect();
+    if !errors.is_empty() {
+        bail!("training failed:\n  {}", errors.join("\n  "));
+    }
+    Ok(results
+        .into_iter()
+        .next()
+        .expect("rank 0")
+        .expect("no error"))
+}
+
+#[cfg(feature = "mpi")]
+fn train_mpi<B: AutodiffBackend>(cfg: &RunConfig, device: B::Device) -> Result<TrainSummary> {
+    let comm =
+        rookery_dist::mpi::MpiComm::<B::InnerBackend>::init(device.clone(), cfg.dist.timeout())?;
+    let w = rookery_dist::Communicator::world_size(&comm);
+    if cfg.dist.world_size != 1 && cfg.dist.world_size != w {
+        bail!(
+            "dist.world_size = {} but the MPI job has {w} ranks",
+            cfg.dist.world_size
+        );
+    }
+    train_rank::<B>(cfg, &device, &comm)
+}
+
+#[cfg(not(feature = "mpi"))]
+fn train_mpi<B: AutodiffBackend>(_: &RunConfig, _: B::Device) -> Result<TrainSummary> {
+    bail!("dist.backend = \"mpi\" needs a build with the `mpi` feature (cargo build --release --features mpi; OpenMPI and libclang installed)")
+}
+
+/// One rank's run: identical model and optimizer on every rank, this rank's part of the data.
+fn train_rank<B: AutodiffBackend>(
+    cfg: &RunConfig,
+    device: &B::Device,
+    comm: &dyn Communicator<B::InnerBackend>,
+) -> Result<TrainSummary> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let lead = rank == 0;
     let run_dir = cfg.run_dir();
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("creating run directory {}", run_dir.display()))?;
     let tokenizer = Arc::new(TextTokenizer::from_file(&cfg.data.tokenizer)?);
     let cfg = &with_tokenizer(cfg, &tokenizer);
-    std::fs::write(run_dir.join("config.toml"), cfg.to_toml())?;
+    let mut resolved = cfg.clone();
+    resolved.dist.world_size = world;
+    check_same(comm, "the resolved config", hash_str(&resolved.to_toml()))?;
+    if lead {
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+        std::fs::write(run_dir.join("config.toml"), resolved.to_toml())?;
+    }
+    let (mut model, optim, mut state) = build::<B>(cfg, device, comm)?;
+    let mut updater = Updater::new(&cfg.optim, optim, &model);
+    let shards = rookery_data::expand_shards(&cfg.data.train)?;
+    let position = state.loaders.get(rank).cloned();
+    let mut loader = Loader::new(
+        &cfg.data,
+        tokenizer.clone(),
+        shards,
+        rank,
+        world,
+        Mode::Train,
+        position,
+    )?;
+    let mut metrics = if lead {
+        Some(MetricsWriter::open(&run_dir)?)
+    } else {
+        None
+    };
+    let bar = if lead {
+        progress_bar(cfg, state.step)
+    } else {
+        ProgressBar::hidden()
+    };
+    let (start, total) = (Instant::now(), cfg.train.steps);
+    let negatives = negatives(cfg);
+    let (mut last_loss, mut last_eval) = (f32::NAN, None);
+    let mut win = Window::default();
+    let mut epoch = 0u64;
+    while state.step < total {
+        let t0 = Instant::now();
+        let mut micro = Vec::with_capacity(cfg.train.accum_steps);
+        for _ in 0..cfg.train.accum_steps {
+            let tw = Instant::now();
+            let batch = loader.next().context("the training stream ended")??;
+            win.wait_s += tw.elapsed().as_secs_f64();
+            let (images, tokens) = batch_tensors::<B>(&batch, device);
+            micro.push(Micro { images, tokens });
+            state.samples_seen += (batch.batch_size * world) as u64;
+            win.samples += (batch.batch_size * world) as u64;
+            epoch = batch.epochs.last().copied().unwrap_or(epoch);
+            state.loader = Some(batch.position);
+        }
+        let step = contrastive_grads(&model, micro, comm, negatives, cfg.dist.bucket_elems())?;
+        state.step += 1;
+        let (m, lr, grad_norm) = updater.apply(model, step.grads, state.step, total);
+        model = m;
+        last_loss = step.loss;
+        win.compute_s += t0.elapsed().as_secs_f64();
+        win.comm_s += step.comm_s;
+        bar.inc(1);
+        if let Some(m) = metrics
+            .as_mut()
+            .filter(|_| state.step.is_multiple_of(cfg.log.every) || state.step == total)
+        {
+            log_train(
+                m, &bar, cfg, &model, &state, epoch, step.loss, lr, grad_norm, &mut win,
+            )?;
+        }
+        let due = |every: usize| every > 0 && state.step.is_multiple_of(every);
+        let eval_due =
+            !cfg.data.val.is_empty() && (due(cfg.train.eval_every) || state.step == total);
+        let ckpt_due = due(cfg.checkpoint.every) || state.step == total;
+        if ckpt_due {
+            let positions = gather_positions(comm, state.loader.as_ref())?;
+            if lead {
+                let mut full = state.clone();
+                full.loaders = positions;
+                checkpoint::save(&run_dir, &resolved, &model, &updater.optim, &full)?;
+            }
+        }
+        if eval_due && lead {
+            let report = evaluate(&model.valid(), &cfg.data, tokenizer.clone(), device)?;
+            log_eval(metrics.as_mut().expect("rank 0 logs"), state.step, &report)?;
+            let _ = crate::plot::plot_run(&run_dir, &run_dir.join("metrics.png"));
+            last_eval = Some(report);
+        }
+        if (eval_due || ckpt_due) && world > 1 {
+            comm.barrier_timeout(Duration::from_secs_f64(cfg.dist.eval_timeout_s))?;
+        }
+    }
+    bar.finish();
+    Ok(TrainSummary {
+        steps: state.step,
+        final_loss: last_loss,
+        eval: last_eval,
+        wall_s: start.elapsed().as_secs_f64(),
+        model_dir: checkpoint::latest(&run_dir).unwrap_or_default(),
+    })
+}
+
+/// Model and optimizer, from the latest checkpoint when resuming, else freshly initialised
+/// (or from `model.init_from`) and made identical across ranks.
+fn build<B: AutodiffBackend>(
+    cfg: &RunConfig,
+    device: &B::Device,
+    comm: &dyn Communicator<B::InnerBackend>,
+) -> Result<(Clip<B>, ClipAdamW<B>, TrainState)> {
     B::seed(device, cfg.train.seed);
     let mut model: Clip<B> = cfg.model.init(device).map(&mut PathIds::default());
     if !cfg.model.init_from.is_empty() {
@@ -128,115 +302,82 @@ pub fn train<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<
             .context("model.init_from")?;
         tracing::info!(from = %cfg.model.init_from, "initialised from exported weights");
     }
-    let mut split = ParamSplit::default();
-    model.visit(&mut split);
-    let decay: HashSet<ParamId> = split.decay.iter().copied().collect();
-    let o = &cfg.optim;
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(o.beta1)
-        .with_beta_2(o.beta2)
-        .with_epsilon(o.eps)
-        .with_weight_decay(0.0)
-        .init::<B, Clip<B>>();
-    let mut state = TrainState {
-        step: 0,
-        samples_seen: 0,
-        loader: None,
+    model = broadcast_weights(model, comm, cfg.dist.bucket_elems())?;
+    let optim = cfg.optim.adamw::<B>();
+    let fresh = TrainState::default();
+    let latest = (cfg.train.resume == "auto")
+        .then(|| checkpoint::latest(&cfg.run_dir()))
+        .flatten();
+    let Some(dir) = latest else {
+        return Ok((model, optim, fresh));
     };
-    let mut position = None;
-    if cfg.train.resume == "auto" {
-        if let Some(dir) = checkpoint::latest(&run_dir) {
-            let (m, op, st) = checkpoint::load(&dir, cfg, model, optim, device)?;
-            tracing::info!(checkpoint = %dir.display(), step = st.step, "resuming");
-            (model, optim, position, state) = (m, op, st.loader.clone(), st);
-        }
+    let (model, optim, state) = checkpoint::load(&dir, cfg, model, optim, device)?;
+    let world = comm.world_size();
+    if state.loaders.len() != world {
+        bail!("checkpoint {} was written by {} rank(s) and this run has {world}: resuming on another world size is not supported yet (each rank's stream position is only valid for the world size that wrote it); resume with dist.world_size = {}", dir.display(), state.loaders.len(), state.loaders.len());
     }
-    let shards = rookery_data::expand_shards(&cfg.data.train)?;
-    let mut loader = Loader::new(
-        &cfg.data,
-        tokenizer.clone(),
-        shards,
-        0,
-        1,
-        Mode::Train,
-        position,
-    )?;
-    let mut metrics = MetricsWriter::open(&run_dir)?;
-    let bar = progress_bar(cfg, state.step);
-    let (start, total) = (Instant::now(), cfg.train.steps);
-    let (mut last_loss, mut last_eval) = (f32::NAN, None);
-    let (mut wait_s, mut compute_s, mut window_samples) = (0.0, 0.0, 0u64);
-    let mut epoch = 0u64;
-    while state.step < total {
-        let t0 = Instant::now();
-        let mut acc = GradientsAccumulator::<Clip<B>>::new();
-        let mut loss_sum = 0.0;
-        for _ in 0..cfg.train.accum_steps {
-            let tw = Instant::now();
-            let batch = loader.next().context("the training stream ended")??;
-            wait_s += tw.elapsed().as_secs_f64();
-            let (images, tokens) = batch_tensors::<B>(&batch, device);
-            let loss = clip_loss(
-                model.encode_image(images),
-                model.encode_text(tokens),
-                model.logit_scale.val(),
-            ) / cfg.train.accum_steps as f32;
-            loss_sum += loss.clone().into_scalar().elem::<f32>();
-            acc.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
-            state.samples_seen += batch.batch_size as u64;
-            window_samples += batch.batch_size as u64;
-            epoch = batch.epochs.last().copied().unwrap_or(epoch);
-            state.loader = Some(batch.position);
-        }
-        let mut grads = acc.grads();
-        let grad_norm = clip_global_norm(&model, &mut grads, o.grad_clip_norm);
-        state.step += 1;
-        let lr = o.lr_at(state.step, total);
-        model = model.map(&mut Decay {
-            ids: &decay,
-            factor: 1.0 - (lr as f32) * o.weight_decay,
-        });
-        model = optim.step(lr, model, grads).clamp_logit_scale();
-        last_loss = loss_sum;
-        compute_s += t0.elapsed().as_secs_f64();
-        bar.inc(1);
-        if state.step.is_multiple_of(cfg.log.every) || state.step == total {
-            let scale: f32 = model.logit_scale.val().into_scalar().elem();
-            let rec = json!({"kind": "train", "step": state.step, "epoch": epoch, "samples": state.samples_seen, "loss": loss_sum, "lr": lr,
-                "logit_scale": scale.exp(), "grad_norm": grad_norm, "samples_per_s": window_samples as f64 / compute_s,
-                "data_wait_share": wait_s / compute_s, "step_s": compute_s / cfg.log.every as f64, "bad_samples": state.loader.as_ref().map_or(0, |p| p.counts.bad)});
-            tracing::info!(
-                step = state.step,
-                loss = loss_sum,
-                lr,
-                logit_scale = scale.exp(),
-                grad_norm,
-                "train"
-            );
-            bar.set_message(format!("loss {loss_sum:.3}"));
-            metrics.write(&rec)?;
-            (wait_s, compute_s, window_samples) = (0.0, 0.0, 0);
-        }
-        let due = |every: usize| every > 0 && state.step.is_multiple_of(every);
-        if !cfg.data.val.is_empty() && (due(cfg.train.eval_every) || state.step == total) {
-            let report = evaluate(&model.valid(), &cfg.data, tokenizer.clone(), device)?;
-            log_eval(&mut metrics, state.step, &report)?;
-            let _ = crate::plot::plot_run(&run_dir, &run_dir.join("metrics.png"));
-            last_eval = Some(report);
-        }
-        if due(cfg.checkpoint.every) || state.step == total {
-            checkpoint::save(&run_dir, cfg, &model, &optim, &state)?;
-        }
+    tracing::info!(checkpoint = %dir.display(), step = state.step, rank = comm.rank(), "resuming");
+    Ok((model, optim, state))
+}
+
+/// Every rank's loader position, in rank order (each rank gets all of them; rank 0 saves them).
+fn gather_positions(
+    comm: &dyn Communicator<impl Backend>,
+    mine: Option<&LoaderPosition>,
+) -> Result<Vec<LoaderPosition>> {
+    let bytes = serde_json::to_vec(&mine.context("no batch read yet")?)?;
+    all_gather_bytes(comm, &bytes)?
+        .iter()
+        .map(|b| serde_json::from_slice(b).context("a rank's loader position"))
+        .collect()
+}
+
+fn negatives(cfg: &RunConfig) -> Negatives {
+    match cfg.train.negatives.as_str() {
+        "local" => Negatives::Local,
+        _ => Negatives::Global,
     }
-    bar.finish();
-    let model_dir = checkpoint::latest(&run_dir).unwrap_or_default();
-    Ok(TrainSummary {
-        steps: state.step,
-        final_loss: last_loss,
-        eval: last_eval,
-        wall_s: start.elapsed().as_secs_f64(),
-        model_dir,
-    })
+}
+
+/// What the logging window accumulated since the last log line.
+#[derive(Default)]
+struct Window {
+    wait_s: f64,
+    compute_s: f64,
+    comm_s: f64,
+    samples: u64,
+}
+
+fn log_train<B: AutodiffBackend>(
+    metrics: &mut MetricsWriter,
+    bar: &ProgressBar,
+    cfg: &RunConfig,
+    model: &Clip<B>,
+    state: &TrainState,
+    epoch: u64,
+    loss: f32,
+    lr: f64,
+    grad_norm: f32,
+    w: &mut Window,
+) -> Result<()> {
+    let scale: f32 = model.logit_scale.val().into_scalar().elem();
+    let steps = cfg.log.every as f64;
+    let rec = json!({"kind": "train", "step": state.step, "epoch": epoch, "samples": state.samples_seen, "loss": loss, "lr": lr,
+        "logit_scale": scale.exp(), "grad_norm": grad_norm, "samples_per_s": w.samples as f64 / w.compute_s,
+        "data_wait_share": w.wait_s / w.compute_s, "comm_share": w.comm_s / w.compute_s, "step_s": w.compute_s / steps,
+        "bad_samples": state.loader.as_ref().map_or(0, |p| p.counts.bad)});
+    tracing::info!(
+        step = state.step,
+        loss,
+        lr,
+        logit_scale = scale.exp(),
+        grad_norm,
+        "train"
+    );
+    bar.set_message(format!("loss {loss:.3}"));
+    metrics.write(&rec)?;
+    *w = Window::default();
+    Ok(())
 }
 
 /// The config with the text vocabulary and end token taken from the tokenizer.

@@ -1,0 +1,179 @@
+//! Data parallelism over a [`Communicator`]: `[dist]`, summing gradients across ranks in flat
+//! buckets, and making every rank start from rank 0's weights.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use rookery_dist::{Communicator, DistError};
+use serde::{Deserialize, Serialize};
+
+/// `[dist]`: how many ranks, and over what.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistConfig {
+    /// Ranks as threads of this process ("local" backend). Under `mpirun`/`srun` the launcher
+    /// decides and this must be 1 or equal to the launched world size.
+    pub world_size: usize,
+    /// "local" (threads, burn-collective) or "mpi" (processes, needs the `mpi` build feature).
+    pub backend: String,
+    /// Gradients cross ranks in flat buckets of this many MiB.
+    pub bucket_mb: f64,
+    /// Seconds any collective may wait for a peer before the run fails naming it.
+    pub timeout_s: f64,
+    /// Seconds the other ranks wait while rank 0 evaluates or writes a checkpoint.
+    pub eval_timeout_s: f64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig {
+            world_size: 1,
+            backend: "local".into(),
+            bucket_mb: 25.0,
+            timeout_s: 300.0,
+            eval_timeout_s: 3600.0,
+        }
+    }
+}
+
+impl DistConfig {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let checks = [
+            (
+                self.world_size == 0,
+                "dist.world_size",
+                "must be at least 1",
+            ),
+            (
+                !["local", "mpi"].contains(&self.backend.as_str()),
+                "dist.backend",
+                "must be \"local\" or \"mpi\"",
+            ),
+            (!(self.bucket_mb > 0.0), "dist.bucket_mb", "must be > 0"),
+            (!(self.timeout_s > 0.0), "dist.timeout_s", "must be > 0"),
+            (
+                !(self.eval_timeout_s > 0.0),
+                "dist.eval_timeout_s",
+                "must be > 0",
+            ),
+        ];
+        match checks.iter().find(|c| c.0) {
+            Some((_, k, m)) => Err((k.to_string(), m.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout_s)
+    }
+
+    /// Bucket size in f32 elements.
+    pub fn bucket_elems(&self) -> usize {
+        ((self.bucket_mb * 1024.0 * 1024.0 / 4.0) as usize).max(1)
+    }
+}
+
+/// Sums `grads` over ranks, packed in buckets of `bucket_elems` in module order (the same on
+/// every rank, since every rank holds the same model).
+pub fn all_reduce_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+    model: &M,
+    grads: GradientsParams,
+    comm: &dyn Communicator<AB::InnerBackend>,
+    bucket_elems: usize,
+) -> Result<GradientsParams, DistError> {
+    if comm.world_size() == 1 {
+        return Ok(grads);
+    }
+    let mut take = TakeGrads::<AB::InnerBackend> {
+        grads,
+        ids: Vec::new(),
+        flat: Vec::new(),
+    };
+    model.visit(&mut take);
+    let summed = rookery_dist::flat::bucketed(take.flat, bucket_elems, |b| comm.all_reduce_sum(b))?;
+    let mut put = PutGrads {
+        grads: take.grads,
+        next: take.ids.into_iter().zip(summed).collect(),
+    };
+    model.visit(&mut put);
+    Ok(put.grads)
+}
+
+struct TakeGrads<IB: Backend> {
+    grads: GradientsParams,
+    ids: Vec<ParamId>,
+    flat: Vec<Tensor<IB, 1>>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for TakeGrads<AB::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AB, D>>) {
+        if let Some(g) = self.grads.remove::<AB::InnerBackend, D>(p.id) {
+            let n = g.shape().num_elements();
+            self.ids.push(p.id);
+            self.flat.push(g.reshape([n]));
+        }
+    }
+}
+
+struct PutGrads<IB: Backend> {
+    grads: GradientsParams,
+    next: VecDeque<(ParamId, Tensor<IB, 1>)>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for PutGrads<AB::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AB, D>>) {
+        if self.next.front().is_some_and(|(id, _)| *id == p.id) {
+            let (_, g) = self.next.pop_front().expect("front exists");
+            let shape: [usize; D] = p.shape().dims();
+            self.grads
+                .register::<AB::InnerBackend, D>(p.id, g.reshape(shape));
+        }
+    }
+}
+
+/// Every rank takes rank 0's weights (in buckets), so replicas start identical whatever each
+/// rank's own initialisation did (several ranks seeding one process-wide RNG need not).
+pub fn broadcast_weights<AB: AutodiffBackend, M: Module<AB>>(
+    model: M,
+    comm: &dyn Communicator<AB::InnerBackend>,
+    bucket_elems: usize,
+) -> Result<M, DistError> {
+    if comm.world_size() == 1 {
+        return Ok(model);
+    }
+    let mut take = TakeWeights::<AB::InnerBackend> { flat: Vec::new() };
+    model.visit(&mut take);
+    let sent = rookery_dist::flat::bucketed(take.flat, bucket_elems, |b| comm.broadcast(b, 0))?;
+    Ok(model.map(&mut PutWeights { next: sent.into() }))
+}
+
+struct TakeWeights<IB: Backend> {
+    flat: Vec<Tensor<IB, 1>>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for TakeWeights<AB::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AB, D>>) {
+        let t = p.val().inner();
+        let n = t.shape().num_elements();
+        self.flat.push(t.reshape([n]));
+    }
+}
+
+struct PutWeights<IB: Backend> {
+    next: VecDeque<Tensor<IB, 1>>,
+}
+
+impl<AB: AutodiffBackend> ModuleMapper<AB> for PutWeights<AB::InnerBackend> {
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+        let flat = self.next.pop_front().expect("one tensor per parameter");
+        let require_grad = p.is_require_grad();
+        p.map(|t| {
+            let shape: [usize; D] = t.shape().dims();
+            Tensor::from_inner(flat.reshape(shape)).set_require_grad(require_grad)
+        })
+    }
+}

@@ -1,0 +1,249 @@
+//! The gradients of one optimizer step of contrastive training, exact over the global batch.
+//!
+//! With `negatives = "global"` (the default), every rank's micro-batches together form the
+//! batch whose similarity matrix the loss sees, as if one process held all of it:
+//!
+//! 1. embed this rank's micro-batches (one tracked forward when there is a single micro-batch;
+//!    with several, a forward without a graph now and a tracked one per micro-batch later, as
+//!    GradCache does, so only one micro-batch's activations are alive at a time);
+//! 2. all-gather the embeddings of every rank;
+//! 3. compute this rank's share of the loss (its rows against all columns) on the gathered
+//!    embeddings as leaves, and back-propagate it to them and to `logit_scale`/`logit_bias`;
+//! 4. reduce-scatter the embedding gradients: each rank receives the full gradient of the
+//!    global loss with respect to its own embeddings;
+//! 5. push that gradient through the encoders with the surrogate `sum(z * dL/dz)`, micro-batch
+//!    by micro-batch, accumulating parameter gradients;
+//! 6. sum parameter gradients over ranks.
+//!
+//! Every rank's shares add up to the global loss, so step 6's sum is the gradient of one
+//! process over the whole batch, up to float summation order.
+//!
+//! `negatives = "local"` is the cheaper variant (open_clip without `--gather-with-grad`, or
+//! plain accumulation): each micro-batch on each rank is a batch of its own, and the gradient
+//! is the mean over them.
+
+use std::cell::Cell;
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use rookery_dist::{Communicator, DistError};
+use rookery_model::loss::{clip_loss_rows, siglip_loss_rows};
+use rookery_model::Clip;
+
+use crate::parallel::all_reduce_grads;
+
+/// One micro-batch of this rank.
+pub struct Micro<B: Backend> {
+    pub images: Tensor<B, 4>,
+    pub tokens: Tensor<B, 2, Int>,
+}
+
+/// Which pairs are negatives of each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Negatives {
+    /// Everything in the global batch (all ranks, all micro-batches).
+    Global,
+    /// Only the same micro-batch on the same rank.
+    Local,
+}
+
+/// What one step produced: gradients summed over ranks, and the global batch's loss.
+pub struct StepGrads {
+    pub grads: GradientsParams,
+    pub loss: f32,
+    /// Seconds spent in collectives.
+    pub comm_s: f64,
+}
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// The gradients of one optimizer step over `micro` (this rank's micro-batches).
+pub fn contrastive_grads<B: AutodiffBackend>(
+    model: &Clip<B>,
+    micro: Vec<Micro<B>>,
+    comm: &dyn Communicator<Inner<B>>,
+    negatives: Negatives,
+    bucket_elems: usize,
+) -> Result<StepGrads, DistError> {
+    let comm = &Timed {
+        inner: comm,
+        secs: Cell::new(0.0),
+    };
+    let (grads, loss) = match negatives {
+        Negatives::Global => global_negatives(model, micro, comm)?,
+        Negatives::Local => local_negatives(model, micro, comm.world_size()),
+    };
+    let grads = all_reduce_grads(model, grads, comm, bucket_elems)?;
+    let device = comm.device();
+    let loss = comm.all_reduce_sum(Tensor::from_floats([loss], device))?;
+    Ok(StepGrads {
+        grads,
+        loss: loss.into_scalar().elem(),
+        comm_s: comm.secs.get(),
+    })
+}
+
+/// A communicator that adds up the time its calls take.
+struct Timed<'a, IB: Backend> {
+    inner: &'a dyn Communicator<IB>,
+    secs: Cell<f64>,
+}
+
+impl<IB: Backend> Timed<'_, IB> {
+    fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = f();
+        self.secs.set(self.secs.get() + t.elapsed().as_secs_f64());
+        out
+    }
+}
+
+impl<IB: Backend> Communicator<IB> for Timed<'_, IB> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn device(&self) -> &IB::Device {
+        self.inner.device()
+    }
+    fn all_reduce_sum(&self, t: Tensor<IB, 1>) -> Result<Tensor<IB, 1>, DistError> {
+        self.time(|| self.inner.all_reduce_sum(t))
+    }
+    fn all_gather(&self, t: Tensor<IB, 1>) -> Result<Tensor<IB, 1>, DistError> {
+        self.time(|| self.inner.all_gather(t))
+    }
+    fn reduce_scatter_sum(&self, t: Tensor<IB, 1>) -> Result<Tensor<IB, 1>, DistError> {
+        self.time(|| self.inner.reduce_scatter_sum(t))
+    }
+}
+
+/// This rank's share of the loss for its rows `offset..offset+n` of the gathered embeddings.
+fn loss_share<B: AutodiffBackend>(
+    model: &Clip<B>,
+    img_all: Tensor<B, 2>,
+    txt_all: Tensor<B, 2>,
+    offset: usize,
+    n: usize,
+    world: usize,
+) -> Tensor<B, 1> {
+    let n_total = img_all.dims()[0];
+    let img = img_all.clone().slice(s![offset..offset + n, ..]);
+    let scale = model.logit_scale.val();
+    match &model.logit_bias {
+        None => {
+            let txt = txt_all.clone().slice(s![offset..offset + n, ..]);
+            clip_loss_rows(img, txt, img_all, txt_all, scale, offset) * (n as f32 / n_total as f32)
+        }
+        Some(bias) => {
+            let chunk = n_total / world;
+            let chunks = (0..world)
+                .map(|q| txt_all.clone().slice(s![q * chunk..(q + 1) * chunk, ..]))
+                .collect();
+            siglip_loss_rows(img, chunks, scale, bias.val(), offset, n_total)
+        }
+    }
+}
+
+fn global_negatives<B: AutodiffBackend>(
+    model: &Clip<B>,
+    micro: Vec<Micro<B>>,
+    comm: &dyn Communicator<Inner<B>>,
+) -> Result<(GradientsParams, f32), DistError> {
+    let (w, r) = (comm.world_size(), comm.rank());
+    let sizes: Vec<usize> = micro.iter().map(|m| m.images.dims()[0]).collect();
+    // 1. Embeddings: tracked when one micro-batch (reused in step 5), else graph-free.
+    let mut tracked = Vec::new();
+    let (imgs, txts): (Vec<_>, Vec<_>) = if micro.len() == 1 {
+        let mb = &micro[0];
+        let z = (
+            model.encode_image(mb.images.clone()),
+            model.encode_text(mb.tokens.clone()),
+        );
+        let inner = (z.0.clone().inner(), z.1.clone().inner());
+        tracked.push(z);
+        vec![inner].into_iter().unzip()
+    } else {
+        let m = model.valid();
+        micro
+            .iter()
+            .map(|mb| {
+                (
+                    m.encode_image(mb.images.clone().inner()),
+                    m.encode_text(mb.tokens.clone().inner()),
+                )
+            })
+            .unzip()
+    };
+    let (img_loc, txt_loc) = (Tensor::cat(imgs, 0), Tensor::cat(txts, 0));
+    let [n, e] = img_loc.dims();
+    // 2. Gather, one call: rank q's slot holds [its images, its texts].
+    let both = Tensor::cat(vec![img_loc.reshape([n * e]), txt_loc.reshape([n * e])], 0);
+    let all = comm.all_gather(both)?.reshape([w, 2 * n * e]);
+    let leaf =
+        |t: Tensor<Inner<B>, 2>| Tensor::<B, 2>::from_inner(t.reshape([w * n, e])).require_grad();
+    let img_all = leaf(all.clone().slice(s![.., 0..n * e]));
+    let txt_all = leaf(all.slice(s![.., n * e..2 * n * e]));
+    // 3. This rank's share of the loss, back to the gathered leaves and the loss's own params.
+    let share = loss_share(model, img_all.clone(), txt_all.clone(), r * n, n, w);
+    let loss: f32 = share.clone().into_scalar().elem();
+    let g = share.backward();
+    let (g_img, g_txt) = (img_all.grad(&g), txt_all.grad(&g));
+    let mut acc = GradientsAccumulator::<Clip<B>>::new();
+    acc.accumulate(model, GradientsParams::from_grads(g, model));
+    // 4. Reduce-scatter: rank q's slot again holds [its images, its texts].
+    let g_both = Tensor::cat(
+        vec![
+            g_img
+                .expect("gathered images are leaves")
+                .reshape([w, n * e]),
+            g_txt
+                .expect("gathered texts are leaves")
+                .reshape([w, n * e]),
+        ],
+        1,
+    );
+    let mine = comm.reduce_scatter_sum(g_both.reshape([w * 2 * n * e]))?;
+    let g_img = mine.clone().slice(0..n * e).reshape([n, e]);
+    let g_txt = mine.slice(n * e..2 * n * e).reshape([n, e]);
+    // 5. Through the encoders, one micro-batch at a time.
+    let mut tracked = tracked.into_iter();
+    let mut at = 0;
+    for (mb, m) in micro.into_iter().zip(sizes) {
+        let (zi, zt) = tracked
+            .next()
+            .unwrap_or_else(|| (model.encode_image(mb.images), model.encode_text(mb.tokens)));
+        let gi = Tensor::<B, 2>::from_inner(g_img.clone().slice(s![at..at + m, ..]));
+        let gt = Tensor::<B, 2>::from_inner(g_txt.clone().slice(s![at..at + m, ..]));
+        let surrogate = (zi * gi).sum() + (zt * gt).sum();
+        acc.accumulate(
+            model,
+            GradientsParams::from_grads(surrogate.backward(), model),
+        );
+        at += m;
+    }
+    Ok((acc.grads(), loss))
+}
+
+fn local_negatives<B: AutodiffBackend>(
+    model: &Clip<B>,
+    micro: Vec<Micro<B>>,
+    world: usize,
+) -> (GradientsParams, f32) {
+    let parts = (micro.len() * world) as f32;
+    let mut acc = GradientsAccumulator::<Clip<B>>::new();
+    let mut loss = 0.0;
+    for mb in micro {
+        let img = model.encode_image(mb.images);
+        let txt = model.encode_text(mb.tokens);
+        let n = img.dims()[0];
+        let l = loss_share(model, img, txt, 0, n, 1) / parts;
+        loss += l.clone().into_scalar().elem::<f32>();
+        acc.accumulate(model, GradientsParams::from_grads(l.backward(), model));
+    }
+    (acc.grads(), loss)
+}

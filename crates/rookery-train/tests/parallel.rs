@@ -1,0 +1,203 @@
+//! Data-parallel equivalence: 2 ranks x batch B for k steps end with the same weights as
+//! 1 rank x batch 2B (InfoNCE and SigLIP, with and without accumulation), while the cheaper
+//! local-negatives variant does not; and multi-rank training runs end to end.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use rookery_dist::{Communicator, LocalGroup, Single};
+use rookery_model::{Clip, ClipConfig};
+use rookery_train::optim::{OptimConfig, PathIds, Updater};
+use rookery_train::step::{contrastive_grads, Micro, Negatives};
+
+type B = Autodiff<Flex>;
+type IB = Flex;
+
+const STEPS: usize = 3;
+
+/// The backend's RNG is process-wide: tests that seed it run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+const VOCAB: usize = 40;
+const CTX: usize = 8;
+
+fn config(loss: &str) -> ClipConfig {
+    let mut c = ClipConfig {
+        embed_dim: 16,
+        loss: loss.into(),
+        ..Default::default()
+    };
+    if loss == "siglip" {
+        // The paper's bias of -10 makes negatives' gradients tiny at first (sigmoid(-10) is
+        // 5e-5): a milder start lets the test see what dropping negatives does in 3 steps.
+        (c.init_logit_scale, c.init_logit_bias) = (10f32.ln(), -1.0);
+    }
+    (c.vision.image_size, c.vision.patch_size, c.vision.width) = (16, 8, 32);
+    (c.vision.layers, c.vision.heads) = (1, 2);
+    (c.text.context_length, c.text.vocab_size, c.text.width) = (CTX, VOCAB, 32);
+    (c.text.layers, c.text.heads) = (1, 2);
+    c
+}
+
+/// A global batch for every step: images, and tokens with the end token (3) at varied places.
+fn batches(n: usize) -> Vec<(Tensor<B, 4>, Tensor<B, 2, Int>)> {
+    let dev = Default::default();
+    B::seed(&dev, 42);
+    (0..STEPS)
+        .map(|_| {
+            let images = Tensor::random([n, 3, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
+            let mut ids: Vec<i64> = Tensor::<B, 2, Int>::random(
+                [n, CTX],
+                Distribution::Uniform(6.0, VOCAB as f64),
+                &dev,
+            )
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap();
+            for i in 0..n {
+                ids[i * CTX + 2 + i % (CTX - 2)] = 3;
+            }
+            (
+                images,
+                Tensor::from_data(TensorData::new(ids, [n, CTX]), &dev),
+            )
+        })
+        .collect()
+}
+
+fn optim_cfg() -> OptimConfig {
+    OptimConfig {
+        lr: 1e-3,
+        warmup_steps: 1,
+        ..Default::default()
+    }
+}
+
+/// Trains `STEPS` steps on this rank's rows of each global batch, split into `accum`
+/// micro-batches; returns the final weights, flattened in module order.
+fn run(
+    init: &Clip<B>,
+    data: &[(Tensor<B, 4>, Tensor<B, 2, Int>)],
+    comm: &dyn Communicator<IB>,
+    accum: usize,
+    negatives: Negatives,
+) -> Vec<f32> {
+    let model = init.clone();
+    let mut model = rookery_train::parallel::broadcast_weights(model, comm, 1 << 20).unwrap();
+    let o = optim_cfg();
+    let mut up = Updater::new(&o, o.adamw::<B>(), &model);
+    let (w, r) = (comm.world_size(), comm.rank());
+    for (step, (images, tokens)) in data.iter().enumerate() {
+        let per_rank = images.dims()[0] / w;
+        let m = per_rank / accum;
+        let micro = (0..accum)
+            .map(|j| {
+                let rows = r * per_rank + j * m..r * per_rank + (j + 1) * m;
+                Micro {
+                    images: images.clone().slice(s![rows.clone(), .., .., ..]),
+                    tokens: tokens.clone().slice(s![rows, ..]),
+                }
+            })
+            .collect();
+        let g = contrastive_grads(&model, micro, comm, negatives, 1 << 12).unwrap();
+        model = up.apply(model, g.grads, step + 1, STEPS).0;
+    }
+    flatten(&model)
+}
+
+fn flatten(model: &Clip<B>) -> Vec<f32> {
+    struct Flat(Vec<f32>);
+    impl ModuleVisitor<B> for Flat {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            self.0.extend(p.val().into_data().to_vec::<f32>().unwrap());
+        }
+    }
+    let mut f = Flat(Vec::new());
+    model.visit(&mut f);
+    f.0
+}
+
+fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// The initial model, built once (weights are drawn when built, so clones are equal).
+fn init(cfg: &ClipConfig) -> Clip<B> {
+    let dev = Default::default();
+    B::seed(&dev, 7);
+    cfg.init(&dev).map(&mut PathIds::default())
+}
+
+fn two_ranks(
+    init: &Clip<B>,
+    data: &[(Tensor<B, 4>, Tensor<B, 2, Int>)],
+    accum: usize,
+    negatives: Negatives,
+) -> Vec<f32> {
+    let out = LocalGroup::run::<IB, _, String, _>(
+        2,
+        |_| Default::default(),
+        Duration::from_secs(120),
+        |comm| Ok(run(init, data, comm, accum, negatives)),
+    );
+    let mut out: Vec<Vec<f32>> = out.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(out[0], out[1], "replicas must stay identical");
+    out.remove(0)
+}
+
+fn check(loss: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let cfg = init(&config(loss));
+    let data = batches(8);
+    let single = run(
+        &cfg,
+        &data,
+        &Single::new(Default::default()),
+        1,
+        Negatives::Global,
+    );
+    for accum in [1, 2] {
+        let dp = two_ranks(&cfg, &data, accum, Negatives::Global);
+        let d = rel_diff(&dp, &single);
+        eprintln!("{loss}, accum {accum}: 2 ranks vs 1 rank: relative difference {d:e}");
+        assert!(
+            d < 1e-5,
+            "{loss}, accum {accum}: 2 ranks vs 1 rank differ by {d:e}"
+        );
+    }
+    let local = two_ranks(&cfg, &data, 2, Negatives::Local);
+    let d = rel_diff(&local, &single);
+    eprintln!("{loss}: local negatives vs 1 rank: relative difference {d:e}");
+    assert!(
+        d > 1e-4,
+        "{loss}: local negatives should differ from the global batch, {d:e}"
+    );
+}
+
+#[test]
+fn two_ranks_equal_one_rank_with_twice_the_batch_infonce() {
+    check("infonce");
+}
+
+#[test]
+fn two_ranks_equal_one_rank_with_twice_the_batch_siglip() {
+    check("siglip");
+}
+
+#[test]
+fn accumulation_equals_the_full_batch_on_one_rank() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let cfg = init(&config("infonce"));
+    let data = batches(8);
+    let one = Single::new(Default::default());
+    let full = run(&cfg, &data, &one, 1, Negatives::Global);
+    let accum = run(&cfg, &data, &one, 4, Negatives::Global);
+    let d = rel_diff(&accum, &full);
+    assert!(d < 1e-5, "4 micro-batches vs one batch: {d:e}");
+}
