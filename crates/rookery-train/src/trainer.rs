@@ -104,6 +104,8 @@ impl TrainConfig {
 /// What a finished run reports.
 #[derive(Debug)]
 pub struct TrainSummary {
+    /// The rank that reports (0 in a single process; each process's own under MPI).
+    pub rank: usize,
     pub steps: usize,
     pub final_loss: f32,
     pub eval: Option<EvalReport>,
@@ -124,7 +126,8 @@ pub fn train_on<B: AutodiffBackend>(
 ) -> Result<TrainSummary> {
     let d = &cfg.dist;
     if d.backend == "mpi" {
-        return train_mpi::<B>(cfg, device(0));
+        let env = RankEnv::detect().map_err(anyhow::Error::msg)?;
+        return train_mpi::<B>(cfg, device(env.map_or(0, |e| e.local_rank)));
     }
     if let Some(env) = RankEnv::detect().map_err(anyhow::Error::msg)? {
         if env.world_size > 1 {
@@ -162,6 +165,7 @@ fn collect_ranks(results: Vec<Result<TrainSummary, String>>) -> Result<TrainSumm
 
 #[cfg(feature = "mpi")]
 fn train_mpi<B: AutodiffBackend>(cfg: &RunConfig, device: B::Device) -> Result<TrainSummary> {
+    // `device` is this process's: the caller maps the node-local rank to it.
     let comm =
         rookery_dist::mpi::MpiComm::<B::InnerBackend>::init(device.clone(), cfg.dist.timeout())?;
     let w = rookery_dist::Communicator::world_size(&comm);
@@ -280,6 +284,7 @@ fn train_rank<B: AutodiffBackend>(
     }
     bar.finish();
     Ok(TrainSummary {
+        rank,
         steps: state.step,
         final_loss: last_loss,
         eval: last_eval,
@@ -288,6 +293,8 @@ fn train_rank<B: AutodiffBackend>(
     })
 }
 
+static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Model and optimizer, from the latest checkpoint when resuming, else freshly initialised
 /// (or from `model.init_from`) and made identical across ranks.
 fn build<B: AutodiffBackend>(
@@ -295,8 +302,13 @@ fn build<B: AutodiffBackend>(
     device: &B::Device,
     comm: &dyn Communicator<B::InnerBackend>,
 ) -> Result<(Clip<B>, ClipAdamW<B>, TrainState)> {
-    B::seed(device, cfg.train.seed);
-    let mut model: Clip<B> = cfg.model.init(device).map(&mut PathIds::default());
+    let mut model: Clip<B> = {
+        // The backend's RNG is process-wide: ranks that are threads take turns, so each draws
+        // the same weights a lone process would (PathIds forces the lazy initialisation).
+        let _turn = INIT.lock().unwrap_or_else(|p| p.into_inner());
+        B::seed(device, cfg.train.seed);
+        cfg.model.init(device).map(&mut PathIds::default())
+    };
     if !cfg.model.init_from.is_empty() {
         model = crate::export::load_exported(model, Path::new(&cfg.model.init_from))
             .context("model.init_from")?;

@@ -194,6 +194,71 @@ fn resume_is_exact_and_bad_checkpoints_are_refused() {
     );
 }
 
+#[test]
+fn two_rank_training_resumes_exactly_and_refuses_another_world_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |run| {
+        tiny(
+            dir.path(),
+            run,
+            &[
+                "dist.world_size=2",
+                "data.batch_size=8",
+                "train.accum_steps=2",
+                "train.steps=4",
+                "checkpoint.every=2",
+                "checkpoint.keep=5",
+                "train.resume=auto",
+            ],
+        )
+    };
+    let full = args("full");
+    train::<B>(&full, &Default::default()).unwrap();
+    let ck2 = full.train.run_dir.join("checkpoints/step-00000002");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck2.join("state.json")).unwrap()).unwrap();
+    assert_eq!(
+        state["loaders"].as_array().unwrap().len(),
+        2,
+        "one position per rank"
+    );
+    assert_eq!(
+        state["samples_seen"],
+        2 * 2 * 2 * 8,
+        "steps x ranks x micro x batch"
+    );
+
+    let cut = args("cut");
+    let ck = cut.train.run_dir.join("checkpoints");
+    copy_dir(&ck2, &ck.join("step-00000002"));
+    std::fs::write(ck.join("latest"), "step-00000002").unwrap();
+    train::<B>(&cut, &Default::default()).unwrap();
+    let a = weights(
+        &full,
+        &full
+            .train
+            .run_dir
+            .join("checkpoints/step-00000004/model.safetensors"),
+    );
+    let b = weights(&full, &ck.join("step-00000004/model.safetensors"));
+    assert!(
+        a == b,
+        "2-rank resume differs from the uninterrupted 2-rank run"
+    );
+    assert_eq!(
+        losses(&full.train.run_dir)[2..],
+        losses(&cut.train.run_dir)[..]
+    );
+
+    let mut one = args("cut");
+    one.dist.world_size = 1;
+    let err = format!("{:#}", train::<B>(&one, &Default::default()).err().unwrap());
+    assert!(
+        err.contains("written by 2 rank(s)") && err.contains("has 1"),
+        "{err}"
+    );
+}
+
 /// Every parameter's values, in module order.
 fn weights(cfg: &RunConfig, path: &Path) -> Vec<Vec<f32>> {
     struct Collect(Vec<Vec<f32>>);

@@ -77,6 +77,9 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         vocab: usize,
     },
+    /// Start a job's ranks (torchrun-style variables; through mpirun for dist.backend = "mpi")
+    /// and stop them all when one fails: rookery launch --nproc-per-node 2 -- train CONFIG.
+    Launch(cmd::launch::LaunchArgs),
     /// Data tools: synthesize, inspect, benchmark.
     Data {
         #[command(subcommand)]
@@ -117,6 +120,7 @@ fn main() -> anyhow::Result<()> {
             steps,
             vocab,
         } => cmd::train::bench(&config, &set, batch, steps, vocab),
+        Command::Launch(args) => cmd::launch::run(&args),
         Command::Data { command } => cmd::data::run(command),
     }
 }

@@ -12,13 +12,21 @@ mod backend {
     pub fn device() -> burn::prelude::Device<Train> {
         Default::default()
     }
+    /// Every CPU rank shares the one CPU device.
+    pub fn device_of(_local_rank: usize) -> burn::prelude::Device<Train> {
+        Default::default()
+    }
 }
 
 #[cfg(feature = "cuda")]
 mod backend {
     pub type Train = burn::backend::Autodiff<burn::backend::Cuda>;
     pub fn device() -> burn::prelude::Device<Train> {
-        burn::backend::cuda::CudaDevice::new(0)
+        device_of(0)
+    }
+    /// One GPU per rank on a node.
+    pub fn device_of(local_rank: usize) -> burn::prelude::Device<Train> {
+        burn::backend::cuda::CudaDevice::new(local_rank)
     }
 }
 
@@ -28,10 +36,17 @@ pub fn run(config: &Path, overrides: &[String], resume: bool) -> Result<()> {
     if resume {
         cfg.train.resume = "auto".into();
     }
-    ensure_data(&cfg)?;
+    let env = rookery_dist::launch::RankEnv::detect().map_err(anyhow::Error::msg)?;
+    match env.as_ref().filter(|e| e.rank > 0) {
+        None => ensure_data(&cfg)?,
+        Some(_) => wait_for_data(&cfg)?,
+    }
     cfg.check_shards()
         .map_err(|(key, msg)| anyhow::anyhow!("{}: key `{key}`: {msg}", config.display()))?;
-    let summary = rookery_train::train::<backend::Train>(&cfg, &backend::device())?;
+    let summary = rookery_train::train_on::<backend::Train>(&cfg, backend::device_of)?;
+    if summary.rank != 0 {
+        return Ok(());
+    }
     println!(
         "trained {} steps in {:.0} s, final loss {:.4}",
         summary.steps, summary.wall_s, summary.final_loss
@@ -68,6 +83,23 @@ fn ensure_data(cfg: &RunConfig) -> Result<()> {
         seconds = t.elapsed().as_secs_f64(),
         "synthetic shards written"
     );
+    Ok(())
+}
+
+/// Other processes of a job wait while rank 0 synthesizes the embedded data.
+fn wait_for_data(cfg: &RunConfig) -> Result<()> {
+    let d = &cfg.data;
+    if !d.synthesize_if_missing || d.train != d.synth.train_pattern() {
+        return Ok(());
+    }
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_secs_f64(cfg.dist.eval_timeout_s);
+    while !d.synth.is_complete() {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("rank 0 did not finish writing the synthetic shards in {} within dist.eval_timeout_s", d.synth.out.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     Ok(())
 }
 

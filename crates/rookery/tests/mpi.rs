@@ -1,0 +1,211 @@
+//! Multi-process training through MPI (`--features mpi`, OpenMPI installed): `rookery launch`
+//! over mpirun gives the same weights as the same ranks run as threads, and a killed rank
+//! stops the whole job with an error naming it while the last checkpoint stays intact.
+#![cfg(feature = "mpi")]
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rookery_data::synth::{generate, SynthConfig};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rookery");
+
+fn sets(dir: &Path, run: &str, extra: &[&str]) -> Vec<String> {
+    let synth = SynthConfig {
+        out: dir.join("synth"),
+        train_shards: 4,
+        train_samples_per_shard: 64,
+        val_shards: 1,
+        val_samples_per_shard: 32,
+        image_size: 32,
+        ..Default::default()
+    };
+    if !synth.is_complete() {
+        generate(&synth).unwrap();
+    }
+    let mut s: Vec<String> = vec![
+        format!("data.train={}", synth.train_pattern()),
+        "data.val=".into(),
+        format!("data.tokenizer={}", synth.tokenizer_path().display()),
+        format!("data.synth.out={}", synth.out.display()),
+        "data.synthesize_if_missing=false".into(),
+        format!("train.run_dir={}", dir.join(run).display()),
+        "data.batch_size=8".into(),
+        "data.image_size=32".into(),
+        "data.context_length=16".into(),
+        "data.shuffle_buffer=16".into(),
+        "data.workers=1".into(),
+        "model.embed_dim=32".into(),
+        "model.vision.image_size=32".into(),
+        "model.vision.width=32".into(),
+        "model.vision.layers=1".into(),
+        "model.vision.heads=2".into(),
+        "model.text.context_length=16".into(),
+        "model.text.width=32".into(),
+        "model.text.layers=1".into(),
+        "model.text.heads=2".into(),
+        "log.every=1".into(),
+        "log.progress=false".into(),
+    ];
+    s.extend(extra.iter().map(|x| x.to_string()));
+    s
+}
+
+fn rookery(args: &[&str], set: &[String]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    for s in set {
+        c.arg("--set").arg(s);
+    }
+    c
+}
+
+fn check(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Every tensor's values by name.
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn mpi_ranks_train_the_same_model_as_thread_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let common = ["train.steps=3", "train.accum_steps=2", "checkpoint.every=0"];
+    let threads = sets(
+        dir.path(),
+        "threads",
+        &[&common[..], &["dist.world_size=2"]].concat(),
+    );
+    check(
+        rookery(&["train", "configs/clip-tiny.toml"], &threads)
+            .current_dir(root())
+            .output()
+            .unwrap(),
+    );
+    let mpi = sets(
+        dir.path(),
+        "mpi",
+        &[&common[..], &["dist.backend=mpi"]].concat(),
+    );
+    let launch = [
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "train",
+        "configs/clip-tiny.toml",
+    ];
+    check(rookery(&launch, &mpi).current_dir(root()).output().unwrap());
+    let ck = "checkpoints/step-00000003/model.safetensors";
+    let (a, b) = (
+        tensors(&dir.path().join("threads").join(ck)),
+        tensors(&dir.path().join("mpi").join(ck)),
+    );
+    assert_eq!(a.len(), 38);
+    assert!(
+        a == b,
+        "2 MPI processes and 2 threads ended with different weights"
+    );
+}
+
+#[test]
+fn a_killed_rank_stops_the_job_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = sets(
+        dir.path(),
+        "killed",
+        &[
+            "train.steps=100000",
+            "checkpoint.every=2",
+            "dist.backend=mpi",
+            "dist.timeout_s=30",
+        ],
+    );
+    let launch = [
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "train",
+        "configs/clip-tiny.toml",
+    ];
+    let child = rookery(&launch, &run)
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let latest = dir.path().join("killed/checkpoints/latest");
+    let start = Instant::now();
+    while !latest.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint was written"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let victim = rank_pid(1, dir.path()).expect("rank 1's process");
+    check(
+        Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .output()
+            .unwrap(),
+    );
+    let killed_at = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success());
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(60),
+        "the job outlived the timeout"
+    );
+    assert!(
+        text.contains("rank 1"),
+        "the error must name rank 1:\n{text}"
+    );
+    // The newest complete checkpoint is intact.
+    let name = std::fs::read_to_string(&latest).unwrap();
+    let ck = dir.path().join("killed/checkpoints").join(name.trim());
+    assert_eq!(tensors(&ck.join("model.safetensors")).len(), 38);
+}
+
+/// The pid of the rookery process that MPI made rank `rank` in the job writing under `dir`.
+fn rank_pid(rank: usize, dir: &Path) -> Option<u32> {
+    let marker = dir.display().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        let is_rank = environ
+            .split(|&b| b == 0)
+            .any(|kv| kv == format!("OMPI_COMM_WORLD_RANK={rank}").as_bytes());
+        let ours = String::from_utf8_lossy(&cmdline).contains(&marker)
+            && cmdline.starts_with(BIN.as_bytes());
+        (is_rank && ours).then_some(pid)
+    })
+}
+
+fn root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
