@@ -3,7 +3,9 @@
 //!
 //! - [`local`]: ranks as threads of one process, through burn's own collectives
 //!   (burn-collective); the default for several ranks on one machine and in tests;
-//! - [`mpi`] (cargo feature `mpi`): processes on one or many nodes through OpenMPI;
+//! - `mpi` (cargo feature `mpi`): processes on one or many nodes through OpenMPI;
+//! - `nccl` (cargo feature `nccl`, on with `cuda`): GPUs across processes and nodes, the
+//!   unique id handed out by [`rendezvous`];
 //! - [`single`]: the world of one rank, where every collective is the identity.
 //!
 //! Every call is bounded by a timeout, so a dead peer becomes an error naming it, never a hang.
@@ -16,6 +18,9 @@ pub mod launch;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod rendezvous;
 pub mod single;
 
 pub use comm::{check_same, Communicator, DistError};

@@ -18,7 +18,8 @@ pub struct DistConfig {
     /// Ranks as threads of this process ("local" backend). Under `mpirun`/`srun` the launcher
     /// decides and this must be 1 or equal to the launched world size.
     pub world_size: usize,
-    /// "local" (threads, burn-collective) or "mpi" (processes, needs the `mpi` build feature).
+    /// "local" (threads, burn-collective), "mpi" (processes, `mpi` build feature) or "nccl"
+    /// (GPU processes started by `rookery launch`/Slurm, `cuda` build feature).
     pub backend: String,
     /// Gradients cross ranks in flat buckets of this many MiB.
     pub bucket_mb: f64,
@@ -49,9 +50,9 @@ impl DistConfig {
                 "must be at least 1",
             ),
             (
-                !["local", "mpi"].contains(&self.backend.as_str()),
+                !["local", "mpi", "nccl"].contains(&self.backend.as_str()),
                 "dist.backend",
-                "must be \"local\" or \"mpi\"",
+                "must be \"local\", \"mpi\" or \"nccl\"",
             ),
             (!(self.bucket_mb > 0.0), "dist.bucket_mb", "must be > 0"),
             (!(self.timeout_s > 0.0), "dist.timeout_s", "must be > 0"),

@@ -129,6 +129,9 @@ pub fn train_on<B: AutodiffBackend>(
         let env = RankEnv::detect().map_err(anyhow::Error::msg)?;
         return train_mpi::<B>(cfg, device(env.map_or(0, |e| e.local_rank)));
     }
+    if d.backend == "nccl" {
+        return train_nccl::<B>(cfg, &device);
+    }
     if let Some(env) = RankEnv::detect().map_err(anyhow::Error::msg)? {
         if env.world_size > 1 {
             bail!("this process was launched as rank {} of {} ({}), but dist.backend = \"local\" runs ranks as threads of one process: set dist.backend = \"mpi\" (under mpirun/srun) or dist.world_size = {} without a launcher", env.rank, env.world_size, env.source, env.world_size);
@@ -181,6 +184,39 @@ fn train_mpi<B: AutodiffBackend>(cfg: &RunConfig, device: B::Device) -> Result<T
 #[cfg(not(feature = "mpi"))]
 fn train_mpi<B: AutodiffBackend>(_: &RunConfig, _: B::Device) -> Result<TrainSummary> {
     bail!("dist.backend = \"mpi\" needs a build with the `mpi` feature (cargo build --release --features mpi; OpenMPI and libclang installed)")
+}
+
+#[cfg(feature = "cuda")]
+fn train_nccl<B: AutodiffBackend>(
+    cfg: &RunConfig,
+    device: &impl Fn(usize) -> B::Device,
+) -> Result<TrainSummary> {
+    let env = RankEnv::detect()
+        .map_err(anyhow::Error::msg)?
+        .context("dist.backend = \"nccl\" needs a launcher: rookery launch, torchrun-style variables, Slurm or mpirun")?;
+    let master = format!(
+        "{}:{}",
+        env.master_addr.as_deref().unwrap_or("127.0.0.1"),
+        env.master_port.unwrap_or(29500)
+    );
+    let dev = device(env.local_rank);
+    let comm = rookery_dist::nccl::NcclComm::<B::InnerBackend>::init(
+        dev.clone(),
+        env.local_rank,
+        env.rank,
+        env.world_size,
+        &master,
+        cfg.dist.timeout(),
+    )?;
+    train_rank::<B>(cfg, &dev, &comm)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_nccl<B: AutodiffBackend>(
+    _: &RunConfig,
+    _: &impl Fn(usize) -> B::Device,
+) -> Result<TrainSummary> {
+    bail!("dist.backend = \"nccl\" needs a build with the `cuda` feature")
 }
 
 /// One rank's run: identical model and optimizer on every rank, this rank's part of the data.
