@@ -275,7 +275,7 @@ mod tests {
             Duration::from_secs(30),
             |c| {
                 let r = c.rank() as f32;
-                let dev = c.device().clone();
+                let dev = *c.device();
                 let t = Tensor::<B, 1>::from_floats([r, 10.0 * r], &dev);
                 let sum = floats(c.all_reduce_sum(t.clone())?);
                 let gathered = floats(c.all_gather(t.clone())?);

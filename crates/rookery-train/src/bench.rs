@@ -1,18 +1,19 @@
-//! `rookery bench step`: the time of one CLIP training step (forward, backward, clipping,
-//! AdamW) on random inputs, without the loader, for comparison with PyTorch eager
-//! (benches/reference/clip_step.py builds the same model).
+//! `rookery bench`: the time of one CLIP training step as the trainer runs it (forward,
+//! gathered-loss backward, clipping, decoupled decay, AdamW) on random inputs, without the
+//! loader, for comparison with PyTorch eager (benches/reference/clip_step.py builds the same
+//! model).
 
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
-use rookery_model::loss::clip_loss;
+use rookery_dist::Single;
 use rookery_model::ClipConfig;
 
-use crate::optim::clip_global_norm;
+use crate::optim::{OptimConfig, Updater};
+use crate::step::{contrastive_grads, Micro, Negatives};
 
 /// Seconds per step for `steps` timed steps after `warmup` untimed ones.
 pub fn step_times<B: AutodiffBackend>(
@@ -24,11 +25,13 @@ pub fn step_times<B: AutodiffBackend>(
 ) -> Result<Vec<f64>> {
     B::seed(device, 0);
     let mut model = model_cfg.init::<B>(device);
-    let mut optim = AdamWConfig::new()
-        .with_beta_2(0.98)
-        .with_epsilon(1e-6)
-        .with_weight_decay(0.1)
-        .init::<B, rookery_model::Clip<B>>();
+    let o = OptimConfig {
+        lr: 1e-4,
+        warmup_steps: 0,
+        ..Default::default()
+    };
+    let mut up = Updater::new(&o, o.adamw::<B>(), &model);
+    let comm = Single::<B::InnerBackend>::new(device.clone());
     let s = model_cfg.vision.image_size;
     let (ctx, vocab) = (model_cfg.text.context_length, model_cfg.text.vocab_size);
     let mut times = Vec::new();
@@ -43,14 +46,9 @@ pub fn step_times<B: AutodiffBackend>(
         }
         let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, ctx]), device);
         let t = Instant::now();
-        let loss = clip_loss(
-            model.encode_image(images),
-            model.encode_text(tokens),
-            model.logit_scale.val(),
-        );
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-        clip_global_norm(&model, &mut grads, 1.0);
-        model = optim.step(1e-4, model, grads).clamp_logit_scale();
+        let micro = vec![Micro { images, tokens }];
+        let g = contrastive_grads(&model, micro, &comm, Negatives::Global, 1 << 22)?;
+        model = up.apply(model, g.grads, i + 1, warmup + steps).0;
         let _ = model.logit_scale.val().into_scalar(); // wait for the step to finish
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64());

@@ -43,6 +43,8 @@ impl Default for DistConfig {
 
 impl DistConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
+        // `is_nan() || <= 0` refuses NaN as well as non-positive values.
+        let bad = |x: f64| x.is_nan() || x <= 0.0;
         let checks = [
             (
                 self.world_size == 0,
@@ -54,10 +56,10 @@ impl DistConfig {
                 "dist.backend",
                 "must be \"local\", \"mpi\" or \"nccl\"",
             ),
-            (!(self.bucket_mb > 0.0), "dist.bucket_mb", "must be > 0"),
-            (!(self.timeout_s > 0.0), "dist.timeout_s", "must be > 0"),
+            (bad(self.bucket_mb), "dist.bucket_mb", "must be > 0"),
+            (bad(self.timeout_s), "dist.timeout_s", "must be > 0"),
             (
-                !(self.eval_timeout_s > 0.0),
+                bad(self.eval_timeout_s),
                 "dist.eval_timeout_s",
                 "must be > 0",
             ),
