@@ -8,6 +8,7 @@
 pub mod decode;
 pub mod inspect;
 pub mod loader;
+pub mod resplit;
 pub mod rng;
 pub mod shards;
 pub mod stream;

@@ -152,6 +152,62 @@ struct Decoded {
     json: Option<serde_json::Value>,
 }
 
+/// How `rank` of `world` walks `shards` under `cfg`.
+fn stream_spec(
+    cfg: &DataConfig,
+    shards: Vec<String>,
+    rank: usize,
+    world: usize,
+    mode: Mode,
+) -> StreamSpec {
+    StreamSpec {
+        shards,
+        rank,
+        world,
+        workers: cfg.workers.max(1),
+        seed: cfg.seed,
+        shuffle_buffer: if mode == Mode::Train {
+            cfg.shuffle_buffer
+        } else {
+            0
+        },
+        resampled: cfg.resampled && mode == Mode::Train,
+        single_epoch: mode == Mode::Eval,
+        skip: Default::default(),
+    }
+}
+
+impl LoaderPosition {
+    /// The training position for `rank` of `world` that continues a run whose ranks (another
+    /// number of them) were at `old`: finished shards are neither repeated nor skipped, partly
+    /// read ones are read again from their start (see [`crate::resplit`]). The old ranks'
+    /// bad-sample counts carry over, summed, on rank 0.
+    pub fn resplit(
+        cfg: &DataConfig,
+        shards: Vec<String>,
+        old: &[LoaderPosition],
+        rank: usize,
+        world: usize,
+    ) -> Result<LoaderPosition, DataError> {
+        let spec = stream_spec(cfg, shards, rank, world, Mode::Train);
+        let streams: Vec<StreamPosition> = old.iter().map(|p| p.stream.clone()).collect();
+        let stream = crate::resplit::resplit(&spec, &streams).map_err(DataError::Invalid)?;
+        let mut counts = BadCounts::default();
+        for c in old.iter().map(|p| &p.counts).filter(|_| rank == 0) {
+            counts.seen += c.seen;
+            counts.bad += c.bad;
+            for (k, v) in &c.by_reason {
+                *counts.by_reason.entry(k.clone()).or_default() += v;
+            }
+        }
+        Ok(LoaderPosition {
+            stream,
+            counts,
+            batches: 0,
+        })
+    }
+}
+
 impl Loader {
     /// Starts a loader over `shards` for `rank` of `world`, from `position` if resuming.
     pub fn new(
@@ -163,20 +219,7 @@ impl Loader {
         mode: Mode,
         position: Option<LoaderPosition>,
     ) -> Result<Self, DataError> {
-        let spec = StreamSpec {
-            shards,
-            rank,
-            world,
-            workers: cfg.workers.max(1),
-            seed: cfg.seed,
-            shuffle_buffer: if mode == Mode::Train {
-                cfg.shuffle_buffer
-            } else {
-                0
-            },
-            resampled: cfg.resampled && mode == Mode::Train,
-            single_epoch: mode == Mode::Eval,
-        };
+        let spec = stream_spec(cfg, shards, rank, world, mode);
         let (stream_pos, counts, batches) = match position {
             Some(p) => (Some(p.stream), p.counts, p.batches),
             None => (None, BadCounts::default(), 0),

@@ -10,7 +10,7 @@
 //! A worker's state holds references (shard cursor, sample index) to the samples in its shuffle
 //! buffer instead of the samples: on resume those few samples are re-read from their shards.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -20,7 +20,7 @@ use crate::rng::Rng;
 use crate::wds::{read_shard, RawSample, ShardItem};
 
 /// How a stream walks its shards.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct StreamSpec {
     pub shards: Vec<String>,
     pub rank: usize,
@@ -33,6 +33,9 @@ pub struct StreamSpec {
     pub resampled: bool,
     /// Stop after one epoch (evaluation) instead of rolling over.
     pub single_epoch: bool,
+    /// Shards left out of an epoch's order because a run on another number of ranks finished
+    /// them ([`crate::resplit`]); empty otherwise. Taken from the position on resume.
+    pub skip: BTreeMap<u64, BTreeSet<String>>,
 }
 
 /// Reference to a sample: its shard's place in the worker's epoch list and its index there.
@@ -63,6 +66,9 @@ pub struct WorkerState {
 pub struct StreamPosition {
     pub workers: Vec<WorkerState>,
     pub next_worker: usize,
+    /// The spec's `skip` this position was taken with (it shapes the workers' shard lists).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub skip: BTreeMap<u64, BTreeSet<String>>,
 }
 
 /// What a stream yields, in a deterministic order.
@@ -91,8 +97,8 @@ pub struct ShardStream {
 }
 
 impl StreamSpec {
-    /// Global worker count; refuses splits that would leave a rank without shards.
-    fn plan(&self) -> Result<usize, String> {
+    /// Workers per rank; refuses splits that would leave a rank without shards.
+    pub(crate) fn plan(&self) -> Result<usize, String> {
         let n = self.shards.len();
         if n == 0 {
             return Err("no shards".into());
@@ -122,6 +128,9 @@ impl StreamSpec {
         if self.shuffle_buffer > 0 {
             Rng::derive(&[self.seed, epoch, 0x0bde]).shuffle(&mut order);
         }
+        if let Some(skip) = self.skip.get(&epoch) {
+            order.retain(|&i| !skip.contains(&self.shards[i]));
+        }
         order
             .into_iter()
             .skip(g)
@@ -130,7 +139,7 @@ impl StreamSpec {
             .collect()
     }
 
-    fn fresh_state(&self, epoch: u64, g: usize) -> WorkerState {
+    pub(crate) fn fresh_state(&self, epoch: u64, g: usize) -> WorkerState {
         WorkerState {
             epoch,
             cursor: 0,
@@ -144,7 +153,10 @@ impl StreamSpec {
 
 impl ShardStream {
     /// Starts the reader threads, from `position` if given (it must come from the same spec).
-    pub fn start(spec: StreamSpec, position: Option<StreamPosition>) -> Result<Self, String> {
+    pub fn start(mut spec: StreamSpec, position: Option<StreamPosition>) -> Result<Self, String> {
+        if let Some(p) = &position {
+            spec.skip = p.skip.clone();
+        }
         let per_rank = spec.plan()?;
         let total = per_rank * spec.world;
         let position = match position {
@@ -160,6 +172,7 @@ impl ShardStream {
                     .map(|w| spec.fresh_state(0, spec.rank * per_rank + w))
                     .collect(),
                 next_worker: 0,
+                skip: spec.skip.clone(),
             },
         };
         let (mut rx, mut threads) = (Vec::new(), Vec::new());

@@ -193,6 +193,7 @@ fn ranks_and_workers_split_without_overlap_and_cover_everything() {
         shuffle_buffer: 4,
         resampled: false,
         single_epoch: true,
+        skip: Default::default(),
     };
     let mut train_seen = HashSet::new();
     for rank in 0..2 {
@@ -434,6 +435,7 @@ fn resampled_streams_are_endless_draws_with_replacement() {
         shuffle_buffer: 4,
         resampled: true,
         single_epoch: false,
+        skip: Default::default(),
     };
     let keys = stream_keys(spec.clone(), 60);
     assert_eq!(
@@ -451,6 +453,86 @@ fn resampled_streams_are_endless_draws_with_replacement() {
     );
     let again = stream_keys(spec, 60);
     assert_eq!(keys, again, "deterministic for a seed");
+}
+
+#[test]
+fn resplitting_onto_another_world_size_repeats_and_skips_no_finished_shard() {
+    use rookery_data::resplit::resplit;
+    use std::collections::HashMap;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = synth(dir.path(), 12, 5);
+    let shards = expand_shards(&cfg.train_pattern()).unwrap();
+    let shard_of: HashMap<String, String> = shards
+        .iter()
+        .flat_map(|s| keys_of(s).into_iter().map(move |k| (k, s.clone())))
+        .collect();
+    let spec = |rank, world| StreamSpec {
+        shards: shards.clone(),
+        rank,
+        world,
+        workers: 2,
+        seed: 9,
+        shuffle_buffer: 3,
+        ..Default::default()
+    };
+    // Two old ranks read 13 samples each of epoch 0, then stop.
+    let (mut delivered, mut old) = (HashSet::new(), vec![]);
+    for rank in 0..2 {
+        let mut s = ShardStream::start(spec(rank, 2), None).unwrap();
+        for _ in 0..13 {
+            if let Some(StreamItem::Sample { sample, epoch }) = s.next_item() {
+                assert_eq!(epoch, 0);
+                delivered.insert(sample.key);
+            }
+        }
+        old.push(s.position().clone());
+    }
+    // Shards an old worker was in the middle of: the only ones whose samples may repeat.
+    let mut partial: HashSet<String> = HashSet::new();
+    for (r, p) in old.iter().enumerate() {
+        for (w, st) in p.workers.iter().enumerate() {
+            let list = spec(r, 2).worker_shards(0, r * 2 + w, 4);
+            partial.extend(list.get(st.cursor).cloned());
+            partial.extend(st.buffer.iter().map(|b| list[b.cursor as usize].clone()));
+        }
+    }
+    for world in [1, 3] {
+        let mut again = HashSet::new();
+        let mut epoch0 = vec![];
+        for rank in 0..world {
+            let pos = resplit(&spec(rank, world), &old).unwrap();
+            let s = ShardStream::start(spec(rank, world), Some(pos)).unwrap();
+            for item in s.take(200) {
+                if let StreamItem::Sample { sample, epoch: 0 } = item {
+                    epoch0.push(sample.key);
+                }
+            }
+        }
+        for k in &epoch0 {
+            assert!(
+                again.insert(k.clone()),
+                "world {world}: {k} read twice after the resplit"
+            );
+            if delivered.contains(k) {
+                assert!(
+                    partial.contains(&shard_of[k]),
+                    "world {world}: {k} repeated from a finished shard"
+                );
+            }
+        }
+        let missing: Vec<_> = shard_of
+            .keys()
+            .filter(|k| !delivered.contains(*k) && !again.contains(*k))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "world {world}: epoch 0 samples never read: {missing:?}"
+        );
+        assert!(
+            epoch0.len() < 60,
+            "world {world}: finished shards must not be re-read"
+        );
+    }
 }
 
 /// The keys of the first `n` samples of a stream.

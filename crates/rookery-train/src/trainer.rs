@@ -359,10 +359,19 @@ fn build<B: AutodiffBackend>(
     let Some(dir) = latest else {
         return Ok((model, optim, fresh));
     };
-    let (model, optim, state) = checkpoint::load(&dir, cfg, model, optim, device)?;
+    let (model, optim, mut state) = checkpoint::load(&dir, cfg, model, optim, device)?;
     let world = comm.world_size();
     if state.loaders.len() != world {
-        bail!("checkpoint {} was written by {} rank(s) and this run has {world}: resuming on another world size is not supported yet (each rank's stream position is only valid for the world size that wrote it); resume with dist.world_size = {}", dir.display(), state.loaders.len(), state.loaders.len());
+        let old = std::mem::take(&mut state.loaders);
+        tracing::warn!(
+            from = old.len(),
+            to = world,
+            "resuming on another number of ranks: finished shards are neither repeated nor skipped; partly read ones are read again from their start"
+        );
+        let shards = rookery_data::expand_shards(&cfg.data.train)?;
+        state.loaders = (0..world)
+            .map(|r| LoaderPosition::resplit(&cfg.data, shards.clone(), &old, r, world))
+            .collect::<Result<_, _>>()?;
     }
     tracing::info!(checkpoint = %dir.display(), step = state.step, rank = comm.rank(), "resuming");
     Ok((model, optim, state))
