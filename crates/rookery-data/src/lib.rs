@@ -7,6 +7,7 @@
 
 pub mod decode;
 pub mod inspect;
+pub mod interleaved;
 pub mod loader;
 pub mod resplit;
 pub mod rng;
