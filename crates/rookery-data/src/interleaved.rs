@@ -66,7 +66,11 @@ pub enum DocError {
     #[error("field `{0}` is missing or has the wrong type")]
     Field(&'static str),
     #[error("image {image}: matched_text_index {index} is out of range (text_list has {len})")]
-    IndexOutOfRange { image: usize, index: usize, len: usize },
+    IndexOutOfRange {
+        image: usize,
+        index: usize,
+        len: usize,
+    },
     #[error("image {0:?} is neither a member of the sample nor inline base64")]
     MissingImage(String),
     #[error("position {0}: exactly one of texts[i] and images[i] must be non-null")]
@@ -87,19 +91,27 @@ pub fn parse_mmc4(
     members: &BTreeSet<String>,
     min_sim: f64,
 ) -> Result<Vec<Item>, DocError> {
-    let texts = doc["text_list"].as_array().ok_or(DocError::Field("text_list"))?;
+    let texts = doc["text_list"]
+        .as_array()
+        .ok_or(DocError::Field("text_list"))?;
     let texts: Vec<&str> = texts
         .iter()
         .map(|t| t.as_str().ok_or(DocError::Field("text_list")))
         .collect::<Result<_, _>>()?;
-    let info = doc["image_info"].as_array().ok_or(DocError::Field("image_info"))?;
+    let info = doc["image_info"]
+        .as_array()
+        .ok_or(DocError::Field("image_info"))?;
     let mut before: Vec<Vec<ImageRef>> = vec![Vec::new(); texts.len()];
     for (i, im) in info.iter().enumerate() {
         let index = im["matched_text_index"]
             .as_u64()
             .ok_or(DocError::Field("image_info.matched_text_index"))? as usize;
         if index >= texts.len() {
-            return Err(DocError::IndexOutOfRange { image: i, index, len: texts.len() });
+            return Err(DocError::IndexOutOfRange {
+                image: i,
+                index,
+                len: texts.len(),
+            });
         }
         let sim = im["matched_sim"].as_f64().unwrap_or(1.0);
         if sim < min_sim {
@@ -119,7 +131,9 @@ fn image_ref(im: &Value, members: &BTreeSet<String>) -> Result<ImageRef, DocErro
     if let Some(b) = im["image_base64"].as_str() {
         return Ok(ImageRef::Base64(b.to_string()));
     }
-    let name = im["image_name"].as_str().ok_or(DocError::Field("image_info.image_name"))?;
+    let name = im["image_name"]
+        .as_str()
+        .ok_or(DocError::Field("image_info.image_name"))?;
     match members.contains(name) {
         true => Ok(ImageRef::Member(name.to_string())),
         false => Err(DocError::MissingImage(name.to_string())),
@@ -206,7 +220,10 @@ pub fn build_sequence(
     sp: Specials,
     cfg: &SequenceConfig,
 ) -> Result<Sequence, DocError> {
-    if !items.iter().any(|i| matches!(i, Item::Text(t) if !t.trim().is_empty())) {
+    if !items
+        .iter()
+        .any(|i| matches!(i, Item::Text(t) if !t.trim().is_empty()))
+    {
         return Err(DocError::EmptyText);
     }
     let mut tokens = vec![sp.sot];
@@ -248,7 +265,11 @@ pub fn build_sequence(
     if !targets.iter().any(|&t| t) {
         return Err(DocError::NoTargets);
     }
-    Ok(Sequence { tokens, targets, images })
+    Ok(Sequence {
+        tokens,
+        targets,
+        images,
+    })
 }
 
 /// An image-text pair as a one-image sequence: `<sot><image>caption<|endofchunk|><eot>`.
@@ -258,7 +279,10 @@ pub fn pair_sequence(
     sp: Specials,
     max_tokens: usize,
 ) -> Result<Sequence, DocError> {
-    let items = [Item::Image(ImageRef::Member(String::new())), Item::Text(caption.into())];
+    let items = [
+        Item::Image(ImageRef::Member(String::new())),
+        Item::Text(caption.into()),
+    ];
     let cfg = SequenceConfig {
         max_tokens,
         max_images: 1,
@@ -278,10 +302,8 @@ fn targets(tokens: &[i64], sp: Specials, mask_before_first_image: bool) -> Vec<b
                 (seen_image, after_eoc) = (true, false);
                 return false;
             }
-            let masked = t == sp.sot
-                || t == sp.pad
-                || after_eoc
-                || (mask_before_first_image && !seen_image);
+            let masked =
+                t == sp.sot || t == sp.pad || after_eoc || (mask_before_first_image && !seen_image);
             if t == sp.eoc {
                 after_eoc = true;
             }
@@ -297,7 +319,12 @@ mod tests {
 
     fn tokenizer(dir: &std::path::Path) -> TextTokenizer {
         let path = dir.join("tok.json");
-        let corpus = ["intro text here", "a red circle", "two blue squares", "q: how many? a: two"];
+        let corpus = [
+            "intro text here",
+            "a red circle",
+            "two blue squares",
+            "q: how many? a: two",
+        ];
         crate::tokenize::fit_word_level(corpus.into_iter(), &path).unwrap();
         TextTokenizer::from_file(&path).unwrap()
     }
@@ -319,7 +346,11 @@ mod tests {
                     t if t == sp.eot => "<eot>".to_string(),
                     t => tk.decode(&[t as u32]),
                 };
-                if y { format!("{w}*") } else { w }
+                if y {
+                    format!("{w}*")
+                } else {
+                    w
+                }
             })
             .collect()
     }
@@ -337,9 +368,29 @@ mod tests {
                 {"image_name": "img2.png", "matched_text_index": 2, "matched_sim": 0.3}
             ]
         });
-        let items = parse_mmc4(&doc, &members(&["json", "img0.jpg", "img1.jpg", "img2.png"]), 0.24).unwrap();
-        let s = build_sequence(&items, &tk, sp, &SequenceConfig { max_tokens: 16, ..Default::default() }).unwrap();
-        assert_eq!(s.images, vec![ImageRef::Member("img0.jpg".into()), ImageRef::Member("img2.png".into())]);
+        let items = parse_mmc4(
+            &doc,
+            &members(&["json", "img0.jpg", "img1.jpg", "img2.png"]),
+            0.24,
+        )
+        .unwrap();
+        let s = build_sequence(
+            &items,
+            &tk,
+            sp,
+            &SequenceConfig {
+                max_tokens: 16,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            s.images,
+            vec![
+                ImageRef::Member("img0.jpg".into()),
+                ImageRef::Member("img2.png".into())
+            ]
+        );
         // * marks loss targets: nothing before the first image, nothing after an <eoc> until the
         // next <image>, never <image> or padding; <eoc> itself is a target.
         assert_eq!(
@@ -347,9 +398,15 @@ mod tests {
             "<sot> intro text <image> a* red* circle* <eoc>* <image> two* blue* squares* <eoc>* <eot>"
         );
         assert_eq!(s.tokens.len(), 16);
-        let unmasked = SequenceConfig { max_tokens: 16, mask_before_first_image: false, ..Default::default() };
+        let unmasked = SequenceConfig {
+            max_tokens: 16,
+            mask_before_first_image: false,
+            ..Default::default()
+        };
         let s = build_sequence(&items, &tk, sp, &unmasked).unwrap();
-        assert!(words(&tk, sp, &s).join(" ").starts_with("<sot> intro* text* <image>"));
+        assert!(words(&tk, sp, &s)
+            .join(" ")
+            .starts_with("<sot> intro* text* <image>"));
     }
 
     #[test]
@@ -358,13 +415,25 @@ mod tests {
         let tk = tokenizer(dir.path());
         let sp = Specials::of(&tk).unwrap();
         let img = |n: &str| Item::Image(ImageRef::Member(n.into()));
-        let items = vec![img("a"), Item::Text("a red circle".into()), img("b"), Item::Text("two blue squares".into())];
-        let one = SequenceConfig { max_images: 1, max_tokens: 32, ..Default::default() };
+        let items = vec![
+            img("a"),
+            Item::Text("a red circle".into()),
+            img("b"),
+            Item::Text("two blue squares".into()),
+        ];
+        let one = SequenceConfig {
+            max_images: 1,
+            max_tokens: 32,
+            ..Default::default()
+        };
         let s = build_sequence(&items, &tk, sp, &one).unwrap();
         assert_eq!(s.images.len(), 1);
         assert_eq!(s.tokens.iter().filter(|&&t| t == sp.image).count(), 1);
         // A budget that cuts the second image off drops it from the images too.
-        let short = SequenceConfig { max_tokens: 7, ..Default::default() };
+        let short = SequenceConfig {
+            max_tokens: 7,
+            ..Default::default()
+        };
         let s = build_sequence(&items, &tk, sp, &short).unwrap();
         assert_eq!((s.tokens.len(), s.images.len()), (7, 1));
     }
@@ -378,9 +447,15 @@ mod tests {
         let items = parse_obelics(&doc, &members(&["json", "0.jpg"])).unwrap();
         assert_eq!(items[1], Item::Image(ImageRef::Member("0.jpg".into())));
         let s = build_sequence(&items, &tk, sp, &SequenceConfig::default()).unwrap();
-        assert_eq!(words(&tk, sp, &s).join(" "), "<sot> intro text <image> a* red* circle* <eoc>* <eot>");
+        assert_eq!(
+            words(&tk, sp, &s).join(" "),
+            "<sot> intro text <image> a* red* circle* <eoc>* <eot>"
+        );
         let p = pair_sequence("two blue squares", &tk, sp, 8).unwrap();
-        assert_eq!(words(&tk, sp, &p).join(" "), "<sot> <image> two* blue* squares* <eoc>* <eot>");
+        assert_eq!(
+            words(&tk, sp, &p).join(" "),
+            "<sot> <image> two* blue* squares* <eoc>* <eot>"
+        );
     }
 
     #[test]
@@ -390,14 +465,36 @@ mod tests {
         let sp = Specials::of(&tk).unwrap();
         let m = members(&["img0.jpg"]);
         let info = |i: u64, name: &str| json!({"text_list": ["a red circle"], "image_info": [{"image_name": name, "matched_text_index": i, "matched_sim": 0.5}]});
-        assert_eq!(parse_mmc4(&info(3, "img0.jpg"), &m, 0.24), Err(DocError::IndexOutOfRange { image: 0, index: 3, len: 1 }));
-        assert_eq!(parse_mmc4(&info(0, "img9.jpg"), &m, 0.24), Err(DocError::MissingImage("img9.jpg".into())));
-        assert_eq!(parse_mmc4(&json!({"image_info": []}), &m, 0.24), Err(DocError::Field("text_list")));
+        assert_eq!(
+            parse_mmc4(&info(3, "img0.jpg"), &m, 0.24),
+            Err(DocError::IndexOutOfRange {
+                image: 0,
+                index: 3,
+                len: 1
+            })
+        );
+        assert_eq!(
+            parse_mmc4(&info(0, "img9.jpg"), &m, 0.24),
+            Err(DocError::MissingImage("img9.jpg".into()))
+        );
+        assert_eq!(
+            parse_mmc4(&json!({"image_info": []}), &m, 0.24),
+            Err(DocError::Field("text_list"))
+        );
         let empty = parse_mmc4(&json!({"text_list": ["  "], "image_info": [{"image_name": "img0.jpg", "matched_text_index": 0}]}), &m, 0.24).unwrap();
-        assert_eq!(build_sequence(&empty, &tk, sp, &SequenceConfig::default()), Err(DocError::EmptyText));
+        assert_eq!(
+            build_sequence(&empty, &tk, sp, &SequenceConfig::default()),
+            Err(DocError::EmptyText)
+        );
         let low = parse_mmc4(&json!({"text_list": ["a red circle"], "image_info": [{"image_name": "img0.jpg", "matched_text_index": 0, "matched_sim": 0.1}]}), &m, 0.24).unwrap();
-        assert_eq!(build_sequence(&low, &tk, sp, &SequenceConfig::default()), Err(DocError::NoImages));
+        assert_eq!(
+            build_sequence(&low, &tk, sp, &SequenceConfig::default()),
+            Err(DocError::NoImages)
+        );
         let both = json!({"texts": ["a", "b"], "images": [null, "x.jpg"]});
-        assert_eq!(parse_obelics(&both, &members(&["x.jpg"])), Err(DocError::BadPosition(1)));
+        assert_eq!(
+            parse_obelics(&both, &members(&["x.jpg"])),
+            Err(DocError::BadPosition(1))
+        );
     }
 }

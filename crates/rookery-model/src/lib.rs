@@ -2,9 +2,11 @@
 //!
 //! - [`clip`]: CLIP with a ViT image tower ([`vit`]) and a causal text tower ([`text`]),
 //!   built from the pre-norm blocks in [`layers`];
-//! - [`loss`]: the symmetric InfoNCE loss, shaped for gathered features.
+//! - [`loss`]: the symmetric InfoNCE and SigLIP losses, shaped for gathered features;
+//! - [`flamingo`]: a decoder LM, the Perceiver Resampler and gated cross-attention.
 
 pub mod clip;
+pub mod flamingo;
 pub mod layers;
 pub mod loss;
 pub mod text;

@@ -1,0 +1,13 @@
+//! Flamingo (Alayrac et al. 2022, "Flamingo: a Visual Language Model for Few-Shot Learning"):
+//! a frozen vision encoder and a frozen language model, joined by a trainable Perceiver
+//! Resampler and gated cross-attention blocks.
+
+pub mod lm;
+pub mod model;
+pub mod resampler;
+pub mod xattn;
+
+pub use lm::{LanguageModel, LmConfig};
+pub use model::{Flamingo, FlamingoConfig};
+pub use resampler::{PerceiverResampler, ResamplerConfig};
+pub use xattn::{media_mask, GatedCrossAttention};

@@ -1,0 +1,299 @@
+//! The Flamingo model, top to bottom: images -> frozen ViT patch tokens -> Perceiver Resampler
+//! -> visual tokens; text -> frozen LM embeddings (with trainable `<image>` and
+//! `<|endofchunk|>` rows) -> LM blocks with a gated cross-attention block before every n-th one
+//! -> LM head.
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::lm::{LanguageModel, LmConfig};
+use super::resampler::{PerceiverResampler, ResamplerConfig};
+use super::xattn::{media_mask, GatedCrossAttention};
+use crate::vit::{VisionTransformer, VitConfig};
+
+/// `[model]` of a Flamingo run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlamingoConfig {
+    pub vision: VitConfig,
+    pub lm: LmConfig,
+    pub resampler: ResamplerConfig,
+    /// A gated cross-attention block before LM layer i when (i + 1) % n == 0.
+    pub cross_attn_every_n_layers: usize,
+    pub xattn_heads: usize,
+    pub xattn_dim_head: usize,
+    pub xattn_ff_mult: usize,
+    /// Text attends to the latest image only (true) or to every image before it (false).
+    pub only_attend_immediate_media: bool,
+    /// Token ids of `<image>` and `<|endofchunk|>` (set from the tokenizer).
+    pub image_token: usize,
+    pub eoc_token: usize,
+}
+
+impl Default for FlamingoConfig {
+    fn default() -> Self {
+        FlamingoConfig {
+            vision: VitConfig::default(),
+            lm: LmConfig::default(),
+            resampler: ResamplerConfig {
+                latents: 16,
+                depth: 2,
+                heads: 4,
+                dim_head: 32,
+                ..Default::default()
+            },
+            cross_attn_every_n_layers: 1,
+            xattn_heads: 4,
+            xattn_dim_head: 32,
+            xattn_ff_mult: 4,
+            only_attend_immediate_media: true,
+            image_token: 4,
+            eoc_token: 5,
+        }
+    }
+}
+
+impl FlamingoConfig {
+    /// A Flamingo whose vision tower and LM are freshly initialised (load them before
+    /// training), frozen, and whose new token rows start equal to the LM's.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Flamingo<B> {
+        let dv = self.vision.width;
+        let every = self.cross_attn_every_n_layers.max(1);
+        let xattn = (0..self.lm.layers)
+            .filter(|i| (i + 1) % every == 0)
+            .map(|_| {
+                GatedCrossAttention::new(
+                    self.lm.width,
+                    dv,
+                    self.xattn_heads,
+                    self.xattn_dim_head,
+                    self.xattn_ff_mult,
+                    device,
+                )
+            })
+            .collect();
+        let model = Flamingo {
+            vision: self.vision.init(dv, device),
+            resampler: self.resampler.init(dv, device),
+            lm: self.lm.init(device),
+            xattn,
+            new_tokens: Param::from_tensor(Tensor::zeros([2, self.lm.width], device)),
+            every,
+            image_token: self.image_token as i64,
+            eoc_token: self.eoc_token as i64,
+            only_immediate: self.only_attend_immediate_media,
+        };
+        model.freeze()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Flamingo<B: Backend> {
+    /// Frozen: patch tokens come from it, never gradients.
+    pub vision: VisionTransformer<B>,
+    pub resampler: PerceiverResampler<B>,
+    /// Frozen, except through `new_tokens`.
+    pub lm: LanguageModel<B>,
+    pub xattn: Vec<GatedCrossAttention<B>>,
+    /// Trainable embeddings of `<image>` and `<|endofchunk|>`, used instead of the LM's rows.
+    pub new_tokens: Param<Tensor<B, 2>>,
+    #[module(skip)]
+    pub every: usize,
+    #[module(skip)]
+    pub image_token: i64,
+    #[module(skip)]
+    pub eoc_token: i64,
+    #[module(skip)]
+    pub only_immediate: bool,
+}
+
+impl<B: Backend> Flamingo<B> {
+    /// Freezes the vision tower and the LM, and restarts the new token rows from the LM's rows
+    /// (call again after loading LM weights), so the untrained model is exactly the LM.
+    pub fn freeze(mut self) -> Self {
+        self.vision = self.vision.no_grad();
+        self.lm = self.lm.no_grad();
+        let w = self.lm.wte.weight.val().detach();
+        let [_, d] = w.dims();
+        let rows = |id: i64| w.clone().slice(s![id as usize..id as usize + 1, 0..d]);
+        let fresh = Tensor::cat(vec![rows(self.image_token), rows(self.eoc_token)], 0);
+        self.new_tokens = Param::from_tensor(fresh);
+        self
+    }
+
+    /// Visual tokens `[B, N * latents, Dv]` of `images` `[B, N, 3, H, W]`.
+    pub fn encode_images(&self, images: Tensor<B, 5>) -> Tensor<B, 3> {
+        let [b, n, c, h, w] = images.dims();
+        let tokens = self.vision.forward_tokens(images.reshape([b * n, c, h, w]));
+        let [_, p1, dv] = tokens.dims();
+        // Patch tokens only: the class token and ln_post/projection are CLIP's, not Flamingo's.
+        let patches = tokens
+            .slice(s![.., 1..p1, ..])
+            .reshape([b * n, 1, p1 - 1, dv]);
+        let visual = self.resampler.forward(patches.detach());
+        let l = visual.dims()[1];
+        visual.reshape([b, n * l, dv])
+    }
+
+    /// LM embeddings with the trainable rows for `<image>` and `<|endofchunk|>`.
+    fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let x = self.lm.embed_tokens(tokens.clone());
+        let [b, t, d] = x.dims();
+        let nt = self.new_tokens.val();
+        let row = |i: usize| {
+            nt.clone()
+                .slice(s![i..i + 1, ..])
+                .reshape([1, 1, d])
+                .expand([b, t, d])
+        };
+        let is = |id: i64| {
+            tokens
+                .clone()
+                .equal_elem(id)
+                .unsqueeze_dim::<3>(2)
+                .expand([b, t, d])
+        };
+        x.mask_where(is(self.image_token), row(0))
+            .mask_where(is(self.eoc_token), row(1))
+    }
+
+    /// Next-token logits `[B, T, V]` for `tokens` `[B, T]` interleaved with `images`
+    /// `[B, N, 3, H, W]` (the k-th `<image>` token of a row is its k-th image; unused image
+    /// slots may hold anything).
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>, images: Tensor<B, 5>) -> Tensor<B, 3> {
+        let n = images.dims()[1];
+        let visual = self.encode_images(images);
+        let per_image = visual.dims()[1] / n;
+        let (hidden, sees) = media_mask(
+            tokens.clone(),
+            self.image_token,
+            n,
+            per_image,
+            self.only_immediate,
+        );
+        let mut x = self.lm.add_positions(self.embed(tokens));
+        let mut gated = self.xattn.iter();
+        for (i, block) in self.lm.blocks.iter().enumerate() {
+            if (i + 1) % self.every == 0 {
+                let xa = gated.next().expect("one gated block per n-th layer");
+                x = xa.forward(x, visual.clone(), hidden.clone(), sees.clone());
+            }
+            x = block.forward(x, true);
+        }
+        self.lm.head(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::Distribution;
+
+    type B = Flex;
+
+    fn tiny() -> FlamingoConfig {
+        let mut c = FlamingoConfig::default();
+        (c.vision.image_size, c.vision.patch_size, c.vision.width) = (16, 8, 32);
+        (c.vision.layers, c.vision.heads) = (1, 2);
+        (c.lm.vocab_size, c.lm.context_length, c.lm.width) = (20, 12, 32);
+        (c.lm.layers, c.lm.heads) = (2, 2);
+        (
+            c.resampler.latents,
+            c.resampler.depth,
+            c.resampler.heads,
+            c.resampler.dim_head,
+        ) = (3, 1, 2, 8);
+        (c.xattn_heads, c.xattn_dim_head) = (2, 8);
+        c
+    }
+
+    /// `<sot> a <image> b c <image> d <image> e`: image times 0 0 1 1 1 2 2 3 3.
+    fn tokens<Bk: Backend>(dev: &Bk::Device) -> Tensor<Bk, 2, Int> {
+        Tensor::from_data(
+            TensorData::new(vec![2i64, 7, 4, 8, 9, 4, 10, 4, 11], [1, 9]),
+            dev,
+        )
+    }
+
+    fn floats<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().to_vec().unwrap()
+    }
+
+    #[test]
+    fn untrained_flamingo_is_exactly_its_language_model() {
+        let dev = Default::default();
+        B::seed(&dev, 1);
+        let model = tiny().init::<B>(&dev);
+        let images =
+            Tensor::<B, 5>::random([1, 3, 3, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
+        let with = floats(model.forward(tokens(&dev), images));
+        let lm_only = floats(model.lm.forward(tokens(&dev)));
+        assert_eq!(
+            with, lm_only,
+            "gates at 0 must leave the LM's output bit-identical"
+        );
+    }
+
+    fn changed(a: &[f32], b: &[f32], t: usize, d: usize) -> Vec<bool> {
+        (0..t)
+            .map(|i| (0..d).any(|k| a[i * d + k] != b[i * d + k]))
+            .collect()
+    }
+
+    #[test]
+    fn a_token_sees_only_the_images_its_mask_allows() {
+        let dev = Default::default();
+        B::seed(&dev, 2);
+        let xa = GatedCrossAttention::<B>::new(16, 8, 2, 4, 2, &dev);
+        let xa = GatedCrossAttention {
+            attn_gate: Param::from_tensor(Tensor::ones([1], &dev)),
+            ff_gate: Param::from_tensor(Tensor::ones([1], &dev)),
+            ..xa
+        };
+        let x = Tensor::<B, 3>::random([1, 9, 16], Distribution::Normal(0.0, 1.0), &dev);
+        let visual = Tensor::<B, 3>::random([1, 3 * 2, 8], Distribution::Normal(0.0, 1.0), &dev);
+        // Image 2 (visual tokens 2..4) perturbed.
+        let bump = Tensor::<B, 3>::zeros([1, 2, 8], &dev).add_scalar(1.0);
+        let other = visual.clone().slice_assign(s![.., 2..4, ..], bump);
+        for (immediate, want) in [
+            (
+                true,
+                [false, false, false, false, false, true, true, false, false],
+            ),
+            (
+                false,
+                [false, false, false, false, false, true, true, true, true],
+            ),
+        ] {
+            let (hidden, sees) = media_mask(tokens(&dev), 4, 3, 2, immediate);
+            let run =
+                |v: Tensor<B, 3>| floats(xa.forward(x.clone(), v, hidden.clone(), sees.clone()));
+            let got = changed(&run(visual.clone()), &run(other.clone()), 9, 16);
+            assert_eq!(got, want, "immediate = {immediate}");
+        }
+    }
+
+    #[test]
+    fn frozen_parts_get_no_gradient() {
+        type A = Autodiff<Flex>;
+        let dev = Default::default();
+        let model = tiny().init::<A>(&dev);
+        let images =
+            Tensor::<A, 5>::random([1, 3, 3, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
+        let grads = model.forward(tokens(&dev), images).sum().backward();
+        assert!(model.lm.wte.weight.val().grad(&grads).is_none());
+        assert!(model.lm.blocks[0]
+            .attn
+            .in_proj
+            .weight
+            .val()
+            .grad(&grads)
+            .is_none());
+        assert!(model.vision.conv1.weight.val().grad(&grads).is_none());
+        assert!(model.new_tokens.val().grad(&grads).is_some());
+        assert!(model.xattn[0].attn_gate.val().grad(&grads).is_some());
+        assert!(model.resampler.latents.val().grad(&grads).is_some());
+    }
+}
