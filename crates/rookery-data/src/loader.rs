@@ -139,13 +139,33 @@ pub enum Mode {
     Eval,
 }
 
+/// What a loader makes of raw samples: one item per sample (run in parallel on the decode
+/// pool; an `Err` skips and counts the sample), then a batch from the good ones.
+pub trait Prepare: Send + Sync + 'static {
+    type Item: Send;
+    type Batch: Send + 'static;
+    fn prepare(&self, s: &RawSample, epoch: u64) -> Result<Self::Item, String>;
+    fn assemble(
+        &self,
+        good: Vec<(RawSample, u64, Self::Item)>,
+        position: LoaderPosition,
+    ) -> Self::Batch;
+}
+
+/// Image-text pairs (the default): one image, one caption per sample.
+pub struct Pairs {
+    cfg: DataConfig,
+    tokenizer: Arc<TextTokenizer>,
+    mode: Mode,
+}
+
 /// A running loader; iterate it for batches.
-pub struct Loader {
-    rx: Receiver<Result<ImageTextBatch, DataError>>,
+pub struct Loader<P: Prepare = Pairs> {
+    rx: Receiver<Result<P::Batch, DataError>>,
     _thread: JoinHandle<()>,
 }
 
-struct Decoded {
+pub struct Decoded {
     image: Vec<f32>,
     tokens: Vec<i64>,
     caption: String,
@@ -209,10 +229,31 @@ impl LoaderPosition {
 }
 
 impl Loader {
-    /// Starts a loader over `shards` for `rank` of `world`, from `position` if resuming.
+    /// Starts an image-text loader over `shards` for `rank` of `world`, from `position` if
+    /// resuming.
     pub fn new(
         cfg: &DataConfig,
         tokenizer: Arc<TextTokenizer>,
+        shards: Vec<String>,
+        rank: usize,
+        world: usize,
+        mode: Mode,
+        position: Option<LoaderPosition>,
+    ) -> Result<Self, DataError> {
+        let prep = Pairs {
+            cfg: cfg.clone(),
+            tokenizer,
+            mode,
+        };
+        Loader::start(cfg, prep, shards, rank, world, mode, position)
+    }
+}
+
+impl<P: Prepare> Loader<P> {
+    /// Starts a loader that turns samples into batches with `prep`.
+    pub fn start(
+        cfg: &DataConfig,
+        prep: P,
         shards: Vec<String>,
         rank: usize,
         world: usize,
@@ -238,8 +279,7 @@ impl Loader {
         let (tx, rx) = bounded(cfg.prefetch.max(1));
         let mut batcher = Batcher {
             cfg: cfg.clone(),
-            tokenizer,
-            mode,
+            prep,
             stream,
             counts,
             batches,
@@ -263,29 +303,28 @@ impl Loader {
     }
 }
 
-impl Iterator for Loader {
-    type Item = Result<ImageTextBatch, DataError>;
+impl<P: Prepare> Iterator for Loader<P> {
+    type Item = Result<P::Batch, DataError>;
     fn next(&mut self) -> Option<Self::Item> {
         self.rx.recv().ok()
     }
 }
 
-struct Batcher {
+struct Batcher<P: Prepare> {
     cfg: DataConfig,
-    tokenizer: Arc<TextTokenizer>,
-    mode: Mode,
+    prep: P,
     stream: ShardStream,
     counts: BadCounts,
     batches: u64,
     pool: rayon::ThreadPool,
 }
 
-impl Batcher {
+impl<P: Prepare> Batcher<P> {
     /// Pulls raw samples until `batch_size` decode cleanly. In eval mode the last batch may be
     /// short; `None` once the stream is exhausted.
-    fn next_batch(&mut self) -> Option<Result<ImageTextBatch, DataError>> {
+    fn next_batch(&mut self) -> Option<Result<P::Batch, DataError>> {
         let bs = self.cfg.batch_size;
-        let mut good: Vec<(RawSample, u64, Decoded)> = Vec::with_capacity(bs);
+        let mut good: Vec<(RawSample, u64, P::Item)> = Vec::with_capacity(bs);
         let mut exhausted = false;
         while good.len() < bs && !exhausted {
             let mut raws = Vec::with_capacity(bs - good.len());
@@ -303,9 +342,10 @@ impl Batcher {
                     }
                 }
             }
-            let decoded: Vec<Result<Decoded, String>> = self
+            let prep = &self.prep;
+            let decoded: Vec<Result<P::Item, String>> = self
                 .pool
-                .install(|| raws.par_iter().map(|(s, e)| self.decode(s, *e)).collect());
+                .install(|| raws.par_iter().map(|(s, e)| prep.prepare(s, *e)).collect());
             for ((raw, epoch), d) in raws.into_iter().zip(decoded) {
                 self.counts.seen += 1;
                 match d {
@@ -328,7 +368,12 @@ impl Batcher {
             };
         }
         self.batches += 1;
-        Some(Ok(self.assemble(good)))
+        let position = LoaderPosition {
+            stream: self.stream.position().clone(),
+            counts: self.counts.clone(),
+            batches: self.batches,
+        };
+        Some(Ok(self.prep.assemble(good, position)))
     }
 
     fn count_bad(&mut self, shard: &str, key: &str, reason: &str) -> Result<(), DataError> {
@@ -355,8 +400,13 @@ impl Batcher {
         }
         Ok(())
     }
+}
 
-    fn decode(&self, s: &RawSample, epoch: u64) -> Result<Decoded, String> {
+impl Prepare for Pairs {
+    type Item = Decoded;
+    type Batch = ImageTextBatch;
+
+    fn prepare(&self, s: &RawSample, epoch: u64) -> Result<Decoded, String> {
         let (ext, bytes) = s.first_of(&self.cfg.image_exts).ok_or_else(|| {
             format!(
                 "missing image: no member with extension {:?}",
@@ -373,26 +423,8 @@ impl Batcher {
         if caption.is_empty() {
             return Err("empty caption".into());
         }
-        let img = decode_rgb(ext, bytes).map_err(|e| format!("undecodable image .{ext}: {e}"))?;
-        let size = self.cfg.image_size;
-        let crop = match self.mode {
-            Mode::Train => {
-                let mut rng = Rng::derive(&[self.cfg.seed, epoch, hash_str(&s.shard), s.index]);
-                let (sc, ra) = (self.cfg.crop_scale, self.cfg.crop_ratio);
-                random_resized_crop(
-                    img.width,
-                    img.height,
-                    (sc[0], sc[1]),
-                    (ra[0], ra[1]),
-                    &mut rng,
-                )
-            }
-            Mode::Eval => center_square(img.width, img.height),
-        };
-        let mut image = vec![0f32; 3 * (size * size) as usize];
-        RESIZER
-            .with(|r| crop_resize_normalize(&img, crop, size, &mut r.borrow_mut(), &mut image))
-            .map_err(|e| format!("resize: {e}"))?;
+        let seed = [self.cfg.seed, epoch, hash_str(&s.shard), s.index];
+        let image = load_image(&self.cfg, self.mode, ext, bytes, &seed)?;
         let mut tokens = vec![0i64; self.cfg.context_length];
         self.tokenizer
             .encode_into(&caption, &mut tokens)
@@ -406,7 +438,11 @@ impl Batcher {
         })
     }
 
-    fn assemble(&self, good: Vec<(RawSample, u64, Decoded)>) -> ImageTextBatch {
+    fn assemble(
+        &self,
+        good: Vec<(RawSample, u64, Decoded)>,
+        position: LoaderPosition,
+    ) -> ImageTextBatch {
         let n = good.len();
         let mut b = ImageTextBatch {
             images: Vec::with_capacity(n * good[0].2.image.len()),
@@ -418,11 +454,7 @@ impl Batcher {
             captions: Vec::with_capacity(n),
             json: Vec::with_capacity(n),
             epochs: Vec::with_capacity(n),
-            position: LoaderPosition {
-                stream: self.stream.position().clone(),
-                counts: self.counts.clone(),
-                batches: self.batches,
-            },
+            position,
         };
         for (raw, epoch, d) in good {
             b.images.extend_from_slice(&d.image);
@@ -434,6 +466,38 @@ impl Batcher {
         }
         b
     }
+}
+
+/// Decodes `bytes` (a `.ext` image) and crops, resizes and normalises it to `[3, S, S]`:
+/// a random resized crop seeded by `seed` in training, the center square in evaluation.
+pub fn load_image(
+    cfg: &DataConfig,
+    mode: Mode,
+    ext: &str,
+    bytes: &[u8],
+    seed: &[u64],
+) -> Result<Vec<f32>, String> {
+    let img = decode_rgb(ext, bytes).map_err(|e| format!("undecodable image .{ext}: {e}"))?;
+    let size = cfg.image_size;
+    let crop = match mode {
+        Mode::Train => {
+            let mut rng = Rng::derive(seed);
+            let (sc, ra) = (cfg.crop_scale, cfg.crop_ratio);
+            random_resized_crop(
+                img.width,
+                img.height,
+                (sc[0], sc[1]),
+                (ra[0], ra[1]),
+                &mut rng,
+            )
+        }
+        Mode::Eval => center_square(img.width, img.height),
+    };
+    let mut image = vec![0f32; 3 * (size * size) as usize];
+    RESIZER
+        .with(|r| crop_resize_normalize(&img, crop, size, &mut r.borrow_mut(), &mut image))
+        .map_err(|e| format!("resize: {e}"))?;
+    Ok(image)
 }
 
 thread_local! {
