@@ -535,6 +535,107 @@ fn resplitting_onto_another_world_size_repeats_and_skips_no_finished_shard() {
     }
 }
 
+#[test]
+fn interleaved_pages_load_as_sequences_and_malformed_ones_are_counted() {
+    use rookery_data::interleaved::{SequenceConfig, Specials};
+    use rookery_data::pages::Pages;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SynthConfig {
+        out: dir.path().to_path_buf(),
+        train_shards: 1,
+        train_samples_per_shard: 8,
+        val_shards: 1,
+        val_samples_per_shard: 4,
+        image_size: 32,
+        interleaved: true,
+        page_shards: 1,
+        pages_per_shard: 12,
+        val_page_shards: 1,
+        ..Default::default()
+    };
+    generate(&cfg).unwrap();
+    // Malformed documents beside the good ones: index out of range, missing image, not JSON.
+    let doc = |i: u64, name: &str| {
+        format!(
+            r#"{{"text_list": ["a red circle."], "image_info": [{{"image_name": "{name}", "matched_text_index": {i}, "matched_sim": 0.5}}]}}"#
+        )
+    };
+    let m = |e: &str, b: &[u8]| (e.to_string(), b.to_vec());
+    let bad = vec![
+        (
+            "bad0".to_string(),
+            vec![
+                m("json", doc(7, "img0.jpg").as_bytes()),
+                m("img0.jpg", b"x"),
+            ],
+        ),
+        (
+            "bad1".to_string(),
+            vec![m("json", doc(0, "img9.jpg").as_bytes())],
+        ),
+        ("bad2".to_string(), vec![m("json", b"{not json")]),
+        (
+            "bad3".to_string(),
+            vec![
+                m("json", doc(0, "img0.jpg").as_bytes()),
+                m("img0.jpg", b"not a jpeg"),
+            ],
+        ),
+    ];
+    let bad_shard = dir.path().join("pages-bad.tar");
+    write_shard(&bad_shard, bad).unwrap();
+    let tk = Arc::new(TextTokenizer::from_file(&cfg.tokenizer_path()).unwrap());
+    let mut dc = data_cfg(String::new(), &cfg.tokenizer_path());
+    (dc.batch_size, dc.max_bad_fraction) = (4, 0.5);
+    let mut shards = expand_shards(&cfg.pages_train_pattern()).unwrap();
+    shards.push(bad_shard.display().to_string());
+    let seq = SequenceConfig {
+        max_tokens: 64,
+        ..Default::default()
+    };
+    let prep = Pages {
+        data: dc.clone(),
+        seq: seq.clone(),
+        tokenizer: tk.clone(),
+        specials: Specials::of(&tk).unwrap(),
+        mode: Mode::Eval,
+    };
+    let image_id = tk.token_id("<image>").unwrap() as i64;
+    let (mut docs, mut last) = (0, None);
+    for b in Loader::start(&dc, prep, shards, 0, 1, Mode::Eval, None).unwrap() {
+        let b = b.unwrap();
+        assert_eq!(b.tokens.len(), b.batch_size * 64);
+        assert_eq!(b.images.len(), b.batch_size * b.max_images * 3 * 32 * 32);
+        for r in 0..b.batch_size {
+            let row = &b.tokens[r * 64..(r + 1) * 64];
+            let n = row.iter().filter(|&&t| t == image_id).count();
+            assert_eq!(
+                n, b.n_images[r],
+                "one <image> token per image in {}",
+                b.keys[r]
+            );
+            assert!(n >= 1 && b.targets[r * 64..(r + 1) * 64].iter().any(|&t| t == 1.0));
+        }
+        docs += b.batch_size;
+        last = Some(b.position);
+    }
+    let counts = last.unwrap().counts;
+    // Pages whose every image fell under min_sim are dropped too (the synthetic set has some).
+    assert_eq!(docs as u64 + counts.bad, 16);
+    assert!(counts.bad >= 4, "{counts:?}");
+    assert!(
+        counts.by_reason.keys().any(|k| k.contains("bad document")),
+        "{counts:?}"
+    );
+    assert!(
+        counts
+            .by_reason
+            .keys()
+            .any(|k| k.contains("undecodable image")),
+        "{counts:?}"
+    );
+}
+
 /// The keys of the first `n` samples of a stream.
 fn stream_keys(spec: StreamSpec, n: usize) -> Vec<String> {
     let stream = ShardStream::start(spec, None).unwrap();

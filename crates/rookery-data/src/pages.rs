@@ -1,0 +1,155 @@
+//! Batches of interleaved documents for Flamingo training: each sample's `.json` (MMC4 or
+//! OBELICS layout, told apart by its fields) becomes a token sequence with loss targets
+//! ([`crate::interleaved`]) and its images are decoded, cropped and normalised like stage 1's.
+//! A malformed document (missing image, index out of range, undecodable image, empty text, no
+//! image left) is skipped and counted by the loader with its shard and key.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use base64::Engine;
+
+use crate::interleaved::{
+    build_sequence, parse_mmc4, parse_obelics, ImageRef, SequenceConfig, Specials,
+};
+use crate::loader::{load_image, DataConfig, LoaderPosition, Mode, Prepare};
+use crate::rng::hash_str;
+use crate::tokenize::TextTokenizer;
+use crate::wds::RawSample;
+
+/// Prepares interleaved documents.
+pub struct Pages {
+    pub data: DataConfig,
+    pub seq: SequenceConfig,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub specials: Specials,
+    pub mode: Mode,
+}
+
+/// One document, ready.
+pub struct Page {
+    tokens: Vec<i64>,
+    targets: Vec<bool>,
+    /// `[3, S, S]` each, in `<image>` order.
+    images: Vec<Vec<f32>>,
+    json: serde_json::Value,
+}
+
+/// A batch of sequences with their images, laid out for `Tensor::from_data`.
+#[derive(Clone, Debug)]
+pub struct PageBatch {
+    /// `[B, T]` token ids.
+    pub tokens: Vec<i64>,
+    /// `[B, T]`: 1.0 where the loss falls on the token, else 0.0.
+    pub targets: Vec<f32>,
+    /// `[B, N, 3, S, S]`, N the most images of any row; missing images are zeros.
+    pub images: Vec<f32>,
+    pub n_images: Vec<usize>,
+    pub batch_size: usize,
+    pub max_images: usize,
+    pub context_length: usize,
+    pub image_size: usize,
+    pub keys: Vec<String>,
+    /// Each document's JSON (the synthetic pages carry their questions in `qa`).
+    pub json: Vec<serde_json::Value>,
+    pub epochs: Vec<u64>,
+    pub position: LoaderPosition,
+}
+
+impl Pages {
+    fn image(&self, s: &RawSample, r: &ImageRef, k: usize, epoch: u64) -> Result<Vec<f32>, String> {
+        let seed = [self.data.seed, epoch, hash_str(&s.shard), s.index, k as u64];
+        match r {
+            ImageRef::Member(ext) => {
+                let bytes = s.get(ext).ok_or_else(|| format!("missing image: {ext}"))?;
+                let kind = ext.rsplit('.').next().unwrap_or(ext);
+                load_image(&self.data, self.mode, kind, bytes, &seed)
+            }
+            ImageRef::Base64(b) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b.trim())
+                    .map_err(|e| format!("undecodable image: bad base64: {e}"))?;
+                let kind = if bytes.starts_with(&[0xff, 0xd8]) {
+                    "jpg"
+                } else {
+                    "png"
+                };
+                load_image(&self.data, self.mode, kind, &bytes, &seed)
+            }
+        }
+    }
+}
+
+impl Prepare for Pages {
+    type Item = Page;
+    type Batch = PageBatch;
+
+    fn prepare(&self, s: &RawSample, epoch: u64) -> Result<Page, String> {
+        let raw = s.get("json").ok_or("missing document: no .json member")?;
+        let json: serde_json::Value =
+            serde_json::from_slice(raw).map_err(|e| format!("bad document: not JSON: {e}"))?;
+        let members: BTreeSet<String> = s.members.iter().map(|(e, _)| e.clone()).collect();
+        let items = if json.get("text_list").is_some() {
+            parse_mmc4(&json, &members, self.seq.min_sim)
+        } else if json.get("texts").is_some() {
+            parse_obelics(&json, &members)
+        } else {
+            return Err("bad document: neither MMC4 (text_list) nor OBELICS (texts)".into());
+        }
+        .map_err(|e| format!("bad document: {e}"))?;
+        let seq = build_sequence(&items, &self.tokenizer, self.specials, &self.seq)
+            .map_err(|e| format!("bad document: {e}"))?;
+        let images = seq
+            .images
+            .iter()
+            .enumerate()
+            .map(|(k, r)| self.image(s, r, k, epoch))
+            .collect::<Result<_, _>>()?;
+        Ok(Page {
+            tokens: seq.tokens,
+            targets: seq.targets,
+            images,
+            json,
+        })
+    }
+
+    fn assemble(&self, good: Vec<(RawSample, u64, Page)>, position: LoaderPosition) -> PageBatch {
+        let n = good.len();
+        let s = self.data.image_size as usize;
+        let per = 3 * s * s;
+        let max_images = good
+            .iter()
+            .map(|g| g.2.images.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut b = PageBatch {
+            tokens: Vec::with_capacity(n * self.seq.max_tokens),
+            targets: Vec::with_capacity(n * self.seq.max_tokens),
+            images: vec![0.0; n * max_images * per],
+            n_images: Vec::with_capacity(n),
+            batch_size: n,
+            max_images,
+            context_length: self.seq.max_tokens,
+            image_size: s,
+            keys: Vec::with_capacity(n),
+            json: Vec::with_capacity(n),
+            epochs: Vec::with_capacity(n),
+            position,
+        };
+        for (row, (raw, epoch, page)) in good.into_iter().enumerate() {
+            b.tokens.extend_from_slice(&page.tokens);
+            b.targets
+                .extend(page.targets.iter().map(|&t| t as u8 as f32));
+            for (k, img) in page.images.iter().enumerate() {
+                let at = (row * max_images + k) * per;
+                b.images[at..at + per].copy_from_slice(img);
+            }
+            b.n_images.push(page.images.len());
+            b.keys.push(raw.key);
+            b.json.push(page.json);
+            b.epochs.push(epoch);
+        }
+        b
+    }
+}
