@@ -614,7 +614,7 @@ fn interleaved_pages_load_as_sequences_and_malformed_ones_are_counted() {
                 "one <image> token per image in {}",
                 b.keys[r]
             );
-            assert!(n >= 1 && b.targets[r * 64..(r + 1) * 64].iter().any(|&t| t == 1.0));
+            assert!(n >= 1 && b.targets[r * 64..(r + 1) * 64].contains(&1.0));
         }
         docs += b.batch_size;
         last = Some(b.position);
