@@ -1,9 +1,18 @@
-//! A GPT-2-style decoder-only language model: token + learned position embeddings, pre-norm
-//! causal blocks (the same blocks as CLIP's towers), a final LayerNorm and an LM head. Flamingo
-//! freezes it and slips gated cross-attention between its blocks, so the pieces are public.
+//! A decoder-only language model in one of two styles:
+//! - `gpt2`: token + learned position embeddings, pre-norm causal blocks with LayerNorm and a
+//!   GELU MLP (the same blocks as CLIP's towers);
+//! - `llama`: no position embeddings but rotary ones (RoPE) on queries and keys, RMSNorm, and a
+//!   SwiGLU feed-forward `down(silu(gate(x)) * up(x))`, all without biases.
+//!
+//! then a final norm and an LM head. Flamingo freezes it and slips gated cross-attention
+//! between its blocks, so the pieces are public.
 
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{
+    Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm,
+    RmsNormConfig, RotaryEncoding, RotaryEncodingConfig,
+};
 use burn::prelude::*;
+use burn::tensor::activation::{silu, softmax};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{linear_3d, Act, ResidualAttentionBlock, Transformer};
@@ -19,6 +28,8 @@ pub struct LmConfig {
     pub layers: usize,
     pub heads: usize,
     pub mlp_ratio: f64,
+    /// "gpt2" or "llama".
+    pub style: String,
 }
 
 impl Default for LmConfig {
@@ -30,39 +41,135 @@ impl Default for LmConfig {
             layers: 4,
             heads: 4,
             mlp_ratio: 4.0,
+            style: "gpt2".into(),
         }
     }
 }
 
 impl LmConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !["gpt2", "llama"].contains(&self.style.as_str()) {
+            return Err("`lm.style` must be \"gpt2\" or \"llama\"".into());
+        }
+        if self.heads == 0 || !self.width.is_multiple_of(self.heads) {
+            return Err("`lm.heads` must divide lm.width".into());
+        }
+        Ok(())
+    }
+
     pub fn init<B: Backend>(&self, device: &B::Device) -> LanguageModel<B> {
-        let t = Transformer::new(
-            self.width,
-            self.layers,
-            self.heads,
-            self.mlp_ratio,
-            Act::Gelu,
-            device,
-        );
+        let (w, llama) = (self.width, self.style == "llama");
+        let blocks = if llama {
+            (0..self.layers)
+                .map(|_| LmBlock::Llama(self.llama_block(device)))
+                .collect()
+        } else {
+            Transformer::new(
+                w,
+                self.layers,
+                self.heads,
+                self.mlp_ratio,
+                Act::Gelu,
+                device,
+            )
+            .resblocks
+            .into_iter()
+            .map(LmBlock::Gpt2)
+            .collect()
+        };
         LanguageModel {
-            wte: EmbeddingConfig::new(self.vocab_size, self.width).init(device),
-            wpe: EmbeddingConfig::new(self.context_length, self.width).init(device),
-            blocks: t.resblocks,
-            ln_f: LayerNormConfig::new(self.width).init(device),
-            lm_head: LinearConfig::new(self.width, self.vocab_size)
+            wte: EmbeddingConfig::new(self.vocab_size, w).init(device),
+            wpe: (!llama).then(|| EmbeddingConfig::new(self.context_length, w).init(device)),
+            blocks,
+            norm_f: match llama {
+                true => LmNorm::Rms(RmsNormConfig::new(w).init(device)),
+                false => LmNorm::Layer(LayerNormConfig::new(w).init(device)),
+            },
+            lm_head: LinearConfig::new(w, self.vocab_size)
                 .with_bias(false)
                 .init(device),
+            rope: llama.then(|| {
+                RotaryEncodingConfig::new(self.context_length, w / self.heads).init(device)
+            }),
         }
     }
+
+    fn llama_block<B: Backend>(&self, device: &B::Device) -> LlamaBlock<B> {
+        let (w, hidden) = (self.width, (self.width as f64 * self.mlp_ratio) as usize);
+        let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        LlamaBlock {
+            attn_norm: RmsNormConfig::new(w).init(device),
+            qkv: lin(w, 3 * w),
+            out: lin(w, w),
+            ffn_norm: RmsNormConfig::new(w).init(device),
+            gate: lin(w, hidden),
+            up: lin(w, hidden),
+            down: lin(hidden, w),
+            heads: self.heads,
+        }
+    }
+}
+
+/// A Llama decoder block: `x + attn(rms(x))` with RoPE, then `x + swiglu(rms(x))`.
+#[derive(Module, Debug)]
+pub struct LlamaBlock<B: Backend> {
+    pub attn_norm: RmsNorm<B>,
+    pub qkv: Linear<B>,
+    pub out: Linear<B>,
+    pub ffn_norm: RmsNorm<B>,
+    pub gate: Linear<B>,
+    pub up: Linear<B>,
+    pub down: Linear<B>,
+    pub heads: usize,
+}
+
+impl<B: Backend> LlamaBlock<B> {
+    fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEncoding<B>) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let h = self.heads;
+        let qkv = linear_3d(&self.qkv, self.attn_norm.forward(x.clone()));
+        let head = |i: usize| {
+            qkv.clone()
+                .slice(s![.., .., i * d..(i + 1) * d])
+                .reshape([b, t, h, d / h])
+                .swap_dims(1, 2) // [B, H, T, Dh]
+        };
+        let (q, k, v) = (rope.forward(head(0)), rope.forward(head(1)), head(2));
+        let scores = q.matmul(k.swap_dims(2, 3)) / ((d / h) as f32).sqrt();
+        let causal = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &x.device())
+            .unsqueeze::<4>()
+            .expand([b, h, t, t]);
+        let y = softmax(scores.mask_fill(causal, f32::NEG_INFINITY), 3).matmul(v);
+        let x = x + linear_3d(&self.out, y.swap_dims(1, 2).reshape([b, t, d]));
+        let n = self.ffn_norm.forward(x.clone());
+        let g = silu(linear_3d(&self.gate, n.clone())) * linear_3d(&self.up, n);
+        x + linear_3d(&self.down, g)
+    }
+}
+
+/// One decoder block of either style.
+#[derive(Module, Debug)]
+pub enum LmBlock<B: Backend> {
+    Gpt2(ResidualAttentionBlock<B>),
+    Llama(LlamaBlock<B>),
+}
+
+#[derive(Module, Debug)]
+pub enum LmNorm<B: Backend> {
+    Layer(LayerNorm<B>),
+    Rms(RmsNorm<B>),
 }
 
 #[derive(Module, Debug)]
 pub struct LanguageModel<B: Backend> {
     pub wte: Embedding<B>,
-    pub wpe: Embedding<B>,
-    pub blocks: Vec<ResidualAttentionBlock<B>>,
-    pub ln_f: LayerNorm<B>,
+    /// Learned positions (gpt2 only).
+    pub wpe: Option<Embedding<B>>,
+    pub blocks: Vec<LmBlock<B>>,
+    pub norm_f: LmNorm<B>,
     pub lm_head: Linear<B>,
+    /// Rotary position encoding (llama only).
+    pub rope: Option<RotaryEncoding<B>>,
 }
 
 impl<B: Backend> LanguageModel<B> {
@@ -71,25 +178,83 @@ impl<B: Backend> LanguageModel<B> {
         self.wte.forward(tokens)
     }
 
+    /// Adds learned positions (gpt2); llama's positions enter through RoPE in each block.
     pub fn add_positions(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let Some(wpe) = &self.wpe else { return x };
         let [b, t, _] = x.dims();
         let pos = Tensor::<B, 1, Int>::arange(0..t as i64, &x.device())
             .reshape([1, t])
             .expand([b, t]);
-        x + self.wpe.forward(pos)
+        x + wpe.forward(pos)
+    }
+
+    /// Causal block `i` of the stack.
+    pub fn block(&self, i: usize, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.blocks[i] {
+            LmBlock::Gpt2(b) => b.forward(x, true),
+            LmBlock::Llama(b) => b.forward(x, self.rope.as_ref().expect("llama has rope")),
+        }
     }
 
     /// Next-token logits `[B, T, V]` from the last hidden states.
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear_3d(&self.lm_head, self.ln_f.forward(x))
+        let x = match &self.norm_f {
+            LmNorm::Layer(n) => n.forward(x),
+            LmNorm::Rms(n) => n.forward(x),
+        };
+        linear_3d(&self.lm_head, x)
     }
 
     /// The plain language model: logits `[B, T, V]`.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let mut x = self.add_positions(self.embed_tokens(tokens));
-        for block in &self.blocks {
-            x = block.forward(x, true);
+        for i in 0..self.blocks.len() {
+            x = self.block(i, x);
         }
         self.head(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    /// Changing token t changes no logit before t, in both styles.
+    #[test]
+    fn both_styles_are_causal() {
+        let dev = Default::default();
+        for style in ["gpt2", "llama"] {
+            Flex::seed(&dev, 3);
+            let cfg = LmConfig {
+                vocab_size: 16,
+                context_length: 8,
+                width: 16,
+                layers: 2,
+                heads: 2,
+                style: style.into(),
+                ..Default::default()
+            };
+            cfg.validate().unwrap();
+            let lm = cfg.init::<Flex>(&dev);
+            let ids = |last: i64| {
+                Tensor::<Flex, 2, Int>::from_data(
+                    TensorData::new(vec![1i64, 5, 7, 2, 9, last], [1, 6]),
+                    &dev,
+                )
+            };
+            let a: Vec<f32> = lm.forward(ids(3)).into_data().to_vec().unwrap();
+            let b: Vec<f32> = lm.forward(ids(11)).into_data().to_vec().unwrap();
+            assert_eq!(
+                a[..5 * 16],
+                b[..5 * 16],
+                "{style}: earlier positions saw a later token"
+            );
+            assert_ne!(
+                a[5 * 16..],
+                b[5 * 16..],
+                "{style}: the last position ignores its token"
+            );
+        }
     }
 }

@@ -174,12 +174,12 @@ impl<B: Backend> Flamingo<B> {
         );
         let mut x = self.lm.add_positions(self.embed(tokens));
         let mut gated = self.xattn.iter();
-        for (i, block) in self.lm.blocks.iter().enumerate() {
+        for i in 0..self.lm.blocks.len() {
             if (i + 1) % self.every == 0 {
                 let xa = gated.next().expect("one gated block per n-th layer");
                 x = xa.forward(x, visual.clone(), hidden.clone(), sees.clone());
             }
-            x = block.forward(x, true);
+            x = self.lm.block(i, x);
         }
         self.lm.head(x)
     }
@@ -188,6 +188,7 @@ impl<B: Backend> Flamingo<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flamingo::lm::LmBlock;
     use burn::backend::{Autodiff, Flex};
     use burn::tensor::Distribution;
 
@@ -284,13 +285,11 @@ mod tests {
             Tensor::<A, 5>::random([1, 3, 3, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
         let grads = model.forward(tokens(&dev), images).sum().backward();
         assert!(model.lm.wte.weight.val().grad(&grads).is_none());
-        assert!(model.lm.blocks[0]
-            .attn
-            .in_proj
-            .weight
-            .val()
-            .grad(&grads)
-            .is_none());
+        assert!(model.lm.lm_head.weight.val().grad(&grads).is_none());
+        let LmBlock::Gpt2(block) = &model.lm.blocks[0] else {
+            panic!("gpt2 style")
+        };
+        assert!(block.attn.in_proj.weight.val().grad(&grads).is_none());
         assert!(model.vision.conv1.weight.val().grad(&grads).is_none());
         assert!(model.new_tokens.val().grad(&grads).is_some());
         assert!(model.xattn[0].attn_gate.val().grad(&grads).is_some());
