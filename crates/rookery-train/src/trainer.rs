@@ -143,7 +143,16 @@ pub fn train_on<B: AutodiffBackend>(
     }
     let results =
         LocalGroup::run::<B::InnerBackend, _, _, _>(d.world_size, &device, d.timeout(), |comm| {
-            train_rank::<B>(cfg, &device(comm.rank()), comm)
+            // Each rank computes on a rayon pool of its own (the CPU backend's parallel kernels
+            // run on the current pool): ranks sharing one pool steal each other's work, which
+            // changes float reduction splits, so runs would not be bit-reproducible.
+            let threads = (rayon::current_num_threads() / d.world_size).max(1);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |i| format!("rank-compute-{i}"))
+                .build()
+                .map_err(|e| anyhow::anyhow!("rank compute pool: {e}"))?;
+            pool.install(|| train_rank::<B>(cfg, &device(comm.rank()), comm))
         });
     collect_ranks(results)
 }
