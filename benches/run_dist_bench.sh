@@ -27,7 +27,7 @@ wait = sum(r["data_wait_share"] for r in rows) / len(rows)
 print(f"{sys.argv[2]:<28} {sps:8.1f} samples/s  step {step:6.3f} s  collectives {100*comm:5.1f}%  data wait {100*wait:4.1f}%")
 PY
 }
-run one "1 rank, batch $GLOBAL" $BIN train configs/clip-tiny.toml --set data.batch_size=$GLOBAL
+run one "1 rank, batch $GLOBAL" $BIN train configs/clip-tiny.toml --set data.batch_size=$GLOBAL --set dist.world_size=1
 run threads "2 threads, batch $((GLOBAL/2)) each" $BIN train configs/clip-tiny.toml --set data.batch_size=$((GLOBAL/2)) --set dist.world_size=2
 run mpi "2 MPI procs, batch $((GLOBAL/2)) each" $BIN launch --nproc-per-node 2 -- train configs/clip-tiny.toml --set data.batch_size=$((GLOBAL/2)) --set dist.backend=mpi
 echo "loadavg after: $(cat /proc/loadavg)"
