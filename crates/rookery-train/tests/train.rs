@@ -137,11 +137,8 @@ fn resume_is_exact_and_bad_checkpoints_are_refused() {
             "train.resume=auto",
         ],
     );
-    let ck = cut.train.run_dir.join("checkpoints");
-    std::fs::create_dir_all(&ck).unwrap();
     let src = full.train.run_dir.join("checkpoints/step-00000003");
-    copy_dir(&src, &ck.join("step-00000003"));
-    std::fs::write(ck.join("latest"), "step-00000003").unwrap();
+    let ck = stopped_at(&src, &cut);
     train::<B>(&cut, &Default::default()).unwrap();
     let a = weights(
         &full,
@@ -229,9 +226,7 @@ fn two_rank_training_resumes_exactly_and_continues_on_another_world_size() {
     );
 
     let cut = args("cut");
-    let ck = cut.train.run_dir.join("checkpoints");
-    copy_dir(&ck2, &ck.join("step-00000002"));
-    std::fs::write(ck.join("latest"), "step-00000002").unwrap();
+    let ck = stopped_at(&ck2, &cut);
     train::<B>(&cut, &Default::default()).unwrap();
     let a = weights(
         &full,
@@ -256,9 +251,7 @@ fn two_rank_training_resumes_exactly_and_continues_on_another_world_size() {
         "one",
         &["data.batch_size=16", "train.steps=3", "train.resume=auto"],
     );
-    let ck1 = one.train.run_dir.join("checkpoints");
-    copy_dir(&ck2, &ck1.join("step-00000002"));
-    std::fs::write(ck1.join("latest"), "step-00000002").unwrap();
+    let ck1 = stopped_at(&ck2, &one);
     let s = train::<B>(&one, &Default::default()).unwrap();
     assert_eq!(s.steps, 3);
     let state: serde_json::Value =
@@ -284,6 +277,16 @@ fn weights(cfg: &RunConfig, path: &Path) -> Vec<Vec<f32>> {
         .unwrap()
         .visit(&mut c);
     c.0
+}
+
+/// Makes `run`'s directory look like a run stopped right after checkpoint `src` (its only
+/// checkpoint, named `latest`); returns its checkpoints directory.
+fn stopped_at(src: &Path, run: &RunConfig) -> std::path::PathBuf {
+    let ck = run.train.run_dir.join("checkpoints");
+    let name = src.file_name().unwrap();
+    copy_dir(src, &ck.join(name));
+    std::fs::write(ck.join("latest"), name.to_str().unwrap()).unwrap();
+    ck
 }
 
 fn copy_dir(from: &Path, to: &Path) {
