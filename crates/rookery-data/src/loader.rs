@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::decode::decode_rgb;
+use crate::interleaved::SequenceConfig;
 use crate::rng::{hash_str, Rng};
 use crate::stream::{ShardStream, StreamItem, StreamPosition, StreamSpec};
 use crate::synth::SynthConfig;
@@ -66,6 +67,8 @@ pub struct DataConfig {
     /// When the train shards are absent, generate the synthetic set described by `[data.synth]`.
     pub synthesize_if_missing: bool,
     pub synth: SynthConfig,
+    /// How interleaved documents become sequences (stages "lm" and "flamingo").
+    pub interleaved: SequenceConfig,
 }
 
 impl Default for DataConfig {
@@ -92,6 +95,7 @@ impl Default for DataConfig {
             min_bad_allowed: 10,
             synthesize_if_missing: true,
             synth,
+            interleaved: SequenceConfig::default(),
         }
     }
 }
@@ -143,13 +147,35 @@ pub enum Mode {
 /// pool; an `Err` skips and counts the sample), then a batch from the good ones.
 pub trait Prepare: Send + Sync + 'static {
     type Item: Send;
-    type Batch: Send + 'static;
+    type Batch: Batched + Send + 'static;
     fn prepare(&self, s: &RawSample, epoch: u64) -> Result<Self::Item, String>;
     fn assemble(
         &self,
         good: Vec<(RawSample, u64, Self::Item)>,
         position: LoaderPosition,
     ) -> Self::Batch;
+}
+
+/// What the trainer reads off any batch.
+pub trait Batched {
+    /// Samples in the batch.
+    fn size(&self) -> usize;
+    /// The epoch of its last sample.
+    fn last_epoch(&self) -> Option<u64>;
+    /// Where the stream stands after it.
+    fn position(&self) -> &LoaderPosition;
+}
+
+impl Batched for ImageTextBatch {
+    fn size(&self) -> usize {
+        self.batch_size
+    }
+    fn last_epoch(&self) -> Option<u64> {
+        self.epochs.last().copied()
+    }
+    fn position(&self) -> &LoaderPosition {
+        &self.position
+    }
 }
 
 /// Image-text pairs (the default): one image, one caption per sample.
@@ -228,6 +254,16 @@ impl LoaderPosition {
     }
 }
 
+impl Pairs {
+    pub fn new(cfg: &DataConfig, tokenizer: Arc<TextTokenizer>, mode: Mode) -> Self {
+        Pairs {
+            cfg: cfg.clone(),
+            tokenizer,
+            mode,
+        }
+    }
+}
+
 impl Loader {
     /// Starts an image-text loader over `shards` for `rank` of `world`, from `position` if
     /// resuming.
@@ -240,11 +276,7 @@ impl Loader {
         mode: Mode,
         position: Option<LoaderPosition>,
     ) -> Result<Self, DataError> {
-        let prep = Pairs {
-            cfg: cfg.clone(),
-            tokenizer,
-            mode,
-        };
+        let prep = Pairs::new(cfg, tokenizer, mode);
         Loader::start(cfg, prep, shards, rank, world, mode, position)
     }
 }

@@ -12,7 +12,7 @@ use base64::Engine;
 use crate::interleaved::{
     build_sequence, parse_mmc4, parse_obelics, ImageRef, SequenceConfig, Specials,
 };
-use crate::loader::{load_image, DataConfig, LoaderPosition, Mode, Prepare};
+use crate::loader::{load_image, Batched, DataConfig, LoaderPosition, Mode, Prepare};
 use crate::rng::hash_str;
 use crate::tokenize::TextTokenizer;
 use crate::wds::RawSample;
@@ -24,6 +24,8 @@ pub struct Pages {
     pub tokenizer: Arc<TextTokenizer>,
     pub specials: Specials,
     pub mode: Mode,
+    /// Decode the images (a text-only model reads the `<image>` tokens but not the pixels).
+    pub decode_images: bool,
 }
 
 /// One document, ready.
@@ -56,7 +58,36 @@ pub struct PageBatch {
     pub position: LoaderPosition,
 }
 
+impl Batched for PageBatch {
+    fn size(&self) -> usize {
+        self.batch_size
+    }
+    fn last_epoch(&self) -> Option<u64> {
+        self.epochs.last().copied()
+    }
+    fn position(&self) -> &LoaderPosition {
+        &self.position
+    }
+}
+
 impl Pages {
+    /// Documents as `data` and `data.interleaved` say, special tokens from `tokenizer`.
+    pub fn new(
+        data: &DataConfig,
+        tokenizer: Arc<TextTokenizer>,
+        mode: Mode,
+    ) -> Result<Self, String> {
+        let specials = Specials::of(&tokenizer)?;
+        Ok(Pages {
+            data: data.clone(),
+            seq: data.interleaved.clone(),
+            tokenizer,
+            specials,
+            mode,
+            decode_images: true,
+        })
+    }
+
     fn image(&self, s: &RawSample, r: &ImageRef, k: usize, epoch: u64) -> Result<Vec<f32>, String> {
         let seed = [self.data.seed, epoch, hash_str(&s.shard), s.index, k as u64];
         match r {
@@ -102,6 +133,7 @@ impl Prepare for Pages {
         let images = seq
             .images
             .iter()
+            .filter(|_| self.decode_images)
             .enumerate()
             .map(|(k, r)| self.image(s, r, k, epoch))
             .collect::<Result<_, _>>()?;

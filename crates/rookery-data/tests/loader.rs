@@ -599,6 +599,7 @@ fn interleaved_pages_load_as_sequences_and_malformed_ones_are_counted() {
         tokenizer: tk.clone(),
         specials: Specials::of(&tk).unwrap(),
         mode: Mode::Eval,
+        decode_images: true,
     };
     let image_id = tk.token_id("<image>").unwrap() as i64;
     let (mut docs, mut last) = (0, None);

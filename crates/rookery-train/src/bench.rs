@@ -30,7 +30,7 @@ pub fn step_times<B: AutodiffBackend>(
         warmup_steps: 0,
         ..Default::default()
     };
-    let mut up = Updater::new(&o, o.adamw::<B>(), &model);
+    let mut up = Updater::new(&o, o.adamw::<B, _>(), &model);
     let comm = Single::<B::InnerBackend>::new(device.clone());
     let s = model_cfg.vision.image_size;
     let (ctx, vocab) = (model_cfg.text.context_length, model_cfg.text.vocab_size);
@@ -48,7 +48,10 @@ pub fn step_times<B: AutodiffBackend>(
         let t = Instant::now();
         let micro = vec![Micro { images, tokens }];
         let g = contrastive_grads(&model, micro, &comm, Negatives::Global, 1 << 22)?;
-        model = up.apply(model, g.grads, i + 1, warmup + steps).0;
+        model = up
+            .apply(model, g.grads, i + 1, warmup + steps)
+            .0
+            .clamp_logit_scale();
         let _ = model.logit_scale.val().into_scalar(); // wait for the step to finish
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64());

@@ -14,7 +14,6 @@ use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
 use rookery_data::LoaderPosition;
-use rookery_model::Clip;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -70,16 +69,17 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 }
 
 /// Saves a checkpoint for `state.step` and points `latest` at it.
-pub fn save<B, O>(
+pub fn save<B, M, O>(
     run_dir: &Path,
     cfg: &RunConfig,
-    model: &Clip<B>,
+    model: &M,
     optim: &O,
     state: &TrainState,
 ) -> Result<PathBuf>
 where
     B: AutodiffBackend,
-    O: Optimizer<Clip<B>, B>,
+    M: AutodiffModule<B>,
+    O: Optimizer<M, B>,
 {
     let root = checkpoints_dir(run_dir);
     let name = format!("step-{:08}", state.step);
@@ -127,22 +127,31 @@ pub fn latest(run_dir: &Path) -> Option<PathBuf> {
 
 /// Loads a checkpoint directory into `model` and `optim` after verifying its manifest, and
 /// refuses one whose model shape or data differs from `cfg`, naming both values.
-pub fn load<B, O>(
+pub fn load<B, M, O>(
     dir: &Path,
     cfg: &RunConfig,
-    model: Clip<B>,
+    model: M,
     optim: O,
     device: &B::Device,
-) -> Result<(Clip<B>, O, TrainState)>
+) -> Result<(M, O, TrainState)>
 where
     B: AutodiffBackend,
-    O: Optimizer<Clip<B>, B>,
+    M: AutodiffModule<B>,
+    O: Optimizer<M, B>,
 {
     verify(dir)?;
     let saved = RunConfig::load(&dir.join("config.toml"), &[])
         .with_context(|| format!("{}: config.toml", dir.display()))?;
-    if saved.model != cfg.model {
-        bail!("checkpoint {} was trained with a different model: checkpoint [model] {:?}, config [model] {:?}", dir.display(), saved.model, cfg.model);
+    if saved.train.stage != cfg.train.stage {
+        bail!(
+            "checkpoint {} is of stage {:?}, the config's train.stage is {:?}",
+            dir.display(),
+            saved.train.stage,
+            cfg.train.stage
+        );
+    }
+    if saved.model != cfg.model || saved.lm != cfg.lm || saved.flamingo != cfg.flamingo {
+        bail!("checkpoint {} was trained with a different model: checkpoint [model] {:?} [lm] {:?} [flamingo] {:?}, config [model] {:?} [lm] {:?} [flamingo] {:?}", dir.display(), saved.model, saved.lm, saved.flamingo, cfg.model, cfg.lm, cfg.flamingo);
     }
     if saved.data.train != cfg.data.train || saved.data.seed != cfg.data.seed {
         bail!(
@@ -162,16 +171,16 @@ where
 
 /// Loads safetensors weights into `model` strictly (every tensor present, shapes checked), then
 /// restores the path-derived parameter ids that optimizer state is keyed by.
-pub fn load_weights<B: burn::prelude::Backend>(model: Clip<B>, path: &Path) -> Result<Clip<B>> {
+pub fn load_weights<B: burn::prelude::Backend, M: Module<B>>(model: M, path: &Path) -> Result<M> {
     load_store(model, &mut SafetensorsStore::from_file(path), path)
 }
 
 /// `load_from` through `store`, refusing missing tensors and shape errors, then path ids.
-pub(crate) fn load_store<B: burn::prelude::Backend>(
-    mut model: Clip<B>,
+pub(crate) fn load_store<B: burn::prelude::Backend, M: Module<B>>(
+    mut model: M,
     store: &mut SafetensorsStore,
     path: &Path,
-) -> Result<Clip<B>> {
+) -> Result<M> {
     let res = model
         .load_from(store)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;

@@ -9,13 +9,16 @@
 use std::path::{Path, PathBuf};
 
 use rookery_data::DataConfig;
+use rookery_model::flamingo::LmConfig;
 use rookery_model::ClipConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::CheckpointConfig;
+use crate::fewshot::EvalConfig;
 use crate::metrics::LogConfig;
 use crate::optim::OptimConfig;
 use crate::parallel::DistConfig;
+use crate::stage::flamingo::FlamingoRunConfig;
 use crate::trainer::TrainConfig;
 
 /// The whole configuration of a run.
@@ -23,7 +26,14 @@ use crate::trainer::TrainConfig;
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
     pub data: DataConfig,
+    /// CLIP (stage "clip").
     pub model: ClipConfig,
+    /// The language model (stage "lm").
+    pub lm: LmConfig,
+    /// Stage 2 (stage "flamingo").
+    pub flamingo: FlamingoRunConfig,
+    /// Held-out evaluation of stages "lm" and "flamingo".
+    pub eval: EvalConfig,
     pub optim: OptimConfig,
     pub train: TrainConfig,
     pub checkpoint: CheckpointConfig,
@@ -91,6 +101,9 @@ impl RunConfig {
         if d.train.trim().is_empty() {
             return err("data.train", "names no shards");
         }
+        if self.train.stage != "clip" {
+            return self.validate_text_stage();
+        }
         if d.image_size != self.model.vision.image_size as u32 {
             return err(
                 "data.image_size",
@@ -120,6 +133,43 @@ impl RunConfig {
             let key = m.split('`').nth(1).unwrap_or("model").to_string();
             (key, m)
         })?;
+        self.optim.validate()?;
+        self.train.validate()?;
+        self.dist.validate()?;
+        Ok(())
+    }
+
+    /// The checks of stages "lm" and "flamingo" (their model shapes partly come from
+    /// checkpoints, checked when the run starts).
+    fn validate_text_stage(&self) -> Result<(), (String, String)> {
+        let seq = &self.data.interleaved;
+        if seq.max_tokens < 2 {
+            return Err((
+                "data.interleaved.max_tokens".into(),
+                "must be at least 2".into(),
+            ));
+        }
+        if self.train.stage == "lm" {
+            self.lm.validate().map_err(|m| ("lm".to_string(), m))?;
+            if seq.max_tokens > self.lm.context_length {
+                return Err((
+                    "data.interleaved.max_tokens".into(),
+                    format!(
+                        "is {} but lm.context_length is {}",
+                        seq.max_tokens, self.lm.context_length
+                    ),
+                ));
+            }
+        }
+        if self.train.stage == "flamingo" && self.flamingo.model.cross_attn_every_n_layers == 0 {
+            return Err((
+                "flamingo.model.cross_attn_every_n_layers".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.eval.batch == 0 {
+            return Err(("eval.batch".into(), "must be at least 1".into()));
+        }
         self.optim.validate()?;
         self.train.validate()?;
         self.dist.validate()?;

@@ -23,8 +23,8 @@ pub const WEIGHTS: &str = "open_clip_model.safetensors";
 
 /// Casts float tensors to `to` (and 0-d tensors to `[1]` when loading HF/open_clip files).
 #[derive(Clone)]
-struct Cast {
-    to: DType,
+pub(crate) struct Cast {
+    pub(crate) to: DType,
 }
 
 impl ModuleAdapter for Cast {

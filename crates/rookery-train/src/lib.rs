@@ -3,15 +3,19 @@
 //! ([`metrics`]) and plots ([`plot`]).
 
 pub mod bench;
+pub mod causal;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod export;
+pub mod fewshot;
+pub mod flamingo_io;
 pub mod hf;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
 pub mod plot;
+pub mod stage;
 pub mod step;
 pub mod trainer;
 

@@ -105,7 +105,8 @@ impl OptimConfig {
 }
 
 /// Parameter ids with and without weight decay, chosen by path as open_clip does: no decay for
-/// tensors with fewer than 2 dims, norms, biases, embeddings and `logit_scale`.
+/// tensors with fewer than 2 dims, norms, biases, embeddings and `logit_scale`; for Flamingo
+/// (as OpenFlamingo) also none for token/position tables, latents and media-time embeddings.
 #[derive(Default, Debug)]
 pub struct ParamSplit {
     stack: Vec<String>,
@@ -122,7 +123,10 @@ impl<B: Backend> ModuleVisitor<B> for ParamSplit {
     }
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
         let path = self.stack.join(".");
-        let embedding = path.contains("embedding") || path.ends_with("positional_embedding");
+        let embedding = path.contains("embedding")
+            || ["wte", "wpe", "new_tokens", "latents", "media_time"]
+                .iter()
+                .any(|k| path.contains(k));
         if D < 2
             || path.contains("ln_")
             || path.ends_with("bias")
@@ -207,32 +211,35 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for GlobalNorm<'_, AB::InnerBackend>
     }
 }
 
+/// AdamW over a model's parameters (burn keeps state only for parameters that get gradients,
+/// so frozen ones never enter it).
+pub type AdamWOf<B, M> = OptimizerAdaptor<AdamW, M, B>;
+
 /// AdamW over CLIP's parameters.
-pub type ClipAdamW<B> = OptimizerAdaptor<AdamW, Clip<B>, B>;
+pub type ClipAdamW<B> = AdamWOf<B, Clip<B>>;
 
 impl OptimConfig {
     /// AdamW with this config's betas and eps; weight decay is applied by [`Updater`] instead,
     /// decoupled and only to the parameters [`ParamSplit`] picks.
-    pub fn adamw<B: AutodiffBackend>(&self) -> ClipAdamW<B> {
+    pub fn adamw<B: AutodiffBackend, M: AutodiffModule<B>>(&self) -> AdamWOf<B, M> {
         AdamWConfig::new()
             .with_beta_1(self.beta1)
             .with_beta_2(self.beta2)
             .with_epsilon(self.eps)
             .with_weight_decay(0.0)
-            .init::<B, Clip<B>>()
+            .init::<B, M>()
     }
 }
 
-/// One optimizer update: global-norm clipping, decoupled weight decay at `lr(step)`, AdamW,
-/// `logit_scale` clamp.
-pub struct Updater<B: AutodiffBackend> {
-    pub optim: ClipAdamW<B>,
+/// One optimizer update: global-norm clipping, decoupled weight decay at `lr(step)`, AdamW.
+pub struct Updater<B: AutodiffBackend, M: AutodiffModule<B>> {
+    pub optim: AdamWOf<B, M>,
     cfg: OptimConfig,
     decay: HashSet<ParamId>,
 }
 
-impl<B: AutodiffBackend> Updater<B> {
-    pub fn new(cfg: &OptimConfig, optim: ClipAdamW<B>, model: &Clip<B>) -> Self {
+impl<B: AutodiffBackend, M: AutodiffModule<B>> Updater<B, M> {
+    pub fn new(cfg: &OptimConfig, optim: AdamWOf<B, M>, model: &M) -> Self {
         let mut split = ParamSplit::default();
         model.visit(&mut split);
         Updater {
@@ -243,14 +250,15 @@ impl<B: AutodiffBackend> Updater<B> {
     }
 
     /// Applies `grads` as optimizer step `step` of `total`; returns the model, the learning
-    /// rate and the gradient norm before clipping.
+    /// rate and the gradient norm before clipping. Frozen parameters (no gradient) are neither
+    /// decayed nor updated.
     pub fn apply(
         &mut self,
-        model: Clip<B>,
+        model: M,
         mut grads: GradientsParams,
         step: usize,
         total: usize,
-    ) -> (Clip<B>, f64, f32) {
+    ) -> (M, f64, f32) {
         let o = &self.cfg;
         let grad_norm = clip_global_norm(&model, &mut grads, o.grad_clip_norm);
         let lr = o.lr_at(step, total);
@@ -258,7 +266,7 @@ impl<B: AutodiffBackend> Updater<B> {
             ids: &self.decay,
             factor: 1.0 - (lr as f32) * o.weight_decay,
         });
-        let model = self.optim.step(lr, model, grads).clamp_logit_scale();
+        let model = self.optim.step(lr, model, grads);
         (model, lr, grad_norm)
     }
 }
@@ -271,7 +279,7 @@ struct Decay<'a> {
 
 impl<B: AutodiffBackend> ModuleMapper<B> for Decay<'_> {
     fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        if !self.ids.contains(&p.id) {
+        if !self.ids.contains(&p.id) || !p.is_require_grad() {
             return p;
         }
         let factor = self.factor;

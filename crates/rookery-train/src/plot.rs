@@ -1,5 +1,5 @@
 //! `rookery plot`: draws a run's curves from `metrics.jsonl` (loss, lr, logit scale, recall,
-//! samples/s, data-wait share) into one PNG (or SVG, by the file extension).
+//! samples/s, data-wait share; perplexity and k-shot accuracy for the text stages) into one PNG (or SVG, by the file extension).
 
 use std::path::Path;
 
@@ -8,13 +8,25 @@ use plotters::prelude::*;
 
 use crate::metrics::read_metrics;
 
-const PANELS: [(&str, &str, &str); 6] = [
+type Panel = (&'static str, &'static str, &'static str);
+
+const CLIP_PANELS: [Panel; 6] = [
     ("train", "loss", "loss"),
     ("train", "lr", "learning rate"),
     ("train", "logit_scale", "logit scale (exp)"),
     ("eval", "i2t_r1", "held-out image->text R@1"),
     ("train", "samples_per_s", "samples/s"),
     ("train", "data_wait_share", "data-wait share of step"),
+];
+
+/// Stages "lm" and "flamingo": perplexity and 4-shot accuracy instead of CLIP's curves.
+const TEXT_PANELS: [Panel; 6] = [
+    ("train", "loss", "loss"),
+    ("train", "lr", "learning rate"),
+    ("train", "grad_norm", "gradient norm"),
+    ("eval", "perplexity", "held-out perplexity"),
+    ("eval", "acc_4shot", "held-out 4-shot accuracy"),
+    ("train", "samples_per_s", "samples/s"),
 ];
 
 /// Draws the curves of the run in `run_dir` into `out`.
@@ -42,7 +54,9 @@ where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    for ((kind, key, title), area) in PANELS.iter().zip(root.split_evenly((2, 3))) {
+    let text = records.iter().any(|r| r.get("perplexity").is_some());
+    let panels = if text { TEXT_PANELS } else { CLIP_PANELS };
+    for ((kind, key, title), area) in panels.iter().zip(root.split_evenly((2, 3))) {
         let pts: Vec<(f64, f64)> = records
             .iter()
             .filter(|r| r["kind"] == *kind)

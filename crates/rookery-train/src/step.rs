@@ -87,9 +87,9 @@ pub fn contrastive_grads<B: AutodiffBackend>(
 }
 
 /// A communicator that adds up the time its calls take.
-struct Timed<'a, IB: Backend> {
-    inner: &'a dyn Communicator<IB>,
-    secs: Cell<f64>,
+pub(crate) struct Timed<'a, IB: Backend> {
+    pub(crate) inner: &'a dyn Communicator<IB>,
+    pub(crate) secs: Cell<f64>,
 }
 
 impl<IB: Backend> Timed<'_, IB> {

@@ -2,7 +2,7 @@
 //! micro-batches), global-norm clipping, decoupled weight decay + AdamW at `lr(step)`,
 //! `logit_scale` clamp; then logging, evaluation and checkpoints when due.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,23 +13,26 @@ use burn::module::{AutodiffModule, Module};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
+use rookery_data::loader::Batched;
 use rookery_data::loader::Mode;
 use rookery_data::rng::hash_str;
 use rookery_data::{Loader, LoaderPosition, TextTokenizer};
 use rookery_dist::comm::all_gather_bytes;
 use rookery_dist::launch::RankEnv;
 use rookery_dist::{check_same, Communicator, LocalGroup, Single};
-use rookery_model::Clip;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
-use crate::eval::{batch_tensors, evaluate, EvalReport};
+
 use crate::metrics::MetricsWriter;
-use crate::optim::{ClipAdamW, PathIds, Updater};
+use crate::optim::{AdamWOf, PathIds, Updater};
 use crate::parallel::broadcast_weights;
-use crate::step::{contrastive_grads, Micro, Negatives};
+use crate::stage::clip::ClipStage;
+use crate::stage::flamingo::FlamingoStage;
+use crate::stage::lm::LmStage;
+use crate::stage::{Report, Stage};
 
 /// `[train]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,8 +50,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Continue from the run directory's latest checkpoint: "never", "auto" (when one exists).
     pub resume: String,
-    /// Training stage; "clip" is the one implemented.
+    /// Training stage: "clip" (stage 1), "lm" (a language model on the pages' text) or
+    /// "flamingo" (stage 2).
     pub stage: String,
+    /// Evaluate once before the first step too (stage 2: the frozen-LM baseline).
+    pub eval_at_start: bool,
     /// Negatives of each pair: "global" (every rank's and every micro-batch's samples, exact
     /// full-batch gradients) or "local" (only its own micro-batch on its own rank; cheaper).
     pub negatives: String,
@@ -64,6 +70,7 @@ impl Default for TrainConfig {
             seed: 0,
             resume: "never".into(),
             stage: "clip".into(),
+            eval_at_start: false,
             negatives: "global".into(),
         }
     }
@@ -88,12 +95,10 @@ impl TrainConfig {
                 "train.negatives",
                 "must be \"global\" or \"local\"",
             ),
-            (
-                self.stage != "clip",
-                "train.stage",
-                "must be \"clip\" (the only stage implemented so far)",
-            ),
         ];
+        if let Err(m) = crate::stage::check_stage(&self.stage) {
+            return Err(("train.stage".into(), m));
+        }
         match checks.iter().find(|c| c.0) {
             Some((_, k, m)) => Err((k.to_string(), m.to_string())),
             None => Ok(()),
@@ -108,7 +113,7 @@ pub struct TrainSummary {
     pub rank: usize,
     pub steps: usize,
     pub final_loss: f32,
-    pub eval: Option<EvalReport>,
+    pub eval: Option<Report>,
     pub wall_s: f64,
     pub model_dir: PathBuf,
 }
@@ -139,7 +144,7 @@ pub fn train_on<B: AutodiffBackend>(
     }
     if d.world_size == 1 {
         let dev = device(0);
-        return train_rank::<B>(cfg, &dev, &Single::new(dev.clone()));
+        return run_rank::<B>(cfg, &dev, &Single::new(dev.clone()));
     }
     let results =
         LocalGroup::run::<B::InnerBackend, _, _, _>(d.world_size, &device, d.timeout(), |comm| {
@@ -152,7 +157,7 @@ pub fn train_on<B: AutodiffBackend>(
                 .thread_name(move |i| format!("rank-compute-{i}"))
                 .build()
                 .map_err(|e| anyhow::anyhow!("rank compute pool: {e}"))?;
-            pool.install(|| train_rank::<B>(cfg, &device(comm.rank()), comm))
+            pool.install(|| run_rank::<B>(cfg, &device(comm.rank()), comm))
         });
     collect_ranks(results)
 }
@@ -187,7 +192,7 @@ fn train_mpi<B: AutodiffBackend>(cfg: &RunConfig, device: B::Device) -> Result<T
             cfg.dist.world_size
         );
     }
-    train_rank::<B>(cfg, &device, &comm)
+    run_rank::<B>(cfg, &device, &comm)
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -217,7 +222,7 @@ fn train_nccl<B: AutodiffBackend>(
         &master,
         cfg.dist.timeout(),
     )?;
-    train_rank::<B>(cfg, &dev, &comm)
+    run_rank::<B>(cfg, &dev, &comm)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -228,8 +233,21 @@ fn train_nccl<B: AutodiffBackend>(
     bail!("dist.backend = \"nccl\" needs a build with the `cuda` feature")
 }
 
+/// One rank's run of the configured stage.
+fn run_rank<B: AutodiffBackend>(
+    cfg: &RunConfig,
+    device: &B::Device,
+    comm: &dyn Communicator<B::InnerBackend>,
+) -> Result<TrainSummary> {
+    match cfg.train.stage.as_str() {
+        "lm" => train_rank::<B, LmStage>(cfg, device, comm),
+        "flamingo" => train_rank::<B, FlamingoStage>(cfg, device, comm),
+        _ => train_rank::<B, ClipStage>(cfg, device, comm),
+    }
+}
+
 /// One rank's run: identical model and optimizer on every rank, this rank's part of the data.
-fn train_rank<B: AutodiffBackend>(
+fn train_rank<B: AutodiffBackend, S: Stage<B>>(
     cfg: &RunConfig,
     device: &B::Device,
     comm: &dyn Communicator<B::InnerBackend>,
@@ -238,7 +256,8 @@ fn train_rank<B: AutodiffBackend>(
     let lead = rank == 0;
     let run_dir = cfg.run_dir();
     let tokenizer = Arc::new(TextTokenizer::from_file(&cfg.data.tokenizer)?);
-    let cfg = &with_tokenizer(cfg, &tokenizer);
+    let stage = S::new(cfg, tokenizer)?;
+    let cfg = stage.config();
     let mut resolved = cfg.clone();
     resolved.dist.world_size = world;
     check_same(comm, "the resolved config", hash_str(&resolved.to_toml()))?;
@@ -247,13 +266,13 @@ fn train_rank<B: AutodiffBackend>(
             .with_context(|| format!("creating run directory {}", run_dir.display()))?;
         std::fs::write(run_dir.join("config.toml"), resolved.to_toml())?;
     }
-    let (mut model, optim, mut state) = build::<B>(cfg, device, comm)?;
+    let (mut model, optim, mut state) = build::<B, S>(&stage, device, comm)?;
     let mut updater = Updater::new(&cfg.optim, optim, &model);
     let shards = rookery_data::expand_shards(&cfg.data.train)?;
     let position = state.loaders.get(rank).cloned();
-    let mut loader = Loader::new(
+    let mut loader = Loader::start(
         &cfg.data,
-        tokenizer.clone(),
+        stage.prepare(Mode::Train)?,
         shards,
         rank,
         world,
@@ -265,14 +284,20 @@ fn train_rank<B: AutodiffBackend>(
     } else {
         None
     };
+    let (start, total) = (Instant::now(), cfg.train.steps);
+    let (mut last_loss, mut last_eval) = (f32::NAN, None);
+    if lead && cfg.train.eval_at_start && state.step == 0 && !cfg.data.val.is_empty() {
+        let report = stage.evaluate(&model.valid(), device)?;
+        log_eval(metrics.as_mut().expect("rank 0 logs"), 0, &report)?;
+    }
+    if cfg.train.eval_at_start && world > 1 {
+        comm.barrier_timeout(Duration::from_secs_f64(cfg.dist.eval_timeout_s))?;
+    }
     let bar = if lead {
         progress_bar(cfg, state.step)
     } else {
         ProgressBar::hidden()
     };
-    let (start, total) = (Instant::now(), cfg.train.steps);
-    let negatives = negatives(cfg);
-    let (mut last_loss, mut last_eval) = (f32::NAN, None);
     let mut win = Window::default();
     let mut epoch = 0u64;
     while state.step < total {
@@ -282,17 +307,16 @@ fn train_rank<B: AutodiffBackend>(
             let tw = Instant::now();
             let batch = loader.next().context("the training stream ended")??;
             win.wait_s += tw.elapsed().as_secs_f64();
-            let (images, tokens) = batch_tensors::<B>(&batch, device);
-            micro.push(Micro { images, tokens });
-            state.samples_seen += (batch.batch_size * world) as u64;
-            win.samples += (batch.batch_size * world) as u64;
-            epoch = batch.epochs.last().copied().unwrap_or(epoch);
-            state.loader = Some(batch.position);
+            state.samples_seen += (batch.size() * world) as u64;
+            win.samples += (batch.size() * world) as u64;
+            epoch = batch.last_epoch().unwrap_or(epoch);
+            state.loader = Some(batch.position().clone());
+            micro.push(batch);
         }
-        let step = contrastive_grads(&model, micro, comm, negatives, cfg.dist.bucket_elems())?;
+        let step = stage.grads(&model, micro, comm, device)?;
         state.step += 1;
         let (m, lr, grad_norm) = updater.apply(model, step.grads, state.step, total);
-        model = m;
+        model = stage.after_update(m);
         last_loss = step.loss;
         win.compute_s += t0.elapsed().as_secs_f64();
         win.comm_s += step.comm_s;
@@ -301,9 +325,14 @@ fn train_rank<B: AutodiffBackend>(
             .as_mut()
             .filter(|_| state.step.is_multiple_of(cfg.log.every) || state.step == total)
         {
-            log_train(
-                m, &bar, cfg, &model, &state, epoch, step.loss, lr, grad_norm, &mut win,
-            )?;
+            let line = TrainLine {
+                epoch,
+                loss: step.loss,
+                lr,
+                grad_norm,
+                extra: stage.log_fields(&model),
+            };
+            log_train(m, &bar, cfg, &state, line, &mut win)?;
         }
         let due = |every: usize| every > 0 && state.step.is_multiple_of(every);
         let eval_due =
@@ -318,7 +347,7 @@ fn train_rank<B: AutodiffBackend>(
             }
         }
         if eval_due && lead {
-            let report = evaluate(&model.valid(), &cfg.data, tokenizer.clone(), device)?;
+            let report = stage.evaluate(&model.valid(), device)?;
             log_eval(metrics.as_mut().expect("rank 0 logs"), state.step, &report)?;
             let _ = crate::plot::plot_run(&run_dir, &run_dir.join("metrics.png"));
             last_eval = Some(report);
@@ -340,27 +369,30 @@ fn train_rank<B: AutodiffBackend>(
 
 static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+type Built<B, S> = (
+    <S as Stage<B>>::Model,
+    AdamWOf<B, <S as Stage<B>>::Model>,
+    TrainState,
+);
+
 /// Model and optimizer, from the latest checkpoint when resuming, else freshly initialised
-/// (or from `model.init_from`) and made identical across ranks.
-fn build<B: AutodiffBackend>(
-    cfg: &RunConfig,
+/// (plus the stage's starting weights) and made identical across ranks.
+fn build<B: AutodiffBackend, S: Stage<B>>(
+    stage: &S,
     device: &B::Device,
     comm: &dyn Communicator<B::InnerBackend>,
-) -> Result<(Clip<B>, ClipAdamW<B>, TrainState)> {
-    let mut model: Clip<B> = {
+) -> Result<Built<B, S>> {
+    let cfg = stage.config();
+    let model = {
         // The backend's RNG is process-wide: ranks that are threads take turns, so each draws
         // the same weights a lone process would (PathIds forces the lazy initialisation).
         let _turn = INIT.lock().unwrap_or_else(|p| p.into_inner());
         B::seed(device, cfg.train.seed);
-        cfg.model.init(device).map(&mut PathIds::default())
+        stage.init(device).map(&mut PathIds::default())
     };
-    if !cfg.model.init_from.is_empty() {
-        model = crate::export::load_exported(model, Path::new(&cfg.model.init_from))
-            .context("model.init_from")?;
-        tracing::info!(from = %cfg.model.init_from, "initialised from exported weights");
-    }
-    model = broadcast_weights(model, comm, cfg.dist.bucket_elems())?;
-    let optim = cfg.optim.adamw::<B>();
+    let model = stage.load_start(model)?;
+    let model = broadcast_weights(model, comm, cfg.dist.bucket_elems())?;
+    let optim = cfg.optim.adamw::<B, S::Model>();
     let fresh = TrainState::default();
     let latest = (cfg.train.resume == "auto")
         .then(|| checkpoint::latest(&cfg.run_dir()))
@@ -368,7 +400,10 @@ fn build<B: AutodiffBackend>(
     let Some(dir) = latest else {
         return Ok((model, optim, fresh));
     };
-    let (model, optim, mut state) = checkpoint::load(&dir, cfg, model, optim, device)?;
+    let mut resolved = cfg.clone();
+    resolved.dist.world_size = comm.world_size();
+    let (model, optim, mut state) = checkpoint::load(&dir, &resolved, model, optim, device)?;
+    let model = stage.after_update(model);
     let world = comm.world_size();
     if state.loaders.len() != world {
         let old = std::mem::take(&mut state.loaders);
@@ -398,13 +433,6 @@ fn gather_positions(
         .collect()
 }
 
-fn negatives(cfg: &RunConfig) -> Negatives {
-    match cfg.train.negatives.as_str() {
-        "local" => Negatives::Local,
-        _ => Negatives::Global,
-    }
-}
-
 /// What the logging window accumulated since the last log line.
 #[derive(Default)]
 struct Window {
@@ -414,50 +442,45 @@ struct Window {
     samples: u64,
 }
 
-fn log_train<B: AutodiffBackend>(
-    metrics: &mut MetricsWriter,
-    bar: &ProgressBar,
-    cfg: &RunConfig,
-    model: &Clip<B>,
-    state: &TrainState,
+/// What one training log line reports besides the window's rates.
+struct TrainLine {
     epoch: u64,
     loss: f32,
     lr: f64,
     grad_norm: f32,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn log_train(
+    metrics: &mut MetricsWriter,
+    bar: &ProgressBar,
+    cfg: &RunConfig,
+    state: &TrainState,
+    l: TrainLine,
     w: &mut Window,
 ) -> Result<()> {
-    let scale: f32 = model.logit_scale.val().into_scalar().elem();
     let steps = cfg.log.every as f64;
-    let rec = json!({"kind": "train", "step": state.step, "epoch": epoch, "samples": state.samples_seen, "loss": loss, "lr": lr,
-        "logit_scale": scale.exp(), "grad_norm": grad_norm, "samples_per_s": w.samples as f64 / w.compute_s,
+    let mut rec = json!({"kind": "train", "step": state.step, "epoch": l.epoch, "samples": state.samples_seen, "loss": l.loss, "lr": l.lr,
+        "grad_norm": l.grad_norm, "samples_per_s": w.samples as f64 / w.compute_s,
         "data_wait_share": w.wait_s / w.compute_s, "comm_share": w.comm_s / w.compute_s, "step_s": w.compute_s / steps,
         "bad_samples": state.loader.as_ref().map_or(0, |p| p.counts.bad)});
+    for (k, v) in l.extra {
+        rec[k] = v;
+    }
     tracing::info!(
         step = state.step,
-        loss,
-        lr,
-        logit_scale = scale.exp(),
-        grad_norm,
+        loss = l.loss,
+        lr = l.lr,
+        grad_norm = l.grad_norm,
         "train"
     );
-    bar.set_message(format!("loss {loss:.3}"));
+    bar.set_message(format!("loss {:.3}", l.loss));
     metrics.write(&rec)?;
     *w = Window::default();
     Ok(())
 }
 
-/// The config with the text vocabulary and end token taken from the tokenizer.
-fn with_tokenizer(cfg: &RunConfig, tk: &TextTokenizer) -> RunConfig {
-    let mut cfg = cfg.clone();
-    if cfg.model.text.vocab_size == 0 {
-        cfg.model.text.vocab_size = tk.vocab_size;
-    }
-    cfg.model.text.eot_token = tk.eot as usize;
-    cfg
-}
-
-fn log_eval(metrics: &mut MetricsWriter, step: usize, r: &EvalReport) -> Result<()> {
-    tracing::info!(step, n = r.n, i2t_r1 = r.i2t_r1, t2i_r1 = r.t2i_r1, chance = r.chance_r1, zero_shot = ?r.zero_shot, "eval");
+fn log_eval(metrics: &mut MetricsWriter, step: usize, r: &Report) -> Result<()> {
     let mut rec = serde_json::to_value(r)?;
     rec["kind"] = json!("eval");
     rec["step"] = json!(step);

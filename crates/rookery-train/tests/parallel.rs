@@ -89,7 +89,7 @@ fn run(
     let model = init.clone();
     let mut model = rookery_train::parallel::broadcast_weights(model, comm, 1 << 20).unwrap();
     let o = optim_cfg();
-    let mut up = Updater::new(&o, o.adamw::<B>(), &model);
+    let mut up = Updater::new(&o, o.adamw::<B, _>(), &model);
     let (w, r) = (comm.world_size(), comm.rank());
     for (step, (images, tokens)) in data.iter().enumerate() {
         let per_rank = images.dims()[0] / w;
@@ -104,7 +104,10 @@ fn run(
             })
             .collect();
         let g = contrastive_grads(&model, micro, comm, negatives, 1 << 12).unwrap();
-        model = up.apply(model, g.grads, step + 1, STEPS).0;
+        model = up
+            .apply(model, g.grads, step + 1, STEPS)
+            .0
+            .clamp_logit_scale();
     }
     flatten(&model)
 }

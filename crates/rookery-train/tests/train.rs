@@ -74,7 +74,9 @@ fn loss_falls_and_eval_reports_recall() {
         l[l.len() - 5..].iter().sum::<f64>() / 5.0,
     );
     assert!(last < first - 0.3, "loss did not fall: {first} -> {last}");
-    let e = s.eval.expect("final eval");
+    let Some(rookery_train::stage::Report::Clip(e)) = s.eval else {
+        panic!("final CLIP eval")
+    };
     assert_eq!(e.n, 48);
     assert!(
         e.i2t_r10 > 1.5 * 10.0 * e.chance_r1,

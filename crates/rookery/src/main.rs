@@ -35,7 +35,8 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
-    /// Evaluate a checkpoint: held-out recall@1/5/10 and zero-shot accuracy.
+    /// Evaluate a checkpoint: CLIP's held-out recall@1/5/10 and zero-shot accuracy; a
+    /// language model's or Flamingo's held-out perplexity and k-shot question accuracy.
     Eval {
         /// Checkpoint directory (or a run directory, meaning its latest checkpoint).
         checkpoint: PathBuf,
@@ -43,7 +44,8 @@ enum Command {
         #[arg(long)]
         data: Option<String>,
     },
-    /// Export a checkpoint's weights as safetensors with open_clip key names, plus config.json.
+    /// Export a checkpoint's weights as safetensors plus config.json: CLIP with open_clip (or
+    /// HF) key names; Flamingo's trained parts (`--full`: the whole model too).
     Export {
         /// Checkpoint directory (or a run directory, meaning its latest checkpoint).
         checkpoint: PathBuf,
@@ -55,6 +57,31 @@ enum Command {
         /// Key names: open_clip, or hf (HF transformers CLIPModel; `from_pretrained(DIR)`).
         #[arg(long, default_value = "open_clip", value_parser = ["open_clip", "hf"])]
         format: String,
+        /// Flamingo: also write the frozen vision tower and LM (model.safetensors).
+        #[arg(long)]
+        full: bool,
+    },
+    /// Continue a prompt of text and images with a Flamingo checkpoint or export:
+    /// rookery generate --weights DIR --prompt "<image>q: how many circles? a:" --images a.png
+    Generate {
+        /// Flamingo checkpoint, run directory or export.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Text with an <image> where each image goes.
+        #[arg(long)]
+        prompt: String,
+        /// One image file per <image>, in order.
+        #[arg(long, num_args = 0..)]
+        images: Vec<PathBuf>,
+        #[arg(long, default_value_t = 20)]
+        max_new_tokens: usize,
+        /// 0: greedy; else sample among the k most likely tokens.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Draw a run's curves from its metrics.jsonl.
     Plot {
@@ -106,7 +133,27 @@ fn main() -> anyhow::Result<()> {
             out,
             dtype,
             format,
-        } => cmd::train::export(&checkpoint, &out, dtype == "bf16", format == "hf"),
+            full,
+        } => cmd::train::export(&checkpoint, &out, dtype == "bf16", format == "hf", full),
+        Command::Generate {
+            weights,
+            prompt,
+            images,
+            max_new_tokens,
+            top_k,
+            temperature,
+            seed,
+        } => {
+            let args = rookery_train::flamingo_io::GenerateArgs {
+                prompt,
+                images,
+                max_new: max_new_tokens,
+                top_k,
+                temperature,
+                seed,
+            };
+            cmd::train::generate(&weights, &args)
+        }
         Command::Plot { run_dir, out } => {
             let out = out.unwrap_or_else(|| run_dir.join("metrics.png"));
             rookery_train::plot::plot_run(&run_dir, &out)?;

@@ -202,9 +202,9 @@ fn pair_sample(cfg: &SynthConfig, rng: &mut Rng, i: u64) -> (SampleMembers, Vec<
     ((format!("{i:09}"), members), vec![caption])
 }
 
-/// One interleaved page with 2 to 4 images.
+/// One interleaved page with 2 to 6 images.
 fn page_sample(cfg: &SynthConfig, rng: &mut Rng, i: u64) -> (SampleMembers, Vec<String>) {
-    let n_images = 2 + rng.below(3);
+    let n_images = 2 + rng.below(5);
     let (doc, scenes) = pages::page(rng, n_images, 0.08);
     let mut members = vec![("json".to_string(), doc.to_string().into_bytes())];
     for (k, s) in scenes.iter().enumerate() {

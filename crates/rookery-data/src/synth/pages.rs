@@ -14,9 +14,9 @@ pub const PAGE_WORDS: &[&str] = &[
     "q", "a", ":", "?", ".", "how", "many", "what", "color", "shape", "is", "it", "are", "the",
     "shapes", "which", "image", "has", "more", "first", "second", "third", "fourth", "here",
     "some", "pictures", "look", "at", "these", "images", "page", "about", "this", "shows", "photo",
-    "of", "an", "with", "there",
+    "of", "an", "with", "there", "fifth", "sixth",
 ];
-const ORDINALS: [&str; 4] = ["first", "second", "third", "fourth"];
+const ORDINALS: [&str; 6] = ["first", "second", "third", "fourth", "fifth", "sixth"];
 const INTROS: [&str; 3] = [
     "here are some pictures.",
     "look at these images.",

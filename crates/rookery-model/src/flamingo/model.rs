@@ -17,6 +17,9 @@ use crate::vit::{VisionTransformer, VitConfig};
 #[serde(default, deny_unknown_fields)]
 pub struct FlamingoConfig {
     pub vision: VitConfig,
+    /// Output width of the vision tower's CLIP projection (kept so that the tower's weights
+    /// load whole; Flamingo reads the patch tokens before it). 0: the tower's width.
+    pub vision_embed_dim: usize,
     pub lm: LmConfig,
     pub resampler: ResamplerConfig,
     /// A gated cross-attention block before LM layer i when (i + 1) % n == 0.
@@ -35,6 +38,7 @@ impl Default for FlamingoConfig {
     fn default() -> Self {
         FlamingoConfig {
             vision: VitConfig::default(),
+            vision_embed_dim: 0,
             lm: LmConfig::default(),
             resampler: ResamplerConfig {
                 latents: 16,
@@ -74,7 +78,14 @@ impl FlamingoConfig {
             })
             .collect();
         let model = Flamingo {
-            vision: self.vision.init(dv, device),
+            vision: self.vision.init(
+                if self.vision_embed_dim == 0 {
+                    dv
+                } else {
+                    self.vision_embed_dim
+                },
+                device,
+            ),
             resampler: self.resampler.init(dv, device),
             lm: self.lm.init(device),
             xattn,
@@ -163,7 +174,17 @@ impl<B: Backend> Flamingo<B> {
     /// slots may hold anything).
     pub fn forward(&self, tokens: Tensor<B, 2, Int>, images: Tensor<B, 5>) -> Tensor<B, 3> {
         let n = images.dims()[1];
-        let visual = self.encode_images(images);
+        self.forward_visual(tokens, self.encode_images(images), n)
+    }
+
+    /// As [`Flamingo::forward`], with the visual tokens of the `n` images per row already
+    /// encoded (generation reuses them for every new token).
+    pub fn forward_visual(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        visual: Tensor<B, 3>,
+        n: usize,
+    ) -> Tensor<B, 3> {
         let per_image = visual.dims()[1] / n;
         let (hidden, sees) = media_mask(
             tokens.clone(),

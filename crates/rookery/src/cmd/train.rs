@@ -4,6 +4,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use rookery_train::flamingo_io;
+use rookery_train::stage::Report;
 use rookery_train::RunConfig;
 
 #[cfg(not(feature = "cuda"))]
@@ -51,17 +53,31 @@ pub fn run(config: &Path, overrides: &[String], resume: bool) -> Result<()> {
         "trained {} steps in {:.0} s, final loss {:.4}",
         summary.steps, summary.wall_s, summary.final_loss
     );
-    if let Some(e) = &summary.eval {
-        println!(
-            "held-out ({} pairs): image->text R@1 {:.3} R@5 {:.3} R@10 {:.3}; text->image R@1 {:.3}; chance R@1 {:.4}",
-            e.n, e.i2t_r1, e.i2t_r5, e.i2t_r10, e.t2i_r1, e.chance_r1
-        );
-        for (label, (acc, chance)) in &e.zero_shot {
-            println!("zero-shot {label}: {acc:.3} (chance {chance:.3})");
+    match &summary.eval {
+        Some(Report::Clip(e)) => {
+            println!(
+                "held-out ({} pairs): image->text R@1 {:.3} R@5 {:.3} R@10 {:.3}; text->image R@1 {:.3}; chance R@1 {:.4}",
+                e.n, e.i2t_r1, e.i2t_r5, e.i2t_r10, e.t2i_r1, e.chance_r1
+            );
+            for (label, (acc, chance)) in &e.zero_shot {
+                println!("zero-shot {label}: {acc:.3} (chance {chance:.3})");
+            }
         }
+        Some(Report::Text(t)) => print_text_report(t),
+        None => {}
     }
     println!("checkpoint: {}", summary.model_dir.display());
     Ok(())
+}
+
+pub fn print_text_report(t: &rookery_train::fewshot::TextReport) {
+    println!(
+        "held-out perplexity {:.3} over {} tokens",
+        t.perplexity, t.tokens
+    );
+    for (k, v) in &t.acc {
+        println!("{k}: {v:.3} ({} questions)", t.questions);
+    }
 }
 
 /// Writes the synthetic shards when the config asks for them and they are absent or stale.
@@ -70,8 +86,7 @@ fn ensure_data(cfg: &RunConfig) -> Result<()> {
     if !d.synthesize_if_missing || d.synth.is_complete() {
         return Ok(());
     }
-    let uses_synth = d.train == d.synth.train_pattern();
-    if !uses_synth {
+    if !uses_synth(d) {
         return Ok(());
     }
     tracing::info!(out = %d.synth.out.display(), "synthetic shards are absent: generating them first");
@@ -86,10 +101,16 @@ fn ensure_data(cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// Whether the training shards are the synthetic set's pairs or pages.
+fn uses_synth(d: &rookery_data::DataConfig) -> bool {
+    d.train == d.synth.train_pattern()
+        || (d.synth.interleaved && d.train == d.synth.pages_train_pattern())
+}
+
 /// Other processes of a job wait while rank 0 synthesizes the embedded data.
 fn wait_for_data(cfg: &RunConfig) -> Result<()> {
     let d = &cfg.data;
-    if !d.synthesize_if_missing || d.train != d.synth.train_pattern() {
+    if !d.synthesize_if_missing || !uses_synth(d) {
         return Ok(());
     }
     let deadline =
@@ -122,7 +143,12 @@ fn open_checkpoint(
 }
 
 /// `rookery export`.
-pub fn export(path: &Path, out: &Path, bf16: bool, hf: bool) -> Result<()> {
+pub fn export(path: &Path, out: &Path, bf16: bool, hf: bool, full: bool) -> Result<()> {
+    if flamingo_io::stage_of(path)? == "flamingo" {
+        flamingo_io::export_flamingo(path, out, full, bf16)?;
+        println!("exported {} to {}", path.display(), out.display());
+        return Ok(());
+    }
     let (dir, cfg, model) = open_checkpoint(path)?;
     if hf {
         rookery_train::hf::export_hf(&model, &cfg.model, out, bf16)?;
@@ -142,6 +168,12 @@ pub fn export(path: &Path, out: &Path, bf16: bool, hf: bool) -> Result<()> {
 
 /// Evaluates a checkpoint (or a run directory's latest one).
 pub fn eval(path: &Path, data: Option<String>) -> Result<()> {
+    if flamingo_io::stage_of(path)? != "clip" {
+        let r = flamingo_io::evaluate_text_checkpoint::<Inner>(path, data, &backend::device())?;
+        print_text_report(&r);
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
     let (_, mut cfg, model) = open_checkpoint(path)?;
     if let Some(d) = data {
         cfg.data.val = d;
@@ -149,6 +181,13 @@ pub fn eval(path: &Path, data: Option<String>) -> Result<()> {
     let tokenizer = Arc::new(rookery_data::TextTokenizer::from_file(&cfg.data.tokenizer)?);
     let r = rookery_train::eval::evaluate(&model, &cfg.data, tokenizer, &backend::device())?;
     println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
+}
+
+/// `rookery generate`: prints the continuation.
+pub fn generate(weights: &Path, args: &flamingo_io::GenerateArgs) -> Result<()> {
+    let text = flamingo_io::generate_text::<Inner>(weights, args, &backend::device())?;
+    println!("{text}");
     Ok(())
 }
 

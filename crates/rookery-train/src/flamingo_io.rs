@@ -1,0 +1,254 @@
+//! Stage-2 weights in and out: `rookery export` of a Flamingo checkpoint, loading one (from a
+//! checkpoint, a run directory or an export), and `rookery generate`.
+//!
+//! An export holds `flamingo.safetensors` with only what stage 2 trained (resampler,
+//! cross-attention, the two new token rows; OpenFlamingo's checkpoints hold the same), or with
+//! `--full` also `model.safetensors` with the frozen vision tower and LM. Keys are rookery's
+//! module paths (`resampler.layers.0…`, `xattn.3.attn_gate`); `config.json` describes shapes
+//! and sources, `config.toml` is the run's config, `tokenizer.json` its tokenizer.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn_store::{ModuleSnapshot, SafetensorsStore};
+use rookery_data::interleaved::Specials;
+use rookery_data::loader::{load_image, Mode};
+use rookery_data::rng::Rng;
+use rookery_data::TextTokenizer;
+use rookery_model::flamingo::Flamingo;
+use serde_json::json;
+
+use crate::config::RunConfig;
+use crate::export::Cast;
+use crate::fewshot::{generate, greedy};
+use crate::stage::flamingo::{checkpoint_dir, load_lm, load_vision};
+
+/// The trained parts of stage 2.
+pub const TRAINED: &str = "flamingo.safetensors";
+const TRAINED_KEYS: [&str; 3] = [r"^resampler\.", r"^xattn\.", r"^new_tokens$"];
+
+/// Writes the export of the Flamingo checkpoint (or run directory) `path` into `out`.
+pub fn export_flamingo(path: &Path, out: &Path, full: bool, bf16: bool) -> Result<()> {
+    let (cfg, tk_path, model) = open_flamingo::<burn::backend::Flex>(path, &Default::default())?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let to = if bf16 { DType::BF16 } else { DType::F32 };
+    let mut store = SafetensorsStore::from_file(out.join(TRAINED))
+        .overwrite(true)
+        .with_regexes(TRAINED_KEYS)
+        .with_to_adapter(Cast { to });
+    model
+        .save_into(&mut store)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.join(TRAINED).display()))?;
+    if full {
+        let mut store = SafetensorsStore::from_file(out.join("model.safetensors"))
+            .overwrite(true)
+            .with_to_adapter(Cast { to });
+        model
+            .save_into(&mut store)
+            .map_err(|e| anyhow::anyhow!("writing model.safetensors: {e}"))?;
+    }
+    let f = &cfg.flamingo;
+    let config = json!({
+        "rookery_flamingo": f.model,
+        "dtype": if bf16 { "bf16" } else { "f32" },
+        "vision_from": f.vision_from, "vision_sha256": f.vision_sha256,
+        "lm_from": f.lm_from, "lm_sha256": f.lm_sha256,
+        "trained": TRAINED, "full": full.then_some("model.safetensors"),
+    });
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    std::fs::write(out.join("config.toml"), cfg.to_toml())?;
+    std::fs::copy(&tk_path, out.join("tokenizer.json"))
+        .with_context(|| format!("copying {}", tk_path.display()))?;
+    Ok(())
+}
+
+/// A Flamingo with its run config and tokenizer path, from a checkpoint, a run directory, or an
+/// export (full, or trained parts on top of the recorded vision and LM sources).
+pub fn open_flamingo<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<(RunConfig, PathBuf, Flamingo<B>)> {
+    let dir = if path.join(TRAINED).exists() {
+        path.to_path_buf()
+    } else {
+        checkpoint_dir(path)?
+    };
+    let cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
+    if cfg.train.stage != "flamingo" {
+        bail!(
+            "{}: a checkpoint of stage {:?}, not \"flamingo\"",
+            dir.display(),
+            cfg.train.stage
+        );
+    }
+    let tk = if dir.join("tokenizer.json").exists() {
+        dir.join("tokenizer.json")
+    } else {
+        cfg.data.tokenizer.clone()
+    };
+    let model = cfg.flamingo.model.init::<B>(device);
+    let full = dir.join("model.safetensors");
+    if full.exists() {
+        let mut store =
+            SafetensorsStore::from_file(&full).with_from_adapter(Cast { to: DType::F32 });
+        let model = crate::checkpoint::load_store(model, &mut store, &full)?;
+        return Ok((cfg, tk, model));
+    }
+    let mut model = model;
+    model.vision = load_vision(&checkpoint_dir(&cfg.flamingo.vision_from)?, device)?;
+    model.lm = load_lm(&checkpoint_dir(&cfg.flamingo.lm_from)?, device)?;
+    let path = dir.join(TRAINED);
+    let mut store = SafetensorsStore::from_file(&path)
+        .allow_partial(true)
+        .with_from_adapter(Cast { to: DType::F32 });
+    let res = model
+        .load_from(&mut store)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if !res.errors.is_empty() {
+        bail!("{}: {:?}", path.display(), res.errors);
+    }
+    Ok((cfg, tk, model))
+}
+
+/// `rookery generate`'s settings.
+#[derive(Clone, Debug)]
+pub struct GenerateArgs {
+    /// Text with an `<image>` where each image goes.
+    pub prompt: String,
+    pub images: Vec<PathBuf>,
+    pub max_new: usize,
+    /// 0: greedy; else sample from the k most likely tokens.
+    pub top_k: usize,
+    pub temperature: f32,
+    pub seed: u64,
+}
+
+/// The continuation of `args.prompt` by the Flamingo in `weights`.
+pub fn generate_text<B: Backend>(
+    weights: &Path,
+    args: &GenerateArgs,
+    device: &B::Device,
+) -> Result<String> {
+    let (cfg, tk_path, model) = open_flamingo::<B>(weights, device)?;
+    let tk = TextTokenizer::from_file(&tk_path)?;
+    let sp = Specials::of(&tk).map_err(anyhow::Error::msg)?;
+    let mut row = vec![sp.sot];
+    row.extend(
+        tk.ids(&args.prompt)
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .map(i64::from),
+    );
+    let n = row.iter().filter(|&&t| t == sp.image).count();
+    if n != args.images.len() {
+        bail!(
+            "the prompt has {n} <image> tokens but {} images were given",
+            args.images.len()
+        );
+    }
+    let s = cfg.data.image_size as usize;
+    let mut pixels = Vec::with_capacity(n.max(1) * 3 * s * s);
+    for (k, p) in args.images.iter().enumerate() {
+        let bytes = std::fs::read(p).with_context(|| format!("reading image {}", p.display()))?;
+        let kind = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("png")
+            .to_ascii_lowercase();
+        let img = load_image(&cfg.data, Mode::Eval, &kind, &bytes, &[0, k as u64])
+            .map_err(|e| anyhow::anyhow!("image {}: {e}", p.display()))?;
+        pixels.extend(img);
+    }
+    if n == 0 {
+        pixels.resize(3 * s * s, 0.0); // one unused slot: no token attends to it
+    }
+    let images = Tensor::<B, 5>::from_data(TensorData::new(pixels, [1, n.max(1), 3, s, s]), device);
+    let mut rng = Rng::new(args.seed);
+    let (k, temp) = (args.top_k, args.temperature.max(1e-6));
+    let mut pick = |logits: &[f32]| -> i64 {
+        if k == 0 {
+            return greedy(logits);
+        }
+        sample_top_k(logits, k, temp, &mut rng)
+    };
+    let new = generate(
+        &model,
+        vec![row],
+        images,
+        args.max_new,
+        &mut pick,
+        &[sp.eoc, sp.eot],
+        sp.pad,
+        device,
+    );
+    let ids: Vec<u32> = new[0].iter().map(|&t| t as u32).collect();
+    Ok(tk.decode(&ids))
+}
+
+/// A token drawn from the `k` most likely, with probabilities `softmax(logits / temperature)`.
+pub fn sample_top_k(logits: &[f32], k: usize, temperature: f32, rng: &mut Rng) -> i64 {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    idx.truncate(k.max(1));
+    let top = logits[idx[0]];
+    let w: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i] - top) / temperature) as f64).exp())
+        .collect();
+    let mut u = rng.f64() * w.iter().sum::<f64>();
+    for (&i, &wi) in idx.iter().zip(&w) {
+        if u < wi {
+            return i as i64;
+        }
+        u -= wi;
+    }
+    idx[idx.len() - 1] as i64
+}
+
+/// `rookery eval` of a stage-"lm" or stage-"flamingo" checkpoint (or run directory): held-out
+/// perplexity, and for Flamingo k-shot accuracy, on `data_val` or the run's `data.val`.
+pub fn evaluate_text_checkpoint<B: Backend>(
+    path: &Path,
+    data_val: Option<String>,
+    device: &B::Device,
+) -> Result<crate::fewshot::TextReport> {
+    use rookery_data::pages::Pages;
+    use std::sync::Arc;
+    let dir = checkpoint_dir(path)?;
+    let mut cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
+    if let Some(d) = data_val {
+        cfg.data.val = d;
+    }
+    let tk = Arc::new(TextTokenizer::from_file(&cfg.data.tokenizer)?);
+    let mut prep = Pages::new(&cfg.data, tk.clone(), Mode::Eval).map_err(anyhow::Error::msg)?;
+    let e = cfg.eval.clone();
+    if cfg.train.stage == "lm" {
+        let lm = load_lm::<B>(&dir, device)?;
+        prep.decode_images = false;
+        return crate::fewshot::perplexity(&cfg, prep, e.pages, device, |t, _| lm.forward(t));
+    }
+    let (cfg, _, model) = open_flamingo::<B>(&dir, device)?;
+    let mut report = crate::fewshot::perplexity(&cfg, prep, e.pages, device, |t, b| {
+        model.forward(t, crate::causal::page_tensors(b, device).2)
+    })?;
+    let qs = crate::fewshot::load_questions(&cfg.data, e.questions)?;
+    let size = cfg.data.image_size as usize;
+    report.acc = crate::fewshot::few_shot(&model, &tk, &qs, &e.shots, e.batch, size, device)?;
+    report.questions = qs.len();
+    Ok(report)
+}
+
+/// The stage a checkpoint (or run directory, or Flamingo export) was trained in.
+pub fn stage_of(path: &Path) -> Result<String> {
+    let dir = if path.join(TRAINED).exists() {
+        path.to_path_buf()
+    } else {
+        checkpoint_dir(path)?
+    };
+    Ok(RunConfig::load(&dir.join("config.toml"), &[])?.train.stage)
+}

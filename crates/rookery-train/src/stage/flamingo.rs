@@ -1,0 +1,237 @@
+//! Stage 2: Flamingo on interleaved pages. The vision tower comes from a stage-1 CLIP
+//! checkpoint and the language model from a stage-"lm" checkpoint, both frozen; only the
+//! Perceiver Resampler, the gated cross-attention blocks and the `<image>`/`<|endofchunk|>`
+//! embeddings train.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{bail, Context, Result};
+use burn::module::Module;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use rookery_data::loader::Mode;
+use rookery_data::pages::{PageBatch, Pages};
+use rookery_data::TextTokenizer;
+use rookery_dist::Communicator;
+use rookery_model::flamingo::{Flamingo, FlamingoConfig, LanguageModel};
+use rookery_model::vit::VisionTransformer;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Report, Stage};
+use crate::causal::{causal_grads, page_tensors};
+use crate::checkpoint;
+use crate::config::RunConfig;
+use crate::fewshot::{few_shot, load_questions, perplexity, Question};
+use crate::optim::PathIds;
+use crate::step::StepGrads;
+
+/// `[flamingo]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlamingoRunConfig {
+    /// The stage-1 CLIP run directory (its latest checkpoint) or checkpoint directory whose
+    /// vision tower is used, frozen.
+    pub vision_from: PathBuf,
+    /// The stage-"lm" run directory or checkpoint directory of the frozen language model.
+    pub lm_from: PathBuf,
+    /// SHA-256 of the two sources' `model.safetensors`, recorded by the run (leave empty).
+    pub vision_sha256: String,
+    pub lm_sha256: String,
+    /// The model; its `vision` and `lm` are taken from the two sources.
+    pub model: FlamingoConfig,
+}
+
+impl Default for FlamingoRunConfig {
+    fn default() -> Self {
+        FlamingoRunConfig {
+            vision_from: PathBuf::from("runs/clip-tiny"),
+            lm_from: PathBuf::from("runs/lm-tiny"),
+            vision_sha256: String::new(),
+            lm_sha256: String::new(),
+            model: FlamingoConfig::default(),
+        }
+    }
+}
+
+pub struct FlamingoStage {
+    cfg: RunConfig,
+    tokenizer: Arc<TextTokenizer>,
+    questions: OnceLock<Vec<Question>>,
+}
+
+/// A checkpoint directory: `path` itself, or the latest checkpoint of the run directory `path`.
+pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
+    if path.join("manifest.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    checkpoint::latest(path).with_context(|| format!("{}: no checkpoint found", path.display()))
+}
+
+/// A source checkpoint's directory and resolved config, refusing one of another stage.
+fn source(path: &Path, key: &str, stage: &str) -> Result<(PathBuf, RunConfig)> {
+    let dir = checkpoint_dir(path).with_context(|| format!("flamingo.{key}"))?;
+    let cfg = RunConfig::load(&dir.join("config.toml"), &[])
+        .with_context(|| format!("flamingo.{key}: {}", dir.display()))?;
+    if cfg.train.stage != stage {
+        bail!(
+            "flamingo.{key} = {}: that checkpoint is of stage {:?}, not {stage:?}",
+            path.display(),
+            cfg.train.stage
+        );
+    }
+    Ok((dir, cfg))
+}
+
+fn sha256(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
+}
+
+impl FlamingoStage {
+    fn model_config(&self) -> &FlamingoConfig {
+        &self.cfg.flamingo.model
+    }
+
+    fn vision_dir(&self) -> Result<PathBuf> {
+        checkpoint_dir(&self.cfg.flamingo.vision_from)
+    }
+
+    fn lm_dir(&self) -> Result<PathBuf> {
+        checkpoint_dir(&self.cfg.flamingo.lm_from)
+    }
+}
+
+/// The frozen vision tower of the CLIP checkpoint in `dir`.
+pub fn load_vision<B: Backend>(dir: &Path, device: &B::Device) -> Result<VisionTransformer<B>> {
+    let cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
+    let clip = cfg.model.init::<B>(device);
+    let clip = checkpoint::load_weights(clip, &dir.join("model.safetensors"))?;
+    Ok(clip.visual)
+}
+
+/// The language model of the stage-"lm" checkpoint in `dir`.
+pub fn load_lm<B: Backend>(dir: &Path, device: &B::Device) -> Result<LanguageModel<B>> {
+    let cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
+    let lm = cfg.lm.init::<B>(device);
+    checkpoint::load_weights(lm, &dir.join("model.safetensors"))
+}
+
+impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
+    type Model = Flamingo<B>;
+    type Prep = Pages;
+
+    fn new(cfg: &RunConfig, tokenizer: Arc<TextTokenizer>) -> Result<Self> {
+        let mut cfg = cfg.clone();
+        let (vdir, vcfg) = source(&cfg.flamingo.vision_from, "vision_from", "clip")?;
+        let (ldir, lcfg) = source(&cfg.flamingo.lm_from, "lm_from", "lm")?;
+        let (ours, theirs) = (
+            std::fs::read(&cfg.data.tokenizer)
+                .with_context(|| format!("data.tokenizer = {}", cfg.data.tokenizer.display()))?,
+            std::fs::read(&lcfg.data.tokenizer).unwrap_or_default(),
+        );
+        if ours != theirs {
+            bail!("data.tokenizer = {} differs from the tokenizer the language model in {} was trained with ({}): token ids would not match", cfg.data.tokenizer.display(), ldir.display(), lcfg.data.tokenizer.display());
+        }
+        let sp = rookery_data::interleaved::Specials::of(&tokenizer).map_err(anyhow::Error::msg)?;
+        let f = &mut cfg.flamingo;
+        f.model.vision = vcfg.model.vision.clone();
+        f.model.vision_embed_dim = vcfg.model.embed_dim;
+        f.model.lm = lcfg.lm.clone();
+        (f.model.image_token, f.model.eoc_token) = (sp.image as usize, sp.eoc as usize);
+        f.vision_sha256 = sha256(&vdir.join("model.safetensors"))?;
+        f.lm_sha256 = sha256(&ldir.join("model.safetensors"))?;
+        if cfg.data.image_size as usize != f.model.vision.image_size {
+            bail!(
+                "data.image_size is {} but the vision tower of {} takes {}",
+                cfg.data.image_size,
+                vdir.display(),
+                f.model.vision.image_size
+            );
+        }
+        if cfg.data.interleaved.max_tokens > f.model.lm.context_length {
+            bail!("data.interleaved.max_tokens = {} exceeds the context of the language model in {} ({})", cfg.data.interleaved.max_tokens, ldir.display(), f.model.lm.context_length);
+        }
+        tracing::info!(vision = %vdir.display(), lm = %ldir.display(), "stage 2 starts from these checkpoints");
+        Ok(FlamingoStage {
+            cfg,
+            tokenizer,
+            questions: OnceLock::new(),
+        })
+    }
+
+    fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
+    fn prepare(&self, mode: Mode) -> Result<Pages> {
+        Pages::new(&self.cfg.data, self.tokenizer.clone(), mode).map_err(anyhow::Error::msg)
+    }
+
+    fn init(&self, device: &B::Device) -> Flamingo<B> {
+        self.model_config().init(device)
+    }
+
+    fn load_start(&self, mut model: Flamingo<B>) -> Result<Flamingo<B>> {
+        let device = model.new_tokens.device();
+        model.vision = load_vision(&self.vision_dir()?, &device)?;
+        model.lm = load_lm(&self.lm_dir()?, &device)?;
+        // Freezing after loading also restarts the new token rows from the loaded LM's rows.
+        Ok(model.freeze().map(&mut PathIds::default()))
+    }
+
+    fn grads(
+        &self,
+        model: &Flamingo<B>,
+        micro: Vec<PageBatch>,
+        comm: &dyn Communicator<B::InnerBackend>,
+        device: &B::Device,
+    ) -> Result<StepGrads> {
+        let bucket = self.cfg.dist.bucket_elems();
+        Ok(causal_grads(model, micro, comm, bucket, |m, b, tokens| {
+            m.forward(tokens, page_tensors::<B>(b, device).2)
+        })?)
+    }
+
+    fn after_update(&self, mut model: Flamingo<B>) -> Flamingo<B> {
+        // Weights loaded from a checkpoint come back trainable; the frozen parts stay frozen.
+        model.vision = model.vision.no_grad();
+        model.lm = model.lm.no_grad();
+        model
+    }
+
+    fn log_fields(&self, model: &Flamingo<B>) -> serde_json::Map<String, serde_json::Value> {
+        let gates: Vec<f32> = model
+            .xattn
+            .iter()
+            .map(|x| x.attn_gate.val().into_scalar().elem::<f32>().tanh())
+            .collect();
+        let mut m = serde_json::Map::new();
+        m.insert("tanh_attn_gates".into(), json!(gates));
+        m
+    }
+
+    fn evaluate(&self, model: &Flamingo<B::InnerBackend>, device: &B::Device) -> Result<Report> {
+        let e = &self.cfg.eval;
+        let prep = <Self as Stage<B>>::prepare(self, Mode::Eval)?;
+        let mut report = perplexity(&self.cfg, prep, e.pages, device, |tokens, b| {
+            model.forward(tokens, page_tensors(b, device).2)
+        })?;
+        if !e.shots.is_empty() && e.questions > 0 {
+            let qs = match self.questions.get() {
+                Some(q) => q,
+                None => {
+                    let q = load_questions(&self.cfg.data, e.questions)?;
+                    self.questions.get_or_init(|| q)
+                }
+            };
+            let size = self.cfg.data.image_size as usize;
+            report.acc = few_shot(model, &self.tokenizer, qs, &e.shots, e.batch, size, device)?;
+            report.questions = qs.len();
+        }
+        tracing::info!(perplexity = report.perplexity, acc = ?report.acc, "eval");
+        Ok(Report::Text(report))
+    }
+}

@@ -1,0 +1,91 @@
+//! What differs between training stages, behind one trait so that the trainer has one loop:
+//! - [`clip`]: stage 1, CLIP with a global-batch contrastive loss;
+//! - [`lm`]: stage 0 of the tiny recipe, a causal language model on the pages' text;
+//! - [`flamingo`]: stage 2, Perceiver Resampler and gated cross-attention over a frozen CLIP
+//!   vision tower and a frozen LM.
+//!
+//! The loop ([`crate::trainer`]) owns batching, accumulation, the optimizer update, logging,
+//! evaluation cadence, checkpoints and ranks; a stage owns its model, its data pipeline, its
+//! gradients and its evaluation.
+
+pub mod clip;
+pub mod flamingo;
+pub mod lm;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use rookery_data::loader::{Mode, Prepare};
+use rookery_data::TextTokenizer;
+use rookery_dist::Communicator;
+use serde::Serialize;
+
+use crate::config::RunConfig;
+use crate::eval::EvalReport;
+use crate::fewshot::TextReport;
+use crate::step::StepGrads;
+
+/// A stage's batches.
+pub type BatchOf<P> = <P as Prepare>::Batch;
+
+/// One training stage.
+pub trait Stage<B: AutodiffBackend>: Sized + Sync {
+    type Model: AutodiffModule<B> + Clone + Send + 'static;
+    type Prep: Prepare;
+
+    /// The stage of a run of `cfg`, with what the config leaves open resolved (vocabulary from
+    /// the tokenizer, shapes from the checkpoints the run starts from).
+    fn new(cfg: &RunConfig, tokenizer: Arc<TextTokenizer>) -> Result<Self>;
+    /// The resolved config: what the run directory and checkpoints record.
+    fn config(&self) -> &RunConfig;
+    /// The data pipeline.
+    fn prepare(&self, mode: Mode) -> Result<Self::Prep>;
+    /// Fresh weights (the backend is seeded before).
+    fn init(&self, device: &B::Device) -> Self::Model;
+    /// The weights a fresh run starts from besides its initialisation (`model.init_from`,
+    /// stage 2's vision tower and language model).
+    fn load_start(&self, model: Self::Model) -> Result<Self::Model> {
+        Ok(model)
+    }
+    /// Gradients of one optimizer step over this rank's micro-batches, summed over ranks, and
+    /// the global batch's loss.
+    fn grads(
+        &self,
+        model: &Self::Model,
+        micro: Vec<BatchOf<Self::Prep>>,
+        comm: &dyn Communicator<B::InnerBackend>,
+        device: &B::Device,
+    ) -> Result<StepGrads>;
+    /// Constraints after each update (CLIP clamps `logit_scale`).
+    fn after_update(&self, model: Self::Model) -> Self::Model {
+        model
+    }
+    /// Extra fields of the training log line.
+    fn log_fields(&self, _model: &Self::Model) -> serde_json::Map<String, serde_json::Value> {
+        Default::default()
+    }
+    /// Held-out evaluation on `data.val`.
+    fn evaluate(
+        &self,
+        model: &<Self::Model as AutodiffModule<B>>::InnerModule,
+        device: &B::Device,
+    ) -> Result<Report>;
+}
+
+/// What an evaluation reports.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Report {
+    Clip(EvalReport),
+    Text(TextReport),
+}
+
+/// The text of a config's stage, checked.
+pub fn check_stage(stage: &str) -> Result<(), String> {
+    match stage {
+        "clip" | "lm" | "flamingo" => Ok(()),
+        _ => Err("must be \"clip\", \"lm\" or \"flamingo\"".into()),
+    }
+}

@@ -1,0 +1,446 @@
+//! Stage 2 end to end on a tiny synthetic recipe (CLIP, then a language model, then Flamingo):
+//! only the new layers train (frozen weights bit-identical, absent from the optimizer state),
+//! evaluation reports perplexity and k-shot accuracy, resume is exact, exports load back, and
+//! the next-token loss over 2 ranks (and over micro-batches) equals one rank's full batch.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::Optimizer;
+use burn::prelude::*;
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use rookery_data::loader::Mode;
+use rookery_data::pages::{PageBatch, Pages};
+use rookery_data::synth::{generate, SynthConfig};
+use rookery_data::{Loader, TextTokenizer};
+use rookery_dist::{Communicator, LocalGroup, Single};
+use rookery_model::flamingo::{Flamingo, LanguageModel, LmConfig};
+use rookery_train::causal::causal_grads;
+use rookery_train::flamingo_io::{export_flamingo, generate_text, open_flamingo, GenerateArgs};
+use rookery_train::optim::{AdamWOf, OptimConfig, PathIds, Updater};
+use rookery_train::stage::flamingo::{load_lm, load_vision};
+use rookery_train::stage::Report;
+use rookery_train::{checkpoint, train, RunConfig};
+
+type B = Autodiff<Flex>;
+type IB = Flex;
+
+fn synth(dir: &Path) -> SynthConfig {
+    let s = SynthConfig {
+        out: dir.join("synth"),
+        train_shards: 1,
+        train_samples_per_shard: 128,
+        val_shards: 1,
+        val_samples_per_shard: 32,
+        image_size: 32,
+        interleaved: true,
+        page_shards: 2,
+        pages_per_shard: 48,
+        val_page_shards: 1,
+        ..Default::default()
+    };
+    if !s.is_complete() {
+        generate(&s).unwrap();
+    }
+    s
+}
+
+fn common(s: &SynthConfig, run: &Path) -> Vec<String> {
+    vec![
+        format!("data.tokenizer={}", s.tokenizer_path().display()),
+        format!("train.run_dir={}", run.display()),
+        "data.batch_size=4".into(),
+        "data.image_size=32".into(),
+        "data.shuffle_buffer=16".into(),
+        "data.decode_threads=1".into(),
+        "data.interleaved.max_tokens=64".into(),
+        "optim.warmup_steps=1".into(),
+        "optim.lr=3e-3".into(),
+        "log.every=1".into(),
+        "log.progress=false".into(),
+        "train.eval_every=0".into(),
+        "checkpoint.every=2".into(),
+    ]
+}
+
+fn load(sets: Vec<String>) -> RunConfig {
+    RunConfig::load(Path::new(""), &sets).unwrap()
+}
+
+fn clip_cfg(s: &SynthConfig, run: &Path) -> RunConfig {
+    let mut sets = common(s, run);
+    sets.extend(
+        [
+            format!("data.train={}", s.train_pattern()),
+            "data.val=".into(),
+            "data.context_length=16".into(),
+            "model.embed_dim=16".into(),
+            "model.vision.image_size=32".into(),
+            "model.vision.patch_size=8".into(),
+            "model.vision.width=32".into(),
+            "model.vision.layers=1".into(),
+            "model.vision.heads=2".into(),
+            "model.text.context_length=16".into(),
+            "model.text.width=32".into(),
+            "model.text.layers=1".into(),
+            "model.text.heads=2".into(),
+            "train.steps=2".into(),
+        ]
+        .map(String::from),
+    );
+    load(sets)
+}
+
+fn pages_sets(s: &SynthConfig, run: &Path) -> Vec<String> {
+    let mut sets = common(s, run);
+    sets.extend([
+        format!("data.train={}", s.pages_train_pattern()),
+        format!("data.val={}", s.pages_val_pattern()),
+        "eval.pages=8".into(),
+    ]);
+    sets
+}
+
+fn lm_cfg(s: &SynthConfig, run: &Path) -> RunConfig {
+    let mut sets = pages_sets(s, run);
+    sets.extend(
+        [
+            "train.stage=\"lm\"",
+            "train.steps=3",
+            "lm.style=\"llama\"",
+            "lm.context_length=64",
+            "lm.width=32",
+            "lm.layers=2",
+            "lm.heads=2",
+            "data.interleaved.mask_before_first_image=false",
+        ]
+        .map(String::from),
+    );
+    load(sets)
+}
+
+fn flamingo_cfg(s: &SynthConfig, run: &Path, clip: &Path, lm: &Path, steps: usize) -> RunConfig {
+    let mut sets = pages_sets(s, run);
+    sets.extend([
+        "train.stage=\"flamingo\"".into(),
+        format!("train.steps={steps}"),
+        format!("flamingo.vision_from={}", clip.display()),
+        format!("flamingo.lm_from={}", lm.display()),
+        "flamingo.model.resampler.latents=4".into(),
+        "flamingo.model.resampler.depth=1".into(),
+        "flamingo.model.resampler.heads=2".into(),
+        "flamingo.model.resampler.dim_head=8".into(),
+        "flamingo.model.xattn_heads=2".into(),
+        "flamingo.model.xattn_dim_head=8".into(),
+        "flamingo.model.xattn_ff_mult=2".into(),
+        "eval.questions=6".into(),
+        "eval.shots=[0, 2]".into(),
+        "eval.batch=4".into(),
+    ]);
+    load(sets)
+}
+
+/// Trains the tiny CLIP and LM once; returns their run directories.
+fn sources(dir: &Path, s: &SynthConfig) -> (PathBuf, PathBuf) {
+    let (clip, lm) = (dir.join("clip"), dir.join("lm"));
+    train::<B>(&clip_cfg(s, &clip), &Default::default()).unwrap();
+    let summary = train::<B>(&lm_cfg(s, &lm), &Default::default()).unwrap();
+    let Some(Report::Text(r)) = summary.eval else {
+        panic!("the LM stage reports perplexity")
+    };
+    assert!(r.perplexity.is_finite() && r.perplexity > 1.0, "{r:?}");
+    (clip, lm)
+}
+
+/// Every float parameter, in module order.
+fn floats<Bk: Backend, M: Module<Bk>>(m: &M) -> Vec<Vec<f32>> {
+    struct Flat(Vec<Vec<f32>>);
+    impl<Bk: Backend> ModuleVisitor<Bk> for Flat {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
+            self.0.push(p.val().into_data().to_vec::<f32>().unwrap());
+        }
+    }
+    let mut f = Flat(Vec::new());
+    m.visit(&mut f);
+    f.0
+}
+
+fn ids<Bk: Backend, M: Module<Bk>>(m: &M) -> HashSet<ParamId> {
+    struct Ids(HashSet<ParamId>);
+    impl<Bk: Backend> ModuleVisitor<Bk> for Ids {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
+            self.0.insert(p.id);
+        }
+    }
+    let mut v = Ids(HashSet::new());
+    m.visit(&mut v);
+    v.0
+}
+
+type Record = <AdamWOf<B, Flamingo<B>> as Optimizer<Flamingo<B>, B>>::Record;
+
+#[test]
+fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth(dir.path());
+    let (clip, lm) = sources(dir.path(), &s);
+    let run = dir.path().join("flamingo");
+    let mut cfg = flamingo_cfg(&s, &run, &clip, &lm, 4);
+    cfg.train.eval_at_start = true;
+    let summary = train::<B>(&cfg, &Default::default()).unwrap();
+    let Some(Report::Text(r)) = summary.eval else {
+        panic!("stage 2 reports perplexity and accuracy")
+    };
+    assert!(r.perplexity.is_finite() && r.perplexity > 1.0);
+    assert_eq!(r.questions, 6);
+    for key in [
+        "acc_0shot",
+        "acc_2shot",
+        "acc_0shot_color",
+        "acc_2shot_shape",
+    ] {
+        let a = r.acc.get(key).copied().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&a), "{key}: {a} in {:?}", r.acc);
+    }
+    let evals = rookery_train::metrics::read_metrics(&run)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r["kind"] == "eval")
+        .count();
+    assert_eq!(
+        evals, 2,
+        "the frozen-LM baseline before step 1, then the end"
+    );
+
+    // Frozen weights are bit-identical to their sources; the new layers moved.
+    let dev = Default::default();
+    let (_, _, model) = open_flamingo::<IB>(&run, &dev).unwrap();
+    let ckpt = |d: &Path| checkpoint::latest(d).unwrap();
+    let vision = load_vision::<IB>(&ckpt(&clip), &dev).unwrap();
+    assert!(
+        floats(&model.vision) == floats(&vision),
+        "the vision tower changed"
+    );
+    let lm_weights = load_lm::<IB>(&ckpt(&lm), &dev).unwrap();
+    assert!(
+        floats(&model.lm) == floats(&lm_weights),
+        "the language model changed"
+    );
+    for x in &model.xattn {
+        let g: f32 = x.attn_gate.val().into_scalar();
+        assert!(g != 0.0, "the gates start at 0 and train");
+    }
+
+    // The optimizer holds state for exactly the trainable parameters.
+    let record: Record = BinFileRecorder::<FullPrecisionSettings>::new()
+        .load(ckpt(&run).join("optim"), &dev)
+        .unwrap();
+    let in_state: HashSet<ParamId> = record.keys().copied().collect();
+    let frozen: HashSet<ParamId> = ids(&model.vision).union(&ids(&model.lm)).copied().collect();
+    let mut trainable = ids(&model.resampler);
+    trainable.extend(model.xattn.iter().flat_map(ids::<IB, _>));
+    trainable.insert(model.new_tokens.id);
+    assert!(
+        in_state.is_disjoint(&frozen),
+        "frozen parameters in the optimizer state"
+    );
+    assert_eq!(in_state, trainable);
+
+    // A run stopped at the step-2 checkpoint and resumed ends where the unbroken run did.
+    let run2 = dir.path().join("flamingo-resumed");
+    let mut rest = flamingo_cfg(&s, &run2, &clip, &lm, 4);
+    rest.train.resume = "auto".into();
+    let ck = run2.join("checkpoints");
+    copy_dir(
+        &run.join("checkpoints/step-00000002"),
+        &ck.join("step-00000002"),
+    );
+    std::fs::write(ck.join("latest"), "step-00000002").unwrap();
+    train::<B>(&rest, &Default::default()).unwrap();
+    let (_, _, resumed) = open_flamingo::<IB>(&run2, &dev).unwrap();
+    assert!(floats(&resumed) == floats(&model), "resumed run differs");
+
+    // The export of the trained parts loads back (on top of the recorded sources) and
+    // generates.
+    let out = dir.path().join("export");
+    export_flamingo(&run, &out, false, false).unwrap();
+    assert!(!out.join("model.safetensors").exists());
+    let (_, _, back) = open_flamingo::<IB>(&out, &dev).unwrap();
+    assert!(
+        floats(&back) == floats(&model),
+        "the export loads back different weights"
+    );
+    let args = GenerateArgs {
+        prompt: "here are some pictures. <image>q: what color are the shapes? a:".into(),
+        images: vec![first_val_image(&s, dir.path())],
+        max_new: 3,
+        top_k: 0,
+        temperature: 1.0,
+        seed: 0,
+    };
+    let text = generate_text::<IB>(&out, &args, &dev).unwrap();
+    assert!(!text.is_empty());
+    let wrong = GenerateArgs {
+        images: vec![],
+        ..args
+    };
+    let e = generate_text::<IB>(&out, &wrong, &dev).unwrap_err();
+    assert!(
+        e.to_string().contains("1 <image> tokens but 0 images"),
+        "{e}"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// The first image of the first held-out page, as a file.
+fn first_val_image(s: &SynthConfig, dir: &Path) -> PathBuf {
+    let shard = rookery_data::expand_shards(&s.pages_val_pattern()).unwrap()[0].clone();
+    let mut out = None;
+    rookery_data::wds::read_shard(&shard, |item| {
+        if let rookery_data::wds::ShardItem::Sample(smp) = item {
+            out = smp.get("img0.jpg").map(<[u8]>::to_vec);
+        }
+        out.is_none()
+    });
+    let path = dir.join("query.jpg");
+    std::fs::write(&path, out.unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn stage_two_refuses_sources_of_the_wrong_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth(dir.path());
+    let (clip, lm) = sources(dir.path(), &s);
+    let cfg = flamingo_cfg(&s, &dir.path().join("bad"), &lm, &clip, 1);
+    let e = format!("{:#}", train::<B>(&cfg, &Default::default()).unwrap_err());
+    assert!(
+        e.contains("flamingo.vision_from") && e.contains("\"lm\""),
+        "{e}"
+    );
+    let mut sets = pages_sets(&s, &dir.path().join("bad2"));
+    sets.push("train.stage=\"story\"".into());
+    let e = RunConfig::load(Path::new(""), &sets)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("train.stage"), "{e}");
+}
+
+/// Rows `r` of a batch, as a batch of their own.
+fn rows(b: &PageBatch, r: std::ops::Range<usize>) -> PageBatch {
+    let (t, per) = (
+        b.context_length,
+        b.max_images * 3 * b.image_size * b.image_size,
+    );
+    PageBatch {
+        tokens: b.tokens[r.start * t..r.end * t].to_vec(),
+        targets: b.targets[r.start * t..r.end * t].to_vec(),
+        images: b.images[r.start * per..r.end * per].to_vec(),
+        n_images: b.n_images[r.clone()].to_vec(),
+        batch_size: r.len(),
+        keys: b.keys[r.clone()].to_vec(),
+        json: b.json[r.clone()].to_vec(),
+        epochs: b.epochs[r].to_vec(),
+        ..b.clone()
+    }
+}
+
+/// Three AdamW steps of next-token training on this rank's rows of `data`, in `accum`
+/// micro-batches.
+fn lm_steps(
+    init: &LanguageModel<B>,
+    data: &[PageBatch],
+    comm: &dyn Communicator<IB>,
+    accum: usize,
+) -> Vec<Vec<f32>> {
+    let mut model = init.clone();
+    let o = OptimConfig {
+        lr: 1e-3,
+        warmup_steps: 1,
+        ..Default::default()
+    };
+    let mut up = Updater::new(&o, o.adamw::<B, _>(), &model);
+    let (w, r) = (comm.world_size(), comm.rank());
+    for (step, b) in data.iter().enumerate() {
+        let per = b.batch_size / w;
+        let m = per / accum;
+        let micro = (0..accum)
+            .map(|j| rows(b, r * per + j * m..r * per + (j + 1) * m))
+            .collect();
+        let g = causal_grads(&model, micro, comm, 1 << 12, |m, _, t| m.forward(t)).unwrap();
+        model = up.apply(model, g.grads, step + 1, data.len()).0;
+    }
+    floats(&model)
+}
+
+fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+#[test]
+fn next_token_loss_two_ranks_equal_one_rank_with_twice_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth(dir.path());
+    let mut sets = pages_sets(&s, &dir.path().join("x"));
+    sets.push("train.stage=\"lm\"".into());
+    let cfg = load(sets);
+    let tk = Arc::new(TextTokenizer::from_file(&s.tokenizer_path()).unwrap());
+    let mut data_cfg = cfg.data.clone();
+    data_cfg.batch_size = 8;
+    let mut prep = Pages::new(&data_cfg, tk.clone(), Mode::Eval).unwrap();
+    prep.decode_images = false;
+    let shards = rookery_data::expand_shards(&s.pages_train_pattern()).unwrap();
+    let data: Vec<PageBatch> = Loader::start(&data_cfg, prep, shards, 0, 1, Mode::Eval, None)
+        .unwrap()
+        .take(3)
+        .map(|b| b.unwrap())
+        .collect();
+    // Pages differ in length, so ranks hold different numbers of target tokens: the loss must
+    // be normalised by the global count for the equality to hold.
+    let counts: Vec<f32> = (0..2)
+        .map(|r| rows(&data[0], r * 4..r * 4 + 4).targets.iter().sum())
+        .collect();
+    assert_ne!(counts[0], counts[1]);
+    let lm = LmConfig {
+        vocab_size: tk.vocab_size,
+        context_length: 64,
+        width: 32,
+        layers: 2,
+        heads: 2,
+        style: "llama".into(),
+        ..Default::default()
+    };
+    let dev = Default::default();
+    B::seed(&dev, 3);
+    let init = lm.init::<B>(&dev).map(&mut PathIds::default());
+    let single = lm_steps(&init, &data, &Single::new(dev), 1);
+    let accum = lm_steps(&init, &data, &Single::new(dev), 2);
+    let d = rel_diff(&accum, &single);
+    assert!(d < 1e-5, "2 micro-batches vs one batch: {d:e}");
+    let out = LocalGroup::run::<IB, _, String, _>(
+        2,
+        |_| Default::default(),
+        Duration::from_secs(120),
+        |comm| Ok(lm_steps(&init, &data, comm, 1)),
+    );
+    let out: Vec<Vec<Vec<f32>>> = out.into_iter().map(|r| r.unwrap()).collect();
+    assert!(out[0] == out[1], "replicas must stay identical");
+    let d = rel_diff(&out[0], &single);
+    assert!(d < 1e-5, "2 ranks x 4 vs 1 rank x 8: {d:e}");
+}
