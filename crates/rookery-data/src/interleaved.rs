@@ -29,6 +29,9 @@ pub struct SequenceConfig {
     pub min_sim: f64,
     /// No loss on the text before the first image.
     pub mask_before_first_image: bool,
+    /// Loss weight of the caption tokens of image-text pairs mixed into the stream (their
+    /// shards listed in `data.train` beside the documents'), relative to documents' tokens.
+    pub pairs_weight: f64,
 }
 
 impl Default for SequenceConfig {
@@ -38,6 +41,7 @@ impl Default for SequenceConfig {
             max_images: 6,
             min_sim: 0.24,
             mask_before_first_image: true,
+            pairs_weight: 1.0,
         }
     }
 }

@@ -3,6 +3,11 @@
 //! ([`crate::interleaved`]) and its images are decoded, cropped and normalised like stage 1's.
 //! A malformed document (missing image, index out of range, undecodable image, empty text, no
 //! image left) is skipped and counted by the loader with its shard and key.
+//!
+//! Image-text pairs (stage-1 shards listed in `data.train` beside the documents', `::`-joined)
+//! mix into the same stream as OpenFlamingo mixes LAION into MMC4: each becomes
+//! `<sot><image>caption<|endofchunk|><eot>`, its tokens weighted `data.interleaved.pairs_weight`
+//! in the loss (a weighted mean over all target tokens of the global batch).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -10,7 +15,7 @@ use std::sync::Arc;
 use base64::Engine;
 
 use crate::interleaved::{
-    build_sequence, parse_mmc4, parse_obelics, ImageRef, SequenceConfig, Specials,
+    build_sequence, pair_sequence, parse_mmc4, parse_obelics, ImageRef, SequenceConfig, Specials,
 };
 use crate::loader::{load_image, Batched, DataConfig, LoaderPosition, Mode, Prepare};
 use crate::rng::hash_str;
@@ -32,6 +37,8 @@ pub struct Pages {
 pub struct Page {
     tokens: Vec<i64>,
     targets: Vec<bool>,
+    /// Loss weight of each target token (`data.interleaved.pairs_weight` for pairs).
+    weight: f32,
     /// `[3, S, S]` each, in `<image>` order.
     images: Vec<Vec<f32>>,
     json: serde_json::Value,
@@ -42,7 +49,8 @@ pub struct Page {
 pub struct PageBatch {
     /// `[B, T]` token ids.
     pub tokens: Vec<i64>,
-    /// `[B, T]`: 1.0 where the loss falls on the token, else 0.0.
+    /// `[B, T]`: the loss weight of each token: 0.0 where no loss falls, 1.0 on a document's
+    /// text, `pairs_weight` on a mixed-in pair's caption.
     pub targets: Vec<f32>,
     /// `[B, N, 3, S, S]`, N the most images of any row; missing images are zeros.
     pub images: Vec<f32>,
@@ -111,21 +119,59 @@ impl Pages {
     }
 }
 
+impl Pages {
+    /// An image-text pair (stage-1 shards mixed in) as `<image>caption<|endofchunk|>`, its
+    /// tokens weighted `pairs_weight`.
+    fn pair(&self, s: &RawSample, epoch: u64) -> Result<Page, String> {
+        let (ext, bytes) = s.first_of(&self.data.image_exts).ok_or("missing image")?;
+        let caption = std::str::from_utf8(s.get(&self.data.text_ext).unwrap_or_default())
+            .map_err(|_| "caption is not UTF-8".to_string())?;
+        let seq = pair_sequence(caption, &self.tokenizer, self.specials, self.seq.max_tokens)
+            .map_err(|e| format!("bad pair: {e}"))?;
+        let seed = [self.data.seed, epoch, hash_str(&s.shard), s.index, 0];
+        let images = if self.decode_images {
+            vec![load_image(&self.data, self.mode, ext, bytes, &seed)?]
+        } else {
+            Vec::new()
+        };
+        Ok(Page {
+            tokens: seq.tokens,
+            targets: seq.targets,
+            weight: self.seq.pairs_weight as f32,
+            images,
+            json: serde_json::Value::Null,
+        })
+    }
+}
+
 impl Prepare for Pages {
     type Item = Page;
     type Batch = PageBatch;
 
     fn prepare(&self, s: &RawSample, epoch: u64) -> Result<Page, String> {
-        let raw = s.get("json").ok_or("missing document: no .json member")?;
-        let json: serde_json::Value =
-            serde_json::from_slice(raw).map_err(|e| format!("bad document: not JSON: {e}"))?;
+        let json: Option<serde_json::Value> = match s.get("json") {
+            Some(raw) => Some(
+                serde_json::from_slice(raw).map_err(|e| format!("bad document: not JSON: {e}"))?,
+            ),
+            None => None,
+        };
+        let is_doc = json
+            .as_ref()
+            .is_some_and(|j| j.get("text_list").is_some() || j.get("texts").is_some());
+        let image_text_pair = !is_doc
+            && s.first_of(&self.data.image_exts).is_some()
+            && s.get(&self.data.text_ext).is_some();
+        if image_text_pair {
+            return self.pair(s, epoch);
+        }
+        let json = json.ok_or("missing document: no .json member")?;
         let members: BTreeSet<String> = s.members.iter().map(|(e, _)| e.clone()).collect();
         let items = if json.get("text_list").is_some() {
             parse_mmc4(&json, &members, self.seq.min_sim)
         } else if json.get("texts").is_some() {
             parse_obelics(&json, &members)
         } else {
-            return Err("bad document: neither MMC4 (text_list) nor OBELICS (texts)".into());
+            return Err("bad document: neither MMC4 (text_list) nor OBELICS (texts), nor an image-text pair".into());
         }
         .map_err(|e| format!("bad document: {e}"))?;
         let seq = build_sequence(&items, &self.tokenizer, self.specials, &self.seq)
@@ -140,6 +186,7 @@ impl Prepare for Pages {
         Ok(Page {
             tokens: seq.tokens,
             targets: seq.targets,
+            weight: 1.0,
             images,
             json,
         })
@@ -172,7 +219,7 @@ impl Prepare for Pages {
         for (row, (raw, epoch, page)) in good.into_iter().enumerate() {
             b.tokens.extend_from_slice(&page.tokens);
             b.targets
-                .extend(page.targets.iter().map(|&t| t as u8 as f32));
+                .extend(page.targets.iter().map(|&t| t as u8 as f32 * page.weight));
             for (k, img) in page.images.iter().enumerate() {
                 let at = (row * max_images + k) * per;
                 b.images[at..at + per].copy_from_slice(img);

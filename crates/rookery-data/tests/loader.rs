@@ -535,13 +535,10 @@ fn resplitting_onto_another_world_size_repeats_and_skips_no_finished_shard() {
     }
 }
 
-#[test]
-fn interleaved_pages_load_as_sequences_and_malformed_ones_are_counted() {
-    use rookery_data::interleaved::{SequenceConfig, Specials};
-    use rookery_data::pages::Pages;
-    let dir = tempfile::tempdir().unwrap();
+/// A synthetic set of 8 pairs and `pages` interleaved pages (32 px images) written under `dir`.
+fn small_pages(dir: &std::path::Path, pages: usize) -> SynthConfig {
     let cfg = SynthConfig {
-        out: dir.path().to_path_buf(),
+        out: dir.to_path_buf(),
         train_shards: 1,
         train_samples_per_shard: 8,
         val_shards: 1,
@@ -549,11 +546,20 @@ fn interleaved_pages_load_as_sequences_and_malformed_ones_are_counted() {
         image_size: 32,
         interleaved: true,
         page_shards: 1,
-        pages_per_shard: 12,
+        pages_per_shard: pages,
         val_page_shards: 1,
         ..Default::default()
     };
     generate(&cfg).unwrap();
+    cfg
+}
+
+#[test]
+fn interleaved_pages_load_as_sequences_and_malformed_ones_are_counted() {
+    use rookery_data::interleaved::{SequenceConfig, Specials};
+    use rookery_data::pages::Pages;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_pages(dir.path(), 12);
     // Malformed documents beside the good ones: index out of range, missing image, not JSON.
     let doc = |i: u64, name: &str| {
         format!(
@@ -650,4 +656,53 @@ fn stream_keys(spec: StreamSpec, n: usize) -> Vec<String> {
         })
         .take(n)
         .collect()
+}
+
+#[test]
+fn image_text_pairs_mix_into_pages_with_their_loss_weight() {
+    use rookery_data::pages::Pages;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_pages(dir.path(), 8);
+    let tk = Arc::new(TextTokenizer::from_file(&cfg.tokenizer_path()).unwrap());
+    let mut dc = data_cfg(String::new(), &cfg.tokenizer_path());
+    dc.batch_size = 4;
+    dc.interleaved.max_tokens = 48;
+    dc.interleaved.pairs_weight = 0.25;
+    let shards = expand_shards(&format!(
+        "{}::{}",
+        cfg.train_pattern(),
+        cfg.pages_train_pattern()
+    ))
+    .unwrap();
+    let prep = Pages::new(&dc, tk.clone(), Mode::Eval).unwrap();
+    let (image, eoc) = (
+        tk.token_id("<image>").unwrap() as i64,
+        tk.token_id("<|endofchunk|>").unwrap() as i64,
+    );
+    let (mut pairs, mut pages) = (0, 0);
+    for b in Loader::start(&dc, prep, shards, 0, 1, Mode::Eval, None).unwrap() {
+        let b = b.unwrap();
+        for r in 0..b.batch_size {
+            let row = &b.tokens[r * 48..(r + 1) * 48];
+            let w = &b.targets[r * 48..(r + 1) * 48];
+            if b.keys[r].starts_with("page") {
+                pages += 1;
+                assert!(w.iter().all(|&x| x == 0.0 || x == 1.0));
+                continue;
+            }
+            pairs += 1;
+            // <sot> <image> caption… <|endofchunk|> <eot>: the caption and the end of chunk
+            // carry the pair weight, nothing else does.
+            assert_eq!(&row[..2], &[tk.sot as i64, image], "{}", b.keys[r]);
+            assert_eq!(b.n_images[r], 1);
+            let end = row.iter().position(|&t| t == eoc).unwrap();
+            assert!(w[2..=end].iter().all(|&x| x == 0.25), "{w:?}");
+            assert!(
+                w[..2].iter().chain(&w[end + 1..]).all(|&x| x == 0.0),
+                "{w:?}"
+            );
+        }
+    }
+    assert_eq!(pairs, 8);
+    assert!(pages >= 6, "{pages}");
 }

@@ -149,6 +149,12 @@ impl RunConfig {
                 "must be at least 2".into(),
             ));
         }
+        if seq.pairs_weight.is_nan() || seq.pairs_weight < 0.0 {
+            return Err((
+                "data.interleaved.pairs_weight".into(),
+                "must be >= 0".into(),
+            ));
+        }
         if self.train.stage == "lm" {
             self.lm.validate().map_err(|m| ("lm".to_string(), m))?;
             if seq.max_tokens > self.lm.context_length {
