@@ -479,7 +479,7 @@ fn the_new_layers_learn_a_task_only_the_image_can_answer() {
         let class: Vec<usize> = (0..n).map(|i| (i + step) % 2).collect();
         let px: Vec<f32> = class
             .iter()
-            .flat_map(|&k| std::iter::repeat(if k == 1 { 1.5 } else { -1.5 }).take(3 * 16 * 16))
+            .flat_map(|&k| std::iter::repeat_n(if k == 1 { 1.5 } else { -1.5 }, 3 * 16 * 16))
             .collect();
         let ids: Vec<i64> = class.iter().flat_map(|&k| [2, 4, 6 + k as i64]).collect();
         (
