@@ -33,19 +33,24 @@ pub fn next_token_loss_sum<B: Backend>(
     (picked * w).sum().neg()
 }
 
-/// A page batch's tensors: tokens `[B, T]`, target weights `[B, T]`, images `[B, N, 3, S, S]`.
+/// A page batch's tokens `[B, T]` and target weights `[B, T]`.
 pub fn page_tensors<B: Backend>(
     b: &PageBatch,
     device: &B::Device,
-) -> (Tensor<B, 2, Int>, Tensor<B, 2>, Tensor<B, 5>) {
-    let (n, t, s) = (b.batch_size, b.context_length, b.image_size);
+) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
+    let (n, t) = (b.batch_size, b.context_length);
     let tokens = Tensor::from_data(TensorData::new(b.tokens.clone(), [n, t]), device);
     let weights = Tensor::from_data(TensorData::new(b.targets.clone(), [n, t]), device);
-    let images = Tensor::from_data(
-        TensorData::new(b.images.clone(), [n, b.max_images, 3, s, s]),
+    (tokens, weights)
+}
+
+/// A page batch's images `[B, N, 3, S, S]` (only models that read images need them).
+pub fn page_images<B: Backend>(b: &PageBatch, device: &B::Device) -> Tensor<B, 5> {
+    let s = b.image_size;
+    Tensor::from_data(
+        TensorData::new(b.images.clone(), [b.batch_size, b.max_images, 3, s, s]),
         device,
-    );
-    (tokens, weights, images)
+    )
 }
 
 /// The gradients of one step of next-token training over this rank's `micro`-batches;
@@ -71,7 +76,7 @@ pub fn causal_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut acc = GradientsAccumulator::<M>::new();
     let mut loss = 0.0f32;
     for b in &micro {
-        let (tokens, weights, _) = page_tensors::<B>(b, &device);
+        let (tokens, weights) = page_tensors::<B>(b, &device);
         let out = logits(model, b, tokens.clone());
         let l = next_token_loss_sum(out, tokens, weights) / total;
         loss += l.clone().into_scalar().elem::<f32>();

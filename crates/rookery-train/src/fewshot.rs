@@ -76,7 +76,7 @@ pub fn perplexity<B: Backend>(
     let (mut sum, mut n, mut pages) = (0.0f64, 0.0f64, 0);
     for batch in loader {
         let b = batch?;
-        let (tokens, weights, _) = crate::causal::page_tensors::<B>(&b, device);
+        let (tokens, weights) = crate::causal::page_tensors::<B>(&b, device);
         let out = logits(tokens.clone(), &b);
         sum += next_token_loss_sum(out, tokens, weights)
             .into_scalar()

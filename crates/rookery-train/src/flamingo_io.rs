@@ -234,7 +234,7 @@ pub fn evaluate_text_checkpoint<B: Backend>(
     }
     let (cfg, _, model) = open_flamingo::<B>(&dir, device)?;
     let mut report = crate::fewshot::perplexity(&cfg, prep, e.pages, device, |t, b| {
-        model.forward(t, crate::causal::page_tensors(b, device).2)
+        model.forward(t, crate::causal::page_images(b, device))
     })?;
     let qs = crate::fewshot::load_questions(&cfg.data, e.questions)?;
     let size = cfg.data.image_size as usize;

@@ -1,6 +1,7 @@
-//! The training loop, the only one: batch, forward, InfoNCE, backward (accumulated over
-//! micro-batches), global-norm clipping, decoupled weight decay + AdamW at `lr(step)`,
-//! `logit_scale` clamp; then logging, evaluation and checkpoints when due.
+//! The training loop, the only one, for every stage ([`crate::stage`]): batches, the stage's
+//! gradients (accumulated over micro-batches, summed over ranks), global-norm clipping,
+//! decoupled weight decay + AdamW at `lr(step)`, the stage's constraints (CLIP's
+//! `logit_scale` clamp); then logging, evaluation and checkpoints when due.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,7 +26,6 @@ use serde_json::json;
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
-
 use crate::metrics::MetricsWriter;
 use crate::optim::{AdamWOf, PathIds, Updater};
 use crate::parallel::broadcast_weights;
@@ -403,7 +403,7 @@ fn build<B: AutodiffBackend, S: Stage<B>>(
     let mut resolved = cfg.clone();
     resolved.dist.world_size = comm.world_size();
     let (model, optim, mut state) = checkpoint::load(&dir, &resolved, model, optim, device)?;
-    let model = stage.after_update(model);
+    let model = stage.after_load(model);
     let world = comm.world_size();
     if state.loaders.len() != world {
         let old = std::mem::take(&mut state.loaders);

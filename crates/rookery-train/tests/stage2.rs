@@ -3,6 +3,9 @@
 //! evaluation reports perplexity and k-shot accuracy, resume is exact, exports load back, and
 //! the next-token loss over 2 ranks (and over micro-batches) equals one rank's full batch.
 
+mod common;
+use common::copy_dir;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -293,14 +296,6 @@ fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
         e.to_string().contains("1 <image> tokens but 0 images"),
         "{e}"
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 /// The first image of the first held-out page, as a file.

@@ -1,6 +1,9 @@
 //! End-to-end CLIP training on a tiny synthetic set: the loss falls, a resumed run ends with
 //! the same weights as one that never stopped, and bad checkpoints are refused.
 
+mod common;
+use common::copy_dir;
+
 use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
@@ -289,14 +292,6 @@ fn stopped_at(src: &Path, run: &RunConfig) -> std::path::PathBuf {
     copy_dir(src, &ck.join(name));
     std::fs::write(ck.join("latest"), name.to_str().unwrap()).unwrap();
     ck
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 #[test]

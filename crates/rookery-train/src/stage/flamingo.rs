@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{Report, Stage};
-use crate::causal::{causal_grads, page_tensors};
+use crate::causal::{causal_grads, page_images};
 use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::fewshot::{few_shot, load_questions, perplexity, Question};
@@ -191,11 +191,11 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
     ) -> Result<StepGrads> {
         let bucket = self.cfg.dist.bucket_elems();
         Ok(causal_grads(model, micro, comm, bucket, |m, b, tokens| {
-            m.forward(tokens, page_tensors::<B>(b, device).2)
+            m.forward(tokens, page_images::<B>(b, device))
         })?)
     }
 
-    fn after_update(&self, mut model: Flamingo<B>) -> Flamingo<B> {
+    fn after_load(&self, mut model: Flamingo<B>) -> Flamingo<B> {
         // Weights loaded from a checkpoint come back trainable; the frozen parts stay frozen.
         model.vision = model.vision.no_grad();
         model.lm = model.lm.no_grad();
@@ -217,7 +217,7 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
         let e = &self.cfg.eval;
         let prep = <Self as Stage<B>>::prepare(self, Mode::Eval)?;
         let mut report = perplexity(&self.cfg, prep, e.pages, device, |tokens, b| {
-            model.forward(tokens, page_tensors(b, device).2)
+            model.forward(tokens, page_images(b, device))
         })?;
         if !e.shots.is_empty() && e.questions > 0 {
             let qs = match self.questions.get() {

@@ -62,6 +62,10 @@ pub trait Stage<B: AutodiffBackend>: Sized + Sync {
     fn after_update(&self, model: Self::Model) -> Self::Model {
         model
     }
+    /// Restores what a checkpoint's weights do not record (stage 2: which parts are frozen).
+    fn after_load(&self, model: Self::Model) -> Self::Model {
+        model
+    }
     /// Extra fields of the training log line.
     fn log_fields(&self, _model: &Self::Model) -> serde_json::Map<String, serde_json::Value> {
         Default::default()
