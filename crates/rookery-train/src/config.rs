@@ -167,6 +167,13 @@ impl RunConfig {
                 ));
             }
         }
+        let mult = self.flamingo.gate_lr_mult;
+        if self.train.stage == "flamingo" && !(mult.is_finite() && mult > 0.0) {
+            return Err((
+                "flamingo.gate_lr_mult".into(),
+                format!("must be a number > 0, not {mult}"),
+            ));
+        }
         if self.train.stage == "flamingo" && self.flamingo.model.cross_attn_every_n_layers == 0 {
             return Err((
                 "flamingo.model.cross_attn_every_n_layers".into(),

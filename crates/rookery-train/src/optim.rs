@@ -2,10 +2,11 @@
 //! `logit_scale`), global-norm gradient clipping like torch's `clip_grad_norm_`, and a learning
 //! rate with linear warmup then cosine decay.
 //!
-//! burn 0.21 has no parameter groups, so the decayed and undecayed sets are two AdamW
-//! optimizers over disjoint parameter ids ([`ParamSplit`]).
+//! burn 0.21 has no parameter groups: one AdamW without decay runs over every trainable
+//! parameter, decoupled weight decay is applied beside it to the ids [`ParamSplit`] picks, and
+//! per-parameter learning-rate multipliers scale those parameters' updates afterwards.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -236,6 +237,7 @@ pub struct Updater<B: AutodiffBackend, M: AutodiffModule<B>> {
     pub optim: AdamWOf<B, M>,
     cfg: OptimConfig,
     decay: HashSet<ParamId>,
+    lr_mult: HashMap<ParamId, f32>,
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>> Updater<B, M> {
@@ -246,7 +248,16 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Updater<B, M> {
             optim,
             cfg: cfg.clone(),
             decay: split.decay.into_iter().collect(),
+            lr_mult: HashMap::new(),
         }
+    }
+
+    /// Trains the listed parameters at `factor` times the learning rate (their weight decay
+    /// too). The AdamW update is linear in the learning rate, so scaling a parameter's whole
+    /// update after the step is AdamW at `lr * factor` for it.
+    pub fn with_lr_mult(mut self, mult: impl IntoIterator<Item = (ParamId, f32)>) -> Self {
+        self.lr_mult = mult.into_iter().filter(|(_, k)| *k != 1.0).collect();
+        self
     }
 
     /// Applies `grads` as optimizer step `step` of `total`; returns the model, the learning
@@ -262,12 +273,56 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Updater<B, M> {
         let o = &self.cfg;
         let grad_norm = clip_global_norm(&model, &mut grads, o.grad_clip_norm);
         let lr = o.lr_at(step, total);
+        let mut before = Snapshot::<B::InnerBackend> {
+            ids: &self.lr_mult,
+            saved: HashMap::new(),
+        };
+        model.visit(&mut before);
         let model = model.map(&mut Decay {
             ids: &self.decay,
             factor: 1.0 - (lr as f32) * o.weight_decay,
         });
         let model = self.optim.step(lr, model, grads);
+        let model = model.map(&mut Amplify {
+            mult: &self.lr_mult,
+            before: before.saved,
+        });
         (model, lr, grad_norm)
+    }
+}
+
+/// The values of the parameters with a learning-rate multiplier, flattened, before a step.
+struct Snapshot<'a, IB: Backend> {
+    ids: &'a HashMap<ParamId, f32>,
+    saved: HashMap<ParamId, Tensor<IB, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Snapshot<'_, B::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        if self.ids.contains_key(&p.id) {
+            let t = p.val().inner();
+            let n = t.shape().num_elements();
+            self.saved.insert(p.id, t.reshape([n]));
+        }
+    }
+}
+
+/// `before + factor * (after - before)` for the parameters with a multiplier.
+struct Amplify<'a, IB: Backend> {
+    mult: &'a HashMap<ParamId, f32>,
+    before: HashMap<ParamId, Tensor<IB, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Amplify<'_, B::InnerBackend> {
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (Some(&k), Some(old)) = (self.mult.get(&p.id), self.before.remove(&p.id)) else {
+            return p;
+        };
+        p.map(|t| {
+            let new = t.inner();
+            let old = old.reshape(new.dims());
+            Tensor::from_inner(old.clone() + (new - old) * k).require_grad()
+        })
     }
 }
 
@@ -307,5 +362,63 @@ mod tests {
             (c.lr_at(500, 110) - 1e-5).abs() < 1e-12,
             "stays at min after the end"
         );
+    }
+
+    /// A learning-rate multiplier on one parameter is AdamW at `lr * k` for it and leaves the
+    /// others as at `lr`. The loss `sum(x W + b) + sum(b^2)` keeps the gradients of W and b
+    /// apart, so the three runs can be compared parameter by parameter.
+    #[test]
+    fn lr_multiplier_is_adamw_at_the_scaled_rate() {
+        use burn::backend::{Autodiff, Flex};
+        use burn::nn::{Linear, LinearConfig};
+        type A = Autodiff<Flex>;
+        let dev = Default::default();
+        A::seed(&dev, 3);
+        // Initialised now (burn initialises lazily, and each clone would draw its own).
+        let start: Linear<A> = LinearConfig::new(4, 3)
+            .init(&dev)
+            .map(&mut PathIds::default());
+        let x = Tensor::<A, 2>::from_floats([[0.5, -1.0, 2.0, 0.25], [1.5, 0.5, -0.5, 1.0]], &dev);
+        let run = |lr: f64, mult: f32| {
+            let o = OptimConfig {
+                lr,
+                min_lr: lr / 10.0,
+                warmup_steps: 2,
+                weight_decay: 0.1,
+                // Clipping by the global norm would couple W and b.
+                grad_clip_norm: 0.0,
+                ..Default::default()
+            };
+            let mut model = start.clone();
+            let bias = model.bias.as_ref().unwrap().id;
+            let mut up = Updater::new(&o, o.adamw::<A, _>(), &model).with_lr_mult([(bias, mult)]);
+            for step in 1..=6 {
+                let b = model.bias.as_ref().unwrap().val();
+                let loss = model.forward(x.clone()).sum() + (b.clone() * b).sum();
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = up.apply(model, grads, step, 6).0;
+            }
+            let get = |t: Tensor<A, 1>| t.into_data().to_vec::<f32>().unwrap();
+            let w = model.weight.val().reshape([12]);
+            (get(w), get(model.bias.unwrap().val()))
+        };
+        let (w_mult, b_mult) = run(1e-2, 7.0);
+        let (w_base, b_base) = run(1e-2, 1.0);
+        let (_, b_scaled) = run(7e-2, 1.0);
+        assert!(
+            w_mult == w_base,
+            "a multiplier on the bias moved the weight"
+        );
+        let start_b = start
+            .bias
+            .unwrap()
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert!(b_base != start_b && b_mult != b_base);
+        for (m, s) in b_mult.iter().zip(&b_scaled) {
+            assert!((m - s).abs() < 1e-6, "{b_mult:?} vs {b_scaled:?}");
+        }
     }
 }

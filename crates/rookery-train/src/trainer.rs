@@ -267,7 +267,7 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
         std::fs::write(run_dir.join("config.toml"), resolved.to_toml())?;
     }
     let (mut model, optim, mut state) = build::<B, S>(&stage, device, comm)?;
-    let mut updater = Updater::new(&cfg.optim, optim, &model);
+    let mut updater = Updater::new(&cfg.optim, optim, &model).with_lr_mult(stage.lr_mult(&model));
     let shards = rookery_data::expand_shards(&cfg.data.train)?;
     let position = state.loaders.get(rank).cloned();
     let mut loader = Loader::start(

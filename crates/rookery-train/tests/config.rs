@@ -48,6 +48,17 @@ fn bad_configs_name_the_key() {
         "model.vision.patch_size",
     );
     refused("", &["data.image_size=32"], "data.image_size");
+    let flamingo = "[train]\nstage = \"flamingo\"\n";
+    refused(
+        flamingo,
+        &["flamingo.gate_lr_mult=0"],
+        "flamingo.gate_lr_mult",
+    );
+    refused(
+        flamingo,
+        &["flamingo.gate_lr_mult=nan"],
+        "flamingo.gate_lr_mult",
+    );
     refused("[train]\nsteps = 10\n[train]\nsteps = 3\n", &[], "bad.toml");
 }
 

@@ -140,6 +140,8 @@ fn flamingo_cfg(s: &SynthConfig, run: &Path, clip: &Path, lm: &Path, steps: usiz
         "flamingo.model.xattn_heads=2".into(),
         "flamingo.model.xattn_dim_head=8".into(),
         "flamingo.model.xattn_ff_mult=2".into(),
+        // As flamingo-tiny: the gates train faster than the rest (checked below).
+        "flamingo.gate_lr_mult=50".into(),
         "eval.questions=6".into(),
         "eval.shots=[0, 2]".into(),
         "eval.batch=4".into(),
@@ -234,10 +236,18 @@ fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
         floats(&model.lm) == floats(&lm_weights),
         "the language model changed"
     );
+    // AdamW moves a parameter by about lr per step at most; the gates, at 50x, go further.
+    let lr_sum: f64 = (1..=4).map(|t| cfg.optim.lr_at(t, 4)).sum();
+    let mut widest = 0.0f32;
     for x in &model.xattn {
         let g: f32 = x.attn_gate.val().into_scalar();
         assert!(g != 0.0, "the gates start at 0 and train");
+        widest = widest.max(g.abs());
     }
+    assert!(
+        widest as f64 > 3.0 * lr_sum,
+        "gates moved at most {widest}, not faster than the learning rate (sum {lr_sum})"
+    );
 
     // The optimizer holds state for exactly the trainable parameters.
     let record: Record = BinFileRecorder::<FullPrecisionSettings>::new()

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
-use burn::module::Module;
+use burn::module::{Module, ParamId};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rookery_data::loader::Mode;
@@ -39,6 +39,10 @@ pub struct FlamingoRunConfig {
     /// SHA-256 of the two sources' `model.safetensors`, recorded by the run (leave empty).
     pub vision_sha256: String,
     pub lm_sha256: String,
+    /// Learning-rate multiplier of the tanh gates (`attn_gate`, `ff_gate`). 1 trains them like
+    /// every other new parameter, as OpenFlamingo does; from 0 the gates open slowly, and on a
+    /// budget of a few hundred steps a faster gate lets the image path in sooner.
+    pub gate_lr_mult: f64,
     /// The model; its `vision` and `lm` are taken from the two sources.
     pub model: FlamingoConfig,
 }
@@ -50,6 +54,7 @@ impl Default for FlamingoRunConfig {
             lm_from: PathBuf::from("runs/lm-tiny"),
             vision_sha256: String::new(),
             lm_sha256: String::new(),
+            gate_lr_mult: 1.0,
             model: FlamingoConfig::default(),
         }
     }
@@ -193,6 +198,15 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
         Ok(causal_grads(model, micro, comm, bucket, |m, b, tokens| {
             m.forward(tokens, page_images::<B>(b, device))
         })?)
+    }
+
+    fn lr_mult(&self, model: &Flamingo<B>) -> Vec<(ParamId, f32)> {
+        let k = self.cfg.flamingo.gate_lr_mult as f32;
+        let gates = model
+            .xattn
+            .iter()
+            .flat_map(|x| [x.attn_gate.id, x.ff_gate.id]);
+        gates.map(|id| (id, k)).collect()
     }
 
     fn after_load(&self, mut model: Flamingo<B>) -> Flamingo<B> {

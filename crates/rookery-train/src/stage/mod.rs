@@ -15,7 +15,7 @@ pub mod lm;
 use std::sync::Arc;
 
 use anyhow::Result;
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, ParamId};
 use burn::tensor::backend::AutodiffBackend;
 use rookery_data::loader::{Mode, Prepare};
 use rookery_data::TextTokenizer;
@@ -61,6 +61,10 @@ pub trait Stage<B: AutodiffBackend>: Sized + Sync {
     /// Constraints after each update (CLIP clamps `logit_scale`).
     fn after_update(&self, model: Self::Model) -> Self::Model {
         model
+    }
+    /// Parameters trained at a multiple of the learning rate (stage 2: the tanh gates).
+    fn lr_mult(&self, _model: &Self::Model) -> Vec<(ParamId, f32)> {
+        Vec::new()
     }
     /// Restores what a checkpoint's weights do not record (stage 2: which parts are frozen).
     fn after_load(&self, model: Self::Model) -> Self::Model {
