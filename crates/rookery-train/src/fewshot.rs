@@ -218,6 +218,11 @@ pub fn few_shot<B: Backend>(
                 device,
             );
             let longest = answers.iter().map(Vec::len).max().unwrap_or(1);
+            let need = rows.iter().map(Vec::len).max().unwrap_or(0) + longest - 1;
+            let ctx = model.lm.context_length;
+            if need > ctx {
+                anyhow::bail!("{k}-shot prompts and their answers need {need} positions but the language model's context is {ctx}: lower eval.shots");
+            }
             let got = generate(
                 model,
                 rows,
@@ -227,7 +232,7 @@ pub fn few_shot<B: Backend>(
                 &[],
                 sp.pad,
                 device,
-            );
+            )?;
             for ((&j, g), want) in chunk.iter().zip(&got).zip(&answers) {
                 let e = right.entry(questions[j].kind.as_str()).or_default();
                 e.0 += usize::from(g.len() >= want.len() && &g[..want.len()] == want);
@@ -268,7 +273,14 @@ pub fn generate<B: Backend>(
     stop: &[i64],
     pad: i64,
     device: &B::Device,
-) -> Vec<Vec<i64>> {
+) -> Result<Vec<Vec<i64>>> {
+    let ctx = model.lm.context_length;
+    let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
+    if longest > ctx {
+        anyhow::bail!(
+            "a prompt of {longest} tokens does not fit the language model's context of {ctx}"
+        );
+    }
     let n = images.dims()[1];
     let visual = model.encode_images(images);
     let mut new: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];
@@ -281,6 +293,9 @@ pub fn generate<B: Backend>(
             break;
         }
         let len = rows.iter().map(Vec::len).max().unwrap_or(1);
+        if len > ctx {
+            break; // the context is full, as a maximum length stops HF's generate
+        }
         let flat: Vec<i64> = rows
             .iter()
             .flat_map(|r| r.iter().copied().chain(std::iter::repeat(pad)).take(len))
@@ -300,5 +315,5 @@ pub fn generate<B: Backend>(
             new[r].push(t);
         }
     }
-    new
+    Ok(new)
 }

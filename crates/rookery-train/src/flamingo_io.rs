@@ -185,7 +185,7 @@ pub fn generate_text<B: Backend>(
         &[sp.eoc, sp.eot],
         sp.pad,
         device,
-    );
+    )?;
     let ids: Vec<u32> = new[0].iter().map(|&t| t as u32).collect();
     Ok(tk.decode(&ids))
 }

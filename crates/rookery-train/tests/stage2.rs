@@ -307,6 +307,18 @@ fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
         e.to_string().contains("1 <image> tokens but 0 images"),
         "{e}"
     );
+    // The LM takes 64 positions; a longer prompt is refused, not cut or run off the table.
+    let long = GenerateArgs {
+        prompt: format!("{} a:", wrong.prompt.repeat(8)),
+        images: vec![first_val_image(&s, dir.path()); 8],
+        ..wrong
+    };
+    let e = generate_text::<IB>(&out, &long, &dev).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("does not fit the language model's context of 64"),
+        "{e}"
+    );
 }
 
 /// The first image of the first held-out page, as a file.

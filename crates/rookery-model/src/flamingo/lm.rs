@@ -91,6 +91,7 @@ impl LmConfig {
             rope: llama.then(|| {
                 RotaryEncodingConfig::new(self.context_length, w / self.heads).init(device)
             }),
+            context_length: self.context_length,
         }
     }
 
@@ -170,6 +171,9 @@ pub struct LanguageModel<B: Backend> {
     pub lm_head: Linear<B>,
     /// Rotary position encoding (llama only).
     pub rope: Option<RotaryEncoding<B>>,
+    /// The longest sequence it takes (the size of its position table).
+    #[module(skip)]
+    pub context_length: usize,
 }
 
 impl<B: Backend> LanguageModel<B> {
