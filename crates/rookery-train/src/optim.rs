@@ -277,16 +277,21 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Updater<B, M> {
             ids: &self.lr_mult,
             saved: HashMap::new(),
         };
-        model.visit(&mut before);
+        // Two extra walks over the model only when some parameter has a multiplier.
+        if !self.lr_mult.is_empty() {
+            model.visit(&mut before);
+        }
         let model = model.map(&mut Decay {
             ids: &self.decay,
             factor: 1.0 - (lr as f32) * o.weight_decay,
         });
-        let model = self.optim.step(lr, model, grads);
-        let model = model.map(&mut Amplify {
-            mult: &self.lr_mult,
-            before: before.saved,
-        });
+        let mut model = self.optim.step(lr, model, grads);
+        if !self.lr_mult.is_empty() {
+            model = model.map(&mut Amplify {
+                mult: &self.lr_mult,
+                before: before.saved,
+            });
+        }
         (model, lr, grad_norm)
     }
 }

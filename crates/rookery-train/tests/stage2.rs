@@ -23,6 +23,7 @@ use rookery_data::{Loader, TextTokenizer};
 use rookery_dist::{Communicator, LocalGroup, Single};
 use rookery_model::flamingo::{Flamingo, LanguageModel, LmConfig};
 use rookery_train::causal::causal_grads;
+use rookery_train::fewshot::{few_shot, load_questions};
 use rookery_train::flamingo_io::{export_flamingo, generate_text, open_flamingo, GenerateArgs};
 use rookery_train::optim::{AdamWOf, OptimConfig, PathIds, Updater};
 use rookery_train::stage::flamingo::{load_lm, load_vision};
@@ -319,6 +320,12 @@ fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
             .contains("does not fit the language model's context of 64"),
         "{e}"
     );
+    // So is a k-shot evaluation whose prompts would not fit, naming k.
+    let qs = load_questions(&cfg.data, 6).unwrap();
+    let tk = TextTokenizer::from_file(&cfg.data.tokenizer).unwrap();
+    let size = cfg.data.image_size as usize;
+    let e = few_shot(&back, &tk, &qs, &[5], 2, size, &dev).unwrap_err();
+    assert!(e.to_string().contains("5-shot prompts"), "{e}");
 }
 
 /// The first image of the first held-out page, as a file.
