@@ -66,6 +66,14 @@ pub trait Communicator<B: Backend> {
         self.all_reduce_sum(Tensor::cat(parts, 0))
     }
 
+    /// Starts summing each of `bufs` over ranks, in order, and returns at once where the engine
+    /// can let the sums run in the background (in-process ranks can), so the caller may compute
+    /// meanwhile; other engines finish them before returning. No other collective may be
+    /// called on this communicator until the [`Pending`] has been waited for.
+    fn all_reduce_sum_start(&self, bufs: Vec<Tensor<B, 1>>) -> Pending<B> {
+        Pending::ready(bufs.into_iter().map(|b| self.all_reduce_sum(b)).collect())
+    }
+
     /// Sum over ranks, then this rank's `1/world` slice of it (length divisible by world).
     fn reduce_scatter_sum(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>, DistError> {
         let (w, r, n) = (self.world_size(), self.rank(), t.dims()[0]);
@@ -100,6 +108,31 @@ pub trait Communicator<B: Backend> {
     fn barrier_timeout(&self, timeout: std::time::Duration) -> Result<(), DistError> {
         let _ = timeout;
         self.barrier()
+    }
+}
+
+/// Collectives under way, from [`Communicator::all_reduce_sum_start`].
+#[must_use = "a started collective must be waited for before the next one"]
+pub struct Pending<B: Backend> {
+    wait: Box<dyn FnOnce() -> Result<Vec<Tensor<B, 1>>, DistError>>,
+}
+
+impl<B: Backend> Pending<B> {
+    /// Already finished.
+    pub fn ready(result: Result<Vec<Tensor<B, 1>>, DistError>) -> Self {
+        Pending::new(move || result)
+    }
+
+    /// Finished by calling `wait`.
+    pub fn new(wait: impl FnOnce() -> Result<Vec<Tensor<B, 1>>, DistError> + 'static) -> Self {
+        Pending {
+            wait: Box::new(wait),
+        }
+    }
+
+    /// Blocks until every started sum is done, and returns them in order.
+    pub fn wait(self) -> Result<Vec<Tensor<B, 1>>, DistError> {
+        (self.wait)()
     }
 }
 

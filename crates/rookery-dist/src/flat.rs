@@ -11,35 +11,57 @@ use crate::comm::DistError;
 pub fn bucketed<B: Backend>(
     tensors: Vec<Tensor<B, 1>>,
     bucket_elems: usize,
-    mut op: impl FnMut(Tensor<B, 1>) -> Result<Tensor<B, 1>, DistError>,
+    op: impl FnMut(Tensor<B, 1>) -> Result<Tensor<B, 1>, DistError>,
 ) -> Result<Vec<Tensor<B, 1>>, DistError> {
-    let mut out = Vec::with_capacity(tensors.len());
+    let (buckets, layout) = pack(tensors, bucket_elems);
+    let done = buckets.into_iter().map(op).collect::<Result<Vec<_>, _>>()?;
+    Ok(layout.unpack(done))
+}
+
+/// Where each tensor sits in the buckets of [`pack`]: its bucket's members' lengths.
+pub struct BucketLayout(Vec<Vec<usize>>);
+
+/// Packs `tensors` into consecutive buckets of at most `bucket_elems` elements (a tensor larger
+/// than that is a bucket of its own).
+pub fn pack<B: Backend>(
+    tensors: Vec<Tensor<B, 1>>,
+    bucket_elems: usize,
+) -> (Vec<Tensor<B, 1>>, BucketLayout) {
+    let (mut buckets, mut layout) = (Vec::new(), Vec::new());
     let mut bucket: Vec<Tensor<B, 1>> = Vec::new();
+    let mut lens: Vec<usize> = Vec::new();
     let mut filled = 0;
-    let mut flush = |bucket: &mut Vec<Tensor<B, 1>>, out: &mut Vec<Tensor<B, 1>>| {
-        if bucket.is_empty() {
-            return Ok(());
-        }
-        let lens: Vec<usize> = bucket.iter().map(|t| t.dims()[0]).collect();
-        let reduced = op(Tensor::cat(std::mem::take(bucket), 0))?;
-        let mut at = 0;
-        for n in lens {
-            out.push(reduced.clone().slice(at..at + n));
-            at += n;
-        }
-        Ok(())
-    };
     for t in tensors {
         let n = t.dims()[0];
         if filled > 0 && filled + n > bucket_elems {
-            flush(&mut bucket, &mut out)?;
+            buckets.push(Tensor::cat(std::mem::take(&mut bucket), 0));
+            layout.push(std::mem::take(&mut lens));
             filled = 0;
         }
         filled += n;
+        lens.push(n);
         bucket.push(t);
     }
-    flush(&mut bucket, &mut out)?;
-    Ok(out)
+    if !bucket.is_empty() {
+        buckets.push(Tensor::cat(bucket, 0));
+        layout.push(lens);
+    }
+    (buckets, BucketLayout(layout))
+}
+
+impl BucketLayout {
+    /// Splits buckets (as packed, or results of the same lengths) back into the tensors.
+    pub fn unpack<B: Backend>(self, buckets: Vec<Tensor<B, 1>>) -> Vec<Tensor<B, 1>> {
+        let mut out = Vec::new();
+        for (bucket, lens) in buckets.into_iter().zip(self.0) {
+            let mut at = 0;
+            for n in lens {
+                out.push(bucket.clone().slice(at..at + n));
+                at += n;
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,6 @@ pub mod nccl;
 pub mod rendezvous;
 pub mod single;
 
-pub use comm::{check_same, Communicator, DistError};
+pub use comm::{check_same, Communicator, DistError, Pending};
 pub use local::LocalGroup;
 pub use single::Single;

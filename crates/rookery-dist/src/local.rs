@@ -16,7 +16,7 @@ use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 use crossbeam_channel::RecvTimeoutError;
 
-use crate::comm::{Communicator, DistError};
+use crate::comm::{Communicator, DistError, Pending};
 
 /// How often a waiting rank looks at the board.
 const POLL: Duration = Duration::from_millis(20);
@@ -91,24 +91,61 @@ impl<B: Backend> LocalComm<B> {
         timeout: Duration,
         job: impl FnOnce() -> Result<R, CollectiveError> + Send + 'static,
     ) -> Result<R, DistError> {
+        self.start(op, timeout, job).wait()
+    }
+
+    /// Runs `job` on a helper thread and returns at once; [`Waiter::wait`] collects it.
+    fn start<R: Send + 'static>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        job: impl FnOnce() -> Result<R, CollectiveError> + Send + 'static,
+    ) -> Waiter<R> {
         let count = self.board.enter(self.rank);
         let (tx, rx) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || {
             let _ = tx.send(job());
         });
-        let deadline = Instant::now() + timeout;
+        Waiter {
+            rx,
+            op,
+            rank: self.rank,
+            board: self.board.clone(),
+            count,
+            timeout,
+        }
+    }
+}
+
+/// A collective running on a helper thread.
+struct Waiter<R> {
+    rx: crossbeam_channel::Receiver<Result<R, CollectiveError>>,
+    op: &'static str,
+    rank: usize,
+    board: Arc<Board>,
+    count: u64,
+    timeout: Duration,
+}
+
+impl<R> Waiter<R> {
+    /// Waits for the result in short slices, watching the board; the timeout counts from here,
+    /// so time the caller spent computing after the start is not held against the peers.
+    fn wait(self) -> Result<R, DistError> {
+        let (op, rank) = (self.op, self.rank);
+        let backend_err = |msg: String| DistError::Backend { rank, op, msg };
+        let deadline = Instant::now() + self.timeout;
         loop {
-            match rx.recv_timeout(POLL) {
+            match self.rx.recv_timeout(POLL) {
                 Ok(Ok(r)) => return Ok(r),
-                Ok(Err(e)) => return Err(self.backend_err(op, format!("{e:?}"))),
+                Ok(Err(e)) => return Err(backend_err(format!("{e:?}"))),
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(self.backend_err(op, "the collective call panicked".into()))
+                    return Err(backend_err("the collective call panicked".into()))
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            if let Some((failed, reason)) = self.board.failed_peer(self.rank) {
+            if let Some((failed, reason)) = self.board.failed_peer(rank) {
                 return Err(DistError::PeerFailed {
-                    rank: self.rank,
+                    rank,
                     op,
                     failed,
                     reason,
@@ -116,20 +153,12 @@ impl<B: Backend> LocalComm<B> {
             }
             if Instant::now() >= deadline {
                 return Err(DistError::Timeout {
-                    rank: self.rank,
+                    rank,
                     op,
-                    secs: timeout.as_secs_f64(),
-                    waiting_for: self.board.behind(count),
+                    secs: self.timeout.as_secs_f64(),
+                    waiting_for: self.board.behind(self.count),
                 });
             }
-        }
-    }
-
-    fn backend_err(&self, op: &'static str, msg: String) -> DistError {
-        DistError::Backend {
-            rank: self.rank,
-            op,
-            msg,
         }
     }
 }
@@ -151,6 +180,28 @@ impl<B: Backend> Communicator<B> for LocalComm<B> {
             collective::all_reduce::<B>(id, prim, ReduceOperation::Sum)
         })?;
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    /// The sums run one after another on a helper thread, while this rank goes on computing.
+    fn all_reduce_sum_start(&self, bufs: Vec<Tensor<B, 1>>) -> Pending<B> {
+        let id = self.id();
+        let prims: Vec<_> = bufs
+            .into_iter()
+            .map(|t| t.into_primitive().tensor())
+            .collect();
+        let waiter = self.start("all_reduce", self.timeout, move || {
+            prims
+                .into_iter()
+                .map(|p| collective::all_reduce::<B>(id, p, ReduceOperation::Sum))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        Pending::new(move || {
+            let sums = waiter.wait()?;
+            Ok(sums
+                .into_iter()
+                .map(|p| Tensor::from_primitive(TensorPrimitive::Float(p)))
+                .collect())
+        })
     }
 
     fn broadcast(&self, t: Tensor<B, 1>, root: usize) -> Result<Tensor<B, 1>, DistError> {
@@ -292,6 +343,42 @@ mod tests {
             assert_eq!(gathered, vec![0.0, 0.0, 1.0, 10.0, 2.0, 20.0]);
             assert_eq!(scattered, vec![3.0, 3.0], "rank {rank}");
             assert_eq!(b, vec![2.0, 20.0]);
+        }
+    }
+
+    /// Rank 0 must get its `start` back before rank 1 has even entered the sums, and be able
+    /// to work meanwhile; a blocking start would leave rank 1 waiting for the signal forever.
+    #[test]
+    fn started_sums_run_while_the_rank_computes() {
+        let signal = std::sync::atomic::AtomicBool::new(false);
+        let out = LocalGroup::run::<B, _, DistError, _>(
+            2,
+            |_| Default::default(),
+            Duration::from_secs(30),
+            |c| {
+                let r = c.rank() as f32;
+                let bufs = vec![
+                    Tensor::<B, 1>::from_floats([r, 1.0], c.device()),
+                    Tensor::<B, 1>::from_floats([10.0 * r], c.device()),
+                ];
+                if c.rank() == 1 {
+                    let since = Instant::now();
+                    while !signal.load(std::sync::atomic::Ordering::SeqCst) {
+                        assert!(since.elapsed() < Duration::from_secs(10), "start blocked");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                let pending = c.all_reduce_sum_start(bufs);
+                signal.store(true, std::sync::atomic::Ordering::SeqCst);
+                let sums: Vec<Vec<f32>> = pending.wait()?.into_iter().map(floats).collect();
+                let after = floats(c.all_reduce_sum(Tensor::from_floats([r], c.device()))?);
+                Ok((sums, after))
+            },
+        );
+        for res in out {
+            let (sums, after) = res.unwrap();
+            assert_eq!(sums, vec![vec![1.0, 2.0], vec![10.0]]);
+            assert_eq!(after, vec![1.0]);
         }
     }
 

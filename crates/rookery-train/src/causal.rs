@@ -5,8 +5,6 @@
 //! back-propagates `sum(its tokens' losses) / global count` micro-batch by micro-batch; the
 //! gradients summed over ranks are then those of one process holding the whole batch.
 
-use std::cell::Cell;
-
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
@@ -62,10 +60,7 @@ pub fn causal_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     bucket_elems: usize,
     logits: impl Fn(&M, &PageBatch, Tensor<B, 2, Int>) -> Tensor<B, 3>,
 ) -> Result<StepGrads, DistError> {
-    let comm = &Timed {
-        inner: comm,
-        secs: Cell::new(0.0),
-    };
+    let comm = &Timed::new(comm);
     let device = comm.device().clone();
     let mine: f32 = micro.iter().flat_map(|b| b.targets.iter()).sum();
     let total: f32 = comm
@@ -87,7 +82,7 @@ pub fn causal_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     Ok(StepGrads {
         grads,
         loss: loss.into_scalar().elem(),
-        comm_s: comm.secs.get(),
+        comm_s: comm.secs(),
     })
 }
 

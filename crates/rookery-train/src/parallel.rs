@@ -5,10 +5,11 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use rookery_dist::{Communicator, DistError};
+use rookery_dist::flat::BucketLayout;
+use rookery_dist::{Communicator, DistError, Pending};
 use serde::{Deserialize, Serialize};
 
 /// `[dist]`: how many ranks, and over what.
@@ -91,19 +92,69 @@ pub fn all_reduce_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     if comm.world_size() == 1 {
         return Ok(grads);
     }
+    start_all_reduce_grads(model, grads, comm, bucket_elems).wait(model, GradientsParams::new())
+}
+
+/// Starts [`all_reduce_grads`] and returns while the sums may still be running (see
+/// [`Communicator::all_reduce_sum_start`]), so that the caller can go on with the backward
+/// pass of another part of the model.
+pub fn start_all_reduce_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+    model: &M,
+    grads: GradientsParams,
+    comm: &dyn Communicator<AB::InnerBackend>,
+    bucket_elems: usize,
+) -> PendingGrads<AB::InnerBackend> {
+    if comm.world_size() == 1 {
+        return PendingGrads {
+            own: Some(grads),
+            ids: Vec::new(),
+            sums: None,
+        };
+    }
     let mut take = TakeGrads::<AB::InnerBackend> {
         grads,
         ids: Vec::new(),
         flat: Vec::new(),
     };
     model.visit(&mut take);
-    let summed = rookery_dist::flat::bucketed(take.flat, bucket_elems, |b| comm.all_reduce_sum(b))?;
-    let mut put = PutGrads {
-        grads: take.grads,
-        next: take.ids.into_iter().zip(summed).collect(),
-    };
-    model.visit(&mut put);
-    Ok(put.grads)
+    let (buckets, layout) = rookery_dist::flat::pack(take.flat, bucket_elems);
+    PendingGrads {
+        own: None,
+        ids: take.ids,
+        sums: Some((comm.all_reduce_sum_start(buckets), layout)),
+    }
+}
+
+/// Gradients on their way across ranks.
+#[must_use = "the started sums must be waited for before the next collective"]
+pub struct PendingGrads<IB: Backend> {
+    /// A world of one: the gradients as they are.
+    own: Option<GradientsParams>,
+    ids: Vec<ParamId>,
+    sums: Option<(Pending<IB>, BucketLayout)>,
+}
+
+impl<IB: Backend> PendingGrads<IB> {
+    /// Waits for the sums and registers them in `into` (which holds other parameters' grads).
+    pub fn wait<AB: AutodiffBackend<InnerBackend = IB>, M: AutodiffModule<AB>>(
+        self,
+        model: &M,
+        into: GradientsParams,
+    ) -> Result<GradientsParams, DistError> {
+        let Some((pending, layout)) = self.sums else {
+            let mut acc = GradientsAccumulator::<M>::new();
+            acc.accumulate(model, into);
+            acc.accumulate(model, self.own.unwrap_or_default());
+            return Ok(acc.grads());
+        };
+        let summed = layout.unpack(pending.wait()?);
+        let mut put = PutGrads {
+            grads: into,
+            next: self.ids.into_iter().zip(summed).collect(),
+        };
+        model.visit(&mut put);
+        Ok(put.grads)
+    }
 }
 
 struct TakeGrads<IB: Backend> {

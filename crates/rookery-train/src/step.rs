@@ -12,8 +12,10 @@
 //! 4. reduce-scatter the embedding gradients: each rank receives the full gradient of the
 //!    global loss with respect to its own embeddings;
 //! 5. push that gradient through the encoders with the surrogate `sum(z * dL/dz)`, micro-batch
-//!    by micro-batch, accumulating parameter gradients;
-//! 6. sum parameter gradients over ranks.
+//!    by micro-batch, accumulating parameter gradients; the text tower goes first;
+//! 6. sum parameter gradients over ranks: the text tower's as soon as they are final (they
+//!    cross ranks while the image tower's backward runs, where the engine works in the
+//!    background), then the rest.
 //!
 //! Every rank's shares add up to the global loss, so step 6's sum is the gradient of one
 //! process over the whole batch, up to float summation order.
@@ -23,17 +25,18 @@
 //! is the mean over them.
 
 use std::cell::Cell;
+use std::rc::Rc;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use rookery_dist::{Communicator, DistError};
+use rookery_dist::{Communicator, DistError, Pending};
 use rookery_model::loss::{clip_loss_rows, siglip_loss_rows};
 use rookery_model::Clip;
 
-use crate::parallel::all_reduce_grads;
+use crate::parallel::{all_reduce_grads, start_all_reduce_grads};
 
 /// One micro-batch of this rank.
 pub struct Micro<B: Backend> {
@@ -68,31 +71,42 @@ pub fn contrastive_grads<B: AutodiffBackend>(
     negatives: Negatives,
     bucket_elems: usize,
 ) -> Result<StepGrads, DistError> {
-    let comm = &Timed {
-        inner: comm,
-        secs: Cell::new(0.0),
-    };
+    let comm = &Timed::new(comm);
     let (grads, loss) = match negatives {
-        Negatives::Global => global_negatives(model, micro, comm)?,
-        Negatives::Local => local_negatives(model, micro, comm.world_size()),
+        Negatives::Global => global_negatives(model, micro, comm, bucket_elems)?,
+        Negatives::Local => {
+            let (grads, loss) = local_negatives(model, micro, comm.world_size());
+            (all_reduce_grads(model, grads, comm, bucket_elems)?, loss)
+        }
     };
-    let grads = all_reduce_grads(model, grads, comm, bucket_elems)?;
     let device = comm.device();
     let loss = comm.all_reduce_sum(Tensor::from_floats([loss], device))?;
     Ok(StepGrads {
         grads,
         loss: loss.into_scalar().elem(),
-        comm_s: comm.secs.get(),
+        comm_s: comm.secs(),
     })
 }
 
 /// A communicator that adds up the time its calls take.
 pub(crate) struct Timed<'a, IB: Backend> {
-    pub(crate) inner: &'a dyn Communicator<IB>,
-    pub(crate) secs: Cell<f64>,
+    inner: &'a dyn Communicator<IB>,
+    secs: Rc<Cell<f64>>,
 }
 
-impl<IB: Backend> Timed<'_, IB> {
+impl<'a, IB: Backend> Timed<'a, IB> {
+    pub(crate) fn new(inner: &'a dyn Communicator<IB>) -> Self {
+        Timed {
+            inner,
+            secs: Rc::new(Cell::new(0.0)),
+        }
+    }
+
+    /// Seconds spent in collectives so far.
+    pub(crate) fn secs(&self) -> f64 {
+        self.secs.get()
+    }
+
     fn time<T>(&self, f: impl FnOnce() -> T) -> T {
         let t = Instant::now();
         let out = f();
@@ -119,6 +133,17 @@ impl<IB: Backend> Communicator<IB> for Timed<'_, IB> {
     }
     fn reduce_scatter_sum(&self, t: Tensor<IB, 1>) -> Result<Tensor<IB, 1>, DistError> {
         self.time(|| self.inner.reduce_scatter_sum(t))
+    }
+    /// Only the time spent waiting counts: the sums run while the caller computes.
+    fn all_reduce_sum_start(&self, bufs: Vec<Tensor<IB, 1>>) -> Pending<IB> {
+        let pending = self.time(|| self.inner.all_reduce_sum_start(bufs));
+        let secs = self.secs.clone();
+        Pending::new(move || {
+            let t = Instant::now();
+            let out = pending.wait();
+            secs.set(secs.get() + t.elapsed().as_secs_f64());
+            out
+        })
     }
 }
 
@@ -149,10 +174,12 @@ fn loss_share<B: AutodiffBackend>(
     }
 }
 
+/// Steps 1-6 of the module docs: the gradients summed over ranks, and this rank's loss share.
 fn global_negatives<B: AutodiffBackend>(
     model: &Clip<B>,
     micro: Vec<Micro<B>>,
     comm: &dyn Communicator<Inner<B>>,
+    bucket_elems: usize,
 ) -> Result<(GradientsParams, f32), DistError> {
     let (w, r) = (comm.world_size(), comm.rank());
     let sizes: Vec<usize> = micro.iter().map(|m| m.images.dims()[0]).collect();
@@ -210,23 +237,37 @@ fn global_negatives<B: AutodiffBackend>(
     let mine = comm.reduce_scatter_sum(g_both.reshape([w * 2 * n * e]))?;
     let g_img = mine.clone().slice(0..n * e).reshape([n, e]);
     let g_txt = mine.slice(n * e..2 * n * e).reshape([n, e]);
-    // 5. Through the encoders, one micro-batch at a time.
-    let mut tracked = tracked.into_iter();
+    // 5. Through the encoders, one micro-batch at a time, text tower first: once the last
+    //    micro-batch's text backward is done, the text tower's gradients are final and cross
+    //    ranks (6.) while the image tower's backward runs.
+    let mut acc_txt = GradientsAccumulator::<Clip<B>>::new();
+    let mut pending = None;
+    let (mut tracked, last) = (tracked.into_iter(), micro.len() - 1);
     let mut at = 0;
-    for (mb, m) in micro.into_iter().zip(sizes) {
+    for (i, (mb, m)) in micro.into_iter().zip(sizes).enumerate() {
         let (zi, zt) = tracked
             .next()
             .unwrap_or_else(|| (model.encode_image(mb.images), model.encode_text(mb.tokens)));
         let gi = Tensor::<B, 2>::from_inner(g_img.clone().slice(s![at..at + m, ..]));
         let gt = Tensor::<B, 2>::from_inner(g_txt.clone().slice(s![at..at + m, ..]));
-        let surrogate = (zi * gi).sum() + (zt * gt).sum();
-        acc.accumulate(
-            model,
-            GradientsParams::from_grads(surrogate.backward(), model),
-        );
+        let text = (zt * gt).sum().backward();
+        acc_txt.accumulate(model, GradientsParams::from_grads(text, model));
+        if i == last {
+            let done = std::mem::replace(&mut acc_txt, GradientsAccumulator::new()).grads();
+            pending = Some(start_all_reduce_grads(model, done, comm, bucket_elems));
+        }
+        let image = (zi * gi).sum().backward();
+        acc.accumulate(model, GradientsParams::from_grads(image, model));
         at += m;
     }
-    Ok((acc.grads(), loss))
+    // 6. Sum over ranks: the text tower's sums (started above), then the rest.
+    let text = pending.expect("at least one micro-batch");
+    let text = text.wait(model, GradientsParams::new())?;
+    let rest = all_reduce_grads(model, acc.grads(), comm, bucket_elems)?;
+    let mut all = GradientsAccumulator::<Clip<B>>::new();
+    all.accumulate(model, text);
+    all.accumulate(model, rest);
+    Ok((all.grads(), loss))
 }
 
 fn local_negatives<B: AutodiffBackend>(
