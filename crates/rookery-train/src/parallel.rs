@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rookery_dist::flat::BucketLayout;
@@ -89,10 +89,7 @@ pub fn all_reduce_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     comm: &dyn Communicator<AB::InnerBackend>,
     bucket_elems: usize,
 ) -> Result<GradientsParams, DistError> {
-    if comm.world_size() == 1 {
-        return Ok(grads);
-    }
-    start_all_reduce_grads(model, grads, comm, bucket_elems).wait(model, GradientsParams::new())
+    start_all_reduce_grads(model, grads, comm, bucket_elems).wait(model)
 }
 
 /// Starts [`all_reduce_grads`] and returns while the sums may still be running (see
@@ -105,11 +102,7 @@ pub fn start_all_reduce_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     bucket_elems: usize,
 ) -> PendingGrads<AB::InnerBackend> {
     if comm.world_size() == 1 {
-        return PendingGrads {
-            own: Some(grads),
-            ids: Vec::new(),
-            sums: None,
-        };
+        return PendingGrads { grads, sums: None };
     }
     let mut take = TakeGrads::<AB::InnerBackend> {
         grads,
@@ -118,39 +111,35 @@ pub fn start_all_reduce_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     };
     model.visit(&mut take);
     let (buckets, layout) = rookery_dist::flat::pack(take.flat, bucket_elems);
+    let pending = comm.all_reduce_sum_start(buckets);
     PendingGrads {
-        own: None,
-        ids: take.ids,
-        sums: Some((comm.all_reduce_sum_start(buckets), layout)),
+        grads: take.grads,
+        sums: Some((take.ids, pending, layout)),
     }
 }
 
 /// Gradients on their way across ranks.
 #[must_use = "the started sums must be waited for before the next collective"]
 pub struct PendingGrads<IB: Backend> {
-    /// A world of one: the gradients as they are.
-    own: Option<GradientsParams>,
-    ids: Vec<ParamId>,
-    sums: Option<(Pending<IB>, BucketLayout)>,
+    /// What is not being summed (everything, in a world of one).
+    grads: GradientsParams,
+    /// The parameters whose gradients are being summed, in bucket order.
+    sums: Option<(Vec<ParamId>, Pending<IB>, BucketLayout)>,
 }
 
 impl<IB: Backend> PendingGrads<IB> {
-    /// Waits for the sums and registers them in `into` (which holds other parameters' grads).
+    /// Waits for the sums and puts them back in place of the local gradients.
     pub fn wait<AB: AutodiffBackend<InnerBackend = IB>, M: AutodiffModule<AB>>(
         self,
         model: &M,
-        into: GradientsParams,
     ) -> Result<GradientsParams, DistError> {
-        let Some((pending, layout)) = self.sums else {
-            let mut acc = GradientsAccumulator::<M>::new();
-            acc.accumulate(model, into);
-            acc.accumulate(model, self.own.unwrap_or_default());
-            return Ok(acc.grads());
+        let Some((ids, pending, layout)) = self.sums else {
+            return Ok(self.grads);
         };
         let summed = layout.unpack(pending.wait()?);
         let mut put = PutGrads {
-            grads: into,
-            next: self.ids.into_iter().zip(summed).collect(),
+            grads: self.grads,
+            next: ids.into_iter().zip(summed).collect(),
         };
         model.visit(&mut put);
         Ok(put.grads)

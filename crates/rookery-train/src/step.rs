@@ -253,7 +253,7 @@ fn global_negatives<B: AutodiffBackend>(
         let text = (zt * gt).sum().backward();
         acc_txt.accumulate(model, GradientsParams::from_grads(text, model));
         if i == last {
-            let done = std::mem::replace(&mut acc_txt, GradientsAccumulator::new()).grads();
+            let done = acc_txt.grads();
             pending = Some(start_all_reduce_grads(model, done, comm, bucket_elems));
         }
         let image = (zi * gi).sum().backward();
@@ -261,8 +261,7 @@ fn global_negatives<B: AutodiffBackend>(
         at += m;
     }
     // 6. Sum over ranks: the text tower's sums (started above), then the rest.
-    let text = pending.expect("at least one micro-batch");
-    let text = text.wait(model, GradientsParams::new())?;
+    let text = pending.expect("at least one micro-batch").wait(model)?;
     let rest = all_reduce_grads(model, acc.grads(), comm, bucket_elems)?;
     let mut all = GradientsAccumulator::<Clip<B>>::new();
     all.accumulate(model, text);
