@@ -1,6 +1,7 @@
 //! Checkpoints: a directory per save with the model (safetensors), optimizer state, trainer
 //! state (step, samples seen, loader position), the resolved config and a manifest of SHA-256
-//! hashes. Written under a temporary name, fsynced, renamed; `latest` is replaced atomically
+//! hashes, and a copy of the tokenizer the run reads (token ids are only meaningful with it).
+//! Written under a temporary name, fsynced, renamed; `latest` is replaced atomically
 //! only after that, so a crash never leaves a broken `latest`. The last `keep` are kept.
 
 use std::fs::File;
@@ -64,6 +65,19 @@ const FILES: [&str; 4] = [
     "config.toml",
 ];
 
+/// The tokenizer's copy inside a checkpoint (absent in checkpoints from before it was kept).
+pub const TOKENIZER: &str = "tokenizer.json";
+
+/// The tokenizer a checkpoint was trained with: its own copy, else the one its config names.
+pub fn tokenizer_of(dir: &Path, cfg: &RunConfig) -> PathBuf {
+    let own = dir.join(TOKENIZER);
+    if own.is_file() {
+        own
+    } else {
+        cfg.data.tokenizer.clone()
+    }
+}
+
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
@@ -96,7 +110,13 @@ where
         .context("writing optimizer state")?;
     std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(state)?)?;
     std::fs::write(tmp.join("config.toml"), cfg.to_toml())?;
-    let files = FILES
+    let mut names: Vec<&str> = FILES.to_vec();
+    if cfg.data.tokenizer.is_file() {
+        std::fs::copy(&cfg.data.tokenizer, tmp.join(TOKENIZER))
+            .with_context(|| format!("copying {}", cfg.data.tokenizer.display()))?;
+        names.push(TOKENIZER);
+    }
+    let files = names
         .iter()
         .map(|f| Ok((f.to_string(), sha256(&tmp.join(f))?)))
         .collect::<Result<Vec<_>>>()?;
@@ -107,7 +127,7 @@ where
             files,
         })?,
     )?;
-    for f in FILES.iter().chain(&["manifest.json"]) {
+    for f in names.iter().chain(&["manifest.json"]) {
         File::open(tmp.join(f))?.sync_all()?;
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -157,6 +177,15 @@ where
         bail!(
             "checkpoint {} was trained on different data: checkpoint data.train = {:?} (seed {}), config data.train = {:?} (seed {})",
             dir.display(), saved.data.train, saved.data.seed, cfg.data.train, cfg.data.seed
+        );
+    }
+    let own = dir.join(TOKENIZER);
+    if own.is_file()
+        && std::fs::read(&own)? != std::fs::read(&cfg.data.tokenizer).unwrap_or_default()
+    {
+        bail!(
+            "checkpoint {} was trained with the tokenizer copied in {}, which differs from data.tokenizer = {}: token ids would not match",
+            dir.display(), own.display(), cfg.data.tokenizer.display()
         );
     }
     let model = load_weights(model, &dir.join("model.safetensors"))?;

@@ -86,11 +86,7 @@ pub fn open_flamingo<B: Backend>(
             cfg.train.stage
         );
     }
-    let tk = if dir.join("tokenizer.json").exists() {
-        dir.join("tokenizer.json")
-    } else {
-        cfg.data.tokenizer.clone()
-    };
+    let tk = crate::checkpoint::tokenizer_of(&dir, &cfg);
     let model = cfg.flamingo.model.init::<B>(device);
     let full = dir.join("model.safetensors");
     if full.exists() {
@@ -224,7 +220,8 @@ pub fn evaluate_text_checkpoint<B: Backend>(
     if let Some(d) = data_val {
         cfg.data.val = d;
     }
-    let tk = Arc::new(TextTokenizer::from_file(&cfg.data.tokenizer)?);
+    let tk = crate::checkpoint::tokenizer_of(&dir, &cfg);
+    let tk = Arc::new(TextTokenizer::from_file(&tk)?);
     let mut prep = Pages::new(&cfg.data, tk.clone(), Mode::Eval).map_err(anyhow::Error::msg)?;
     let e = cfg.eval.clone();
     if cfg.train.stage == "lm" {

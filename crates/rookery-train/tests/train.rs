@@ -117,6 +117,16 @@ fn loss_falls_and_eval_reports_recall() {
     );
 }
 
+/// Why `checkpoint::load` refuses `dir` for a run of `cfg`.
+fn load_error(dir: &Path, cfg: &RunConfig) -> String {
+    let model = cfg.model.init::<B>(&Default::default());
+    let optim = burn::optim::AdamWConfig::new().init::<B, rookery_model::Clip<B>>();
+    match checkpoint::load(dir, cfg, model, optim, &Default::default()) {
+        Ok(_) => panic!("{} was accepted", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
 #[test]
 fn resume_is_exact_and_bad_checkpoints_are_refused() {
     let _turn = common::serial();
@@ -173,12 +183,7 @@ fn resume_is_exact_and_bad_checkpoints_are_refused() {
     let n = bytes.len();
     bytes[n - 10] ^= 0xff;
     std::fs::write(bad.join("model.safetensors"), bytes).unwrap();
-    let model = full.model.init::<B>(&Default::default());
-    let optim = burn::optim::AdamWConfig::new().init::<B, rookery_model::Clip<B>>();
-    let err = checkpoint::load(&bad, &full, model, optim, &Default::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error(&bad, &full);
     assert!(
         err.contains("corrupt") && err.contains("model.safetensors"),
         "{err}"
@@ -186,14 +191,26 @@ fn resume_is_exact_and_bad_checkpoints_are_refused() {
 
     // a different model shape is refused, naming both
     let other = tiny(dir.path(), "other", &["model.vision.width=64"]);
-    let model = other.model.init::<B>(&Default::default());
-    let optim = burn::optim::AdamWConfig::new().init::<B, rookery_model::Clip<B>>();
-    let err = checkpoint::load(&src, &other, model, optim, &Default::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error(&src, &other);
     assert!(
         err.contains("different model") && err.contains("width: 64") && err.contains("width: 32"),
+        "{err}"
+    );
+
+    // the checkpoint keeps the tokenizer it was trained with; another one is refused
+    assert_eq!(
+        std::fs::read(src.join("tokenizer.json")).unwrap(),
+        std::fs::read(&full.data.tokenizer).unwrap()
+    );
+    let mut retokenized = RunConfig::load(&src.join("config.toml"), &[]).unwrap();
+    retokenized.data.tokenizer = dir.path().join("other-tokenizer.json");
+    let text = std::fs::read_to_string(&full.data.tokenizer).unwrap();
+    let swapped = text.replacen("\"small\"", "\"tiny\"", 1);
+    assert_ne!(text, swapped, "the tokenizer names the word swapped here");
+    std::fs::write(&retokenized.data.tokenizer, swapped).unwrap();
+    let err = load_error(&src, &retokenized);
+    assert!(
+        err.contains("tokenizer") && err.contains("other-tokenizer.json"),
         "{err}"
     );
 }

@@ -22,10 +22,21 @@ use crate::writer::{write_shard, SampleMembers};
 use crate::DataError;
 use scene::Scene;
 
+/// The current `SynthConfig::version`.
+pub const VERSION: u32 = 2;
+
+fn version_1() -> u32 {
+    1
+}
+
 /// What `rookery data synth` generates. Also the `[data.synth]` config section.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SynthConfig {
+    /// Layout version of what `generate` writes; a set on disk from another version is made
+    /// again. 2: held-out pairs show distinct scenes. A `synth.json` without it is version 1.
+    #[serde(default = "version_1")]
+    pub version: u32,
     /// Output directory.
     pub out: PathBuf,
     pub seed: u64,
@@ -49,6 +60,7 @@ pub struct SynthConfig {
 impl Default for SynthConfig {
     fn default() -> Self {
         SynthConfig {
+            version: VERSION,
             out: PathBuf::from("data/synth"),
             seed: 0,
             image_size: 64,
@@ -138,13 +150,17 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
                 .map_err(|e| DataError::io(cfg.out.join(split).display().to_string(), e))?;
         }
     }
+    let val_redraws = distinct_val_draws(cfg)?;
     let texts: Vec<(String, u64, Vec<String>)> = jobs
         .par_iter()
         .map(|&(split, sid, shard, per)| {
             let first = (shard * per) as u64;
             let samples: Vec<(SampleMembers, Vec<String>)> = (first..first + per as u64)
                 .map(|i| {
-                    let mut rng = Rng::derive(&[cfg.seed, sid, i]);
+                    let mut rng = match (sid, val_redraws.get(i as usize)) {
+                        (1, Some(&r)) if r > 0 => Rng::derive(&[cfg.seed, sid, i, r]),
+                        _ => Rng::derive(&[cfg.seed, sid, i]),
+                    };
                     if sid >= 2 {
                         page_sample(cfg, &mut rng, i)
                     } else {
@@ -181,6 +197,35 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
     std::fs::write(cfg.out.join("synth.json"), manifest)
         .map_err(|e| DataError::io("synth.json", e))?;
     Ok(summary)
+}
+
+/// For each held-out pair, which draw of its random stream gives a scene whose content no
+/// earlier held-out pair has (0: the first). Identical scenes get interchangeable captions, so a
+/// retrieval benchmark with repeats has no single right answer: with repeats, 472 of 2,000 pairs
+/// shared their content and image->text R@1 could not pass ~0.85. Training pairs stay as drawn.
+fn distinct_val_draws(cfg: &SynthConfig) -> Result<Vec<u64>, DataError> {
+    let mut seen = std::collections::HashSet::new();
+    let n = (cfg.val_shards * cfg.val_samples_per_shard) as u64;
+    (0..n)
+        .map(|i| {
+            (0u64..10_000)
+                .find(|&r| {
+                    let mut rng = match r {
+                        0 => Rng::derive(&[cfg.seed, 1, i]),
+                        _ => Rng::derive(&[cfg.seed, 1, i, r]),
+                    };
+                    seen.insert(Scene::random(&mut rng, cfg.two_group_fraction).content_key())
+                })
+                .ok_or_else(|| {
+                    DataError::Invalid(format!(
+                        "synth: no new scene for held-out pair {i} in 10,000 draws: \
+                         val_shards x val_samples_per_shard = {n} is near the number of \
+                         distinct scenes at two_group_fraction = {}",
+                        cfg.two_group_fraction
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// One image-text pair: image (JPEG or PNG), caption, labels.
@@ -232,5 +277,92 @@ fn encode(rgb: &[u8], size: u32, png: bool) -> (&'static str, Vec<u8>) {
             .encode_image(&img)
             .expect("jpeg encodes to memory");
         ("jpg", out.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Held-out scenes are distinct in content, and only repeats are redrawn.
+    #[test]
+    fn held_out_scenes_are_distinct() {
+        let cfg = SynthConfig {
+            val_samples_per_shard: 1500,
+            ..SynthConfig::default()
+        };
+        let draws = distinct_val_draws(&cfg).unwrap();
+        assert_eq!(draws.len(), 1500);
+        let mut seen = std::collections::HashSet::new();
+        let mut repeats_as_drawn = 0;
+        for (i, &r) in draws.iter().enumerate() {
+            let first = Scene::random(&mut Rng::derive(&[0, 1, i as u64]), 0.7).content_key();
+            let mut rng = match r {
+                0 => Rng::derive(&[0, 1, i as u64]),
+                _ => Rng::derive(&[0, 1, i as u64, r]),
+            };
+            let kept = Scene::random(&mut rng, 0.7).content_key();
+            assert_eq!(r == 0, kept == first, "pair {i}: redrawn only when needed");
+            repeats_as_drawn += seen.contains(&first) as usize;
+            assert!(seen.insert(kept), "pair {i} repeats an earlier scene");
+        }
+        // Without the redraws about a fifth of the pairs would repeat (single-group scenes
+        // have only 384 contents).
+        assert!(
+            repeats_as_drawn > 150,
+            "{repeats_as_drawn} repeats as drawn"
+        );
+    }
+
+    /// Asking for more distinct held-out scenes than exist is refused, not looped on.
+    #[test]
+    fn too_many_held_out_scenes_are_refused() {
+        let cfg = SynthConfig {
+            val_samples_per_shard: 400,
+            two_group_fraction: 0.0,
+            ..SynthConfig::default()
+        };
+        let err = distinct_val_draws(&cfg).unwrap_err().to_string();
+        assert!(err.contains("two_group_fraction = 0"), "{err}");
+    }
+
+    /// "a above b" and "b below a" are the same content; a different relation is not.
+    #[test]
+    fn content_key_is_the_same_for_inverse_relations() {
+        let mut rng = Rng::new(7);
+        let (a, b) = (
+            scene::Group::random(&mut rng),
+            scene::Group::random(&mut rng),
+        );
+        let key = |g: Vec<scene::Group>, rel| Scene::with_groups(&mut rng.clone(), g, Some(rel));
+        assert_eq!(
+            key(vec![a, b], 0).content_key(),
+            key(vec![b, a], 1).content_key()
+        );
+        assert_eq!(
+            key(vec![a, b], 2).content_key(),
+            key(vec![b, a], 3).content_key()
+        );
+        assert_ne!(
+            key(vec![a, b], 0).content_key(),
+            key(vec![a, b], 1).content_key()
+        );
+    }
+
+    /// A set written before held-out scenes were made distinct (no `version`) is made again.
+    #[test]
+    fn a_set_without_version_is_not_complete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let cfg = SynthConfig {
+            out: dir.to_path_buf(),
+            ..SynthConfig::default()
+        };
+        let mut old = serde_json::to_value(&cfg).unwrap();
+        old.as_object_mut().unwrap().remove("version");
+        std::fs::write(dir.join("synth.json"), old.to_string()).unwrap();
+        assert!(!cfg.is_complete());
+        std::fs::write(dir.join("synth.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert!(cfg.is_complete());
     }
 }

@@ -26,7 +26,7 @@ pub const RELATIONS: [&str; 4] = ["above", "below", "to the left of", "to the ri
 pub const MAX_COUNT: u8 = 4;
 
 /// A group of identical shapes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Group {
     pub count: u8,
     pub size: usize,
@@ -113,6 +113,17 @@ impl Scene {
             background,
             gradient,
         }
+    }
+
+    /// What a caption can say about the scene, the same for "a above b" and "b below a":
+    /// two scenes with equal keys differ only in rendering (positions, background, noise).
+    pub fn content_key(&self) -> (Vec<Group>, Option<usize>) {
+        let Some(rel) = self.relation else {
+            return (self.groups.clone(), None);
+        };
+        let inverse = [1, 0, 3, 2][rel];
+        let (a, b) = (self.groups[0], self.groups[1]);
+        (vec![a, b], Some(rel)).min((vec![b, a], Some(inverse)))
     }
 
     /// A caption from one of several templates.

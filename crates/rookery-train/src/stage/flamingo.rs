@@ -132,13 +132,14 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
         let mut cfg = cfg.clone();
         let (vdir, vcfg) = source(&cfg.flamingo.vision_from, "vision_from", "clip")?;
         let (ldir, lcfg) = source(&cfg.flamingo.lm_from, "lm_from", "lm")?;
+        let lm_tokenizer = crate::checkpoint::tokenizer_of(&ldir, &lcfg);
         let (ours, theirs) = (
             std::fs::read(&cfg.data.tokenizer)
                 .with_context(|| format!("data.tokenizer = {}", cfg.data.tokenizer.display()))?,
-            std::fs::read(&lcfg.data.tokenizer).unwrap_or_default(),
+            std::fs::read(&lm_tokenizer).unwrap_or_default(),
         );
         if ours != theirs {
-            bail!("data.tokenizer = {} differs from the tokenizer the language model in {} was trained with ({}): token ids would not match", cfg.data.tokenizer.display(), ldir.display(), lcfg.data.tokenizer.display());
+            bail!("data.tokenizer = {} differs from the tokenizer the language model in {} was trained with ({}): token ids would not match", cfg.data.tokenizer.display(), ldir.display(), lm_tokenizer.display());
         }
         let sp = rookery_data::interleaved::Specials::of(&tokenizer).map_err(anyhow::Error::msg)?;
         let f = &mut cfg.flamingo;

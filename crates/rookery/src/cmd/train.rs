@@ -136,7 +136,8 @@ fn open_checkpoint(
         rookery_train::checkpoint::latest(path)
             .with_context(|| format!("{}: no checkpoint found", path.display()))?
     };
-    let cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
+    let mut cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
+    cfg.data.tokenizer = rookery_train::checkpoint::tokenizer_of(&dir, &cfg);
     let model = cfg.model.init::<Inner>(&backend::device());
     let model = rookery_train::checkpoint::load_weights(model, &dir.join("model.safetensors"))?;
     Ok((dir, cfg, model))
