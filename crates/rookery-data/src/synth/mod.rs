@@ -157,8 +157,8 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
             let first = (shard * per) as u64;
             let samples: Vec<(SampleMembers, Vec<String>)> = (first..first + per as u64)
                 .map(|i| {
-                    let mut rng = match (sid, val_redraws.get(i as usize)) {
-                        (1, Some(&r)) if r > 0 => Rng::derive(&[cfg.seed, sid, i, r]),
+                    let mut rng = match sid {
+                        1 => val_rng(cfg.seed, i, val_redraws[i as usize]),
                         _ => Rng::derive(&[cfg.seed, sid, i]),
                     };
                     if sid >= 2 {
@@ -201,7 +201,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
 
 /// For each held-out pair, which draw of its random stream gives a scene whose content no
 /// earlier held-out pair has (0: the first). Identical scenes get interchangeable captions, so a
-/// retrieval benchmark with repeats has no single right answer: with repeats, 472 of 2,000 pairs
+/// retrieval benchmark with repeats has no single right answer: with repeats, 474 of 2,000 pairs
 /// shared their content and image->text R@1 could not pass ~0.85. Training pairs stay as drawn.
 fn distinct_val_draws(cfg: &SynthConfig) -> Result<Vec<u64>, DataError> {
     let mut seen = std::collections::HashSet::new();
@@ -210,10 +210,7 @@ fn distinct_val_draws(cfg: &SynthConfig) -> Result<Vec<u64>, DataError> {
         .map(|i| {
             (0u64..10_000)
                 .find(|&r| {
-                    let mut rng = match r {
-                        0 => Rng::derive(&[cfg.seed, 1, i]),
-                        _ => Rng::derive(&[cfg.seed, 1, i, r]),
-                    };
+                    let mut rng = val_rng(cfg.seed, i, r);
                     seen.insert(Scene::random(&mut rng, cfg.two_group_fraction).content_key())
                 })
                 .ok_or_else(|| {
@@ -226,6 +223,15 @@ fn distinct_val_draws(cfg: &SynthConfig) -> Result<Vec<u64>, DataError> {
                 })
         })
         .collect()
+}
+
+/// The random stream of held-out pair `i` at draw `r`; draw 0 is the stream every pair had
+/// before redraws existed.
+fn val_rng(seed: u64, i: u64, r: u64) -> Rng {
+    match r {
+        0 => Rng::derive(&[seed, 1, i]),
+        _ => Rng::derive(&[seed, 1, i, r]),
+    }
 }
 
 /// One image-text pair: image (JPEG or PNG), caption, labels.
@@ -297,11 +303,7 @@ mod tests {
         let mut repeats_as_drawn = 0;
         for (i, &r) in draws.iter().enumerate() {
             let first = Scene::random(&mut Rng::derive(&[0, 1, i as u64]), 0.7).content_key();
-            let mut rng = match r {
-                0 => Rng::derive(&[0, 1, i as u64]),
-                _ => Rng::derive(&[0, 1, i as u64, r]),
-            };
-            let kept = Scene::random(&mut rng, 0.7).content_key();
+            let kept = Scene::random(&mut val_rng(0, i as u64, r), 0.7).content_key();
             assert_eq!(r == 0, kept == first, "pair {i}: redrawn only when needed");
             repeats_as_drawn += seen.contains(&first) as usize;
             assert!(seen.insert(kept), "pair {i} repeats an earlier scene");
@@ -334,18 +336,18 @@ mod tests {
             scene::Group::random(&mut rng),
             scene::Group::random(&mut rng),
         );
-        let key = |g: Vec<scene::Group>, rel| Scene::with_groups(&mut rng.clone(), g, Some(rel));
+        let scene = |g: Vec<scene::Group>, rel| Scene::with_groups(&mut rng.clone(), g, Some(rel));
         assert_eq!(
-            key(vec![a, b], 0).content_key(),
-            key(vec![b, a], 1).content_key()
+            scene(vec![a, b], 0).content_key(),
+            scene(vec![b, a], 1).content_key()
         );
         assert_eq!(
-            key(vec![a, b], 2).content_key(),
-            key(vec![b, a], 3).content_key()
+            scene(vec![a, b], 2).content_key(),
+            scene(vec![b, a], 3).content_key()
         );
         assert_ne!(
-            key(vec![a, b], 0).content_key(),
-            key(vec![a, b], 1).content_key()
+            scene(vec![a, b], 0).content_key(),
+            scene(vec![a, b], 1).content_key()
         );
     }
 
