@@ -56,6 +56,9 @@ pub struct DataConfig {
     pub image_exts: Vec<String>,
     /// Caption member extension.
     pub text_ext: String,
+    /// Member holding one hard-negative caption per training pair, a caption that does not
+    /// match the image (NegCLIP); "" for none. Evaluation ignores it.
+    pub hard_negative_ext: String,
     /// RandomResizedCrop area fraction range for training.
     pub crop_scale: [f64; 2],
     /// RandomResizedCrop aspect ratio range for training.
@@ -89,6 +92,7 @@ impl Default for DataConfig {
             resampled: false,
             image_exts: ["jpg", "jpeg", "png", "webp"].map(String::from).to_vec(),
             text_ext: "txt".into(),
+            hard_negative_ext: String::new(),
             crop_scale: [0.9, 1.0],
             crop_ratio: [0.75, 4.0 / 3.0],
             max_bad_fraction: 0.05,
@@ -123,6 +127,8 @@ pub struct ImageTextBatch {
     pub images: Vec<f32>,
     /// `[B, T]` token ids.
     pub tokens: Vec<i64>,
+    /// `[B, T]` token ids of the hard-negative captions (empty: none).
+    pub neg_tokens: Vec<i64>,
     pub batch_size: usize,
     pub image_size: usize,
     pub context_length: usize,
@@ -194,6 +200,7 @@ pub struct Loader<P: Prepare = Pairs> {
 pub struct Decoded {
     image: Vec<f32>,
     tokens: Vec<i64>,
+    neg_tokens: Option<Vec<i64>>,
     caption: String,
     json: Option<serde_json::Value>,
 }
@@ -434,6 +441,31 @@ impl<P: Prepare> Batcher<P> {
     }
 }
 
+impl Pairs {
+    fn tokens(&self, text: &str) -> Result<Vec<i64>, String> {
+        let mut tokens = vec![0i64; self.cfg.context_length];
+        self.tokenizer
+            .encode_into(text, &mut tokens)
+            .map_err(|e| format!("tokenize: {e}"))?;
+        Ok(tokens)
+    }
+}
+
+/// The trimmed UTF-8 text of member `.ext`, which must exist and not be empty.
+fn member_text(s: &RawSample, ext: &str, what: &str) -> Result<String, String> {
+    let bytes = s
+        .get(ext)
+        .ok_or_else(|| format!("missing {what}: no .{ext} member"))?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| format!("{what} is not UTF-8"))?
+        .trim()
+        .to_string();
+    if text.is_empty() {
+        return Err(format!("empty {what}"));
+    }
+    Ok(text)
+}
+
 impl Prepare for Pairs {
     type Item = Decoded;
     type Batch = ImageTextBatch;
@@ -445,26 +477,23 @@ impl Prepare for Pairs {
                 self.cfg.image_exts
             )
         })?;
-        let text = s
-            .get(&self.cfg.text_ext)
-            .ok_or_else(|| format!("missing caption: no .{} member", self.cfg.text_ext))?;
-        let caption = std::str::from_utf8(text)
-            .map_err(|_| "caption is not UTF-8".to_string())?
-            .trim()
-            .to_string();
-        if caption.is_empty() {
-            return Err("empty caption".into());
-        }
+        let caption = member_text(s, &self.cfg.text_ext, "caption")?;
+        let neg_ext = &self.cfg.hard_negative_ext;
+        let negative = match self.mode {
+            Mode::Train if !neg_ext.is_empty() => {
+                Some(member_text(s, neg_ext, "hard-negative caption")?)
+            }
+            _ => None,
+        };
         let seed = [self.cfg.seed, epoch, hash_str(&s.shard), s.index];
         let image = load_image(&self.cfg, self.mode, ext, bytes, &seed)?;
-        let mut tokens = vec![0i64; self.cfg.context_length];
-        self.tokenizer
-            .encode_into(&caption, &mut tokens)
-            .map_err(|e| format!("tokenize: {e}"))?;
+        let tokens = self.tokens(&caption)?;
+        let neg_tokens = negative.as_deref().map(|t| self.tokens(t)).transpose()?;
         let json = s.get("json").and_then(|b| serde_json::from_slice(b).ok());
         Ok(Decoded {
             image,
             tokens,
+            neg_tokens,
             caption,
             json,
         })
@@ -479,6 +508,7 @@ impl Prepare for Pairs {
         let mut b = ImageTextBatch {
             images: Vec::with_capacity(n * good[0].2.image.len()),
             tokens: Vec::with_capacity(n * self.cfg.context_length),
+            neg_tokens: Vec::new(),
             batch_size: n,
             image_size: self.cfg.image_size as usize,
             context_length: self.cfg.context_length,
@@ -491,6 +521,9 @@ impl Prepare for Pairs {
         for (raw, epoch, d) in good {
             b.images.extend_from_slice(&d.image);
             b.tokens.extend_from_slice(&d.tokens);
+            if let Some(neg) = &d.neg_tokens {
+                b.neg_tokens.extend_from_slice(neg);
+            }
             b.keys.push(raw.key);
             b.captions.push(d.caption);
             b.json.push(d.json);

@@ -706,3 +706,55 @@ fn image_text_pairs_mix_into_pages_with_their_loss_weight() {
     assert_eq!(pairs, 8);
     assert!(pages >= 6, "{pages}");
 }
+
+/// Training batches carry the `.neg.txt` hard-negative captions the synthetic set writes; a
+/// training sample without one is skipped and counted, and evaluation does not look for them.
+#[test]
+fn hard_negative_captions_load_with_their_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = synth(dir.path(), 1, 24);
+    let shard = expand_shards(&cfg.train_pattern()).unwrap()[0].clone();
+    // The same samples again, the first one without its negative.
+    let mut samples = vec![];
+    read_shard(&shard, |i| {
+        if let ShardItem::Sample(s) = i {
+            let mut members: Vec<(String, Vec<u8>)> = s.members.clone();
+            if samples.is_empty() {
+                members.retain(|(ext, _)| ext != "neg.txt");
+            }
+            samples.push((s.key.clone(), members));
+        }
+        true
+    });
+    let edited = dir.path().join("edited.tar");
+    write_shard(&edited, samples).unwrap();
+    let mut dc = data_cfg(edited.display().to_string(), &cfg.tokenizer_path());
+    dc.hard_negative_ext = "neg.txt".into();
+    let t = dc.context_length;
+    let (mut rows, mut last) = (0, None);
+    // Training streams are endless: three batches take the whole epoch of 23 good samples.
+    for b in loader(&dc, 0, 1, Mode::Train).take(3) {
+        let b = b.unwrap();
+        assert_eq!(b.neg_tokens.len(), b.tokens.len());
+        for (cap, neg) in b.tokens.chunks(t).zip(b.neg_tokens.chunks(t)) {
+            assert_ne!(cap, neg, "a negative equal to its caption");
+            assert!(neg.iter().any(|&id| id > 3), "an empty negative");
+        }
+        rows += b.batch_size;
+        last = Some(b.position.counts);
+    }
+    let counts = last.unwrap();
+    assert_eq!(rows, 24);
+    assert!(
+        counts.by_reason["missing hard-negative caption"] >= 1,
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts.bad, counts.by_reason["missing hard-negative caption"],
+        "{counts:?}"
+    );
+    for b in loader(&dc, 0, 1, Mode::Eval) {
+        let b = b.unwrap();
+        assert!(b.neg_tokens.is_empty() && b.position.counts.bad == 0);
+    }
+}

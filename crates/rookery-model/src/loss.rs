@@ -20,6 +20,10 @@ fn diagonal_cross_entropy<B: Backend>(logits: Tensor<B, 2>, offset: usize) -> Te
 /// InfoNCE for local rows `img_local`/`txt_local` `[n, E]` against all columns
 /// `img_all`/`txt_all` `[N, E]` whose rows `offset..offset+n` are the local ones.
 ///
+/// `txt_all` may hold more rows after the `N` captions: hard-negative captions (NegCLIP,
+/// Yuksekgonul et al. 2023), which are extra columns of image->text only, since they have no
+/// image of their own.
+///
 /// Returns the mean over the local rows of `(CE_i2t + CE_t2i) / 2`; averaging it over ranks
 /// gives the loss of one process over the whole batch.
 pub fn clip_loss_rows<B: Backend>(
@@ -183,6 +187,59 @@ mod tests {
             &[gs],
             "d/d logit_scale",
         );
+    }
+
+    /// Hard-negative captions after the `n` captions are image->text columns only.
+    #[test]
+    fn hard_negatives_are_extra_image_to_text_columns() {
+        let dev = Default::default();
+        let (n, e, s) = (5, 4, 1.7f64);
+        B::seed(&dev, 13);
+        let rand = |rows| {
+            let t = Tensor::<B, 2>::random([rows, e], Distribution::Normal(0.0, 1.0), &dev);
+            crate::clip::l2_normalize(t).detach().require_grad()
+        };
+        let (img, txt, neg) = (rand(n), rand(n), rand(n));
+        let scale = Tensor::<B, 1>::from_data([s as f32], &dev);
+        let columns = Tensor::cat(vec![txt.clone(), neg.clone()], 0);
+        let loss = clip_loss_rows(img.clone(), txt.clone(), img.clone(), columns, scale, 0);
+        let to64 = |t: &Tensor<B, 2>| t.to_data().convert::<f64>().to_vec::<f64>().unwrap();
+        let (vi, vt, vn) = (to64(&img), to64(&txt), to64(&neg));
+        let dot = |a: &[f64], i: usize, b: &[f64], j: usize| -> f64 {
+            s.exp() * (0..e).map(|k| a[i * e + k] * b[j * e + k]).sum::<f64>()
+        };
+        let lse = |xs: Vec<f64>| {
+            let m = xs.iter().cloned().fold(f64::MIN, f64::max);
+            m + xs.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+        };
+        let (mut want, mut g_neg) = (0.0, vec![0.0; n * e]);
+        for i in 0..n {
+            let row: Vec<f64> = (0..n)
+                .map(|j| dot(&vi, i, &vt, j))
+                .chain((0..n).map(|j| dot(&vn, j, &vi, i)))
+                .collect();
+            let z = lse(row.clone());
+            let col = lse((0..n).map(|j| dot(&vt, i, &vi, j)).collect());
+            want += (z - row[i] + col - dot(&vt, i, &vi, i)) / (2.0 * n as f64);
+            // d/d neg_j of the image->text term: p(neg_j | img_i) * exp(s) * img_i / 2n.
+            for j in 0..n {
+                let p = (row[n + j] - z).exp();
+                for k in 0..e {
+                    g_neg[j * e + k] += p * s.exp() * vi[i * e + k] / (2.0 * n as f64);
+                }
+            }
+        }
+        let got: f32 = loss.clone().into_scalar();
+        assert!((got as f64 - want).abs() < 1e-5, "loss {got} vs {want}");
+        let g: Vec<f32> = neg
+            .grad(&loss.backward())
+            .unwrap()
+            .to_data()
+            .to_vec()
+            .unwrap();
+        for (a, b) in g.iter().zip(&g_neg) {
+            assert!((*a as f64 - b).abs() < 1e-5, "d/d neg: {a} vs {b}");
+        }
     }
 
     #[test]

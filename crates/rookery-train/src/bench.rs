@@ -46,7 +46,11 @@ pub fn step_times<B: AutodiffBackend>(
         }
         let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, ctx]), device);
         let t = Instant::now();
-        let micro = vec![Micro { images, tokens }];
+        let micro = vec![Micro {
+            images,
+            tokens,
+            neg_tokens: None,
+        }];
         let g = contrastive_grads(&model, micro, &comm, Negatives::Global, 1 << 22)?;
         model = up
             .apply(model, g.grads, i + 1, warmup + steps)

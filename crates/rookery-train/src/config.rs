@@ -129,6 +129,15 @@ impl RunConfig {
         {
             return err("data.crop_scale", "must satisfy 0 < lo <= hi <= 1");
         }
+        if !d.hard_negative_ext.is_empty() && self.model.loss != "infonce" {
+            return err(
+                "data.hard_negative_ext",
+                &format!(
+                    "hard-negative captions need model.loss = \"infonce\", not {:?}",
+                    self.model.loss
+                ),
+            );
+        }
         self.model.validate().map_err(|m| {
             let key = m.split('`').nth(1).unwrap_or("model").to_string();
             (key, m)

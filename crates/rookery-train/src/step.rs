@@ -17,6 +17,10 @@
 //!    cross ranks while the image tower's backward runs, where the engine works in the
 //!    background), then the rest.
 //!
+//! Hard-negative captions (`Micro::neg_tokens`, NegCLIP) go through the text tower with the
+//! captions and are gathered with them; they are extra image->text columns for every image of
+//! the global batch.
+//!
 //! Every rank's shares add up to the global loss, so step 6's sum is the gradient of one
 //! process over the whole batch, up to float summation order.
 //!
@@ -42,6 +46,34 @@ use crate::parallel::{all_reduce_grads, start_all_reduce_grads};
 pub struct Micro<B: Backend> {
     pub images: Tensor<B, 4>,
     pub tokens: Tensor<B, 2, Int>,
+    /// One hard-negative caption per pair (NegCLIP): extra image->text negatives, `[m, T]`.
+    pub neg_tokens: Option<Tensor<B, 2, Int>>,
+}
+
+impl<B: Backend> Micro<B> {
+    /// Pairs in this micro-batch.
+    fn len(&self) -> usize {
+        self.images.dims()[0]
+    }
+
+    /// Captions, then hard negatives when there are any: one text-tower batch of `k * m` rows.
+    fn texts(&self) -> Tensor<B, 2, Int> {
+        match &self.neg_tokens {
+            None => self.tokens.clone(),
+            Some(neg) => Tensor::cat(vec![self.tokens.clone(), neg.clone()], 0),
+        }
+    }
+}
+
+/// Rows `0..n` of every `[k * n, E]` block (captions) and, with `k == 2`, rows `n..2n` (hard
+/// negatives), each concatenated over the blocks.
+fn split_texts<B: Backend>(blocks: Vec<Tensor<B, 2>>, sizes: &[usize]) -> Tensor<B, 2> {
+    let pick = |part: usize| -> Vec<Tensor<B, 2>> {
+        let rows = |t: &Tensor<B, 2>, m: usize| t.clone().slice(s![part * m..(part + 1) * m, ..]);
+        blocks.iter().zip(sizes).map(|(t, &m)| rows(t, m)).collect()
+    };
+    let k = blocks[0].dims()[0] / sizes[0];
+    Tensor::cat((0..k).flat_map(pick).collect(), 0)
 }
 
 /// Which pairs are negatives of each other.
@@ -147,11 +179,13 @@ impl<IB: Backend> Communicator<IB> for Timed<'_, IB> {
     }
 }
 
-/// This rank's share of the loss for its rows `offset..offset+n` of the gathered embeddings.
+/// This rank's share of the loss for its rows `offset..offset+n` of the gathered embeddings;
+/// `neg_all` (hard-negative captions, InfoNCE only) are extra image->text columns.
 fn loss_share<B: AutodiffBackend>(
     model: &Clip<B>,
     img_all: Tensor<B, 2>,
     txt_all: Tensor<B, 2>,
+    neg_all: Option<Tensor<B, 2>>,
     offset: usize,
     n: usize,
     world: usize,
@@ -162,9 +196,14 @@ fn loss_share<B: AutodiffBackend>(
     match &model.logit_bias {
         None => {
             let txt = txt_all.clone().slice(s![offset..offset + n, ..]);
-            clip_loss_rows(img, txt, img_all, txt_all, scale, offset) * (n as f32 / n_total as f32)
+            let columns = match neg_all {
+                None => txt_all,
+                Some(neg) => Tensor::cat(vec![txt_all, neg], 0),
+            };
+            clip_loss_rows(img, txt, img_all, columns, scale, offset) * (n as f32 / n_total as f32)
         }
         Some(bias) => {
+            assert!(neg_all.is_none(), "hard negatives need the InfoNCE loss");
             let chunk = n_total / world;
             let chunks = (0..world)
                 .map(|q| txt_all.clone().slice(s![q * chunk..(q + 1) * chunk, ..]))
@@ -175,6 +214,9 @@ fn loss_share<B: AutodiffBackend>(
 }
 
 /// Steps 1-6 of the module docs: the gradients summed over ranks, and this rank's loss share.
+///
+/// With hard negatives, each rank's text embeddings are `k = 2` blocks of `n` rows (captions,
+/// then negatives), and they travel beside the images through the gather and reduce-scatter.
 fn global_negatives<B: AutodiffBackend>(
     model: &Clip<B>,
     micro: Vec<Micro<B>>,
@@ -182,14 +224,15 @@ fn global_negatives<B: AutodiffBackend>(
     bucket_elems: usize,
 ) -> Result<(GradientsParams, f32), DistError> {
     let (w, r) = (comm.world_size(), comm.rank());
-    let sizes: Vec<usize> = micro.iter().map(|m| m.images.dims()[0]).collect();
+    let sizes: Vec<usize> = micro.iter().map(Micro::len).collect();
+    let k = if micro[0].neg_tokens.is_some() { 2 } else { 1 };
     // 1. Embeddings: tracked when one micro-batch (reused in step 5), else graph-free.
     let mut tracked = Vec::new();
     let (imgs, txts): (Vec<_>, Vec<_>) = if micro.len() == 1 {
         let mb = &micro[0];
         let z = (
             model.encode_image(mb.images.clone()),
-            model.encode_text(mb.tokens.clone()),
+            model.encode_text(mb.texts()),
         );
         let inner = (z.0.clone().inner(), z.1.clone().inner());
         tracked.push(z);
@@ -201,42 +244,47 @@ fn global_negatives<B: AutodiffBackend>(
             .map(|mb| {
                 (
                     m.encode_image(mb.images.clone().inner()),
-                    m.encode_text(mb.tokens.clone().inner()),
+                    m.encode_text(mb.texts().inner()),
                 )
             })
             .unzip()
     };
-    let (img_loc, txt_loc) = (Tensor::cat(imgs, 0), Tensor::cat(txts, 0));
+    let (img_loc, txt_loc) = (Tensor::cat(imgs, 0), split_texts(txts, &sizes));
     let [n, e] = img_loc.dims();
-    // 2. Gather, one call: rank q's slot holds [its images, its texts].
-    let both = Tensor::cat(vec![img_loc.reshape([n * e]), txt_loc.reshape([n * e])], 0);
-    let all = comm.all_gather(both)?.reshape([w, 2 * n * e]);
-    let leaf =
-        |t: Tensor<Inner<B>, 2>| Tensor::<B, 2>::from_inner(t.reshape([w * n, e])).require_grad();
-    let img_all = leaf(all.clone().slice(s![.., 0..n * e]));
-    let txt_all = leaf(all.slice(s![.., n * e..2 * n * e]));
+    let (ni, nt) = (n * e, k * n * e);
+    // 2. Gather, one call: rank q's slot holds [its images, its texts (and negatives)].
+    let both = Tensor::cat(vec![img_loc.reshape([ni]), txt_loc.reshape([nt])], 0);
+    let all = comm.all_gather(both)?.reshape([w, ni + nt]);
+    let img_all = Tensor::<B, 2>::from_inner(all.clone().slice(s![.., 0..ni]).reshape([w * n, e]))
+        .require_grad();
+    let txt_slots =
+        Tensor::<B, 3>::from_inner(all.slice(s![.., ni..ni + nt]).reshape([w, k * n, e]))
+            .require_grad();
+    let block = |j: usize| {
+        txt_slots
+            .clone()
+            .slice(s![.., j * n..(j + 1) * n, ..])
+            .reshape([w * n, e])
+    };
+    let (txt_all, neg_all) = (block(0), (k == 2).then(|| block(1)));
     // 3. This rank's share of the loss, back to the gathered leaves and the loss's own params.
-    let share = loss_share(model, img_all.clone(), txt_all.clone(), r * n, n, w);
+    let share = loss_share(model, img_all.clone(), txt_all, neg_all, r * n, n, w);
     let loss: f32 = share.clone().into_scalar().elem();
     let g = share.backward();
-    let (g_img, g_txt) = (img_all.grad(&g), txt_all.grad(&g));
+    let (g_img, g_txt) = (img_all.grad(&g), txt_slots.grad(&g));
     let mut acc = GradientsAccumulator::<Clip<B>>::new();
     acc.accumulate(model, GradientsParams::from_grads(g, model));
     // 4. Reduce-scatter: rank q's slot again holds [its images, its texts].
     let g_both = Tensor::cat(
         vec![
-            g_img
-                .expect("gathered images are leaves")
-                .reshape([w, n * e]),
-            g_txt
-                .expect("gathered texts are leaves")
-                .reshape([w, n * e]),
+            g_img.expect("gathered images are leaves").reshape([w, ni]),
+            g_txt.expect("gathered texts are leaves").reshape([w, nt]),
         ],
         1,
     );
-    let mine = comm.reduce_scatter_sum(g_both.reshape([w * 2 * n * e]))?;
-    let g_img = mine.clone().slice(0..n * e).reshape([n, e]);
-    let g_txt = mine.slice(n * e..2 * n * e).reshape([n, e]);
+    let mine = comm.reduce_scatter_sum(g_both.reshape([w * (ni + nt)]))?;
+    let g_img = mine.clone().slice(0..ni).reshape([n, e]);
+    let g_txt = mine.slice(ni..ni + nt).reshape([k * n, e]);
     // 5. Through the encoders, one micro-batch at a time, text tower first: once the last
     //    micro-batch's text backward is done, the text tower's gradients are final and cross
     //    ranks (6.) while the image tower's backward runs.
@@ -245,11 +293,15 @@ fn global_negatives<B: AutodiffBackend>(
     let (mut tracked, last) = (tracked.into_iter(), micro.len() - 1);
     let mut at = 0;
     for (i, (mb, m)) in micro.into_iter().zip(sizes).enumerate() {
-        let (zi, zt) = tracked
-            .next()
-            .unwrap_or_else(|| (model.encode_image(mb.images), model.encode_text(mb.tokens)));
+        let (zi, zt) = tracked.next().unwrap_or_else(|| {
+            (
+                model.encode_image(mb.images.clone()),
+                model.encode_text(mb.texts()),
+            )
+        });
         let gi = Tensor::<B, 2>::from_inner(g_img.clone().slice(s![at..at + m, ..]));
-        let gt = Tensor::<B, 2>::from_inner(g_txt.clone().slice(s![at..at + m, ..]));
+        let rows = (0..k).map(|j| g_txt.clone().slice(s![j * n + at..j * n + at + m, ..]));
+        let gt = Tensor::<B, 2>::from_inner(Tensor::cat(rows.collect(), 0));
         let text = (zt * gt).sum().backward();
         acc_txt.accumulate(model, GradientsParams::from_grads(text, model));
         if i == last {
@@ -278,10 +330,15 @@ fn local_negatives<B: AutodiffBackend>(
     let mut acc = GradientsAccumulator::<Clip<B>>::new();
     let mut loss = 0.0;
     for mb in micro {
-        let img = model.encode_image(mb.images);
-        let txt = model.encode_text(mb.tokens);
-        let n = img.dims()[0];
-        let l = loss_share(model, img, txt, 0, n, 1) / parts;
+        let n = mb.len();
+        let img = model.encode_image(mb.images.clone());
+        let texts = model.encode_text(mb.texts());
+        let txt = texts.clone().slice(s![0..n, ..]);
+        let neg = mb
+            .neg_tokens
+            .is_some()
+            .then(|| texts.slice(s![n..2 * n, ..]));
+        let l = loss_share(model, img, txt, neg, 0, n, 1) / parts;
         loss += l.clone().into_scalar().elem::<f32>();
         acc.accumulate(model, GradientsParams::from_grads(l.backward(), model));
     }

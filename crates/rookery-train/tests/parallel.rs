@@ -42,31 +42,33 @@ fn config(loss: &str) -> ClipConfig {
     c
 }
 
-/// A global batch for every step: images, and tokens with the end token (3) at varied places.
-fn batches(n: usize) -> Vec<(Tensor<B, 4>, Tensor<B, 2, Int>)> {
+/// Images, captions and hard-negative captions of one global batch.
+type Batch = (Tensor<B, 4>, Tensor<B, 2, Int>, Tensor<B, 2, Int>);
+
+/// A global batch for every step: images, and two sets of tokens with the end token (3) at
+/// varied places.
+fn batches(n: usize) -> Vec<Batch> {
     let dev = Default::default();
     B::seed(&dev, 42);
     (0..STEPS)
         .map(|_| {
             let images = Tensor::random([n, 3, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
-            let mut ids: Vec<i64> = Tensor::<B, 2, Int>::random(
-                [n, CTX],
-                Distribution::Uniform(6.0, VOCAB as f64),
-                &dev,
-            )
+            (images, tokens(n, &dev), tokens(n, &dev))
+        })
+        .collect()
+}
+
+fn tokens(n: usize, dev: &burn::tensor::Device<B>) -> Tensor<B, 2, Int> {
+    let mut ids: Vec<i64> =
+        Tensor::<B, 2, Int>::random([n, CTX], Distribution::Uniform(6.0, VOCAB as f64), dev)
             .into_data()
             .convert::<i64>()
             .to_vec()
             .unwrap();
-            for i in 0..n {
-                ids[i * CTX + 2 + i % (CTX - 2)] = 3;
-            }
-            (
-                images,
-                Tensor::from_data(TensorData::new(ids, [n, CTX]), &dev),
-            )
-        })
-        .collect()
+    for i in 0..n {
+        ids[i * CTX + 2 + i % (CTX - 2)] = 3;
+    }
+    Tensor::from_data(TensorData::new(ids, [n, CTX]), dev)
 }
 
 fn optim_cfg() -> OptimConfig {
@@ -81,17 +83,18 @@ fn optim_cfg() -> OptimConfig {
 /// micro-batches; returns the final weights, flattened in module order.
 fn run(
     init: &Clip<B>,
-    data: &[(Tensor<B, 4>, Tensor<B, 2, Int>)],
+    data: &[Batch],
     comm: &dyn Communicator<IB>,
     accum: usize,
     negatives: Negatives,
+    hard: bool,
 ) -> Vec<f32> {
     let model = init.clone();
     let mut model = rookery_train::parallel::broadcast_weights(model, comm, 1 << 20).unwrap();
     let o = optim_cfg();
     let mut up = Updater::new(&o, o.adamw::<B, _>(), &model);
     let (w, r) = (comm.world_size(), comm.rank());
-    for (step, (images, tokens)) in data.iter().enumerate() {
+    for (step, (images, tokens, neg)) in data.iter().enumerate() {
         let per_rank = images.dims()[0] / w;
         let m = per_rank / accum;
         let micro = (0..accum)
@@ -99,7 +102,8 @@ fn run(
                 let rows = r * per_rank + j * m..r * per_rank + (j + 1) * m;
                 Micro {
                     images: images.clone().slice(s![rows.clone(), .., .., ..]),
-                    tokens: tokens.clone().slice(s![rows, ..]),
+                    tokens: tokens.clone().slice(s![rows.clone(), ..]),
+                    neg_tokens: hard.then(|| neg.clone().slice(s![rows, ..])),
                 }
             })
             .collect();
@@ -139,34 +143,39 @@ fn init(cfg: &ClipConfig) -> Clip<B> {
 
 fn two_ranks(
     init: &Clip<B>,
-    data: &[(Tensor<B, 4>, Tensor<B, 2, Int>)],
+    data: &[Batch],
     accum: usize,
     negatives: Negatives,
+    hard: bool,
 ) -> Vec<f32> {
     let out = LocalGroup::run::<IB, _, String, _>(
         2,
         |_| Default::default(),
         Duration::from_secs(120),
-        |comm| Ok(run(init, data, comm, accum, negatives)),
+        |comm| Ok(run(init, data, comm, accum, negatives, hard)),
     );
     let mut out: Vec<Vec<f32>> = out.into_iter().map(|r| r.unwrap()).collect();
     assert_eq!(out[0], out[1], "replicas must stay identical");
     out.remove(0)
 }
 
-fn check(loss: &str) {
+fn check(loss: &str, hard: bool) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let cfg = init(&config(loss));
     let data = batches(8);
-    let single = run(
-        &cfg,
-        &data,
-        &Single::new(Default::default()),
-        1,
-        Negatives::Global,
-    );
+    let one_rank = |hard| {
+        let one = Single::new(Default::default());
+        run(&cfg, &data, &one, 1, Negatives::Global, hard)
+    };
+    let single = one_rank(hard);
+    if hard {
+        // The negatives must change the training, or this test would prove nothing about them.
+        let plain = one_rank(false);
+        let d = rel_diff(&plain, &single);
+        assert!(d > 1e-4, "hard negatives changed nothing: {d:e}");
+    }
     for accum in [1, 2] {
-        let dp = two_ranks(&cfg, &data, accum, Negatives::Global);
+        let dp = two_ranks(&cfg, &data, accum, Negatives::Global, hard);
         let d = rel_diff(&dp, &single);
         eprintln!("{loss}, accum {accum}: 2 ranks vs 1 rank: relative difference {d:e}");
         assert!(
@@ -174,7 +183,7 @@ fn check(loss: &str) {
             "{loss}, accum {accum}: 2 ranks vs 1 rank differ by {d:e}"
         );
     }
-    let local = two_ranks(&cfg, &data, 2, Negatives::Local);
+    let local = two_ranks(&cfg, &data, 2, Negatives::Local, hard);
     let d = rel_diff(&local, &single);
     eprintln!("{loss}: local negatives vs 1 rank: relative difference {d:e}");
     assert!(
@@ -185,12 +194,18 @@ fn check(loss: &str) {
 
 #[test]
 fn two_ranks_equal_one_rank_with_twice_the_batch_infonce() {
-    check("infonce");
+    check("infonce", false);
+}
+
+/// NegCLIP's hard-negative captions travel with the captions through gather and scatter.
+#[test]
+fn two_ranks_equal_one_rank_with_twice_the_batch_hard_negatives() {
+    check("infonce", true);
 }
 
 #[test]
 fn two_ranks_equal_one_rank_with_twice_the_batch_siglip() {
-    check("siglip");
+    check("siglip", false);
 }
 
 #[test]
@@ -199,8 +214,13 @@ fn accumulation_equals_the_full_batch_on_one_rank() {
     let cfg = init(&config("infonce"));
     let data = batches(8);
     let one = Single::new(Default::default());
-    let full = run(&cfg, &data, &one, 1, Negatives::Global);
-    let accum = run(&cfg, &data, &one, 4, Negatives::Global);
-    let d = rel_diff(&accum, &full);
-    assert!(d < 1e-5, "4 micro-batches vs one batch: {d:e}");
+    for hard in [false, true] {
+        let full = run(&cfg, &data, &one, 1, Negatives::Global, hard);
+        let accum = run(&cfg, &data, &one, 4, Negatives::Global, hard);
+        let d = rel_diff(&accum, &full);
+        assert!(
+            d < 1e-5,
+            "4 micro-batches vs one batch (hard negatives {hard}): {d:e}"
+        );
+    }
 }

@@ -23,10 +23,10 @@ use crate::DataError;
 use scene::Scene;
 
 /// The current `SynthConfig::version`.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
-fn version_1() -> u32 {
-    1
+fn current_version() -> u32 {
+    VERSION
 }
 
 /// What `rookery data synth` generates. Also the `[data.synth]` config section.
@@ -34,8 +34,10 @@ fn version_1() -> u32 {
 #[serde(default, deny_unknown_fields)]
 pub struct SynthConfig {
     /// Layout version of what `generate` writes; a set on disk from another version is made
-    /// again. 2: held-out pairs show distinct scenes. A `synth.json` without it is version 1.
-    #[serde(default = "version_1")]
+    /// again. 2: held-out pairs show distinct scenes. 3: training pairs carry a hard-negative
+    /// caption (`.neg.txt`). A config asks for the current one whatever it says here; a
+    /// `synth.json` without it is version 1.
+    #[serde(default = "current_version")]
     pub version: u32,
     /// Output directory.
     pub out: PathBuf,
@@ -94,12 +96,27 @@ impl SynthConfig {
     pub fn tokenizer_path(&self) -> PathBuf {
         self.out.join("tokenizer.json")
     }
-    /// True when a complete set made with this exact configuration is already on disk.
+    /// True when a complete set made with this exact configuration by the current `generate`
+    /// is already on disk.
     pub fn is_complete(&self) -> bool {
         let Ok(text) = std::fs::read_to_string(self.out.join("synth.json")) else {
             return false;
         };
-        serde_json::from_str::<SynthConfig>(&text).is_ok_and(|c| &c == self)
+        let Ok(disk) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return false;
+        };
+        // Read apart from the struct, whose default is the current version.
+        let version = disk.get("version").and_then(|v| v.as_u64()).unwrap_or(1);
+        version == VERSION as u64
+            && serde_json::from_value::<SynthConfig>(disk).is_ok_and(|c| c == self.current())
+    }
+
+    /// This configuration at the current version.
+    fn current(&self) -> SynthConfig {
+        SynthConfig {
+            version: VERSION,
+            ..self.clone()
+        }
     }
 }
 
@@ -161,10 +178,10 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
                         1 => val_rng(cfg.seed, i, val_redraws[i as usize]),
                         _ => Rng::derive(&[cfg.seed, sid, i]),
                     };
-                    if sid >= 2 {
-                        page_sample(cfg, &mut rng, i)
-                    } else {
-                        pair_sample(cfg, &mut rng, i)
+                    match sid {
+                        0 => pair_sample(cfg, &mut rng, Some(Rng::derive(&[cfg.seed, 4, i])), i),
+                        1 => pair_sample(cfg, &mut rng, None, i),
+                        _ => page_sample(cfg, &mut rng, i),
                     }
                 })
                 .collect();
@@ -193,7 +210,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
         train_texts.chain(std::iter::once(vocab.as_str())),
         &cfg.tokenizer_path(),
     )?;
-    let manifest = serde_json::to_string_pretty(cfg).expect("config serializes");
+    let manifest = serde_json::to_string_pretty(&cfg.current()).expect("config serializes");
     std::fs::write(cfg.out.join("synth.json"), manifest)
         .map_err(|e| DataError::io("synth.json", e))?;
     Ok(summary)
@@ -234,8 +251,14 @@ fn val_rng(seed: u64, i: u64, r: u64) -> Rng {
     }
 }
 
-/// One image-text pair: image (JPEG or PNG), caption, labels.
-fn pair_sample(cfg: &SynthConfig, rng: &mut Rng, i: u64) -> (SampleMembers, Vec<String>) {
+/// One image-text pair: image (JPEG or PNG), caption, labels; and a hard-negative caption
+/// (`.neg.txt`) drawn from `neg_rng` when given, a stream of its own so the rest is unchanged.
+fn pair_sample(
+    cfg: &SynthConfig,
+    rng: &mut Rng,
+    neg_rng: Option<Rng>,
+    i: u64,
+) -> (SampleMembers, Vec<String>) {
     let scene = Scene::random(rng, cfg.two_group_fraction);
     let caption = scene.caption(rng);
     let png = rng.bool(cfg.png_fraction);
@@ -245,11 +268,17 @@ fn pair_sample(cfg: &SynthConfig, rng: &mut Rng, i: u64) -> (SampleMembers, Vec<
         "shape": scene::SHAPES[g.shape], "color": scene::COLORS[g.color], "count": g.count,
         "size": scene::SIZES[g.size], "scene": scene, "caption": caption,
     });
-    let members = vec![
+    let mut members = vec![
         (ext.to_string(), img),
         ("txt".into(), caption.clone().into_bytes()),
         ("json".into(), labels.to_string().into_bytes()),
     ];
+    // The tokenizer is fitted on captions only: negatives use the same words (the grammar's
+    // vocabulary is added to the fit anyway), so the tokenizer stays as it was.
+    if let Some(mut r) = neg_rng {
+        let negative = scene.hard_negative(&mut r).caption(&mut r);
+        members.push(("neg.txt".into(), negative.into_bytes()));
+    }
     ((format!("{i:09}"), members), vec![caption])
 }
 
@@ -366,5 +395,30 @@ mod tests {
         assert!(!cfg.is_complete());
         std::fs::write(dir.join("synth.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
         assert!(cfg.is_complete());
+    }
+
+    /// A config section says nothing about the version: it means the current one, so a set on
+    /// disk from an older version is made again (it used to compare equal to version 1).
+    #[test]
+    fn a_config_without_version_wants_the_current_set() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let out = dir.display().to_string();
+        let cfg: SynthConfig = serde_json::from_value(json!({ "out": out })).unwrap();
+        assert_eq!(cfg.version, VERSION);
+        for version in 1..VERSION {
+            let old = SynthConfig {
+                version,
+                ..cfg.clone()
+            };
+            std::fs::write(dir.join("synth.json"), serde_json::to_string(&old).unwrap()).unwrap();
+            assert!(!cfg.is_complete(), "version {version} on disk");
+        }
+        let stale = SynthConfig {
+            version: 1,
+            ..cfg.clone()
+        };
+        std::fs::write(dir.join("synth.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert!(cfg.is_complete() && stale.is_complete());
     }
 }

@@ -126,6 +126,25 @@ impl Scene {
         (vec![a, b], Some(rel)).min((vec![b, a], Some(inverse)))
     }
 
+    /// The same scene with exactly one thing changed, for a hard-negative caption: one group's
+    /// shape, color, count or size, or (with two groups) the relation turned around.
+    pub fn hard_negative(&self, rng: &mut Rng) -> Scene {
+        let mut neg = self.clone();
+        let edits = if self.relation.is_some() { 5 } else { 4 };
+        let edit = rng.below(edits);
+        let g = &mut neg.groups[rng.below(self.groups.len())];
+        // A different value: the old one plus 1..n-1, wrapped.
+        let other = |rng: &mut Rng, v: usize, n: usize| (v + 1 + rng.below(n - 1)) % n;
+        match edit {
+            0 => g.shape = other(rng, g.shape, SHAPES.len()),
+            1 => g.color = other(rng, g.color, COLORS.len()),
+            2 => g.count = 1 + other(rng, g.count as usize - 1, MAX_COUNT as usize) as u8,
+            3 => g.size = other(rng, g.size, SIZES.len()),
+            _ => neg.relation = self.relation.map(|r| [1, 0, 3, 2][r]),
+        }
+        neg
+    }
+
     /// A caption from one of several templates.
     pub fn caption(&self, rng: &mut Rng) -> String {
         let a = self.groups[0].phrase(rng);
@@ -317,6 +336,33 @@ mod tests {
                     "{cap}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn hard_negative_changes_exactly_one_thing() {
+        let mut rng = Rng::new(11);
+        for _ in 0..500 {
+            let sc = Scene::random(&mut rng, 0.7);
+            let neg = sc.hard_negative(&mut rng);
+            assert_ne!(sc.content_key(), neg.content_key(), "{sc:?}");
+            let group_edits: usize = sc
+                .groups
+                .iter()
+                .zip(&neg.groups)
+                .map(|(a, b)| {
+                    (a.shape != b.shape) as usize
+                        + (a.color != b.color) as usize
+                        + (a.count != b.count) as usize
+                        + (a.size != b.size) as usize
+                })
+                .sum();
+            let relation_edits = (sc.relation != neg.relation) as usize;
+            assert_eq!(group_edits + relation_edits, 1, "{sc:?} -> {neg:?}");
+            assert!(neg
+                .groups
+                .iter()
+                .all(|g| (1..=MAX_COUNT).contains(&g.count)));
         }
     }
 

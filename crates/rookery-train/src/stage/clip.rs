@@ -69,7 +69,15 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
             .iter()
             .map(|b| {
                 let (images, tokens) = batch_tensors::<B>(b, device);
-                Micro { images, tokens }
+                let neg_tokens = (!b.neg_tokens.is_empty()).then(|| {
+                    let shape = [b.batch_size, b.context_length];
+                    Tensor::from_data(TensorData::new(b.neg_tokens.clone(), shape), device)
+                });
+                Micro {
+                    images,
+                    tokens,
+                    neg_tokens,
+                }
             })
             .collect();
         let negatives = match self.cfg.train.negatives.as_str() {
