@@ -65,14 +65,13 @@ impl<B: Backend> Micro<B> {
     }
 }
 
-/// Rows `0..n` of every `[k * n, E]` block (captions) and, with `k == 2`, rows `n..2n` (hard
+/// Rows `0..m` of every `[k * m, E]` block (captions) and, with `k == 2`, rows `m..2m` (hard
 /// negatives), each concatenated over the blocks.
-fn split_texts<B: Backend>(blocks: Vec<Tensor<B, 2>>, sizes: &[usize]) -> Tensor<B, 2> {
+fn split_texts<B: Backend>(blocks: Vec<Tensor<B, 2>>, sizes: &[usize], k: usize) -> Tensor<B, 2> {
     let pick = |part: usize| -> Vec<Tensor<B, 2>> {
         let rows = |t: &Tensor<B, 2>, m: usize| t.clone().slice(s![part * m..(part + 1) * m, ..]);
         blocks.iter().zip(sizes).map(|(t, &m)| rows(t, m)).collect()
     };
-    let k = blocks[0].dims()[0] / sizes[0];
     Tensor::cat((0..k).flat_map(pick).collect(), 0)
 }
 
@@ -226,6 +225,10 @@ fn global_negatives<B: AutodiffBackend>(
     let (w, r) = (comm.world_size(), comm.rank());
     let sizes: Vec<usize> = micro.iter().map(Micro::len).collect();
     let k = if micro[0].neg_tokens.is_some() { 2 } else { 1 };
+    assert!(
+        micro.iter().all(|mb| mb.neg_tokens.is_some() == (k == 2)),
+        "hard negatives in some micro-batches but not in others"
+    );
     // 1. Embeddings: tracked when one micro-batch (reused in step 5), else graph-free.
     let mut tracked = Vec::new();
     let (imgs, txts): (Vec<_>, Vec<_>) = if micro.len() == 1 {
@@ -249,7 +252,7 @@ fn global_negatives<B: AutodiffBackend>(
             })
             .unzip()
     };
-    let (img_loc, txt_loc) = (Tensor::cat(imgs, 0), split_texts(txts, &sizes));
+    let (img_loc, txt_loc) = (Tensor::cat(imgs, 0), split_texts(txts, &sizes, k));
     let [n, e] = img_loc.dims();
     let (ni, nt) = (n * e, k * n * e);
     // 2. Gather, one call: rank q's slot holds [its images, its texts (and negatives)].

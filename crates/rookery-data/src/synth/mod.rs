@@ -178,6 +178,8 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
                         1 => val_rng(cfg.seed, i, val_redraws[i as usize]),
                         _ => Rng::derive(&[cfg.seed, sid, i]),
                     };
+                    // Hard negatives draw from a stream of their own (id 4, after the four
+                    // splits), so every other byte of the set is as before they existed.
                     match sid {
                         0 => pair_sample(cfg, &mut rng, Some(Rng::derive(&[cfg.seed, 4, i])), i),
                         1 => pair_sample(cfg, &mut rng, None, i),
