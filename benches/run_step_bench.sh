@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Training-step benchmark: rookery vs PyTorch eager, same model, batch and threads, one run.
+# rookery runs twice per batch: one rank on both threads, and the batch split over 2 thread
+# ranks of one thread each (how `rookery train` runs clip-tiny: [dist] world_size = 2).
 # Needs a Python with torch (e.g. python3 -m venv /opt/refvenv && /opt/refvenv/bin/pip install torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +9,8 @@ PY=${PY:-/opt/refvenv/bin/python}
 cargo build --release -q
 grep -m1 "model name" /proc/cpuinfo; cat /proc/loadavg
 for batch in 64 128; do
-  RAYON_NUM_THREADS=2 ./target/release/rookery bench configs/clip-tiny.toml --batch $batch --steps 10
+  for ranks in 1 2; do
+    RAYON_NUM_THREADS=2 ./target/release/rookery bench configs/clip-tiny.toml --batch $batch --ranks $ranks --steps 10
+  done
   $PY benches/reference/clip_step.py --batch $batch --steps 10 --threads 2
 done

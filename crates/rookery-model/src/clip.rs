@@ -76,6 +76,11 @@ impl ClipConfig {
             ),
             (v.layers == 0, "model.vision.layers", "must be > 0"),
             (
+                !(0.0..1.0).contains(&v.patch_dropout),
+                "model.vision.patch_dropout",
+                "must be in [0, 1)",
+            ),
+            (
                 self.text.heads == 0 || !self.text.width.is_multiple_of(self.text.heads),
                 "model.text.heads",
                 "must divide model.text.width",
@@ -107,6 +112,19 @@ impl<B: Backend> Clip<B> {
     /// L2-normalised image features `[B, E]`.
     pub fn encode_image(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
         l2_normalize(self.visual.forward(images))
+    }
+
+    /// L2-normalised image features `[B, E]` from the patches `keep` `[B, K]` names (patch
+    /// dropout in training; `None` = every patch).
+    pub fn encode_image_kept(
+        &self,
+        images: Tensor<B, 4>,
+        keep: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 2> {
+        match keep {
+            None => self.encode_image(images),
+            Some(keep) => l2_normalize(self.visual.forward_kept(images, keep)),
+        }
     }
 
     /// L2-normalised text features `[B, E]`.

@@ -73,6 +73,30 @@ impl TextConfig {
     }
 }
 
+/// How many leading positions of a `[rows, context_length]` batch of token ids the text tower
+/// needs: up to and including the last row's first end token (the whole context for a row
+/// without one). Feeding only these is exact, not an approximation: attention is causal and
+/// the features are read at the end token, so nothing after it in any row reaches an output,
+/// and `forward` takes any length up to the context. Short captions in a long context then
+/// cost what their length costs (clip-tiny: about 20 of 32 positions).
+pub fn used_context(ids: &[i64], context_length: usize, eot_token: usize) -> usize {
+    ids.chunks(context_length)
+        .map(|row| {
+            row.iter()
+                .position(|&t| t == eot_token as i64)
+                .map_or(context_length, |p| p + 1)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The first `keep` columns of row-major `[rows, context_length]` ids.
+pub fn trim_context(ids: &[i64], context_length: usize, keep: usize) -> Vec<i64> {
+    ids.chunks(context_length)
+        .flat_map(|row| row[..keep].iter().copied())
+        .collect()
+}
+
 #[derive(Module, Debug)]
 pub struct TextTransformer<B: Backend> {
     pub token_embedding: Embedding<B>,
@@ -105,5 +129,104 @@ impl<B: Backend> TextTransformer<B> {
             .gather(1, eot.reshape([b, 1, 1]).expand([b, 1, w]))
             .reshape([b, w]);
         pooled.matmul(self.text_projection.val())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+
+    type B = Autodiff<Flex>;
+
+    #[test]
+    fn used_context_reaches_the_last_first_end_token() {
+        // Rows of context 6, end token 3: ends at 2 and 4; a row without one needs all 6.
+        assert_eq!(used_context(&[1, 5, 3, 0, 0, 0, 1, 5, 6, 7, 3, 0], 6, 3), 5);
+        assert_eq!(used_context(&[1, 3, 0, 3, 0, 0], 6, 3), 2);
+        assert_eq!(used_context(&[1, 5, 3, 0, 0, 0, 1, 5, 6, 7, 8, 9], 6, 3), 6);
+        assert_eq!(used_context(&[], 6, 3), 0);
+        assert_eq!(
+            trim_context(&[1, 5, 3, 0, 0, 0, 1, 5, 6, 7, 3, 0], 6, 5),
+            vec![1, 5, 3, 0, 0, 1, 5, 6, 7, 3]
+        );
+    }
+
+    /// Cutting the padding after the last end token changes neither the features nor any
+    /// gradient beyond float rounding: the tower never lets it reach an output.
+    #[test]
+    fn trimmed_context_gives_the_same_features_and_gradients() {
+        let device = Default::default();
+        let cfg = TextConfig {
+            vocab_size: 12,
+            context_length: 10,
+            width: 16,
+            layers: 2,
+            heads: 2,
+            ..Default::default()
+        };
+        let tower = cfg.init::<B>(8, &device);
+        // End tokens at positions 3, 6 and 1; the padding ids are not zero on purpose, so a
+        // leak of later positions would show.
+        let ids: Vec<i64> = vec![
+            1, 4, 5, 3, 7, 7, 7, 7, 7, 7, //
+            1, 6, 8, 9, 10, 11, 3, 2, 2, 2, //
+            1, 3, 4, 4, 4, 4, 4, 4, 4, 4,
+        ];
+        let keep = used_context(&ids, 10, 3);
+        assert_eq!(keep, 7);
+        let full = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [3, 10]), &device);
+        let cut = trim_context(&ids, 10, keep);
+        let cut = Tensor::<B, 2, Int>::from_data(TensorData::new(cut, [3, keep]), &device);
+        let weights = Tensor::<B, 2>::from_data(
+            TensorData::new((0..24).map(|i| (i as f32 * 0.37).sin()).collect(), [3, 8]),
+            &device,
+        );
+        let (a, b) = (tower.forward(full), tower.forward(cut));
+        let diff: f32 = (a.clone() - b.clone()).abs().max().into_scalar();
+        assert!(diff < 1e-6, "features differ by {diff}");
+        let ga = (a * weights.clone()).sum().backward();
+        let gb = (b * weights).sum().backward();
+        let pairs = [
+            (
+                "token_embedding",
+                tower.token_embedding.weight.grad(&ga).unwrap(),
+                tower.token_embedding.weight.grad(&gb).unwrap(),
+            ),
+            (
+                "positional_embedding",
+                tower.positional_embedding.grad(&ga).unwrap(),
+                tower.positional_embedding.grad(&gb).unwrap(),
+            ),
+            (
+                "text_projection",
+                tower.text_projection.grad(&ga).unwrap(),
+                tower.text_projection.grad(&gb).unwrap(),
+            ),
+            (
+                "in_proj (block 0)",
+                tower.transformer.resblocks[0]
+                    .attn
+                    .in_proj
+                    .weight
+                    .grad(&ga)
+                    .unwrap(),
+                tower.transformer.resblocks[0]
+                    .attn
+                    .in_proj
+                    .weight
+                    .grad(&gb)
+                    .unwrap(),
+            ),
+        ];
+        for (name, ga, gb) in pairs {
+            let scale: f32 = ga.clone().abs().max().into_scalar();
+            assert!(scale > 0.0, "{name}: no gradient");
+            let diff: f32 = (ga - gb).abs().max().into_scalar();
+            assert!(
+                diff < 1e-6 * scale.max(1.0),
+                "{name}: gradients differ by {diff}"
+            );
+        }
     }
 }

@@ -23,6 +23,10 @@ pub struct VitConfig {
     pub heads: usize,
     pub mlp_ratio: f64,
     pub act: Act,
+    /// Share of patch tokens dropped at random from each training image (FLIP, Li et al. 2023;
+    /// open_clip's `patch_dropout`): the tower sees fewer tokens per image, so a step costs less.
+    /// The class token always stays; evaluation sees every patch. 0 = off.
+    pub patch_dropout: f64,
 }
 
 impl Default for VitConfig {
@@ -35,6 +39,7 @@ impl Default for VitConfig {
             heads: 4,
             mlp_ratio: 4.0,
             act: Act::Gelu,
+            patch_dropout: 0.0,
         }
     }
 }
@@ -42,6 +47,12 @@ impl Default for VitConfig {
 impl VitConfig {
     pub fn grid(&self) -> usize {
         self.image_size / self.patch_size
+    }
+
+    /// Patch tokens a training image keeps under `patch_dropout` (at least one).
+    pub fn kept_patches(&self) -> usize {
+        let n = self.grid() * self.grid();
+        ((n as f64 * (1.0 - self.patch_dropout)).round() as usize).clamp(1, n)
     }
 
     pub fn init<B: Backend>(&self, embed_dim: usize, device: &B::Device) -> VisionTransformer<B> {
@@ -91,11 +102,7 @@ impl<B: Backend> VisionTransformer<B> {
     /// # Shapes
     /// `images`: `[B, 3, H, W]` -> `[B, 1 + (H/p)(W/p), width]`.
     pub fn forward_tokens(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
-        let x = self
-            .conv1
-            .forward(images)
-            .flatten::<3>(2, 3)
-            .swap_dims(1, 2); // [B, N, W]
+        let x = self.patch_tokens(images);
         let [b, _, w] = x.dims();
         let cls = self
             .class_embedding
@@ -106,14 +113,147 @@ impl<B: Backend> VisionTransformer<B> {
         self.transformer.forward(self.ln_pre.forward(x), false)
     }
 
+    /// As [`forward_tokens`](Self::forward_tokens), keeping only the patches `keep` names for
+    /// each image (patch dropout; the class token always stays). Positions are added first, so
+    /// a kept patch still knows where it was.
+    ///
+    /// # Shapes
+    /// `keep`: `[B, K]` patch indices in `0..(H/p)(W/p)` -> `[B, 1 + K, width]`.
+    pub fn forward_tokens_kept(
+        &self,
+        images: Tensor<B, 4>,
+        keep: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3> {
+        let x = self.patch_tokens(images);
+        let [b, n, w] = x.dims();
+        let k = keep.dims()[1];
+        let pos = self.positional_embedding.val();
+        let x = x + pos.clone().slice(s![1.., ..]).unsqueeze::<3>();
+        // Row `i * n + j` of the flattened tokens is patch j of image i.
+        let offsets = Tensor::<B, 1, Int>::arange(0..b as i64, &x.device()).mul_scalar(n as i64);
+        let rows = (keep + offsets.reshape([b, 1])).reshape([b * k]);
+        let x = x.reshape([b * n, w]).select(0, rows).reshape([b, k, w]);
+        let cls = (self.class_embedding.val().reshape([1, w]) + pos.slice(s![0..1, ..]))
+            .reshape([1, 1, w])
+            .expand([b, 1, w]);
+        let x = Tensor::cat(vec![cls, x], 1);
+        self.transformer.forward(self.ln_pre.forward(x), false)
+    }
+
+    /// Patch embeddings `[B, N, width]`, before positions.
+    fn patch_tokens(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
+        self.conv1
+            .forward(images)
+            .flatten::<3>(2, 3)
+            .swap_dims(1, 2)
+    }
+
     /// # Shapes
     /// `images`: `[B, 3, H, W]` -> `[B, embed_dim]` (not normalised).
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = self.forward_tokens(images);
+        self.head(self.forward_tokens(images))
+    }
+
+    /// [`forward`](Self::forward) with patch dropout: `keep` `[B, K]` names each image's patches.
+    pub fn forward_kept(&self, images: Tensor<B, 4>, keep: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        self.head(self.forward_tokens_kept(images, keep))
+    }
+
+    /// `ln_post` on the class token, then `proj`.
+    fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
         let [b, _, w] = x.dims();
         let cls = self
             .ln_post
             .forward(x.slice(s![.., 0..1, ..]).reshape([b, w]));
         cls.matmul(self.proj.val())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::Distribution;
+
+    fn tower(device: &Device<Flex>) -> VisionTransformer<Flex> {
+        let cfg = VitConfig {
+            image_size: 16,
+            patch_size: 4,
+            width: 16,
+            layers: 2,
+            heads: 2,
+            ..Default::default()
+        };
+        cfg.init(8, device)
+    }
+
+    fn keep(rows: &[[i64; 3]], device: &Device<Flex>) -> Tensor<Flex, 2, Int> {
+        let ids: Vec<i64> = rows.iter().flatten().copied().collect();
+        Tensor::from_data(TensorData::new(ids, [rows.len(), 3]), device)
+    }
+
+    fn max_diff(a: Tensor<Flex, 2>, b: Tensor<Flex, 2>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn kept_patches_rounds_and_keeps_at_least_one() {
+        let mut cfg = VitConfig::default(); // 8 x 8 = 64 patches
+        assert_eq!(cfg.kept_patches(), 64);
+        cfg.patch_dropout = 0.5;
+        assert_eq!(cfg.kept_patches(), 32);
+        cfg.patch_dropout = 0.3;
+        assert_eq!(cfg.kept_patches(), 45); // 44.8
+        cfg.patch_dropout = 0.999;
+        assert_eq!(cfg.kept_patches(), 1);
+    }
+
+    /// Keeping every patch, in order, is the plain forward.
+    #[test]
+    fn keeping_every_patch_is_the_plain_forward() {
+        let device = Default::default();
+        let v = tower(&device);
+        let images =
+            Tensor::<Flex, 4>::random([2, 3, 16, 16], Distribution::Normal(0., 1.), &device);
+        let all = Tensor::<Flex, 1, Int>::arange(0..16, &device)
+            .reshape([1, 16])
+            .repeat_dim(0, 2);
+        let d = max_diff(v.forward(images.clone()), v.forward_kept(images, all));
+        assert!(d < 1e-5, "differs by {d}");
+    }
+
+    /// A dropped patch cannot reach the features; a kept one does, and kept patches are
+    /// per image.
+    #[test]
+    fn dropped_patches_do_not_reach_the_features() {
+        let device = Default::default();
+        let v = tower(&device);
+        let images =
+            Tensor::<Flex, 4>::random([2, 3, 16, 16], Distribution::Normal(0., 1.), &device);
+        // Image 0 keeps patches 0, 5, 15; image 1 keeps 1, 2, 3 (patch 5 is rows 4..8,
+        // columns 4..8; patch 0 is rows 0..4, columns 0..4).
+        let k = keep(&[[0, 5, 15], [1, 2, 3]], &device);
+        let base = v.forward_kept(images.clone(), k.clone());
+        let bump = |img: usize, y: usize, x: usize| {
+            let patch = Tensor::<Flex, 4>::full([1, 3, 4, 4], 3.0, &device);
+            images
+                .clone()
+                .slice_assign(s![img..img + 1, .., y..y + 4, x..x + 4], patch)
+        };
+        // Patch 5 of image 1 is dropped there: no change at all.
+        let d = max_diff(base.clone(), v.forward_kept(bump(1, 4, 4), k.clone()));
+        assert_eq!(d, 0.0, "a dropped patch changed the features");
+        // Patch 5 of image 0 is kept: its features change, image 1's do not.
+        let out = v.forward_kept(bump(0, 4, 4), k.clone());
+        let d0 = max_diff(
+            base.clone().slice(s![0..1, ..]),
+            out.clone().slice(s![0..1, ..]),
+        );
+        let d1 = max_diff(base.clone().slice(s![1..2, ..]), out.slice(s![1..2, ..]));
+        assert!(d0 > 1e-3, "a kept patch did not reach the features ({d0})");
+        assert_eq!(d1, 0.0, "another image's patch reached image 1");
+        // Patch 0 of image 1 is dropped, patch 0 of image 0 kept.
+        let out = v.forward_kept(bump(1, 0, 0), k);
+        assert_eq!(max_diff(base, out), 0.0);
     }
 }

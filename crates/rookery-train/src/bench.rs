@@ -1,29 +1,76 @@
 //! `rookery bench`: the time of one CLIP training step as the trainer runs it (forward,
 //! gathered-loss backward, clipping, decoupled decay, AdamW) on random inputs, without the
 //! loader, for comparison with PyTorch eager (benches/reference/clip_step.py builds the same
-//! model).
+//! model). With several ranks the global batch is split across thread ranks exactly as
+//! `[dist] world_size` does in training, each on a rayon pool of its own.
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
-use rookery_dist::Single;
+use rookery_data::rng::Rng;
+use rookery_dist::{Communicator, LocalGroup, Single};
 use rookery_model::ClipConfig;
 
 use crate::optim::{OptimConfig, Updater};
 use crate::step::{contrastive_grads, Micro, Negatives};
 
-/// Seconds per step for `steps` timed steps after `warmup` untimed ones.
+/// Seconds per step (as rank 0 saw it: the collectives keep ranks in step) for `steps` timed
+/// steps after `warmup` untimed ones, at `global_batch` split over `ranks` thread ranks that
+/// share the current rayon pool's threads.
 pub fn step_times<B: AutodiffBackend>(
     model_cfg: &ClipConfig,
-    batch: usize,
+    global_batch: usize,
+    ranks: usize,
     warmup: usize,
     steps: usize,
     device: &B::Device,
 ) -> Result<Vec<f64>> {
-    B::seed(device, 0);
+    if ranks <= 1 {
+        let comm = Single::<B::InnerBackend>::new(device.clone());
+        return rank_step_times::<B>(model_cfg, global_batch, &comm, device, warmup, steps);
+    }
+    if !global_batch.is_multiple_of(ranks) {
+        return Err(anyhow!(
+            "--batch {global_batch} does not split evenly over {ranks} ranks"
+        ));
+    }
+    let threads = (rayon::current_num_threads() / ranks).max(1);
+    let timeout = std::time::Duration::from_secs(600);
+    let results = LocalGroup::run::<B::InnerBackend, _, _, _>(
+        ranks,
+        |_| device.clone(),
+        timeout,
+        |comm| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(|e| anyhow!("rank compute pool: {e}"))?;
+            pool.install(|| {
+                let b = global_batch / ranks;
+                rank_step_times::<B>(model_cfg, b, comm, device, warmup, steps)
+            })
+        },
+    );
+    results
+        .into_iter()
+        .next()
+        .expect("rank 0")
+        .map_err(anyhow::Error::msg)
+}
+
+/// One rank's step times at its own `batch`.
+fn rank_step_times<B: AutodiffBackend>(
+    model_cfg: &ClipConfig,
+    batch: usize,
+    comm: &dyn Communicator<B::InnerBackend>,
+    device: &B::Device,
+    warmup: usize,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    B::seed(device, comm.rank() as u64);
     let mut model = model_cfg.init::<B>(device);
     let o = OptimConfig {
         lr: 1e-4,
@@ -31,7 +78,6 @@ pub fn step_times<B: AutodiffBackend>(
         ..Default::default()
     };
     let mut up = Updater::new(&o, o.adamw::<B, _>(), &model);
-    let comm = Single::<B::InnerBackend>::new(device.clone());
     let s = model_cfg.vision.image_size;
     let (ctx, vocab) = (model_cfg.text.context_length, model_cfg.text.vocab_size);
     let mut times = Vec::new();
@@ -46,12 +92,30 @@ pub fn step_times<B: AutodiffBackend>(
         }
         let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, ctx]), device);
         let t = Instant::now();
+        let patches = (model_cfg.vision.patch_dropout > 0.0).then(|| {
+            let (n, k) = (
+                model_cfg.vision.grid().pow(2),
+                model_cfg.vision.kept_patches(),
+            );
+            let mut rng = Rng::derive(&[comm.rank() as u64, i as u64]);
+            let ids: Vec<i64> = (0..batch)
+                .flat_map(|_| {
+                    let mut all: Vec<i64> = (0..n as i64).collect();
+                    rng.shuffle(&mut all);
+                    all.truncate(k);
+                    all.sort_unstable();
+                    all
+                })
+                .collect();
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, k]), device)
+        });
         let micro = vec![Micro {
             images,
             tokens,
             neg_tokens: None,
+            patches,
         }];
-        let g = contrastive_grads(&model, micro, &comm, Negatives::Global, 1 << 22)?;
+        let g = contrastive_grads(&model, micro, comm, Negatives::Global, 1 << 22)?;
         model = up
             .apply(model, g.grads, i + 1, warmup + steps)
             .0

@@ -170,7 +170,17 @@ where
             cfg.train.stage
         );
     }
-    if saved.model != cfg.model || saved.lm != cfg.lm || saved.flamingo != cfg.flamingo {
+    // Patch dropout is how the image tower is trained, not what it is: a run may resume with
+    // another rate, or without it (FLIP's unmasked tuning at the end).
+    let shape = |m: &rookery_model::ClipConfig| {
+        let mut m = m.clone();
+        m.vision.patch_dropout = 0.0;
+        m
+    };
+    if shape(&saved.model) != shape(&cfg.model)
+        || saved.lm != cfg.lm
+        || saved.flamingo != cfg.flamingo
+    {
         bail!("checkpoint {} was trained with a different model: checkpoint [model] {:?} [lm] {:?} [flamingo] {:?}, config [model] {:?} [lm] {:?} [flamingo] {:?}", dir.display(), saved.model, saved.lm, saved.flamingo, cfg.model, cfg.lm, cfg.flamingo);
     }
     if saved.data.train != cfg.data.train || saved.data.seed != cfg.data.seed {

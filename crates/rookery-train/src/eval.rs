@@ -10,6 +10,7 @@ use burn::prelude::*;
 use rookery_data::loader::Mode;
 use rookery_data::{DataConfig, ImageTextBatch, Loader, TextTokenizer};
 use rookery_model::clip::l2_normalize;
+use rookery_model::text::{trim_context, used_context};
 use rookery_model::Clip;
 use serde::Serialize;
 
@@ -31,20 +32,36 @@ pub struct EvalReport {
 
 const TEMPLATES: [&str; 3] = ["a photo of a {}.", "an image with a {}.", "there is a {}."];
 
+/// The batch as tensors, its tokens cut to the positions the text tower uses.
 pub fn batch_tensors<B: Backend>(
     b: &ImageTextBatch,
+    eot_token: usize,
     device: &B::Device,
 ) -> (Tensor<B, 4>, Tensor<B, 2, Int>) {
-    let s = b.image_size;
-    let images = Tensor::from_data(
-        TensorData::new(b.images.clone(), [b.batch_size, 3, s, s]),
-        device,
-    );
-    let tokens = Tensor::from_data(
-        TensorData::new(b.tokens.clone(), [b.batch_size, b.context_length]),
-        device,
-    );
+    let images = image_tensor(b, device);
+    let keep = used_context(&b.tokens, b.context_length, eot_token);
+    let tokens = token_tensor(&b.tokens, b.batch_size, b.context_length, keep, device);
     (images, tokens)
+}
+
+/// The batch's images `[N, 3, S, S]`.
+pub fn image_tensor<B: Backend>(b: &ImageTextBatch, device: &B::Device) -> Tensor<B, 4> {
+    let s = b.image_size;
+    let data = TensorData::new(b.images.clone(), [b.batch_size, 3, s, s]);
+    Tensor::from_data(data, device)
+}
+
+/// `[rows, ctx]` token ids as a tensor of their first `keep` positions: from
+/// [`used_context`], this is exact (see there).
+pub fn token_tensor<B: Backend>(
+    ids: &[i64],
+    rows: usize,
+    ctx: usize,
+    keep: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let ids = trim_context(ids, ctx, keep);
+    Tensor::from_data(TensorData::new(ids, [rows, keep]), device)
 }
 
 /// Evaluates `model` on the `data.val` shards (one pass, center crops, no shuffle).
@@ -59,7 +76,7 @@ pub fn evaluate<B: Backend>(
     let (mut img, mut txt, mut labels) = (Vec::new(), Vec::new(), Vec::new());
     for batch in loader {
         let batch = batch?;
-        let (images, tokens) = batch_tensors::<B>(&batch, device);
+        let (images, tokens) = batch_tensors::<B>(&batch, model.text.eot_token, device);
         img.push(model.encode_image(images));
         txt.push(model.encode_text(tokens));
         labels.extend(batch.json);

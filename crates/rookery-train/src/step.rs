@@ -48,6 +48,8 @@ pub struct Micro<B: Backend> {
     pub tokens: Tensor<B, 2, Int>,
     /// One hard-negative caption per pair (NegCLIP): extra image->text negatives, `[m, T]`.
     pub neg_tokens: Option<Tensor<B, 2, Int>>,
+    /// The patches each image keeps under patch dropout, `[m, K]` (`None`: all of them).
+    pub patches: Option<Tensor<B, 2, Int>>,
 }
 
 impl<B: Backend> Micro<B> {
@@ -234,7 +236,7 @@ fn global_negatives<B: AutodiffBackend>(
     let (imgs, txts): (Vec<_>, Vec<_>) = if micro.len() == 1 {
         let mb = &micro[0];
         let z = (
-            model.encode_image(mb.images.clone()),
+            model.encode_image_kept(mb.images.clone(), mb.patches.clone()),
             model.encode_text(mb.texts()),
         );
         let inner = (z.0.clone().inner(), z.1.clone().inner());
@@ -246,7 +248,10 @@ fn global_negatives<B: AutodiffBackend>(
             .iter()
             .map(|mb| {
                 (
-                    m.encode_image(mb.images.clone().inner()),
+                    m.encode_image_kept(
+                        mb.images.clone().inner(),
+                        mb.patches.clone().map(|p| p.inner()),
+                    ),
                     m.encode_text(mb.texts().inner()),
                 )
             })
@@ -298,7 +303,7 @@ fn global_negatives<B: AutodiffBackend>(
     for (i, (mb, m)) in micro.into_iter().zip(sizes).enumerate() {
         let (zi, zt) = tracked.next().unwrap_or_else(|| {
             (
-                model.encode_image(mb.images.clone()),
+                model.encode_image_kept(mb.images.clone(), mb.patches.clone()),
                 model.encode_text(mb.texts()),
             )
         });
@@ -334,7 +339,7 @@ fn local_negatives<B: AutodiffBackend>(
     let mut loss = 0.0;
     for mb in micro {
         let n = mb.len();
-        let img = model.encode_image(mb.images.clone());
+        let img = model.encode_image_kept(mb.images.clone(), mb.patches.clone());
         let texts = model.encode_text(mb.texts());
         let txt = texts.clone().slice(s![0..n, ..]);
         let neg = mb

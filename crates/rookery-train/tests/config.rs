@@ -48,6 +48,11 @@ fn bad_configs_name_the_key() {
         "model.vision.patch_size",
     );
     refused("", &["data.image_size=32"], "data.image_size");
+    refused(
+        "",
+        &["model.vision.patch_dropout=1.0"],
+        "model.vision.patch_dropout",
+    );
     let flamingo = "[train]\nstage = \"flamingo\"\n";
     refused(
         flamingo,

@@ -42,8 +42,22 @@ fn config(loss: &str) -> ClipConfig {
     c
 }
 
-/// Images, captions and hard-negative captions of one global batch.
-type Batch = (Tensor<B, 4>, Tensor<B, 2, Int>, Tensor<B, 2, Int>);
+/// Images, captions, hard-negative captions and kept patches (2 of the 4) of one global batch.
+type Batch = (
+    Tensor<B, 4>,
+    Tensor<B, 2, Int>,
+    Tensor<B, 2, Int>,
+    Tensor<B, 2, Int>,
+);
+
+/// What the batches bring besides images and captions.
+#[derive(Clone, Copy, Debug, Default)]
+struct Variant {
+    /// Hard-negative captions (NegCLIP).
+    hard: bool,
+    /// Patch dropout: each image keeps 2 of its 4 patches.
+    patches: bool,
+}
 
 /// A global batch for every step: images, and two sets of tokens with the end token (3) at
 /// varied places.
@@ -53,9 +67,26 @@ fn batches(n: usize) -> Vec<Batch> {
     (0..STEPS)
         .map(|_| {
             let images = Tensor::random([n, 3, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
-            (images, tokens(n, &dev), tokens(n, &dev))
+            (
+                images,
+                tokens(n, &dev),
+                tokens(n, &dev),
+                kept_patches(n, &dev),
+            )
         })
         .collect()
+}
+
+/// Two distinct patches of the four per image, ascending, varied over the batch.
+fn kept_patches(n: usize, dev: &burn::tensor::Device<B>) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = (0..n)
+        .flat_map(|i| {
+            let a = i % 4;
+            let b = (a + 1 + (i / 4) % 3) % 4;
+            [a.min(b) as i64, a.max(b) as i64]
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(ids, [n, 2]), dev)
 }
 
 fn tokens(n: usize, dev: &burn::tensor::Device<B>) -> Tensor<B, 2, Int> {
@@ -87,14 +118,14 @@ fn run(
     comm: &dyn Communicator<IB>,
     accum: usize,
     negatives: Negatives,
-    hard: bool,
+    v: Variant,
 ) -> Vec<f32> {
     let model = init.clone();
     let mut model = rookery_train::parallel::broadcast_weights(model, comm, 1 << 20).unwrap();
     let o = optim_cfg();
     let mut up = Updater::new(&o, o.adamw::<B, _>(), &model);
     let (w, r) = (comm.world_size(), comm.rank());
-    for (step, (images, tokens, neg)) in data.iter().enumerate() {
+    for (step, (images, tokens, neg, kept)) in data.iter().enumerate() {
         let per_rank = images.dims()[0] / w;
         let m = per_rank / accum;
         let micro = (0..accum)
@@ -103,7 +134,8 @@ fn run(
                 Micro {
                     images: images.clone().slice(s![rows.clone(), .., .., ..]),
                     tokens: tokens.clone().slice(s![rows.clone(), ..]),
-                    neg_tokens: hard.then(|| neg.clone().slice(s![rows, ..])),
+                    neg_tokens: v.hard.then(|| neg.clone().slice(s![rows.clone(), ..])),
+                    patches: v.patches.then(|| kept.clone().slice(s![rows, ..])),
                 }
             })
             .collect();
@@ -146,36 +178,36 @@ fn two_ranks(
     data: &[Batch],
     accum: usize,
     negatives: Negatives,
-    hard: bool,
+    v: Variant,
 ) -> Vec<f32> {
     let out = LocalGroup::run::<IB, _, String, _>(
         2,
         |_| Default::default(),
         Duration::from_secs(120),
-        |comm| Ok(run(init, data, comm, accum, negatives, hard)),
+        |comm| Ok(run(init, data, comm, accum, negatives, v)),
     );
     let mut out: Vec<Vec<f32>> = out.into_iter().map(|r| r.unwrap()).collect();
     assert_eq!(out[0], out[1], "replicas must stay identical");
     out.remove(0)
 }
 
-fn check(loss: &str, hard: bool) {
+fn check(loss: &str, v: Variant) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let cfg = init(&config(loss));
     let data = batches(8);
-    let one_rank = |hard| {
+    let one_rank = |v| {
         let one = Single::new(Default::default());
-        run(&cfg, &data, &one, 1, Negatives::Global, hard)
+        run(&cfg, &data, &one, 1, Negatives::Global, v)
     };
-    let single = one_rank(hard);
-    if hard {
-        // The negatives must change the training, or this test would prove nothing about them.
-        let plain = one_rank(false);
+    let single = one_rank(v);
+    if v.hard || v.patches {
+        // The variant must change the training, or this test would prove nothing about it.
+        let plain = one_rank(Variant::default());
         let d = rel_diff(&plain, &single);
-        assert!(d > 1e-4, "hard negatives changed nothing: {d:e}");
+        assert!(d > 1e-4, "{v:?} changed nothing: {d:e}");
     }
     for accum in [1, 2] {
-        let dp = two_ranks(&cfg, &data, accum, Negatives::Global, hard);
+        let dp = two_ranks(&cfg, &data, accum, Negatives::Global, v);
         let d = rel_diff(&dp, &single);
         eprintln!("{loss}, accum {accum}: 2 ranks vs 1 rank: relative difference {d:e}");
         assert!(
@@ -183,7 +215,7 @@ fn check(loss: &str, hard: bool) {
             "{loss}, accum {accum}: 2 ranks vs 1 rank differ by {d:e}"
         );
     }
-    let local = two_ranks(&cfg, &data, 2, Negatives::Local, hard);
+    let local = two_ranks(&cfg, &data, 2, Negatives::Local, v);
     let d = rel_diff(&local, &single);
     eprintln!("{loss}: local negatives vs 1 rank: relative difference {d:e}");
     assert!(
@@ -194,18 +226,36 @@ fn check(loss: &str, hard: bool) {
 
 #[test]
 fn two_ranks_equal_one_rank_with_twice_the_batch_infonce() {
-    check("infonce", false);
+    check("infonce", Variant::default());
 }
 
 /// NegCLIP's hard-negative captions travel with the captions through gather and scatter.
 #[test]
 fn two_ranks_equal_one_rank_with_twice_the_batch_hard_negatives() {
-    check("infonce", true);
+    check(
+        "infonce",
+        Variant {
+            hard: true,
+            ..Default::default()
+        },
+    );
+}
+
+/// Patch dropout's kept patches travel with their images through every micro-batch.
+#[test]
+fn two_ranks_equal_one_rank_with_twice_the_batch_patch_dropout() {
+    check(
+        "infonce",
+        Variant {
+            patches: true,
+            ..Default::default()
+        },
+    );
 }
 
 #[test]
 fn two_ranks_equal_one_rank_with_twice_the_batch_siglip() {
-    check("siglip", false);
+    check("siglip", Variant::default());
 }
 
 #[test]
@@ -214,13 +264,11 @@ fn accumulation_equals_the_full_batch_on_one_rank() {
     let cfg = init(&config("infonce"));
     let data = batches(8);
     let one = Single::new(Default::default());
-    for hard in [false, true] {
-        let full = run(&cfg, &data, &one, 1, Negatives::Global, hard);
-        let accum = run(&cfg, &data, &one, 4, Negatives::Global, hard);
+    for (hard, patches) in [(false, false), (true, false), (false, true)] {
+        let v = Variant { hard, patches };
+        let full = run(&cfg, &data, &one, 1, Negatives::Global, v);
+        let accum = run(&cfg, &data, &one, 4, Negatives::Global, v);
         let d = rel_diff(&accum, &full);
-        assert!(
-            d < 1e-5,
-            "4 micro-batches vs one batch (hard negatives {hard}): {d:e}"
-        );
+        assert!(d < 1e-5, "4 micro-batches vs one batch ({v:?}): {d:e}");
     }
 }

@@ -231,6 +231,8 @@ fn two_rank_training_resumes_exactly_and_continues_on_another_world_size() {
                 "checkpoint.every=2",
                 "checkpoint.keep=5",
                 "train.resume=auto",
+                // The kept patches must come back with the samples after a resume.
+                "model.vision.patch_dropout=0.5",
             ],
         )
     };
@@ -270,7 +272,8 @@ fn two_rank_training_resumes_exactly_and_continues_on_another_world_size() {
         losses(&cut.train.run_dir)[..]
     );
 
-    // Resuming the 2-rank checkpoint on 1 rank continues from the same step and weights.
+    // Resuming the 2-rank checkpoint on 1 rank, and without patch dropout (FLIP's unmasked
+    // tuning), continues from the same step and weights.
     let one = tiny(
         dir.path(),
         "one",

@@ -127,6 +127,9 @@ enum Command {
         batch: usize,
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Split the batch over this many thread ranks, as `[dist] world_size` does in training.
+        #[arg(long, default_value_t = 1)]
+        ranks: usize,
         /// Text vocabulary size for the random tokens.
         #[arg(long, default_value_t = 64)]
         vocab: usize,
@@ -145,7 +148,9 @@ fn main() -> anyhow::Result<()> {
     keep_freed_pages();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // burn-collective prints its whole config at `info` for every rank it registers.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,burn_collective=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -193,8 +198,9 @@ fn main() -> anyhow::Result<()> {
             set,
             batch,
             steps,
+            ranks,
             vocab,
-        } => cmd::train::bench(&config, &set, batch, steps, vocab),
+        } => cmd::train::bench(&config, &set, batch, steps, ranks, vocab),
         Command::Launch(args) => cmd::launch::run(&args),
         Command::Data { command } => cmd::data::run(command),
     }

@@ -7,15 +7,51 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rookery_data::loader::{Mode, Pairs};
+use rookery_data::rng::{hash_str, Rng};
 use rookery_data::{ImageTextBatch, TextTokenizer};
 use rookery_dist::Communicator;
+use rookery_model::text::used_context;
+use rookery_model::vit::VitConfig;
 use rookery_model::Clip;
 use serde_json::json;
 
 use super::{Report, Stage};
 use crate::config::RunConfig;
-use crate::eval::{batch_tensors, evaluate};
+use crate::eval::{evaluate, image_tensor, token_tensor};
 use crate::step::{contrastive_grads, Micro, Negatives, StepGrads};
+
+/// Random stream of patch dropout, apart from the loader's (crop) and the synthetic set's.
+const PATCH_STREAM: u64 = 0x7061_7463_6864_726f;
+
+/// The patches each sample (`keys`, `epochs`: a batch's) keeps under `[model.vision]
+/// patch_dropout` (`None` when off), row-major `[N, K]`, ascending within a row. The choice is
+/// a function of the data seed, the sample's key and its epoch only: a sample keeps the same
+/// patches whichever rank or micro-batch it lands in, and after a resume.
+pub fn kept_patches(
+    keys: &[String],
+    epochs: &[u64],
+    vision: &VitConfig,
+    seed: u64,
+) -> Option<Vec<i64>> {
+    if vision.patch_dropout <= 0.0 {
+        return None;
+    }
+    let (n, k) = (vision.grid() * vision.grid(), vision.kept_patches());
+    let mut out = Vec::with_capacity(keys.len() * k);
+    for (key, &epoch) in keys.iter().zip(epochs) {
+        let mut rng = Rng::derive(&[seed, PATCH_STREAM, epoch, hash_str(key)]);
+        let mut idx: Vec<i64> = (0..n as i64).collect();
+        // Partial Fisher-Yates: the first k places get a uniform k-subset.
+        for i in 0..k {
+            let j = i + rng.below(n - i);
+            idx.swap(i, j);
+        }
+        let mut kept = idx[..k].to_vec();
+        kept.sort_unstable();
+        out.extend(kept);
+    }
+    Some(out)
+}
 
 pub struct ClipStage {
     cfg: RunConfig,
@@ -65,18 +101,29 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
         comm: &dyn Communicator<B::InnerBackend>,
         device: &B::Device,
     ) -> Result<StepGrads> {
+        let (eot, vision) = (model.text.eot_token, &self.cfg.model.vision);
         let micro = micro
             .iter()
             .map(|b| {
-                let (images, tokens) = batch_tensors::<B>(b, device);
-                let neg_tokens = (!b.neg_tokens.is_empty()).then(|| {
-                    let shape = [b.batch_size, b.context_length];
-                    Tensor::from_data(TensorData::new(b.neg_tokens.clone(), shape), device)
-                });
+                let images = image_tensor::<B>(b, device);
+                // Captions and their hard negatives go through the tower as one batch, so
+                // both keep the positions either needs.
+                let (n, ctx) = (b.batch_size, b.context_length);
+                let keep =
+                    used_context(&b.tokens, ctx, eot).max(used_context(&b.neg_tokens, ctx, eot));
+                let tokens = token_tensor::<B>(&b.tokens, n, ctx, keep, device);
+                let neg_tokens = (!b.neg_tokens.is_empty())
+                    .then(|| token_tensor::<B>(&b.neg_tokens, n, ctx, keep, device));
+                let patches =
+                    kept_patches(&b.keys, &b.epochs, vision, self.cfg.data.seed).map(|p| {
+                        let k = p.len() / n;
+                        Tensor::from_data(TensorData::new(p, [n, k]), device)
+                    });
                 Micro {
                     images,
                     tokens,
                     neg_tokens,
+                    patches,
                 }
             })
             .collect();
@@ -108,5 +155,53 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
         let r = evaluate(model, &self.cfg.data, self.tokenizer.clone(), device)?;
         tracing::info!(n = r.n, i2t_r1 = r.i2t_r1, t2i_r1 = r.t2i_r1, chance = r.chance_r1, zero_shot = ?r.zero_shot, "eval");
         Ok(Report::Clip(r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_patches_belong_to_the_sample_and_its_epoch() {
+        let vision = VitConfig {
+            patch_dropout: 0.5,
+            ..Default::default()
+        }; // 64 patches, 32 kept
+        let keys: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let kept = kept_patches(&keys, &[0, 0, 0], &vision, 7).unwrap();
+        assert_eq!(kept.len(), 3 * 32);
+        for row in kept.chunks(32) {
+            assert!(
+                row.windows(2).all(|w| w[0] < w[1]),
+                "not distinct and ascending"
+            );
+            assert!(row.iter().all(|&p| (0..64).contains(&p)));
+        }
+        assert_ne!(
+            kept[..32],
+            kept[32..64],
+            "two samples kept the same patches"
+        );
+        // Sample "b" alone, or first in another batch: the same patches.
+        let alone = kept_patches(&keys[1..2], &[0], &vision, 7).unwrap();
+        assert_eq!(alone, kept[32..64]);
+        // Another epoch or seed: other patches.
+        assert_ne!(kept_patches(&keys[1..2], &[1], &vision, 7).unwrap(), alone);
+        assert_ne!(kept_patches(&keys[1..2], &[0], &vision, 8).unwrap(), alone);
+        // Off: nothing.
+        let off = VitConfig::default();
+        assert!(kept_patches(&keys, &[0, 0, 0], &off, 7).is_none());
+        // Every patch is about equally likely to stay.
+        let many: Vec<String> = (0..2000).map(|i| format!("k{i}")).collect();
+        let mut count = [0usize; 64];
+        for p in kept_patches(&many, &vec![0; 2000], &vision, 1).unwrap() {
+            count[p as usize] += 1;
+        }
+        // Each is Binomial(2000, 0.5): mean 1000, sd 22.4; 5 sd either side.
+        assert!(
+            count.iter().all(|&c| (888..=1112).contains(&c)),
+            "{count:?}"
+        );
     }
 }

@@ -198,6 +198,7 @@ pub fn bench(
     overrides: &[String],
     batch: usize,
     steps: usize,
+    ranks: usize,
     vocab: usize,
 ) -> Result<()> {
     let cfg = RunConfig::load(config, overrides)?;
@@ -207,6 +208,7 @@ pub fn bench(
     let times = rookery_train::bench::step_times::<backend::Train>(
         &model,
         batch,
+        ranks,
         2,
         steps,
         &backend::device(),
@@ -223,7 +225,7 @@ pub fn bench(
         .unwrap_or_default();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "rookery clip step: batch {batch}, {threads} threads: median {:.3} s, min {:.3} s over {steps} steps; cpu {cpu}; loadavg {}",
+        "rookery clip step: batch {batch} over {ranks} rank(s), {threads} threads: median {:.3} s, min {:.3} s over {steps} steps; cpu {cpu}; loadavg {}",
         sorted[sorted.len() / 2], sorted[0], load.trim()
     );
     Ok(())
