@@ -76,6 +76,11 @@ impl ClipConfig {
             ),
             (v.layers == 0, "model.vision.layers", "must be > 0"),
             (
+                !["tok", "avg"].contains(&v.pool_type.as_str()),
+                "model.vision.pool_type",
+                "must be \"tok\" (class token) or \"avg\" (mean of the patch tokens)",
+            ),
+            (
                 !(0.0..1.0).contains(&v.patch_dropout),
                 "model.vision.patch_dropout",
                 "must be in [0, 1)",

@@ -117,6 +117,83 @@ impl<B: Backend> Attention<B> {
         }
         out.reshape([b, t, d])
     }
+
+    /// Attention output at one query position per sequence, `rows` `[B]`, with keys and
+    /// values from all of `x` (causal: only those up to the row). Equals
+    /// `forward(x)[b, rows[b]]`, at the cost of one query instead of T.
+    ///
+    /// # Shapes
+    /// `x`: `[B, T, D]`, `rows`: `[B]` -> `[B, 1, D]`.
+    pub fn forward_rows(
+        &self,
+        x: Tensor<B, 3>,
+        rows: Tensor<B, 1, Int>,
+        causal: bool,
+    ) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        if !heads_one_by_one::<B>(&x.device()) {
+            return select_rows(self.forward(x, causal), rows);
+        }
+        let dh = d / self.n_heads;
+        let x = x.reshape([b * t, d]);
+        let x_q = select_rows(x.clone().reshape([b, t, d]), rows.clone()).reshape([b, d]);
+        let project = |x: &Tensor<B, 2>, layer: &Linear<B>, col: usize| {
+            let y = x
+                .clone()
+                .matmul(layer.weight.val().slice(s![.., col..col + dh]));
+            match &layer.bias {
+                Some(bias) => y + bias.val().slice(s![col..col + dh]).unsqueeze(),
+                None => y,
+            }
+        };
+        let mask = causal.then(|| later_than(rows, t));
+        let scale = (dh as f64).powf(-0.5);
+        let mut out: Option<Tensor<B, 2>> = None;
+        for head in 0..self.n_heads {
+            let col = head * dh;
+            let q = project(&x_q, &self.in_proj, col).reshape([b, 1, dh]) * scale;
+            let k = project(&x, &self.in_proj, d + col).reshape([b, t, dh]);
+            let v = project(&x, &self.in_proj, 2 * d + col).reshape([b, t, dh]);
+            let mut scores = q.matmul(k.swap_dims(1, 2)); // [B, 1, T]
+            if let Some(mask) = &mask {
+                scores = scores + mask.clone();
+            }
+            let y = activation::softmax(scores, 2).matmul(v).reshape([b, dh]);
+            let o = y.matmul(self.out_proj.weight.val().slice(s![col..col + dh, ..]));
+            out = Some(match out {
+                Some(acc) => acc + o,
+                None => o,
+            });
+        }
+        let mut out = out.expect("at least one head");
+        if let Some(bias) = &self.out_proj.bias {
+            out = out + bias.val().unsqueeze();
+        }
+        out.reshape([b, 1, d])
+    }
+}
+
+/// `x[b, rows[b]]` for every b: `[B, T, D]`, `[B]` -> `[B, 1, D]`.
+pub fn select_rows<B: Backend>(x: Tensor<B, 3>, rows: Tensor<B, 1, Int>) -> Tensor<B, 3> {
+    let [b, t, d] = x.dims();
+    let start = Tensor::<B, 1, Int>::arange(0..b as i64, &x.device()).mul_scalar(t as i64);
+    // `rows` may come from argmax, whose int type can differ from arange's.
+    let rows = rows.cast(start.dtype());
+    x.reshape([b * t, d])
+        .select(0, start + rows)
+        .reshape([b, 1, d])
+}
+
+/// `[B, 1, T]`: -inf at the positions after each sequence's query row, 0 elsewhere.
+fn later_than<B: Backend>(rows: Tensor<B, 1, Int>, t: usize) -> Tensor<B, 3> {
+    let device = rows.device();
+    let b = rows.dims()[0];
+    let pos = Tensor::<B, 1, Int>::arange(0..t as i64, &device).reshape([1, t]);
+    let rows = rows.cast(pos.dtype());
+    let later = pos.greater(rows.reshape([b, 1]));
+    Tensor::<B, 2>::zeros([b, t], &device)
+        .mask_fill(later, f32::NEG_INFINITY)
+        .reshape([b, 1, t])
 }
 
 /// Whether attention goes head by head on this backend: on burn-flex (the CPU backend, alone
@@ -156,6 +233,23 @@ pub struct ResidualAttentionBlock<B: Backend> {
 impl<B: Backend> ResidualAttentionBlock<B> {
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
         let x = x.clone() + self.attn.forward(self.ln_1.forward(x), causal);
+        let h = linear_3d(&self.mlp.c_fc, self.ln_2.forward(x.clone()));
+        x + linear_3d(&self.mlp.c_proj, self.mlp.act.forward(h))
+    }
+
+    /// `forward(x)[b, rows[b]]`: every position feeds the keys and values, but only the rows
+    /// asked for go through the query, the residuals and the MLP.
+    ///
+    /// # Shapes
+    /// `x`: `[B, T, D]`, `rows`: `[B]` -> `[B, 1, D]`.
+    pub fn forward_rows(
+        &self,
+        x: Tensor<B, 3>,
+        rows: Tensor<B, 1, Int>,
+        causal: bool,
+    ) -> Tensor<B, 3> {
+        let mine = select_rows(x.clone(), rows.clone());
+        let x = mine + self.attn.forward_rows(self.ln_1.forward(x), rows, causal);
         let h = linear_3d(&self.mlp.c_fc, self.ln_2.forward(x.clone()));
         x + linear_3d(&self.mlp.c_proj, self.mlp.act.forward(h))
     }
@@ -211,6 +305,25 @@ impl<B: Backend> Transformer<B> {
             x = block.forward(x, causal);
         }
         x
+    }
+
+    /// `forward(x)[b, rows[b]]`, when only one output row per sequence is read (CLIP's class
+    /// token, the text's end token): the last block computes just those rows. Exact, and the
+    /// last block costs about a sixth of a full one (its keys and values).
+    ///
+    /// # Shapes
+    /// `x`: `[B, T, D]`, `rows`: `[B]` -> `[B, 1, D]`.
+    pub fn forward_rows(
+        &self,
+        mut x: Tensor<B, 3>,
+        rows: Tensor<B, 1, Int>,
+        causal: bool,
+    ) -> Tensor<B, 3> {
+        let (last, rest) = self.resblocks.split_last().expect("at least one block");
+        for block in rest {
+            x = block.forward(x, causal);
+        }
+        last.forward_rows(x, rows, causal)
     }
 }
 
@@ -278,6 +391,57 @@ mod tests {
                 diff < 1e-5,
                 "causal={causal}: d in_proj.bias differs by {diff}"
             );
+        }
+    }
+
+    /// Computing only the rows that are read in the last block gives those rows of the full
+    /// forward, and the same gradients, causal (varied rows) or not (the class token).
+    #[test]
+    fn last_block_on_read_rows_only_matches_the_full_forward() {
+        let device = Default::default();
+        let net = Transformer::<B>::new(16, 2, 4, 4.0, Act::Gelu, &device);
+        for (causal, rows) in [(true, vec![6i64, 0, 3]), (false, vec![0, 0, 0])] {
+            let x = Tensor::<B, 3>::random([3, 7, 16], Distribution::Normal(0.0, 1.0), &device)
+                .require_grad();
+            let r = Tensor::<B, 3>::random([3, 1, 16], Distribution::Normal(0.0, 1.0), &device);
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.clone(), [3]), &device);
+            let ours = net.forward_rows(x.clone(), idx.clone(), causal);
+            let full = select_rows(net.forward(x.clone(), causal), idx);
+            let diff = max_abs_diff(ours.clone().inner(), full.clone().inner());
+            assert!(diff < 1e-5, "causal={causal}: outputs differ by {diff}");
+            let (g1, g2) = (
+                (ours * r.clone()).sum().backward(),
+                (full * r).sum().backward(),
+            );
+            let last = &net.resblocks[1];
+            let first = &net.resblocks[0];
+            let grads = [
+                ("x", x.grad(&g1).unwrap(), x.grad(&g2).unwrap()),
+                (
+                    "last in_proj.weight",
+                    last.attn.in_proj.weight.grad(&g1).unwrap().unsqueeze(),
+                    last.attn.in_proj.weight.grad(&g2).unwrap().unsqueeze(),
+                ),
+                (
+                    "last mlp.c_fc.weight",
+                    last.mlp.c_fc.weight.grad(&g1).unwrap().unsqueeze(),
+                    last.mlp.c_fc.weight.grad(&g2).unwrap().unsqueeze(),
+                ),
+                (
+                    "first out_proj.weight",
+                    first.attn.out_proj.weight.grad(&g1).unwrap().unsqueeze(),
+                    first.attn.out_proj.weight.grad(&g2).unwrap().unsqueeze(),
+                ),
+            ];
+            for (name, a, b) in grads {
+                let scale: f32 = b.clone().abs().max().into_scalar();
+                assert!(scale > 0.0, "{name}: no gradient");
+                let diff = max_abs_diff(a, b);
+                assert!(
+                    diff < 1e-5 * scale.max(1.0),
+                    "causal={causal}: d{name} differs by {diff}"
+                );
+            }
         }
     }
 

@@ -116,18 +116,18 @@ impl<B: Backend> TextTransformer<B> {
             .clone()
             .equal_elem(self.eot_token as i64)
             .int()
-            .argmax(1); // [B, 1]: first end token
+            .argmax(1)
+            .reshape([b]); // first end token
         let x = self.token_embedding.forward(tokens)
             + self
                 .positional_embedding
                 .val()
                 .slice(s![0..t, ..])
                 .unsqueeze::<3>();
-        let x = self.ln_final.forward(self.transformer.forward(x, true)); // [B, T, W]
+        // Only the end token's features are read: the last block computes that row alone.
+        let x = self.transformer.forward_rows(x, eot, true); // [B, 1, W]
         let w = x.dims()[2];
-        let pooled = x
-            .gather(1, eot.reshape([b, 1, 1]).expand([b, 1, w]))
-            .reshape([b, w]);
+        let pooled = self.ln_final.forward(x.reshape([b, w]));
         pooled.matmul(self.text_projection.val())
     }
 }

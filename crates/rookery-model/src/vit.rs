@@ -27,6 +27,9 @@ pub struct VitConfig {
     /// open_clip's `patch_dropout`): the tower sees fewer tokens per image, so a step costs less.
     /// The class token always stays; evaluation sees every patch. 0 = off.
     pub patch_dropout: f64,
+    /// What the image features are read from (open_clip's `pool_type`): `"tok"` the class
+    /// token (CLIP), `"avg"` the mean of the patch tokens after `ln_post`.
+    pub pool_type: String,
 }
 
 impl Default for VitConfig {
@@ -40,6 +43,7 @@ impl Default for VitConfig {
             mlp_ratio: 4.0,
             act: Act::Gelu,
             patch_dropout: 0.0,
+            pool_type: "tok".into(),
         }
     }
 }
@@ -81,6 +85,7 @@ impl VitConfig {
             ),
             ln_post: LayerNormConfig::new(w).init(device),
             proj: normal.init([w, embed_dim], device),
+            avg_pool: self.pool_type == "avg",
         }
     }
 }
@@ -94,6 +99,8 @@ pub struct VisionTransformer<B: Backend> {
     pub transformer: Transformer<B>,
     pub ln_post: LayerNorm<B>,
     pub proj: Param<Tensor<B, 2>>,
+    /// `pool_type = "avg"`.
+    pub avg_pool: bool,
 }
 
 impl<B: Backend> VisionTransformer<B> {
@@ -102,42 +109,44 @@ impl<B: Backend> VisionTransformer<B> {
     /// # Shapes
     /// `images`: `[B, 3, H, W]` -> `[B, 1 + (H/p)(W/p), width]`.
     pub fn forward_tokens(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
-        let x = self.patch_tokens(images);
-        let [b, _, w] = x.dims();
-        let cls = self
-            .class_embedding
-            .val()
-            .reshape([1, 1, w])
-            .expand([b, 1, w]);
-        let x = Tensor::cat(vec![cls, x], 1) + self.positional_embedding.val().unsqueeze::<3>();
-        self.transformer.forward(self.ln_pre.forward(x), false)
+        let x = self.embed(self.patch_tokens(images), None);
+        self.transformer.forward(x, false)
     }
 
-    /// As [`forward_tokens`](Self::forward_tokens), keeping only the patches `keep` names for
-    /// each image (patch dropout; the class token always stays). Positions are added first, so
-    /// a kept patch still knows where it was.
+    /// The transformer's input: class token and patches with their positions, after `ln_pre`.
+    /// With `keep` `[B, K]` (patch dropout), only the patches it names for each image; the
+    /// class token always stays, and positions are added first, so a kept patch still knows
+    /// where it was.
     ///
     /// # Shapes
-    /// `keep`: `[B, K]` patch indices in `0..(H/p)(W/p)` -> `[B, 1 + K, width]`.
-    pub fn forward_tokens_kept(
-        &self,
-        images: Tensor<B, 4>,
-        keep: Tensor<B, 2, Int>,
-    ) -> Tensor<B, 3> {
-        let x = self.patch_tokens(images);
+    /// `x`: `[B, N, width]` -> `[B, 1 + N (or K), width]`.
+    fn embed(&self, x: Tensor<B, 3>, keep: Option<Tensor<B, 2, Int>>) -> Tensor<B, 3> {
         let [b, n, w] = x.dims();
-        let k = keep.dims()[1];
         let pos = self.positional_embedding.val();
-        let x = x + pos.clone().slice(s![1.., ..]).unsqueeze::<3>();
-        // Row `i * n + j` of the flattened tokens is patch j of image i.
-        let offsets = Tensor::<B, 1, Int>::arange(0..b as i64, &x.device()).mul_scalar(n as i64);
-        let rows = (keep + offsets.reshape([b, 1])).reshape([b * k]);
-        let x = x.reshape([b * n, w]).select(0, rows).reshape([b, k, w]);
-        let cls = (self.class_embedding.val().reshape([1, w]) + pos.slice(s![0..1, ..]))
-            .reshape([1, 1, w])
-            .expand([b, 1, w]);
-        let x = Tensor::cat(vec![cls, x], 1);
-        self.transformer.forward(self.ln_pre.forward(x), false)
+        let x = match keep {
+            None => {
+                let cls = self
+                    .class_embedding
+                    .val()
+                    .reshape([1, 1, w])
+                    .expand([b, 1, w]);
+                Tensor::cat(vec![cls, x], 1) + pos.unsqueeze::<3>()
+            }
+            Some(keep) => {
+                let k = keep.dims()[1];
+                let x = x + pos.clone().slice(s![1.., ..]).unsqueeze::<3>();
+                // Row `i * n + j` of the flattened tokens is patch j of image i.
+                let offsets =
+                    Tensor::<B, 1, Int>::arange(0..b as i64, &x.device()).mul_scalar(n as i64);
+                let rows = (keep + offsets.reshape([b, 1])).reshape([b * k]);
+                let x = x.reshape([b * n, w]).select(0, rows).reshape([b, k, w]);
+                let cls = (self.class_embedding.val().reshape([1, w]) + pos.slice(s![0..1, ..]))
+                    .reshape([1, 1, w])
+                    .expand([b, 1, w]);
+                Tensor::cat(vec![cls, x], 1)
+            }
+        };
+        self.ln_pre.forward(x)
     }
 
     /// Patch embeddings `[B, N, width]`, before positions.
@@ -151,21 +160,31 @@ impl<B: Backend> VisionTransformer<B> {
     /// # Shapes
     /// `images`: `[B, 3, H, W]` -> `[B, embed_dim]` (not normalised).
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
-        self.head(self.forward_tokens(images))
+        let x = self.embed(self.patch_tokens(images), None);
+        self.head(x)
     }
 
     /// [`forward`](Self::forward) with patch dropout: `keep` `[B, K]` names each image's patches.
     pub fn forward_kept(&self, images: Tensor<B, 4>, keep: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        self.head(self.forward_tokens_kept(images, keep))
+        let x = self.embed(self.patch_tokens(images), Some(keep));
+        self.head(x)
     }
 
-    /// `ln_post` on the class token, then `proj`.
+    /// The transformer on the embedded tokens `x`, then `ln_post` on the class token (or on
+    /// every token, then the patches' mean), then `proj`. With the class token, the last block
+    /// computes that row alone (exact: nothing else is read).
     fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
-        let [b, _, w] = x.dims();
-        let cls = self
-            .ln_post
-            .forward(x.slice(s![.., 0..1, ..]).reshape([b, w]));
-        cls.matmul(self.proj.val())
+        let [b, t, w] = x.dims();
+        let pooled = if self.avg_pool {
+            let x = self.transformer.forward(x, false);
+            let patches = self.ln_post.forward(x.slice(s![.., 1..t, ..]));
+            patches.mean_dim(1).reshape([b, w])
+        } else {
+            let cls = Tensor::<B, 1, Int>::zeros([b], &x.device());
+            let x = self.transformer.forward_rows(x, cls, false);
+            self.ln_post.forward(x.reshape([b, w]))
+        };
+        pooled.matmul(self.proj.val())
     }
 }
 
@@ -206,6 +225,42 @@ mod tests {
         assert_eq!(cfg.kept_patches(), 45); // 44.8
         cfg.patch_dropout = 0.999;
         assert_eq!(cfg.kept_patches(), 1);
+    }
+
+    /// `pool_type = "avg"`: the features are `proj` of the mean of `ln_post` over the patch
+    /// tokens; the class token's own output is not read.
+    #[test]
+    fn average_pooling_reads_the_mean_of_the_patch_tokens() {
+        let device = Default::default();
+        let cfg = VitConfig {
+            image_size: 16,
+            patch_size: 4,
+            width: 16,
+            layers: 1,
+            heads: 2,
+            pool_type: "avg".into(),
+            ..Default::default()
+        };
+        let v = cfg.init::<Flex>(8, &device);
+        assert!(v.avg_pool);
+        let images =
+            Tensor::<Flex, 4>::random([2, 3, 16, 16], Distribution::Normal(0., 1.), &device);
+        let tokens = v.forward_tokens(images.clone()); // [2, 17, 16]
+        let mut rows = Vec::new();
+        for i in 0..2 {
+            let mut acc = Tensor::<Flex, 1>::zeros([16], &device);
+            for j in 1..17 {
+                let t = tokens
+                    .clone()
+                    .slice(s![i..i + 1, j..j + 1, ..])
+                    .reshape([1, 16]);
+                acc = acc + v.ln_post.forward(t).reshape([16]);
+            }
+            rows.push((acc / 16.0).reshape([1, 16]));
+        }
+        let want = Tensor::cat(rows, 0).matmul(v.proj.val());
+        let d = max_diff(v.forward(images), want);
+        assert!(d < 1e-5, "differs by {d}");
     }
 
     /// Keeping every patch, in order, is the plain forward.

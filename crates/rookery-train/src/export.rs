@@ -87,7 +87,8 @@ pub fn export<B: Backend>(
         "open_clip": {
             "embed_dim": cfg.embed_dim,
             "vision_cfg": { "image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers,
-                            "head_width": v.width / v.heads, "mlp_ratio": v.mlp_ratio },
+                            "head_width": v.width / v.heads, "mlp_ratio": v.mlp_ratio, "pool_type": v.pool_type,
+                            "patch_dropout": v.patch_dropout },
             "text_cfg": { "context_length": cfg.text.context_length, "vocab_size": cfg.text.vocab_size, "width": cfg.text.width,
                           "heads": cfg.text.heads, "layers": cfg.text.layers },
             "quick_gelu": v.act == rookery_model::layers::Act::QuickGelu,

@@ -177,6 +177,11 @@ pub fn export_hf<B: Backend>(
     out: &Path,
     bf16: bool,
 ) -> Result<()> {
+    anyhow::ensure!(
+        cfg.vision.pool_type == "tok",
+        "model.vision.pool_type = {:?}: HF CLIPVisionModel reads the class token only, so its features would differ; export with --format open_clip",
+        cfg.vision.pool_type
+    );
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut c = Collect {
         stack: vec![],

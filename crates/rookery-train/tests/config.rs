@@ -50,6 +50,11 @@ fn bad_configs_name_the_key() {
     refused("", &["data.image_size=32"], "data.image_size");
     refused(
         "",
+        &["model.vision.pool_type=max"],
+        "model.vision.pool_type",
+    );
+    refused(
+        "",
         &["model.vision.patch_dropout=1.0"],
         "model.vision.patch_dropout",
     );
