@@ -161,19 +161,19 @@ impl<B: Backend> VisionTransformer<B> {
     /// `images`: `[B, 3, H, W]` -> `[B, embed_dim]` (not normalised).
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
         let x = self.embed(self.patch_tokens(images), None);
-        self.head(x)
+        self.encode_tokens(x)
     }
 
     /// [`forward`](Self::forward) with patch dropout: `keep` `[B, K]` names each image's patches.
     pub fn forward_kept(&self, images: Tensor<B, 4>, keep: Tensor<B, 2, Int>) -> Tensor<B, 2> {
         let x = self.embed(self.patch_tokens(images), Some(keep));
-        self.head(x)
+        self.encode_tokens(x)
     }
 
     /// The transformer on the embedded tokens `x`, then `ln_post` on the class token (or on
     /// every token, then the patches' mean), then `proj`. With the class token, the last block
     /// computes that row alone (exact: nothing else is read).
-    fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+    fn encode_tokens(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
         let [b, t, w] = x.dims();
         let pooled = if self.avg_pool {
             let x = self.transformer.forward(x, false);
