@@ -131,12 +131,13 @@ impl<B: Backend> Attention<B> {
         causal: bool,
     ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
+        let picked = rows.clone().reshape([b, 1]);
         if !heads_one_by_one::<B>(&x.device()) {
-            return select_rows(self.forward(x, causal), rows);
+            return select_rows(self.forward(x, causal), picked);
         }
         let dh = d / self.n_heads;
+        let x_q = select_rows(x.clone(), picked).reshape([b, d]);
         let x = x.reshape([b * t, d]);
-        let x_q = select_rows(x.clone().reshape([b, t, d]), rows.clone()).reshape([b, d]);
         let project = |x: &Tensor<B, 2>, layer: &Linear<B>, col: usize| {
             let y = x
                 .clone()
@@ -173,15 +174,16 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// `x[b, rows[b]]` for every b: `[B, T, D]`, `[B]` -> `[B, 1, D]`.
-pub fn select_rows<B: Backend>(x: Tensor<B, 3>, rows: Tensor<B, 1, Int>) -> Tensor<B, 3> {
+/// Whole rows picked per sequence, `x[b, rows[b, j]]`: `[B, T, D]`, `[B, K]` -> `[B, K, D]`.
+pub fn select_rows<B: Backend>(x: Tensor<B, 3>, rows: Tensor<B, 2, Int>) -> Tensor<B, 3> {
     let [b, t, d] = x.dims();
-    let start = Tensor::<B, 1, Int>::arange(0..b as i64, &x.device()).mul_scalar(t as i64);
+    let k = rows.dims()[1];
+    let start = Tensor::<B, 1, Int>::arange(0..b as i64, &x.device())
+        .mul_scalar(t as i64)
+        .reshape([b, 1]);
     // `rows` may come from argmax, whose int type can differ from arange's.
-    let rows = rows.cast(start.dtype());
-    x.reshape([b * t, d])
-        .select(0, start + rows)
-        .reshape([b, 1, d])
+    let flat = (start.clone() + rows.cast(start.dtype())).reshape([b * k]);
+    x.reshape([b * t, d]).select(0, flat).reshape([b, k, d])
 }
 
 /// `[B, 1, T]`: -inf at the positions after each sequence's query row, 0 elsewhere.
@@ -248,7 +250,8 @@ impl<B: Backend> ResidualAttentionBlock<B> {
         rows: Tensor<B, 1, Int>,
         causal: bool,
     ) -> Tensor<B, 3> {
-        let mine = select_rows(x.clone(), rows.clone());
+        let b = rows.dims()[0];
+        let mine = select_rows(x.clone(), rows.clone().reshape([b, 1]));
         let x = mine + self.attn.forward_rows(self.ln_1.forward(x), rows, causal);
         let h = linear_3d(&self.mlp.c_fc, self.ln_2.forward(x.clone()));
         x + linear_3d(&self.mlp.c_proj, self.mlp.act.forward(h))
@@ -406,7 +409,7 @@ mod tests {
             let r = Tensor::<B, 3>::random([3, 1, 16], Distribution::Normal(0.0, 1.0), &device);
             let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.clone(), [3]), &device);
             let ours = net.forward_rows(x.clone(), idx.clone(), causal);
-            let full = select_rows(net.forward(x.clone(), causal), idx);
+            let full = select_rows(net.forward(x.clone(), causal), idx.reshape([3, 1]));
             let diff = max_abs_diff(ours.clone().inner(), full.clone().inner());
             assert!(diff < 1e-5, "causal={causal}: outputs differ by {diff}");
             let (g1, g2) = (

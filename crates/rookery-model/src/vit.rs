@@ -10,7 +10,7 @@ use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{Act, Transformer};
+use crate::layers::{select_rows, Act, Transformer};
 
 /// `[model.vision]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -121,7 +121,7 @@ impl<B: Backend> VisionTransformer<B> {
     /// # Shapes
     /// `x`: `[B, N, width]` -> `[B, 1 + N (or K), width]`.
     fn embed(&self, x: Tensor<B, 3>, keep: Option<Tensor<B, 2, Int>>) -> Tensor<B, 3> {
-        let [b, n, w] = x.dims();
+        let [b, _, w] = x.dims();
         let pos = self.positional_embedding.val();
         let x = match keep {
             None => {
@@ -133,13 +133,8 @@ impl<B: Backend> VisionTransformer<B> {
                 Tensor::cat(vec![cls, x], 1) + pos.unsqueeze::<3>()
             }
             Some(keep) => {
-                let k = keep.dims()[1];
                 let x = x + pos.clone().slice(s![1.., ..]).unsqueeze::<3>();
-                // Row `i * n + j` of the flattened tokens is patch j of image i.
-                let offsets =
-                    Tensor::<B, 1, Int>::arange(0..b as i64, &x.device()).mul_scalar(n as i64);
-                let rows = (keep + offsets.reshape([b, 1])).reshape([b * k]);
-                let x = x.reshape([b * n, w]).select(0, rows).reshape([b, k, w]);
+                let x = select_rows(x, keep);
                 let cls = (self.class_embedding.val().reshape([1, w]) + pos.slice(s![0..1, ..]))
                     .reshape([1, 1, w])
                     .expand([b, 1, w]);

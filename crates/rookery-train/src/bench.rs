@@ -10,11 +10,11 @@ use anyhow::{anyhow, Result};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
-use rookery_data::rng::Rng;
 use rookery_dist::{Communicator, LocalGroup, Single};
 use rookery_model::ClipConfig;
 
 use crate::optim::{OptimConfig, Updater};
+use crate::stage::clip::kept_patches;
 use crate::step::{contrastive_grads, Micro, Negatives};
 
 /// Seconds per step (as rank 0 saw it: the collectives keep ranks in step) for `steps` timed
@@ -92,22 +92,11 @@ fn rank_step_times<B: AutodiffBackend>(
         }
         let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, ctx]), device);
         let t = Instant::now();
-        let patches = (model_cfg.vision.patch_dropout > 0.0).then(|| {
-            let (n, k) = (
-                model_cfg.vision.grid().pow(2),
-                model_cfg.vision.kept_patches(),
-            );
-            let mut rng = Rng::derive(&[comm.rank() as u64, i as u64]);
-            let ids: Vec<i64> = (0..batch)
-                .flat_map(|_| {
-                    let mut all: Vec<i64> = (0..n as i64).collect();
-                    rng.shuffle(&mut all);
-                    all.truncate(k);
-                    all.sort_unstable();
-                    all
-                })
-                .collect();
-            Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, k]), device)
+        // Patch dropout as training draws it, from made-up sample keys.
+        let keys: Vec<String> = (0..batch).map(|j| format!("{}-{j}", comm.rank())).collect();
+        let patches = kept_patches(&keys, &vec![i as u64; batch], &model_cfg.vision, 0).map(|p| {
+            let k = p.len() / batch;
+            Tensor::<B, 2, Int>::from_data(TensorData::new(p, [batch, k]), device)
         });
         let micro = vec![Micro {
             images,
