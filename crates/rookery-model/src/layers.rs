@@ -79,43 +79,9 @@ impl<B: Backend> Attention<B> {
     /// forward and backward (16% of a CPU step).
     pub fn forward_per_head(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
-        let dh = d / self.n_heads;
-        let x = x.reshape([b * t, d]);
-        let project = |layer: &Linear<B>, col: usize, width: usize| {
-            let w = layer.weight.val().slice(s![.., col..col + width]);
-            let y = x.clone().matmul(w);
-            match &layer.bias {
-                Some(bias) => y + bias.val().slice(s![col..col + width]).unsqueeze(),
-                None => y,
-            }
-        };
         let mask = causal.then(|| causal_mask::<B>(b, t, &x.device()));
-        let scale = (dh as f64).powf(-0.5);
-        let mut out: Option<Tensor<B, 2>> = None;
-        for head in 0..self.n_heads {
-            let col = head * dh;
-            let q = project(&self.in_proj, col, dh).reshape([b, t, dh]) * scale;
-            let k = project(&self.in_proj, d + col, dh).reshape([b, t, dh]);
-            let v = project(&self.in_proj, 2 * d + col, dh).reshape([b, t, dh]);
-            let mut scores = q.matmul(k.swap_dims(1, 2)); // [B, T, T]
-            if let Some(mask) = &mask {
-                scores = scores + mask.clone();
-            }
-            let y = activation::softmax(scores, 2)
-                .matmul(v)
-                .reshape([b * t, dh]);
-            let w_o = self.out_proj.weight.val().slice(s![col..col + dh, ..]);
-            let o = y.matmul(w_o);
-            out = Some(match out {
-                Some(acc) => acc + o,
-                None => o,
-            });
-        }
-        let mut out = out.expect("at least one head");
-        if let Some(bias) = &self.out_proj.bias {
-            out = out + bias.val().unsqueeze();
-        }
-        out.reshape([b, t, d])
+        let x = x.reshape([b * t, d]);
+        self.attend_per_head(x.clone(), x, b, mask)
     }
 
     /// Attention output at one query position per sequence, `rows` `[B]`, with keys and
@@ -135,9 +101,23 @@ impl<B: Backend> Attention<B> {
         if !heads_one_by_one::<B>(&x.device()) {
             return select_rows(self.forward(x, causal), picked);
         }
-        let dh = d / self.n_heads;
         let x_q = select_rows(x.clone(), picked).reshape([b, d]);
-        let x = x.reshape([b * t, d]);
+        let mask = causal.then(|| later_than(rows, t));
+        self.attend_per_head(x_q, x.reshape([b * t, d]), b, mask)
+    }
+
+    /// Head by head (see [`forward_per_head`](Self::forward_per_head)): queries from the rows
+    /// of `x_q` `[B*Tq, D]`, keys and values from `x` `[B*T, D]`, `mask` `[B, Tq, T]` added to
+    /// the scores. Returns `[B, Tq, D]`.
+    fn attend_per_head(
+        &self,
+        x_q: Tensor<B, 2>,
+        x: Tensor<B, 2>,
+        b: usize,
+        mask: Option<Tensor<B, 3>>,
+    ) -> Tensor<B, 3> {
+        let ([bq, d], bt) = (x_q.dims(), x.dims()[0]);
+        let (tq, t, dh) = (bq / b, bt / b, d / self.n_heads);
         let project = |x: &Tensor<B, 2>, layer: &Linear<B>, col: usize| {
             let y = x
                 .clone()
@@ -147,19 +127,20 @@ impl<B: Backend> Attention<B> {
                 None => y,
             }
         };
-        let mask = causal.then(|| later_than(rows, t));
         let scale = (dh as f64).powf(-0.5);
         let mut out: Option<Tensor<B, 2>> = None;
         for head in 0..self.n_heads {
             let col = head * dh;
-            let q = project(&x_q, &self.in_proj, col).reshape([b, 1, dh]) * scale;
+            let q = project(&x_q, &self.in_proj, col).reshape([b, tq, dh]) * scale;
             let k = project(&x, &self.in_proj, d + col).reshape([b, t, dh]);
             let v = project(&x, &self.in_proj, 2 * d + col).reshape([b, t, dh]);
-            let mut scores = q.matmul(k.swap_dims(1, 2)); // [B, 1, T]
+            let mut scores = q.matmul(k.swap_dims(1, 2)); // [B, Tq, T]
             if let Some(mask) = &mask {
                 scores = scores + mask.clone();
             }
-            let y = activation::softmax(scores, 2).matmul(v).reshape([b, dh]);
+            let y = activation::softmax(scores, 2)
+                .matmul(v)
+                .reshape([b * tq, dh]);
             let o = y.matmul(self.out_proj.weight.val().slice(s![col..col + dh, ..]));
             out = Some(match out {
                 Some(acc) => acc + o,
@@ -170,7 +151,7 @@ impl<B: Backend> Attention<B> {
         if let Some(bias) = &self.out_proj.bias {
             out = out + bias.val().unsqueeze();
         }
-        out.reshape([b, 1, d])
+        out.reshape([b, tq, d])
     }
 }
 

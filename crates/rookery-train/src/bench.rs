@@ -91,13 +91,13 @@ fn rank_step_times<B: AutodiffBackend>(
             row[ctx - 1] = model_cfg.text.eot_token as i64;
         }
         let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, ctx]), device);
-        let t = Instant::now();
         // Patch dropout as training draws it, from made-up sample keys.
         let keys: Vec<String> = (0..batch).map(|j| format!("{}-{j}", comm.rank())).collect();
         let patches = kept_patches(&keys, &vec![i as u64; batch], &model_cfg.vision, 0).map(|p| {
             let k = p.len() / batch;
             Tensor::<B, 2, Int>::from_data(TensorData::new(p, [batch, k]), device)
         });
+        let t = Instant::now();
         let micro = vec![Micro {
             images,
             tokens,
