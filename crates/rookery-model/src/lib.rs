@@ -3,9 +3,11 @@
 //! - [`clip`]: CLIP with a ViT image tower ([`vit`]) and a causal text tower ([`text`]),
 //!   built from the pre-norm blocks in [`layers`];
 //! - [`loss`]: the symmetric InfoNCE and SigLIP losses, shaped for gathered features;
+//! - [`cpu`]: vectorised CPU kernels for ops burn's CPU backend runs scalar (GELU);
 //! - [`flamingo`]: a decoder LM, the Perceiver Resampler and gated cross-attention.
 
 pub mod clip;
+pub mod cpu;
 pub mod flamingo;
 pub mod layers;
 pub mod loss;
