@@ -44,7 +44,7 @@ pub fn exp(x: f32) -> f32 {
 fn erf_with(x: f32, exp_neg_x2: f32) -> f32 {
     let a = x.abs();
     // Maclaurin: 2/sqrt(pi) sum (-1)^n x^(2n+1) / (n! (2n+1)), 12 terms: 1.5e-7 at |x| = 1.
-    const C: f32 = 1.128_379_2; // 2 / sqrt(pi)
+    const C: f32 = std::f32::consts::FRAC_2_SQRT_PI;
     const DENOMS: [f32; 11] = [
         76_204_800.0,
         6_894_720.0,
