@@ -138,7 +138,7 @@ impl<B: Backend> Attention<B> {
             if let Some(mask) = &mask {
                 scores = scores + mask.clone();
             }
-            let y = activation::softmax(scores, 2)
+            let y = crate::cpu::softmax(scores, 2)
                 .matmul(v)
                 .reshape([b * tq, dh]);
             let o = y.matmul(self.out_proj.weight.val().slice(s![col..col + dh, ..]));

@@ -9,10 +9,7 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{TensorData, TensorMetadata};
 use rayon::prelude::*;
 
-use super::{contiguous, math, ADFlexTensor};
-
-/// Elements per rayon task: large enough that splitting costs nothing next to the work.
-const CHUNK: usize = 1 << 15;
+use super::{contiguous, math, writable, ADFlexTensor, CHUNK};
 
 pub(super) fn forward(x: FlexTensor) -> FlexTensor {
     let x = contiguous(x);
@@ -27,20 +24,10 @@ pub(super) fn forward(x: FlexTensor) -> FlexTensor {
 /// `grad * gelu'(x)`, written into `grad`'s buffer when nothing else holds it.
 fn backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
     let x = contiguous(x);
-    let mut grad = contiguous(grad);
     let src = x.as_slice::<f32>().expect("contiguous f32");
-    let g = match grad.layout().start_offset() == 0 && grad.is_unique() {
-        true => grad.storage_mut::<f32>(),
-        false => {
-            grad = FlexTensor::from_data(TensorData::new(
-                grad.as_slice::<f32>().expect("contiguous f32").to_vec(),
-                grad.shape(),
-            ));
-            grad.storage_mut::<f32>()
-        }
-    };
-    let g = &mut g[..src.len()];
-    g.par_chunks_mut(CHUNK)
+    let mut grad = writable(grad);
+    grad.storage_mut::<f32>()[..src.len()]
+        .par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
         .for_each(|(g, s)| math::scale_by(s, g, math::gelu_grad));
     grad

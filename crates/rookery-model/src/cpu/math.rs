@@ -12,9 +12,21 @@
 
 use std::f32::consts::{FRAC_1_SQRT_2, LN_2, LOG2_E};
 
-/// e^x, with inputs clamped to [-87, 88] (results from 1.6e-38 to 1.7e38).
+/// e^x for x in [-87, 88]; 0 below (where e^x is subnormal, so that a -inf mask weighs
+/// exactly nothing), e^88 above.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    let y = exp_normal(x);
+    if x < -87.0 {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// e^x with x clamped to [-87, 88].
+#[inline(always)]
+fn exp_normal(x: f32) -> f32 {
     // Round-to-nearest by the 1.5 x 2^23 shift, which needs no rounding instruction.
     const SHIFT: f32 = 12_582_912.0;
     // ln 2 split so that n * LN2_HI is exact for |n| < 2^11 (Cody & Waite).
@@ -179,6 +191,14 @@ mod tests {
             s += term;
         }
         (-x * x).exp() / (x * std::f64::consts::PI.sqrt()) * s
+    }
+
+    #[test]
+    fn exp_is_zero_below_the_normal_range() {
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-87.5), 0.0);
+        assert_eq!(exp(1e4), exp(88.0));
+        assert_eq!(exp(0.0), 1.0);
     }
 
     #[test]

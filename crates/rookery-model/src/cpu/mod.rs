@@ -2,10 +2,12 @@
 //! at a time, used when the model runs on `Flex` or `Autodiff<Flex>` and the tensor is f32.
 //! On every other backend and dtype the functions here are burn's own ops.
 //!
-//! - [`gelu`]: exact GELU, forward and backward (see [`math`] for how it is computed).
+//! - [`gelu`]: exact GELU, forward and backward (see [`math`] for how it is computed);
+//! - [`softmax`]: softmax over the last dimension, forward and backward.
 
 mod gelu;
 pub mod math;
+mod softmax;
 
 use std::any::Any;
 
@@ -15,7 +17,7 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::activation;
 use burn::tensor::backend::BackendTypes;
-use burn::tensor::{DType, TensorPrimitive};
+use burn::tensor::{DType, TensorData, TensorMetadata, TensorPrimitive};
 
 /// Exact GELU, `x * Phi(x)`: on flex through [`math::gelu`] (8 or 16 lanes at a time) with a
 /// backward of its own; elsewhere burn's `activation::gelu`.
@@ -34,6 +36,27 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     };
     activation::gelu(float::<B, D>(p))
 }
+
+/// Softmax along `dim`: on flex, when `dim` is the last, one pass per row forward and one
+/// backward ([`softmax`](self::softmax)'s module); elsewhere burn's `activation::softmax`.
+pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    if x.dtype() != DType::F32 || dim != D - 1 {
+        return activation::softmax(x, dim);
+    }
+    let p = x.into_primitive().tensor();
+    let p = match concrete::<B::FloatTensorPrimitive, ADFlexTensor>(p) {
+        Ok(t) => return float::<B, D>(generic(softmax::autodiff(t))),
+        Err(p) => p,
+    };
+    let p = match concrete::<B::FloatTensorPrimitive, FlexTensor>(p) {
+        Ok(t) => return float::<B, D>(generic(softmax::forward(t))),
+        Err(p) => p,
+    };
+    activation::softmax(float::<B, D>(p), dim)
+}
+
+/// Elements per rayon task: large enough that splitting costs nothing next to the work.
+const CHUNK: usize = 1 << 15;
 
 /// The float primitive of `Autodiff<Flex>`, the backend rookery trains with on CPU.
 type ADFlexTensor = <Autodiff<Flex, NoCheckpointing> as BackendTypes>::FloatTensorPrimitive;
@@ -65,6 +88,17 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
     } else {
         t.to_contiguous()
     }
+}
+
+/// A gradient as a row-major tensor whose buffer nothing else holds, so a backward can
+/// overwrite it: itself when it is one already, else a copy.
+fn writable(t: FlexTensor) -> FlexTensor {
+    let t = contiguous(t);
+    if t.layout().start_offset() == 0 && t.is_unique() {
+        return t;
+    }
+    let values = t.as_slice::<f32>().expect("contiguous f32").to_vec();
+    FlexTensor::from_data(TensorData::new(values, t.shape()))
 }
 
 #[cfg(test)]
@@ -105,5 +139,43 @@ mod tests {
         assert!(max_diff(gelu(x.clone()), activation::gelu(x)) < 1e-6);
         let x = Tensor::<AD, 2>::random([17, 33], Distribution::Normal(0.0, 2.0), &device);
         assert!(max_diff(gelu(x.clone()), activation::gelu(x)) < 1e-6);
+    }
+
+    #[test]
+    fn softmax_and_its_gradient_match_burns_with_masked_entries() {
+        let device = Default::default();
+        // Rows of 13 (not a multiple of the 8 lanes), a -inf mask above the diagonal.
+        let x = Tensor::<AD, 3>::random([3, 13, 13], Distribution::Normal(0.0, 4.0), &device);
+        let pos = || Tensor::<AD, 1, Int>::arange(0..13, &device);
+        let later = pos().reshape([1, 13]).greater(pos().reshape([13, 1]));
+        let x = x.mask_fill(
+            later.unsqueeze::<3>().expand([3, 13, 13]),
+            f32::NEG_INFINITY,
+        );
+        for x in [x.clone(), x.clone().swap_dims(0, 1)] {
+            let (a, b) = (x.clone().detach().require_grad(), x.detach().require_grad());
+            let w = Tensor::<AD, 3>::random(a.dims(), Distribution::Default, &device);
+            let (ya, yb) = (softmax(a.clone(), 2), activation::softmax(b.clone(), 2));
+            assert!(max_diff(ya.clone(), yb.clone()) < 1e-6);
+            let (ga, gb) = ((ya * w.clone()).sum().backward(), (yb * w).sum().backward());
+            let (ga, gb) = (a.grad(&ga).unwrap(), b.grad(&gb).unwrap());
+            assert!(!ga.clone().is_nan().any().into_scalar());
+            assert!(max_diff(ga.clone(), gb) < 1e-6);
+            assert!(
+                ga.abs().sum().into_scalar() > 1.0,
+                "gradients reach the input"
+            );
+        }
+        // The first row of each matrix sees one position: weight exactly 1.
+        let first = softmax(x.slice(s![.., 0..1, ..]), 2).slice(s![.., .., 0..1]);
+        assert_eq!(first.min().into_scalar(), 1.0);
+    }
+
+    #[test]
+    fn softmax_over_another_dimension_is_burns() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 3>::random([4, 5, 6], Distribution::Normal(0.0, 2.0), &device);
+        assert!(max_diff(softmax(x.clone(), 1), activation::softmax(x.clone(), 1)) < 1e-7);
+        assert!(max_diff(softmax(x.clone(), 2), activation::softmax(x, 2)) < 1e-6);
     }
 }

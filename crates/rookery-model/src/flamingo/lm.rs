@@ -12,7 +12,9 @@ use burn::nn::{
     RmsNormConfig, RotaryEncoding, RotaryEncodingConfig,
 };
 use burn::prelude::*;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
+
+use crate::cpu::softmax;
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{linear_3d, Act, ResidualAttentionBlock, Transformer};

@@ -4,10 +4,10 @@
 //! together; each layer is attention then a feed-forward block, both residual; a final
 //! LayerNorm.
 
+use crate::cpu::{gelu, softmax};
 use burn::module::{Initializer, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::linear_3d;

@@ -7,10 +7,10 @@
 //! image up to it). Tokens before the first image see no image: their cross-attention output is
 //! zeroed (the feed-forward still applies, as in OpenFlamingo).
 
+use crate::cpu::gelu;
 use burn::module::{Initializer, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 
 use super::resampler::multi_head;
 use crate::layers::linear_3d;
