@@ -33,7 +33,8 @@ fn exp_normal(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = LN_2 - LN2_HI;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2_E + SHIFT) - SHIFT;
+    let shifted = x * LOG2_E + SHIFT;
+    let n = shifted - SHIFT;
     let r = (x - n * LN2_HI) - n * LN2_LO; // |r| <= ln2 / 2
                                            // Taylor series of e^r to r^7: the next term is below 5e-9 relative on |r| <= 0.347.
     let mut p = 1.0 / 5040.0;
@@ -48,7 +49,10 @@ fn exp_normal(x: f32) -> f32 {
     ] {
         p = p * r + c;
     }
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // 2^n from n's bits, which sit at the bottom of `shifted`'s mantissa (no float -> int
+    // conversion: Rust's saturating one keeps LLVM from vectorising the loop).
+    let n_bits = shifted.to_bits().wrapping_sub(SHIFT.to_bits());
+    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// erf(x), given also e^(-x^2) (GELU's backward needs that exponential too, so it is shared).
