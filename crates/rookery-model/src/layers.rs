@@ -27,6 +27,22 @@ impl Act {
     }
 }
 
+/// LayerNorm's epsilon in both towers (open_clip's and HF CLIP's 1e-5).
+pub const LN_EPS: f64 = 1e-5;
+
+/// A LayerNorm over `width` features with [`LN_EPS`].
+pub fn layer_norm<B: Backend>(width: usize, device: &B::Device) -> LayerNorm<B> {
+    LayerNormConfig::new(width)
+        .with_epsilon(LN_EPS)
+        .init(device)
+}
+
+/// `ln.forward(x)` for a LayerNorm built by [`layer_norm`], through the fused CPU kernel on
+/// flex ([`crate::cpu::layer_norm`]).
+pub fn norm<B: Backend, const D: usize>(ln: &LayerNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    crate::cpu::layer_norm(ln, x, LN_EPS)
+}
+
 /// A `Linear` over the last dim of `[B, T, D]`, as one `[B*T, D]` GEMM: burn's `Linear` on a 3-D
 /// input runs B small broadcast GEMMs, each below flex's threshold for going multi-threaded.
 pub fn linear_3d<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -215,8 +231,8 @@ pub struct ResidualAttentionBlock<B: Backend> {
 
 impl<B: Backend> ResidualAttentionBlock<B> {
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
-        let x = x.clone() + self.attn.forward(self.ln_1.forward(x), causal);
-        let h = linear_3d(&self.mlp.c_fc, self.ln_2.forward(x.clone()));
+        let x = x.clone() + self.attn.forward(norm(&self.ln_1, x), causal);
+        let h = linear_3d(&self.mlp.c_fc, norm(&self.ln_2, x.clone()));
         x + linear_3d(&self.mlp.c_proj, self.mlp.act.forward(h))
     }
 
@@ -233,8 +249,8 @@ impl<B: Backend> ResidualAttentionBlock<B> {
     ) -> Tensor<B, 3> {
         let b = rows.dims()[0];
         let mine = select_rows(x.clone(), rows.clone().reshape([b, 1]));
-        let x = mine + self.attn.forward_rows(self.ln_1.forward(x), rows, causal);
-        let h = linear_3d(&self.mlp.c_fc, self.ln_2.forward(x.clone()));
+        let x = mine + self.attn.forward_rows(norm(&self.ln_1, x), rows, causal);
+        let h = linear_3d(&self.mlp.c_fc, norm(&self.ln_2, x.clone()));
         x + linear_3d(&self.mlp.c_proj, self.mlp.act.forward(h))
     }
 }
@@ -267,13 +283,13 @@ impl<B: Backend> Transformer<B> {
         };
         let resblocks = (0..layers)
             .map(|_| ResidualAttentionBlock {
-                ln_1: LayerNormConfig::new(width).init(device),
+                ln_1: layer_norm(width, device),
                 attn: Attention {
                     in_proj: linear(width, 3 * width, attn_std),
                     out_proj: linear(width, width, proj_std),
                     n_heads: heads,
                 },
-                ln_2: LayerNormConfig::new(width).init(device),
+                ln_2: layer_norm(width, device),
                 mlp: Mlp {
                     c_fc: linear(width, hidden, fc_std),
                     c_proj: linear(hidden, width, proj_std),

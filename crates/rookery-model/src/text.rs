@@ -2,11 +2,11 @@
 //! features at the end-of-text token, `text_projection` (open_clip's `TextTransformer` names).
 
 use burn::module::{Initializer, Param};
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{Act, Transformer};
+use crate::layers::{layer_norm, norm, Act, Transformer};
 
 /// `[model.text]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,7 +62,7 @@ impl TextConfig {
                 self.act,
                 device,
             ),
-            ln_final: LayerNormConfig::new(w).init(device),
+            ln_final: layer_norm(w, device),
             text_projection: Initializer::Normal {
                 mean: 0.0,
                 std: (w as f64).powf(-0.5),
@@ -127,7 +127,7 @@ impl<B: Backend> TextTransformer<B> {
         // Only the end token's features are read: the last block computes that row alone.
         let x = self.transformer.forward_rows(x, eot, true); // [B, 1, W]
         let w = x.dims()[2];
-        let pooled = self.ln_final.forward(x.reshape([b, w]));
+        let pooled = norm(&self.ln_final, x.reshape([b, w]));
         pooled.matmul(self.text_projection.val())
     }
 }

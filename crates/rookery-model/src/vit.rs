@@ -6,11 +6,11 @@
 
 use burn::module::{Initializer, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{LayerNorm, LayerNormConfig};
+use burn::nn::LayerNorm;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{select_rows, Act, Transformer};
+use crate::layers::{layer_norm, norm, select_rows, Act, Transformer};
 
 /// `[model.vision]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,7 +74,7 @@ impl VitConfig {
                 .init(device),
             class_embedding: normal.init([w], device),
             positional_embedding: normal.init([n, w], device),
-            ln_pre: LayerNormConfig::new(w).init(device),
+            ln_pre: layer_norm(w, device),
             transformer: Transformer::new(
                 w,
                 self.layers,
@@ -83,7 +83,7 @@ impl VitConfig {
                 self.act,
                 device,
             ),
-            ln_post: LayerNormConfig::new(w).init(device),
+            ln_post: layer_norm(w, device),
             proj: normal.init([w, embed_dim], device),
             avg_pool: self.pool_type == "avg",
         }
@@ -141,7 +141,7 @@ impl<B: Backend> VisionTransformer<B> {
                 Tensor::cat(vec![cls, x], 1)
             }
         };
-        self.ln_pre.forward(x)
+        norm(&self.ln_pre, x)
     }
 
     /// Patch embeddings `[B, N, width]`, before positions: `conv1` (kernel = stride = patch) as
@@ -182,12 +182,12 @@ impl<B: Backend> VisionTransformer<B> {
         let [b, t, w] = x.dims();
         let pooled = if self.avg_pool {
             let x = self.transformer.forward(x, false);
-            let patches = self.ln_post.forward(x.slice(s![.., 1..t, ..]));
+            let patches = norm(&self.ln_post, x.slice(s![.., 1..t, ..]));
             patches.mean_dim(1).reshape([b, w])
         } else {
             let cls = Tensor::<B, 1, Int>::zeros([b], &x.device());
             let x = self.transformer.forward_rows(x, cls, false);
-            self.ln_post.forward(x.reshape([b, w]))
+            norm(&self.ln_post, x.reshape([b, w]))
         };
         pooled.matmul(self.proj.val())
     }

@@ -113,6 +113,25 @@ pub fn gelu_grad(x: f32) -> f32 {
     0.5 * (1.0 + erf_with(u, e)) + x * INV_SQRT_2PI * e
 }
 
+/// `sum over i of f([a[i], b[i], ...])` for equal-length slices, in 8 fixed lanes (element i
+/// into lane i mod 8), then the lanes in order: vectorisable, and the same on every CPU.
+#[inline(always)]
+pub fn lane_sum<const N: usize>(arrays: [&[f32]; N], f: impl Fn([f32; N]) -> f32) -> f32 {
+    let n = arrays[0].len();
+    assert!(arrays.iter().all(|a| a.len() == n));
+    let mut lanes = [0f32; 8];
+    let full = n - n % 8;
+    for base in (0..full).step_by(8) {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane += f(arrays.map(|a| a[base + l]));
+        }
+    }
+    for (lane, i) in lanes.iter_mut().zip(full..n) {
+        *lane += f(arrays.map(|a| a[i]));
+    }
+    lanes.iter().sum()
+}
+
 /// `out[i] = f(x[i])`, compiled for the widest vector unit this CPU has, chosen at run time by
 /// `pulp` (AVX2 on x86-64 where present, scalar code elsewhere).
 pub fn map(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
@@ -258,5 +277,16 @@ mod tests {
             .iter()
             .zip(&g)
             .all(|(&v, y)| (1.5 * gelu_grad(v)).to_bits() == y.to_bits()));
+    }
+
+    #[test]
+    fn lane_sum_adds_every_element_once() {
+        for n in [0, 1, 7, 8, 9, 64, 65, 130] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| 1.0 + i as f32 * 0.01).collect();
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| (x * y) as f64).sum();
+            let got = lane_sum([&a, &b], |[x, y]| x * y) as f64;
+            assert!((got - want).abs() < 1e-5, "n = {n}: {got} vs {want}");
+        }
     }
 }

@@ -3,9 +3,11 @@
 //! On every other backend and dtype the functions here are burn's own ops.
 //!
 //! - [`gelu`]: exact GELU, forward and backward (see [`math`] for how it is computed);
-//! - [`softmax`]: softmax over the last dimension, forward and backward.
+//! - [`softmax`]: softmax over the last dimension, forward and backward;
+//! - [`layer_norm`]: LayerNorm with a bias, forward and one backward for input and parameters.
 
 mod gelu;
+mod layer_norm;
 pub mod math;
 mod softmax;
 
@@ -14,6 +16,7 @@ use std::any::Any;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::Autodiff;
+use burn::nn::LayerNorm;
 use burn::prelude::*;
 use burn::tensor::activation;
 use burn::tensor::backend::BackendTypes;
@@ -53,6 +56,40 @@ pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tenso
         Err(p) => p,
     };
     activation::softmax(float::<B, D>(p), dim)
+}
+
+/// `ln.forward(x)` when `ln`'s epsilon is `eps` (burn keeps it private, so the caller, which
+/// built `ln`, says it): on flex with a bias, one pass per row forward and one backward for
+/// the input, `gamma` and `beta` together; elsewhere burn's composed `LayerNorm`.
+pub fn layer_norm<B: Backend, const D: usize>(
+    ln: &LayerNorm<B>,
+    x: Tensor<B, D>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let Some(beta) = &ln.beta else {
+        return ln.forward(x);
+    };
+    if x.dtype() != DType::F32 {
+        return ln.forward(x);
+    }
+    let p = |t: Tensor<B, 1>| t.into_primitive().tensor();
+    let (gamma, beta) = (p(ln.gamma.val()), p(beta.val()));
+    let x = x.into_primitive().tensor();
+    let x = match concrete::<B::FloatTensorPrimitive, ADFlexTensor>(x) {
+        Ok(x) => {
+            let (g, b) = (generic(gamma), generic(beta));
+            return float::<B, D>(generic(layer_norm::autodiff(x, g, b, eps as f32)));
+        }
+        Err(x) => x,
+    };
+    let x = match concrete::<B::FloatTensorPrimitive, FlexTensor>(x) {
+        Ok(x) => {
+            let (g, b) = (generic(gamma), generic(beta));
+            return float::<B, D>(generic(layer_norm::plain(x, g, b, eps as f32)));
+        }
+        Err(x) => x,
+    };
+    ln.forward(float::<B, D>(x))
 }
 
 /// Elements per rayon task: large enough that splitting costs nothing next to the work.
@@ -177,5 +214,62 @@ mod tests {
         let x = Tensor::<Flex, 3>::random([4, 5, 6], Distribution::Normal(0.0, 2.0), &device);
         assert!(max_diff(softmax(x.clone(), 1), activation::softmax(x.clone(), 1)) < 1e-7);
         assert!(max_diff(softmax(x.clone(), 2), activation::softmax(x, 2)) < 1e-6);
+    }
+
+    #[test]
+    fn layer_norm_and_its_three_gradients_match_burns() {
+        use burn::nn::LayerNormConfig;
+        let device = Default::default();
+        let mut ln = LayerNormConfig::new(20)
+            .with_epsilon(1e-5)
+            .init::<AD>(&device);
+        // Parameters away from their (1, 0) start, so that each gradient formula shows.
+        let normal = |t: Tensor<AD, 1>, mean| {
+            t.random_like(Distribution::Normal(mean, 0.5))
+                .require_grad()
+        };
+        ln.gamma = ln.gamma.map(|g| normal(g, 1.0));
+        ln.beta = ln.beta.map(|b| b.map(|b| normal(b, 0.0)));
+        let x = Tensor::<AD, 3>::random([3, 70, 20], Distribution::Normal(0.5, 2.0), &device);
+        let w = Tensor::<AD, 3>::random([3, 70, 20], Distribution::Default, &device);
+        // The parameters are shared, and a backward consumes the graph: one pass at a time.
+        let run = |ours: bool, swap: bool| {
+            let x = x.clone().detach().require_grad();
+            let (input, w) = match swap {
+                true => (x.clone().swap_dims(0, 1), w.clone().swap_dims(0, 1)),
+                false => (x.clone(), w.clone()),
+            };
+            let y = match ours {
+                true => layer_norm(&ln, input, 1e-5),
+                false => ln.forward(input),
+            };
+            let grads = (y.clone() * w).sum().backward();
+            let beta = ln.beta.as_ref().unwrap().val();
+            let g = |t: &Tensor<AD, 1>| t.grad(&grads).expect("parameter gradient");
+            let y = y.inner();
+            (
+                y,
+                x.grad(&grads).expect("input gradient"),
+                g(&ln.gamma.val()),
+                g(&beta),
+            )
+        };
+        for swap in [false, true] {
+            let (ours, burns) = (run(true, swap), run(false, swap));
+            assert!(max_diff(ours.0, burns.0) < 1e-5);
+            assert!(max_diff(ours.1, burns.1) < 1e-5);
+            for (a, b) in [(ours.2, burns.2), (ours.3, burns.3)] {
+                let scale: f32 = b.clone().abs().max().into_scalar();
+                assert!(scale > 1.0 && max_diff(a, b) < 1e-5 * scale);
+            }
+        }
+        // Without autodiff, and without a bias (burn's own path).
+        let x = Tensor::<Flex, 2>::random([9, 20], Distribution::Normal(0.0, 3.0), &device);
+        let ln = LayerNormConfig::new(20).init::<Flex>(&device);
+        assert!(max_diff(layer_norm(&ln, x.clone(), 1e-5), ln.forward(x.clone())) < 1e-5);
+        let ln = LayerNormConfig::new(20)
+            .with_bias(false)
+            .init::<Flex>(&device);
+        assert!(max_diff(layer_norm(&ln, x.clone(), 1e-5), ln.forward(x)) < 1e-6);
     }
 }

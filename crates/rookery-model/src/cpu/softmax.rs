@@ -74,7 +74,7 @@ impl pulp::WithSimd for Rows<'_> {
             .zip(self.b.chunks_exact_mut(self.n));
         for (a, b) in rows {
             if self.grad {
-                let dot = sum(a.iter().zip(b.iter()).map(|(y, g)| y * g));
+                let dot = math::lane_sum([a, &*b], |[y, g]| y * g);
                 for (g, &y) in b.iter_mut().zip(a) {
                     *g = y * (*g - dot);
                 }
@@ -85,23 +85,13 @@ impl pulp::WithSimd for Rows<'_> {
                 for (y, &x) in b.iter_mut().zip(a) {
                     *y = math::exp(x - max);
                 }
-                let total = sum(b.iter().copied());
+                let total = math::lane_sum([&*b], |[y]| y);
                 for y in b.iter_mut() {
                     *y /= total;
                 }
             }
         }
     }
-}
-
-/// A sum in 8 fixed lanes, then the lanes: vectorisable, and the same order on every CPU.
-#[inline(always)]
-fn sum(values: impl Iterator<Item = f32>) -> f32 {
-    let mut lanes = [0f32; 8];
-    for (i, v) in values.enumerate() {
-        lanes[i % 8] += v;
-    }
-    lanes.iter().sum()
 }
 
 #[derive(Debug)]
