@@ -148,9 +148,9 @@ impl<B: Backend> Attention<B> {
         for head in 0..self.n_heads {
             let col = head * dh;
             let q = project(&x_q, &self.in_proj, col).reshape([b, tq, dh]) * scale;
-            let k = project(&x, &self.in_proj, d + col).reshape([b, t, dh]);
+            let k_t = crate::cpu::rows_to_columns(project(&x, &self.in_proj, d + col), b);
             let v = project(&x, &self.in_proj, 2 * d + col).reshape([b, t, dh]);
-            let mut scores = q.matmul(k.swap_dims(1, 2)); // [B, Tq, T]
+            let mut scores = q.matmul(k_t); // [B, Tq, T]
             if let Some(mask) = &mask {
                 scores = scores + mask.clone();
             }

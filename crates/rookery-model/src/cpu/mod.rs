@@ -4,12 +4,14 @@
 //!
 //! - [`gelu`]: exact GELU, forward and backward (see [`math`] for how it is computed);
 //! - [`softmax`]: softmax over the last dimension, forward and backward;
-//! - [`layer_norm`]: LayerNorm with a bias, forward and one backward for input and parameters.
+//! - [`layer_norm`]: LayerNorm with a bias, forward and one backward for input and parameters;
+//! - [`rows_to_columns`]: `[B*T, D]` to `[B, D, T]`, materialised both ways.
 
 mod gelu;
 mod layer_norm;
 pub mod math;
 mod softmax;
+mod transpose;
 
 use std::any::Any;
 
@@ -90,6 +92,25 @@ pub fn layer_norm<B: Backend, const D: usize>(
         Err(x) => x,
     };
     ln.forward(float::<B, D>(x))
+}
+
+/// `x.reshape([b, T, D]).swap_dims(1, 2)` for `x` `[B*T, D]`: on flex a transposed copy whose
+/// backward is a transposed copy too ([`transpose`]'s module says why); elsewhere the view.
+pub fn rows_to_columns<B: Backend>(x: Tensor<B, 2>, b: usize) -> Tensor<B, 3> {
+    let [bt, d] = x.dims();
+    if x.dtype() != DType::F32 {
+        return x.reshape([b, bt / b, d]).swap_dims(1, 2);
+    }
+    let p = x.into_primitive().tensor();
+    let p = match concrete::<B::FloatTensorPrimitive, ADFlexTensor>(p) {
+        Ok(t) => return float::<B, 3>(generic(transpose::autodiff(t, b))),
+        Err(p) => p,
+    };
+    let p = match concrete::<B::FloatTensorPrimitive, FlexTensor>(p) {
+        Ok(t) => return float::<B, 3>(generic(transpose::forward(t, b))),
+        Err(p) => p,
+    };
+    float::<B, 2>(p).reshape([b, bt / b, d]).swap_dims(1, 2)
 }
 
 /// Elements per rayon task: large enough that splitting costs nothing next to the work.
@@ -271,5 +292,20 @@ mod tests {
             .with_bias(false)
             .init::<Flex>(&device);
         assert!(max_diff(layer_norm(&ln, x.clone(), 1e-5), ln.forward(x)) < 1e-6);
+    }
+
+    #[test]
+    fn rows_to_columns_and_its_gradient_match_the_view() {
+        let device = Default::default();
+        let x = Tensor::<AD, 2>::random([3 * 7, 5], Distribution::Default, &device);
+        let w = Tensor::<AD, 3>::random([3, 5, 7], Distribution::Default, &device);
+        let (a, b) = (x.clone().require_grad(), x.require_grad());
+        let (ya, yb) = (
+            rows_to_columns(a.clone(), 3),
+            b.clone().reshape([3, 7, 5]).swap_dims(1, 2),
+        );
+        assert_eq!(max_diff(ya.clone(), yb.clone()), 0.0);
+        let (ga, gb) = ((ya * w.clone()).sum().backward(), (yb * w).sum().backward());
+        assert_eq!(max_diff(a.grad(&ga).unwrap(), b.grad(&gb).unwrap()), 0.0);
     }
 }
