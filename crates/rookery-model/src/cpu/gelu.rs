@@ -1,14 +1,11 @@
 //! Exact GELU on flex tensors, and its autodiff node: the input is kept for the backward, which
 //! multiplies the incoming gradient by `Phi(x) + x phi(x)` in place.
 
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
-use burn::backend::flex::{Flex, FlexTensor};
+use burn::backend::flex::FlexTensor;
 use burn::tensor::{TensorData, TensorMetadata};
 use rayon::prelude::*;
 
+use super::node::{unary_node, Keep};
 use super::{contiguous, math, writable, ADFlexTensor, CHUNK};
 
 pub(super) fn forward(x: FlexTensor) -> FlexTensor {
@@ -33,28 +30,7 @@ fn backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
     grad
 }
 
-#[derive(Debug)]
-struct Gelu;
-
-impl Backward<Flex, 1> for Gelu {
-    type State = FlexTensor; // the input
-
-    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let x = ops.state;
-        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| backward(x, grad));
-    }
-}
-
+/// GELU as a node of `x`'s graph; the backward reads the input.
 pub(super) fn autodiff(x: ADFlexTensor) -> ADFlexTensor {
-    match Gelu
-        .prepare::<NoCheckpointing>([x.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let out = forward(x.primitive.clone());
-            prep.finish(x.primitive, out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive)),
-    }
+    unary_node(x, forward, Keep::Input, backward)
 }

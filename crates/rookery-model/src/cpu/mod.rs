@@ -10,6 +10,7 @@
 mod gelu;
 mod layer_norm;
 pub mod math;
+mod node;
 mod softmax;
 mod transpose;
 
@@ -27,37 +28,18 @@ use burn::tensor::{DType, TensorData, TensorMetadata, TensorPrimitive};
 /// Exact GELU, `x * Phi(x)`: on flex through [`math::gelu`] (8 or 16 lanes at a time) with a
 /// backward of its own; elsewhere burn's `activation::gelu`.
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    if x.dtype() != DType::F32 {
-        return activation::gelu(x);
-    }
-    let p = x.into_primitive().tensor();
-    let p = match concrete::<B::FloatTensorPrimitive, ADFlexTensor>(p) {
-        Ok(t) => return float::<B, D>(generic(gelu::autodiff(t))),
-        Err(p) => p,
-    };
-    let p = match concrete::<B::FloatTensorPrimitive, FlexTensor>(p) {
-        Ok(t) => return float::<B, D>(generic(gelu::forward(t))),
-        Err(p) => p,
-    };
-    activation::gelu(float::<B, D>(p))
+    on_flex(x, gelu::autodiff, gelu::forward, activation::gelu)
 }
 
 /// Softmax along `dim`: on flex, when `dim` is the last, one pass per row forward and one
 /// backward ([`softmax`](self::softmax)'s module); elsewhere burn's `activation::softmax`.
 pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
-    if x.dtype() != DType::F32 || dim != D - 1 {
+    if dim != D - 1 {
         return activation::softmax(x, dim);
     }
-    let p = x.into_primitive().tensor();
-    let p = match concrete::<B::FloatTensorPrimitive, ADFlexTensor>(p) {
-        Ok(t) => return float::<B, D>(generic(softmax::autodiff(t))),
-        Err(p) => p,
-    };
-    let p = match concrete::<B::FloatTensorPrimitive, FlexTensor>(p) {
-        Ok(t) => return float::<B, D>(generic(softmax::forward(t))),
-        Err(p) => p,
-    };
-    activation::softmax(float::<B, D>(p), dim)
+    on_flex(x, softmax::autodiff, softmax::forward, |x| {
+        activation::softmax(x, dim)
+    })
 }
 
 /// `ln.forward(x)` when `ln`'s epsilon is `eps` (burn keeps it private, so the caller, which
@@ -71,46 +53,65 @@ pub fn layer_norm<B: Backend, const D: usize>(
     let Some(beta) = &ln.beta else {
         return ln.forward(x);
     };
-    if x.dtype() != DType::F32 {
-        return ln.forward(x);
-    }
-    let p = |t: Tensor<B, 1>| t.into_primitive().tensor();
-    let (gamma, beta) = (p(ln.gamma.val()), p(beta.val()));
-    let x = x.into_primitive().tensor();
-    let x = match concrete::<B::FloatTensorPrimitive, ADFlexTensor>(x) {
-        Ok(x) => {
-            let (g, b) = (generic(gamma), generic(beta));
-            return float::<B, D>(generic(layer_norm::autodiff(x, g, b, eps as f32)));
-        }
-        Err(x) => x,
-    };
-    let x = match concrete::<B::FloatTensorPrimitive, FlexTensor>(x) {
-        Ok(x) => {
-            let (g, b) = (generic(gamma), generic(beta));
-            return float::<B, D>(generic(layer_norm::plain(x, g, b, eps as f32)));
-        }
-        Err(x) => x,
-    };
-    ln.forward(float::<B, D>(x))
+    // Only one closure runs: the one for the backend `x`, and so `ln`, comes from.
+    let eps = eps as f32;
+    on_flex(
+        x,
+        |x| {
+            layer_norm::autodiff(
+                x,
+                prim::<B, _>(ln.gamma.val()),
+                prim::<B, _>(beta.val()),
+                eps,
+            )
+        },
+        |x| {
+            layer_norm::plain(
+                x,
+                prim::<B, _>(ln.gamma.val()),
+                prim::<B, _>(beta.val()),
+                eps,
+            )
+        },
+        |x| ln.forward(x),
+    )
 }
 
 /// `x.reshape([b, T, D]).swap_dims(1, 2)` for `x` `[B*T, D]`: on flex a transposed copy whose
 /// backward is a transposed copy too ([`transpose`]'s module says why); elsewhere the view.
 pub fn rows_to_columns<B: Backend>(x: Tensor<B, 2>, b: usize) -> Tensor<B, 3> {
-    let [bt, d] = x.dims();
+    on_flex(
+        x,
+        |x| transpose::autodiff(x, b),
+        |x| transpose::forward(x, b),
+        |x| {
+            let [bt, d] = x.dims();
+            x.reshape([b, bt / b, d]).swap_dims(1, 2)
+        },
+    )
+}
+
+/// `autodiff(x)` when `x` is an f32 tensor of `Autodiff<Flex>`, `plain(x)` when it is one of
+/// `Flex`, `other(x)` on any other backend or dtype.
+fn on_flex<B: Backend, const D: usize, const E: usize>(
+    x: Tensor<B, D>,
+    autodiff: impl FnOnce(ADFlexTensor) -> ADFlexTensor,
+    plain: impl FnOnce(FlexTensor) -> FlexTensor,
+    other: impl FnOnce(Tensor<B, D>) -> Tensor<B, E>,
+) -> Tensor<B, E> {
     if x.dtype() != DType::F32 {
-        return x.reshape([b, bt / b, d]).swap_dims(1, 2);
+        return other(x);
     }
     let p = x.into_primitive().tensor();
     let p = match concrete::<B::FloatTensorPrimitive, ADFlexTensor>(p) {
-        Ok(t) => return float::<B, 3>(generic(transpose::autodiff(t, b))),
+        Ok(t) => return float::<B, E>(generic(autodiff(t))),
         Err(p) => p,
     };
     let p = match concrete::<B::FloatTensorPrimitive, FlexTensor>(p) {
-        Ok(t) => return float::<B, 3>(generic(transpose::forward(t, b))),
+        Ok(t) => return float::<B, E>(generic(plain(t))),
         Err(p) => p,
     };
-    float::<B, 2>(p).reshape([b, bt / b, d]).swap_dims(1, 2)
+    other(float::<B, D>(p))
 }
 
 /// Elements per rayon task: large enough that splitting costs nothing next to the work.
@@ -132,6 +133,11 @@ fn concrete<P: Any, T: Any>(value: P) -> Result<T, P> {
 /// The inverse of [`concrete`]: a concrete primitive back as the generic one.
 fn generic<T: Any, P: Any>(value: T) -> P {
     concrete(value).unwrap_or_else(|_| unreachable!("the primitive came from this backend"))
+}
+
+/// A parameter's primitive as the concrete type `T` its backend has.
+fn prim<B: Backend, T: Any>(t: Tensor<B, 1>) -> T {
+    generic(t.into_primitive().tensor())
 }
 
 fn float<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {

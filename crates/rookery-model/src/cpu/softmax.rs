@@ -2,14 +2,11 @@
 //! builds softmax from five tensor ops (max, subtract, scalar `exp`, sum, divide), each a pass
 //! over memory with a backward of its own; here a row is read once forward and once backward.
 
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
-use burn::backend::flex::{Flex, FlexTensor};
+use burn::backend::flex::FlexTensor;
 use burn::tensor::{TensorData, TensorMetadata};
 use rayon::prelude::*;
 
+use super::node::{unary_node, Keep};
 use super::{contiguous, math, writable, ADFlexTensor, CHUNK};
 
 /// `exp(x - max) / sum exp(x - max)` along the last dimension.
@@ -94,28 +91,7 @@ impl pulp::WithSimd for Rows<'_> {
     }
 }
 
-#[derive(Debug)]
-struct Softmax;
-
-impl Backward<Flex, 1> for Softmax {
-    type State = FlexTensor; // the output
-
-    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let y = ops.state;
-        unary::<Flex, _>(ops.parents, ops.node, grads, |g| backward(y, g));
-    }
-}
-
+/// Softmax as a node of `x`'s graph; the backward reads the output.
 pub(super) fn autodiff(x: ADFlexTensor) -> ADFlexTensor {
-    match Softmax
-        .prepare::<NoCheckpointing>([x.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let y = forward(x.primitive);
-            prep.finish(y.clone(), y)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive)),
-    }
+    unary_node(x, forward, Keep::Output, backward)
 }
