@@ -7,10 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-/opt/refvenv/bin/python}
 cargo build --release -q
+# The reference builds the shapes configs/clip-tiny.toml gives (patch size, layers per tower).
+key() { sed -n "/^\[$1\]/,/^\[/s/^$2 *= *\([0-9]*\).*/\1/p" configs/clip-tiny.toml; }
+SHAPE="--patch $(key model.vision patch_size) --layers $(key model.vision layers) --text-layers $(key model.text layers)"
+echo "reference shape: $SHAPE"
 grep -m1 "model name" /proc/cpuinfo; cat /proc/loadavg
 for batch in 64 128; do
   for ranks in 1 2; do
     RAYON_NUM_THREADS=2 ./target/release/rookery bench configs/clip-tiny.toml --batch $batch --ranks $ranks --steps 10
   done
-  $PY benches/reference/clip_step.py --batch $batch --steps 10 --threads 2
+  $PY benches/reference/clip_step.py --batch $batch --steps 10 --threads 2 $SHAPE
 done

@@ -28,6 +28,10 @@ pub struct EvalReport {
     pub chance_r1: f64,
     /// Zero-shot accuracy per label (`shape`, `color`), with its chance level.
     pub zero_shot: BTreeMap<String, (f64, f64)>,
+    /// Image->text top-1 mistakes by what the wrong caption's scene changes (shape, color,
+    /// count, size, relation; [`crate::confusion`]); empty without scene labels.
+    #[serde(default)]
+    pub i2t_confusions: BTreeMap<String, usize>,
 }
 
 const TEMPLATES: [&str; 3] = ["a photo of a {}.", "an image with a {}.", "there is a {}."];
@@ -90,7 +94,7 @@ pub fn evaluate<B: Backend>(
     let sim = img.clone().matmul(txt.clone().transpose()); // [N, N]
     let n = sim.dims()[0];
     let i2t = ranks(sim.clone());
-    let t2i = ranks(sim.transpose());
+    let t2i = ranks(sim.clone().transpose());
     let recall = |r: &[usize], k: usize| r.iter().filter(|&&x| x < k).count() as f64 / n as f64;
     let mut report = EvalReport {
         n,
@@ -102,7 +106,10 @@ pub fn evaluate<B: Backend>(
         t2i_r10: recall(&t2i, 10),
         chance_r1: 1.0 / n as f64,
         zero_shot: BTreeMap::new(),
+        i2t_confusions: BTreeMap::new(),
     };
+    let top1: Vec<usize> = argmax_rows(sim.clone());
+    report.i2t_confusions = crate::confusion::top1_confusions(&labels, &top1);
     for (label, classes) in [
         ("shape", &rookery_data::synth::scene::SHAPES[..]),
         ("color", &rookery_data::synth::scene::COLORS[..]),
@@ -131,6 +138,18 @@ fn ranks<B: Backend>(sim: Tensor<B, 2>) -> Vec<usize> {
     let diag = sim.clone().mul(Tensor::eye(n, &sim.device())).sum_dim(1); // [N, 1]
     let above = sim.greater(diag).int().sum_dim(1);
     above
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .expect("int data")
+        .into_iter()
+        .map(|x| x as usize)
+        .collect()
+}
+
+/// For each row, the column of its largest entry.
+fn argmax_rows<B: Backend>(sim: Tensor<B, 2>) -> Vec<usize> {
+    sim.argmax(1)
         .into_data()
         .convert::<i64>()
         .to_vec::<i64>()

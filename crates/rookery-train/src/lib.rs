@@ -6,6 +6,7 @@ pub mod bench;
 pub mod causal;
 pub mod checkpoint;
 pub mod config;
+pub mod confusion;
 pub mod eval;
 pub mod export;
 pub mod fewshot;

@@ -62,6 +62,12 @@ pub fn run(config: &Path, overrides: &[String], resume: bool) -> Result<()> {
             for (label, (acc, chance)) in &e.zero_shot {
                 println!("zero-shot {label}: {acc:.3} (chance {chance:.3})");
             }
+            if !e.i2t_confusions.is_empty() {
+                println!(
+                    "image->text top-1 mistakes by what differs: {:?}",
+                    e.i2t_confusions
+                );
+            }
         }
         Some(Report::Text(t)) => print_text_report(t),
         None => {}
