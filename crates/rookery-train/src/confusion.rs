@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use rookery_data::synth::scene::inverse_relation;
 use serde_json::Value;
 
 /// One group of a scene as the labels store it: (count, size, color, shape).
@@ -55,7 +56,7 @@ pub fn differences(a: &Content, b: &Content) -> Vec<&'static str> {
         return direct;
     }
     let swapped: Vec<Group> = b.0.iter().rev().copied().collect();
-    let inverse = b.1.map(|r| [1, 0, 3, 2][r as usize % 4]);
+    let inverse = b.1.map(|r| inverse_relation(r as usize % 4) as u64);
     let other = diff(&a.0, &swapped, a.1, inverse);
     if other.len() < direct.len() {
         other

@@ -136,21 +136,17 @@ pub fn evaluate<B: Backend>(
 fn ranks<B: Backend>(sim: Tensor<B, 2>) -> Vec<usize> {
     let [n, _] = sim.dims();
     let diag = sim.clone().mul(Tensor::eye(n, &sim.device())).sum_dim(1); // [N, 1]
-    let above = sim.greater(diag).int().sum_dim(1);
-    above
-        .into_data()
-        .convert::<i64>()
-        .to_vec::<i64>()
-        .expect("int data")
-        .into_iter()
-        .map(|x| x as usize)
-        .collect()
+    indices(sim.greater(diag).int().sum_dim(1))
 }
 
 /// For each row, the column of its largest entry.
 fn argmax_rows<B: Backend>(sim: Tensor<B, 2>) -> Vec<usize> {
-    sim.argmax(1)
-        .into_data()
+    indices(sim.argmax(1))
+}
+
+/// An `[N, 1]` int tensor's entries as indices.
+fn indices<B: Backend>(t: Tensor<B, 2, Int>) -> Vec<usize> {
+    t.into_data()
         .convert::<i64>()
         .to_vec::<i64>()
         .expect("int data")

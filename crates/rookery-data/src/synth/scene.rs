@@ -72,6 +72,11 @@ pub fn plural(word: &str, count: u8) -> String {
     }
 }
 
+/// The relation that says the same with the groups swapped: "a above b" is "b below a".
+pub fn inverse_relation(rel: usize) -> usize {
+    [1, 0, 3, 2][rel]
+}
+
 /// One or two groups; with two, `relation` says where the first is relative to the second.
 #[derive(Clone, Debug, Serialize)]
 pub struct Scene {
@@ -121,7 +126,7 @@ impl Scene {
         let Some(rel) = self.relation else {
             return (self.groups.clone(), None);
         };
-        let inverse = [1, 0, 3, 2][rel];
+        let inverse = inverse_relation(rel);
         let (a, b) = (self.groups[0], self.groups[1]);
         (vec![a, b], Some(rel)).min((vec![b, a], Some(inverse)))
     }
@@ -140,7 +145,7 @@ impl Scene {
             1 => g.color = other(rng, g.color, COLORS.len()),
             2 => g.count = 1 + other(rng, g.count as usize - 1, MAX_COUNT as usize) as u8,
             3 => g.size = other(rng, g.size, SIZES.len()),
-            _ => neg.relation = self.relation.map(|r| [1, 0, 3, 2][r]),
+            _ => neg.relation = self.relation.map(inverse_relation),
         }
         neg
     }
@@ -162,7 +167,7 @@ impl Scene {
             };
         };
         let b = self.groups[1].phrase(rng);
-        let inverse = [1, 0, 3, 2][rel];
+        let inverse = inverse_relation(rel);
         match rng.below(4) {
             0 => format!("{a} {} {b}", RELATIONS[rel]),
             1 => format!("a photo of {a} {} {b}", RELATIONS[rel]),
