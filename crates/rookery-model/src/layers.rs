@@ -7,6 +7,8 @@ use burn::prelude::*;
 use burn::tensor::activation;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
+
+use crate::cpu::AttentionSpec;
 use serde::{Deserialize, Serialize};
 
 /// MLP activation: exact GELU (open_clip's own runs) or QuickGELU `x * sigmoid(1.702 x)` (OpenAI).
@@ -43,11 +45,12 @@ pub fn norm<B: Backend, const D: usize>(ln: &LayerNorm<B>, x: Tensor<B, D>) -> T
     crate::cpu::layer_norm(ln, x, LN_EPS)
 }
 
-/// A `Linear` over the last dim of `[B, T, D]`, as one `[B*T, D]` GEMM: burn's `Linear` on a 3-D
-/// input runs B small broadcast GEMMs, each below flex's threshold for going multi-threaded.
+/// A `Linear` over the last dim of `[B, T, D]`, as one `[B*T, D]` GEMM ([`crate::cpu::linear`]
+/// on flex): burn's `Linear` on a 3-D input runs B small broadcast GEMMs, each below flex's
+/// threshold for going multi-threaded.
 pub fn linear_3d<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, t, d] = x.dims();
-    let y = layer.forward(x.reshape([b * t, d]));
+    let y = crate::cpu::linear(layer, x.reshape([b * t, d]));
     let out = y.dims()[1];
     y.reshape([b, t, out])
 }
@@ -64,8 +67,8 @@ impl<B: Backend> Attention<B> {
     /// # Shapes
     /// `x`: `[B, T, D]` -> `[B, T, D]`.
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
-        if heads_one_by_one::<B>(&x.device()) {
-            self.forward_per_head(x, causal)
+        if fused_on_cpu::<B>(&x.device()) {
+            self.forward_fused(x, causal, None)
         } else {
             self.forward_split(x, causal)
         }
@@ -89,15 +92,28 @@ impl<B: Backend> Attention<B> {
         linear_3d(&self.out_proj, y.swap_dims(1, 2).reshape([b, t, d]))
     }
 
-    /// The same maths head by head, through column slices of `in_proj` and row slices of
-    /// `out_proj`: every tensor stays 2-D or 3-D and contiguous or transposed, which burn-flex's
-    /// GEMM reads in place. On flex the split form copies its 4-D/5-D views element by element,
-    /// forward and backward (16% of a CPU step).
-    pub fn forward_per_head(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
+    /// The same maths through rookery's CPU kernels: the packed projection as one GEMM, then
+    /// every head of a sequence in one pass that reads q, k and v where the projection left
+    /// them ([`crate::cpu::attention`]). On flex the split form copies its 4-D/5-D views
+    /// element by element, forward and backward. `rows`: one query row per sequence, giving
+    /// `[B, 1, D]`.
+    pub fn forward_fused(
+        &self,
+        x: Tensor<B, 3>,
+        causal: bool,
+        rows: Option<Vec<usize>>,
+    ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
-        let mask = causal.then(|| causal_mask::<B>(b, t, &x.device()));
-        let x = x.reshape([b * t, d]);
-        self.attend_per_head(x.clone(), x, b, mask)
+        let tq = if rows.is_some() { 1 } else { t };
+        let qkv = crate::cpu::linear(&self.in_proj, x.reshape([b * t, d]));
+        let spec = AttentionSpec {
+            batch: b,
+            heads: self.n_heads,
+            causal,
+            rows,
+        };
+        let y = crate::cpu::attention(qkv, spec);
+        crate::cpu::linear(&self.out_proj, y).reshape([b, tq, d])
     }
 
     /// Attention output at one query position per sequence, `rows` `[B]`, with keys and
@@ -112,62 +128,12 @@ impl<B: Backend> Attention<B> {
         rows: Tensor<B, 1, Int>,
         causal: bool,
     ) -> Tensor<B, 3> {
-        let [b, t, d] = x.dims();
-        let picked = rows.clone().reshape([b, 1]);
-        if !heads_one_by_one::<B>(&x.device()) {
-            return select_rows(self.forward(x, causal), picked);
+        if !fused_on_cpu::<B>(&x.device()) {
+            let b = rows.dims()[0];
+            return select_rows(self.forward(x, causal), rows.reshape([b, 1]));
         }
-        let x_q = select_rows(x.clone(), picked).reshape([b, d]);
-        let mask = causal.then(|| later_than(rows, t));
-        self.attend_per_head(x_q, x.reshape([b * t, d]), b, mask)
-    }
-
-    /// Head by head (see [`forward_per_head`](Self::forward_per_head)): queries from the rows
-    /// of `x_q` `[B*Tq, D]`, keys and values from `x` `[B*T, D]`, `mask` `[B, Tq, T]` added to
-    /// the scores. Returns `[B, Tq, D]`.
-    fn attend_per_head(
-        &self,
-        x_q: Tensor<B, 2>,
-        x: Tensor<B, 2>,
-        b: usize,
-        mask: Option<Tensor<B, 3>>,
-    ) -> Tensor<B, 3> {
-        let ([bq, d], bt) = (x_q.dims(), x.dims()[0]);
-        let (tq, t, dh) = (bq / b, bt / b, d / self.n_heads);
-        let project = |x: &Tensor<B, 2>, layer: &Linear<B>, col: usize| {
-            let y = x
-                .clone()
-                .matmul(layer.weight.val().slice(s![.., col..col + dh]));
-            match &layer.bias {
-                Some(bias) => y + bias.val().slice(s![col..col + dh]).unsqueeze(),
-                None => y,
-            }
-        };
-        let scale = (dh as f64).powf(-0.5);
-        let mut out: Option<Tensor<B, 2>> = None;
-        for head in 0..self.n_heads {
-            let col = head * dh;
-            let q = project(&x_q, &self.in_proj, col).reshape([b, tq, dh]) * scale;
-            let k_t = crate::cpu::rows_to_columns(project(&x, &self.in_proj, d + col), b);
-            let v = project(&x, &self.in_proj, 2 * d + col).reshape([b, t, dh]);
-            let mut scores = q.matmul(k_t); // [B, Tq, T]
-            if let Some(mask) = &mask {
-                scores = scores + mask.clone();
-            }
-            let y = crate::cpu::softmax(scores, 2)
-                .matmul(v)
-                .reshape([b * tq, dh]);
-            let o = y.matmul(self.out_proj.weight.val().slice(s![col..col + dh, ..]));
-            out = Some(match out {
-                Some(acc) => acc + o,
-                None => o,
-            });
-        }
-        let mut out = out.expect("at least one head");
-        if let Some(bias) = &self.out_proj.bias {
-            out = out + bias.val().unsqueeze();
-        }
-        out.reshape([b, tq, d])
+        let rows = rows.into_data().iter::<i64>().map(|r| r as usize).collect();
+        self.forward_fused(x, causal, Some(rows))
     }
 }
 
@@ -183,33 +149,11 @@ pub fn select_rows<B: Backend>(x: Tensor<B, 3>, rows: Tensor<B, 2, Int>) -> Tens
     x.reshape([b * t, d]).select(0, flat).reshape([b, k, d])
 }
 
-/// `[B, 1, T]`: -inf at the positions after each sequence's query row, 0 elsewhere.
-fn later_than<B: Backend>(rows: Tensor<B, 1, Int>, t: usize) -> Tensor<B, 3> {
-    let device = rows.device();
-    let b = rows.dims()[0];
-    let pos = Tensor::<B, 1, Int>::arange(0..t as i64, &device).reshape([1, t]);
-    let rows = rows.cast(pos.dtype());
-    let later = pos.greater(rows.reshape([b, 1]));
-    Tensor::<B, 2>::zeros([b, t], &device)
-        .mask_fill(later, f32::NEG_INFINITY)
-        .reshape([b, 1, t])
-}
-
-/// Whether attention goes head by head on this backend: on burn-flex (the CPU backend, alone
-/// or under autodiff), where it is 20% faster per training step; elsewhere (CUDA) the split
-/// form's one fused attention kernel beats 4H small GEMMs per layer.
-fn heads_one_by_one<B: Backend>(device: &B::Device) -> bool {
+/// Whether attention takes [`Attention::forward_fused`]: on burn-flex (the CPU backend, alone
+/// or under autodiff); elsewhere (CUDA) the split form's one fused attention kernel.
+fn fused_on_cpu<B: Backend>(device: &B::Device) -> bool {
     let name = B::name(device);
     name == "flex" || name.ends_with("<flex>")
-}
-
-/// `[B, T, T]`: 0 on and below the diagonal, -inf above (a position sees itself and the past).
-/// Materialised for the whole batch: flex adds same-shape tensors with SIMD but walks a
-/// broadcast `[1, T, T]` element by element, once per head and layer.
-fn causal_mask<B: Backend>(b: usize, t: usize, device: &B::Device) -> Tensor<B, 3> {
-    let row = |i: usize| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 });
-    let one: Vec<f32> = (0..t).flat_map(row).collect();
-    Tensor::from_data(TensorData::new(one.repeat(b), [b, t, t]), device)
 }
 
 #[derive(Module, Debug)]
@@ -331,6 +275,7 @@ impl<B: Backend> Transformer<B> {
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
+    use burn::module::Param;
     use burn::tensor::Distribution;
 
     type B = Autodiff<Flex>;
@@ -339,43 +284,46 @@ mod tests {
         (a - b).abs().max().into_scalar()
     }
 
-    /// The CPU backend takes the head-by-head form, with and without autodiff.
+    /// The CPU backend takes the fused form, with and without autodiff.
     #[test]
-    fn flex_goes_head_by_head() {
-        assert!(heads_one_by_one::<Flex>(&Default::default()));
-        assert!(heads_one_by_one::<B>(&Default::default()));
+    fn flex_takes_the_fused_kernels() {
+        assert!(fused_on_cpu::<Flex>(&Default::default()));
+        assert!(fused_on_cpu::<B>(&Default::default()));
     }
 
-    /// Head-by-head attention equals the split-heads form, outputs and every gradient.
+    /// Fused attention equals the split-heads form, outputs and every gradient.
     #[test]
-    fn head_by_head_attention_matches_split_heads() {
+    fn fused_attention_matches_split_heads() {
         let device = Default::default();
         let block = &Transformer::<B>::new(16, 1, 4, 4.0, Act::Gelu, &device).resblocks[0];
         let attn = &block.attn;
         for causal in [false, true] {
-            let x = Tensor::<B, 3>::random([3, 7, 16], Distribution::Normal(0.0, 1.0), &device)
-                .require_grad();
+            let x0 = Tensor::<B, 3>::random([3, 7, 16], Distribution::Normal(0.0, 1.0), &device);
             let r = Tensor::<B, 3>::random([3, 7, 16], Distribution::Normal(0.0, 1.0), &device);
-            let ours = attn.forward_per_head(x.clone(), causal);
-            let theirs = attn.forward_split(x.clone(), causal);
-            let diff = max_abs_diff(ours.clone().inner(), theirs.clone().inner());
+            // A backward consumes the graph, and the parameters are shared: one pass at a time.
+            let run = |fused: bool| {
+                let x = x0.clone().require_grad();
+                let y = match fused {
+                    true => attn.forward_fused(x.clone(), causal, None),
+                    false => attn.forward_split(x.clone(), causal),
+                };
+                let g = (y.clone() * r.clone()).sum().backward();
+                let bias = attn.in_proj.bias.as_ref().unwrap().val();
+                (
+                    y.inner(),
+                    x.grad(&g).unwrap(),
+                    attn.in_proj.weight.grad(&g).unwrap().unsqueeze::<3>(),
+                    attn.out_proj.weight.grad(&g).unwrap().unsqueeze::<3>(),
+                    bias.grad(&g).unwrap(),
+                )
+            };
+            let (ours, theirs) = (run(true), run(false));
+            let diff = max_abs_diff(ours.0, theirs.0);
             assert!(diff < 1e-5, "causal={causal}: outputs differ by {diff}");
-            let (g1, g2) = (
-                (ours * r.clone()).sum().backward(),
-                (theirs * r).sum().backward(),
-            );
             let grads = [
-                ("x", x.grad(&g1).unwrap(), x.grad(&g2).unwrap()),
-                (
-                    "in_proj.weight",
-                    attn.in_proj.weight.grad(&g1).unwrap().unsqueeze(),
-                    attn.in_proj.weight.grad(&g2).unwrap().unsqueeze(),
-                ),
-                (
-                    "out_proj.weight",
-                    attn.out_proj.weight.grad(&g1).unwrap().unsqueeze(),
-                    attn.out_proj.weight.grad(&g2).unwrap().unsqueeze(),
-                ),
+                ("x", ours.1, theirs.1),
+                ("in_proj.weight", ours.2, theirs.2),
+                ("out_proj.weight", ours.3, theirs.3),
             ];
             for (name, a, b) in grads {
                 let scale: f32 = b.clone().abs().max().into_scalar();
@@ -385,8 +333,7 @@ mod tests {
                     "causal={causal}: d{name} differs by {diff}"
                 );
             }
-            let bias = attn.in_proj.bias.as_ref().unwrap();
-            let diff = max_abs_diff(bias.grad(&g1).unwrap(), bias.grad(&g2).unwrap());
+            let diff = max_abs_diff(ours.4, theirs.4);
             assert!(
                 diff < 1e-5,
                 "causal={causal}: d in_proj.bias differs by {diff}"
@@ -401,38 +348,38 @@ mod tests {
         let device = Default::default();
         let net = Transformer::<B>::new(16, 2, 4, 4.0, Act::Gelu, &device);
         for (causal, rows) in [(true, vec![6i64, 0, 3]), (false, vec![0, 0, 0])] {
-            let x = Tensor::<B, 3>::random([3, 7, 16], Distribution::Normal(0.0, 1.0), &device)
-                .require_grad();
+            let x0 = Tensor::<B, 3>::random([3, 7, 16], Distribution::Normal(0.0, 1.0), &device);
             let r = Tensor::<B, 3>::random([3, 1, 16], Distribution::Normal(0.0, 1.0), &device);
             let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.clone(), [3]), &device);
-            let ours = net.forward_rows(x.clone(), idx.clone(), causal);
-            let full = select_rows(net.forward(x.clone(), causal), idx.reshape([3, 1]));
-            let diff = max_abs_diff(ours.clone().inner(), full.clone().inner());
+            let (last, first) = (&net.resblocks[1], &net.resblocks[0]);
+            // One pass at a time: a backward consumes the graph, and the parameters are shared.
+            let run = |rows_only: bool| {
+                let x = x0.clone().require_grad();
+                let y = match rows_only {
+                    true => net.forward_rows(x.clone(), idx.clone(), causal),
+                    false => {
+                        select_rows(net.forward(x.clone(), causal), idx.clone().reshape([3, 1]))
+                    }
+                };
+                let g = (y.clone() * r.clone()).sum().backward();
+                let w = |p: &Param<Tensor<B, 2>>| p.grad(&g).unwrap().unsqueeze::<3>();
+                (
+                    y.inner(),
+                    [
+                        ("x", x.grad(&g).unwrap()),
+                        ("last in_proj.weight", w(&last.attn.in_proj.weight)),
+                        ("last mlp.c_fc.weight", w(&last.mlp.c_fc.weight)),
+                        ("first out_proj.weight", w(&first.attn.out_proj.weight)),
+                    ],
+                )
+            };
+            let ((ours, g1), (full, g2)) = (run(true), run(false));
+            let diff = max_abs_diff(ours, full);
             assert!(diff < 1e-5, "causal={causal}: outputs differ by {diff}");
-            let (g1, g2) = (
-                (ours * r.clone()).sum().backward(),
-                (full * r).sum().backward(),
-            );
-            let last = &net.resblocks[1];
-            let first = &net.resblocks[0];
-            let grads = [
-                ("x", x.grad(&g1).unwrap(), x.grad(&g2).unwrap()),
-                (
-                    "last in_proj.weight",
-                    last.attn.in_proj.weight.grad(&g1).unwrap().unsqueeze(),
-                    last.attn.in_proj.weight.grad(&g2).unwrap().unsqueeze(),
-                ),
-                (
-                    "last mlp.c_fc.weight",
-                    last.mlp.c_fc.weight.grad(&g1).unwrap().unsqueeze(),
-                    last.mlp.c_fc.weight.grad(&g2).unwrap().unsqueeze(),
-                ),
-                (
-                    "first out_proj.weight",
-                    first.attn.out_proj.weight.grad(&g1).unwrap().unsqueeze(),
-                    first.attn.out_proj.weight.grad(&g2).unwrap().unsqueeze(),
-                ),
-            ];
+            let grads = g1
+                .into_iter()
+                .zip(g2)
+                .map(|((name, a), (_, b))| (name, a, b));
             for (name, a, b) in grads {
                 let scale: f32 = b.clone().abs().max().into_scalar();
                 assert!(scale > 0.0, "{name}: no gradient");

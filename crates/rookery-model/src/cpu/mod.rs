@@ -5,10 +5,14 @@
 //! - [`gelu`]: exact GELU, forward and backward (see [`math`] for how it is computed);
 //! - [`softmax`]: softmax over the last dimension, forward and backward;
 //! - [`layer_norm`]: LayerNorm with a bias, forward and one backward for input and parameters;
-//! - [`rows_to_columns`]: `[B*T, D]` to `[B, D, T]`, materialised both ways.
+//! - [`rows_to_columns`]: `[B*T, D]` to `[B, D, T]`, materialised both ways;
+//! - [`linear`]: `x W + b` as one GEMM into a buffer of its own, backward two GEMMs;
+//! - [`attention`]: multi-head attention over a packed q/k/v projection, one pass per sequence.
 
+mod attention;
 mod gelu;
 mod layer_norm;
+mod linear;
 pub mod math;
 mod node;
 mod softmax;
@@ -19,7 +23,7 @@ use std::any::Any;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::Autodiff;
-use burn::nn::LayerNorm;
+use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation;
 use burn::tensor::backend::BackendTypes;
@@ -60,16 +64,16 @@ pub fn layer_norm<B: Backend, const D: usize>(
         |x| {
             layer_norm::autodiff(
                 x,
-                prim::<B, _>(ln.gamma.val()),
-                prim::<B, _>(beta.val()),
+                prim::<B, _, 1>(ln.gamma.val()),
+                prim::<B, _, 1>(beta.val()),
                 eps,
             )
         },
         |x| {
             layer_norm::plain(
                 x,
-                prim::<B, _>(ln.gamma.val()),
-                prim::<B, _>(beta.val()),
+                prim::<B, _, 1>(ln.gamma.val()),
+                prim::<B, _, 1>(beta.val()),
                 eps,
             )
         },
@@ -89,6 +93,88 @@ pub fn rows_to_columns<B: Backend>(x: Tensor<B, 2>, b: usize) -> Tensor<B, 3> {
             x.reshape([b, bt / b, d]).swap_dims(1, 2)
         },
     )
+}
+
+/// `layer.forward(x)` for `x` `[N, in]`: on flex, when the layer has a bias, one GEMM that
+/// starts from the bias rows ([`linear`](self::linear)'s module says why); elsewhere burn's.
+pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let Some(bias) = &layer.bias else {
+        return layer.forward(x);
+    };
+    on_flex(
+        x,
+        |x| {
+            linear::autodiff(
+                x,
+                prim::<B, _, 2>(layer.weight.val()),
+                prim::<B, _, 1>(bias.val()),
+            )
+        },
+        |x| {
+            linear::plain(
+                x,
+                prim::<B, _, 2>(layer.weight.val()),
+                prim::<B, _, 1>(bias.val()),
+            )
+        },
+        |x| layer.forward(x),
+    )
+}
+
+pub use attention::Spec as AttentionSpec;
+
+/// Multi-head scaled dot-product attention over `qkv` `[B*T, 3D]` (the packed input
+/// projection: q, k, v side by side, heads in order within each) -> `[B*Tq, D]`, heads side by
+/// side. On flex one fused pass per sequence forward and backward
+/// ([`attention`](self::attention)'s module); elsewhere [`attention_composed`].
+pub fn attention<B: Backend>(qkv: Tensor<B, 2>, spec: AttentionSpec) -> Tensor<B, 2> {
+    let other = spec.clone();
+    on_flex(
+        qkv,
+        |x| attention::autodiff(x, spec.clone()),
+        |x| attention::plain(x, spec.clone()),
+        |x| attention_composed(x, &other),
+    )
+}
+
+/// [`attention`] from burn's tensor ops: the reference the fused kernel is tested against.
+pub fn attention_composed<B: Backend>(qkv: Tensor<B, 2>, spec: &AttentionSpec) -> Tensor<B, 2> {
+    let (b, h) = (spec.batch, spec.heads);
+    let [bt, d3] = qkv.dims();
+    let (t, d) = (bt / b, d3 / 3);
+    let device = qkv.device();
+    let split = |x: Tensor<B, 2>, rows: usize| {
+        x.reshape([b, rows, 3, h, d / h]).permute([2, 0, 3, 1, 4]) // [3, B, H, rows, Dh]
+    };
+    let part = |x: Tensor<B, 5>, i: usize| x.slice(s![i..i + 1]).squeeze_dim::<4>(0);
+    let (q_src, tq, pos): (Tensor<B, 2>, usize, Vec<usize>) = match &spec.rows {
+        Some(rows) => {
+            let flat: Vec<i64> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, &r)| (i * t + r) as i64)
+                .collect();
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [b]), &device);
+            (qkv.clone().select(0, idx), 1, rows.clone())
+        }
+        None => (qkv.clone(), t, (0..b).flat_map(|_| 0..t).collect()),
+    };
+    let all = split(qkv, t);
+    let q = part(split(q_src, tq), 0);
+    let scale = ((d / h) as f64).powf(-0.5);
+    let mut scores = q.matmul(part(all.clone(), 1).swap_dims(2, 3)) * scale; // [B, H, Tq, T]
+    if spec.causal {
+        let mask: Vec<f32> = pos
+            .iter()
+            .flat_map(|&p| (0..t).map(move |j| if j > p { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [b, 1, tq, t]), &device);
+        scores = scores + mask;
+    }
+    activation::softmax(scores, 3)
+        .matmul(part(all, 2))
+        .swap_dims(1, 2)
+        .reshape([b * tq, d])
 }
 
 /// `autodiff(x)` when `x` is an f32 tensor of `Autodiff<Flex>`, `plain(x)` when it is one of
@@ -136,7 +222,7 @@ fn generic<T: Any, P: Any>(value: T) -> P {
 }
 
 /// A parameter's primitive as the concrete type `T` its backend has.
-fn prim<B: Backend, T: Any>(t: Tensor<B, 1>) -> T {
+fn prim<B: Backend, T: Any, const D: usize>(t: Tensor<B, D>) -> T {
     generic(t.into_primitive().tensor())
 }
 
@@ -298,6 +384,117 @@ mod tests {
             .with_bias(false)
             .init::<Flex>(&device);
         assert!(max_diff(layer_norm(&ln, x.clone(), 1e-5), ln.forward(x)) < 1e-6);
+    }
+
+    /// Gradients of `sum(y * w)` for the given inputs, `None` where an input has none.
+    fn grads_of<const D: usize>(
+        y: Tensor<AD, D>,
+        w: Tensor<AD, D>,
+        inputs: &[Tensor<AD, 2>],
+    ) -> Vec<Option<Tensor<Flex, 2>>> {
+        let g = (y * w).sum().backward();
+        inputs.iter().map(|t| t.grad(&g)).collect()
+    }
+
+    #[test]
+    fn linear_and_its_three_gradients_match_burns() {
+        use burn::nn::LinearConfig;
+        let device = Default::default();
+        let mut layer = LinearConfig::new(19, 23).init::<AD>(&device);
+        layer.bias = layer
+            .bias
+            .map(|b| b.map(|b| b.random_like(Distribution::Normal(0.0, 1.0)).require_grad()));
+        let x = Tensor::<AD, 2>::random([37, 19], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<AD, 2>::random([37, 23], Distribution::Default, &device);
+        for transposed in [false, true] {
+            let run = |ours: bool| {
+                let x = x.clone().detach().require_grad();
+                // A transposed view is copied before the GEMM reads it.
+                let input = match transposed {
+                    true => x.clone().transpose().transpose(),
+                    false => x.clone(),
+                };
+                let y = match ours {
+                    true => linear(&layer, input),
+                    false => layer.forward(input),
+                };
+                let g = (y.clone() * w.clone()).sum().backward();
+                let bias = layer.bias.as_ref().unwrap().val();
+                (
+                    y.inner(),
+                    x.grad(&g).unwrap(),
+                    layer.weight.val().grad(&g).unwrap(),
+                    bias.grad(&g).unwrap(),
+                )
+            };
+            let (ours, burns) = (run(true), run(false));
+            assert!(max_diff(ours.0, burns.0) < 1e-5);
+            assert!(max_diff(ours.1, burns.1) < 1e-5);
+            assert!(max_diff(ours.2, burns.2) < 1e-4);
+            assert!(max_diff(ours.3, burns.3) < 1e-5);
+        }
+        // An input that is data (no gradient) still gives the parameters theirs.
+        let y = linear(&layer, x.clone());
+        let g = (y * w).sum().backward();
+        assert!(layer.weight.val().grad(&g).is_some());
+        // Without autodiff.
+        let plain = LinearConfig::new(19, 23).init::<Flex>(&device);
+        let x = Tensor::<Flex, 2>::random([5, 19], Distribution::Normal(0.0, 1.0), &device);
+        assert!(max_diff(linear(&plain, x.clone()), plain.forward(x)) < 1e-5);
+    }
+
+    #[test]
+    fn fused_attention_and_its_gradient_match_the_composed_form() {
+        let device = Default::default();
+        let (b, t, d, heads) = (3, 7, 16, 4);
+        let qkv = Tensor::<AD, 2>::random([b * t, 3 * d], Distribution::Normal(0.0, 1.5), &device);
+        for (causal, rows) in [
+            (false, None),
+            (true, None),
+            (true, Some(vec![6, 0, 3])),
+            (false, Some(vec![0, 0, 0])),
+        ] {
+            let spec = AttentionSpec {
+                batch: b,
+                heads,
+                causal,
+                rows,
+            };
+            let tq = if spec.rows.is_some() { 1 } else { t };
+            let w = Tensor::<AD, 2>::random([b * tq, d], Distribution::Default, &device);
+            let (a, c) = (qkv.clone().require_grad(), qkv.clone().require_grad());
+            let (ya, yc) = (
+                attention(a.clone(), spec.clone()),
+                attention_composed(c.clone(), &spec),
+            );
+            assert_eq!(ya.dims(), [b * tq, d]);
+            assert!(max_diff(ya.clone(), yc.clone()) < 1e-5, "{spec:?}");
+            let ga = grads_of(ya, w.clone(), &[a])[0].clone().unwrap();
+            let gc = grads_of(yc, w, &[c])[0].clone().unwrap();
+            assert!(max_diff(ga.clone(), gc) < 1e-5, "{spec:?}");
+            assert!(ga.abs().sum().into_scalar() > 1.0, "gradients reach qkv");
+        }
+        // A causal query's output does not depend on later keys or values.
+        let spec = AttentionSpec {
+            batch: 1,
+            heads: 2,
+            causal: true,
+            rows: None,
+        };
+        let x = Tensor::<Flex, 2>::random([5, 24], Distribution::Normal(0.0, 1.0), &device);
+        let changed = x.clone().slice_assign(
+            s![4..5, ..],
+            Tensor::random([1, 24], Distribution::Normal(0.0, 1.0), &device),
+        );
+        let (y1, y2) = (attention(x, spec.clone()), attention(changed, spec));
+        assert_eq!(
+            max_diff(
+                y1.clone().slice(s![0..4, ..]),
+                y2.clone().slice(s![0..4, ..])
+            ),
+            0.0
+        );
+        assert!(max_diff(y1.slice(s![4..5, ..]), y2.slice(s![4..5, ..])) > 1e-3);
     }
 
     #[test]
