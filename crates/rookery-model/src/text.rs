@@ -118,12 +118,8 @@ impl<B: Backend> TextTransformer<B> {
             .int()
             .argmax(1)
             .reshape([b]); // first end token
-        let x = self.token_embedding.forward(tokens)
-            + self
-                .positional_embedding
-                .val()
-                .slice(s![0..t, ..])
-                .unsqueeze::<3>();
+        let pos = self.positional_embedding.val().slice(s![0..t, ..]);
+        let x = crate::cpu::add_positions(self.token_embedding.forward(tokens), pos);
         // Only the end token's features are read: the last block computes that row alone.
         let x = self.transformer.forward_rows(x, eot, true); // [B, 1, W]
         let w = x.dims()[2];

@@ -130,10 +130,10 @@ impl<B: Backend> VisionTransformer<B> {
                     .val()
                     .reshape([1, 1, w])
                     .expand([b, 1, w]);
-                Tensor::cat(vec![cls, x], 1) + pos.unsqueeze::<3>()
+                crate::cpu::add_positions(Tensor::cat(vec![cls, x], 1), pos)
             }
             Some(keep) => {
-                let x = x + pos.clone().slice(s![1.., ..]).unsqueeze::<3>();
+                let x = crate::cpu::add_positions(x, pos.clone().slice(s![1.., ..]));
                 let x = select_rows(x, keep);
                 let cls = (self.class_embedding.val().reshape([1, w]) + pos.slice(s![0..1, ..]))
                     .reshape([1, 1, w])
@@ -152,10 +152,7 @@ impl<B: Backend> VisionTransformer<B> {
         let [b, c, h, w] = images.dims();
         let [width, _, p, _] = self.conv1.weight.dims();
         let (gh, gw) = (h / p, w / p);
-        let patches = images
-            .reshape([b, c, gh, p, gw, p])
-            .permute([0, 2, 4, 1, 3, 5])
-            .reshape([b * gh * gw, c * p * p]);
+        let patches = crate::cpu::patchify(images, p);
         let kernel = self.conv1.weight.val().reshape([width, c * p * p]);
         patches
             .matmul(kernel.transpose())

@@ -123,39 +123,69 @@ impl pulp::WithSimd for Forward<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
         let (t, tq, d, dh, scale) = self.dims.all();
         let row = |j: usize, part: usize, h: usize| {
             let at = j * 3 * d + part * d + h * dh;
             &self.seq[at..at + dh]
         };
+        let mut k_t = vec![0f32; dh * t];
         for h in 0..self.spec.heads {
+            columns(&mut k_t, t, |j| row(j, 1, h));
             for i in 0..tq {
                 let (pos, seen) = self.spec.query(self.b, i, t);
-                let q = row(pos, 0, h);
-                let w = &mut self.p[(h * tq + i) * t..(h * tq + i + 1) * t];
-                for (j, s) in w[..seen].iter_mut().enumerate() {
-                    *s = scale * math::lane_sum([q, row(j, 1, h)], |[a, b]| a * b);
+                let w = &mut self.p[(h * tq + i) * t..(h * tq + i) * t + seen];
+                row_times_columns(simd, w, row(pos, 0, h), &k_t, t);
+                let max = w.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                for s in w.iter_mut() {
+                    *s = math::exp(scale * (*s - max));
                 }
-                let max = w[..seen].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                for s in &mut w[..seen] {
-                    *s = math::exp(*s - max);
-                }
-                let total = math::lane_sum([&w[..seen]], |[v]| v);
+                let total = math::lane_sum([&*w], |[v]| v);
                 let out = &mut self.y[i * d + h * dh..i * d + (h + 1) * dh];
-                for (j, s) in w[..seen].iter_mut().enumerate() {
+                for (j, s) in w.iter_mut().enumerate() {
                     *s /= total;
-                    axpy(out, *s, row(j, 2, h));
+                    axpy(simd, out, *s, row(j, 2, h));
                 }
             }
         }
     }
 }
 
-/// `y += a x`.
+/// `dst[c * t + j] = rows(j)[c]`: the rows `0..t`, each `dh` long, as `dh` columns of `t`,
+/// so that a query's dot products with every key are `dh` vectorised passes over `t` lanes
+/// instead of `t` horizontal sums.
 #[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
+fn columns<'a>(dst: &mut [f32], t: usize, rows: impl Fn(usize) -> &'a [f32]) {
+    for j in 0..t {
+        for (c, &v) in rows(j).iter().enumerate() {
+            dst[c * t + j] = v;
+        }
+    }
+}
+
+/// `out[j] = sum over c of x[c] * cols[c * t + j]` for `j < out.len()`.
+#[inline(always)]
+fn row_times_columns<S: pulp::Simd>(simd: S, out: &mut [f32], x: &[f32], cols: &[f32], t: usize) {
+    out.fill(0.0);
+    let n = out.len();
+    for (c, &xc) in x.iter().enumerate() {
+        axpy(simd, out, xc, &cols[c * t..c * t + n]);
+    }
+}
+
+/// `y += a x` in whole vectors of `S`'s width, then the tail one by one: LLVM's own
+/// vectorisation unrolls for long loops and leaves rows of 17 or 32 scalar. A multiply and
+/// an add, not an FMA, so that the tail and every vector width give the same bits.
+#[inline(always)]
+fn axpy<S: pulp::Simd>(simd: S, y: &mut [f32], a: f32, x: &[f32]) {
+    let x = &x[..y.len()];
+    let (yv, yt) = S::as_mut_simd_f32s(y);
+    let (xv, xt) = S::as_simd_f32s(x);
+    let av = simd.splat_f32s(a);
+    for (y, &x) in yv.iter_mut().zip(xv) {
+        *y = simd.add_f32s(*y, simd.mul_f32s(av, x));
+    }
+    for (y, &x) in yt.iter_mut().zip(xt) {
         *y += a * x;
     }
 }
@@ -197,27 +227,34 @@ impl pulp::WithSimd for Backward1<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
         let (t, tq, d, dh, scale) = self.dims.all();
         let at = |j: usize, part: usize, h: usize| j * 3 * d + part * d + h * dh;
-        let mut dp = vec![0f32; t];
+        let row = |j: usize, part: usize, h: usize| &self.seq[at(j, part, h)..at(j, part, h) + dh];
+        let (mut dp, mut v_t) = (vec![0f32; t], vec![0f32; dh * t]);
         for h in 0..self.spec.heads {
+            columns(&mut v_t, t, |j| row(j, 2, h));
             for i in 0..tq {
                 let (pos, seen) = self.spec.query(self.b, i, t);
                 let w = &self.p[(h * tq + i) * t..(h * tq + i) * t + seen];
                 let g = &self.dy[i * d + h * dh..i * d + (h + 1) * dh];
-                for (j, dp) in dp[..seen].iter_mut().enumerate() {
-                    let v = &self.seq[at(j, 2, h)..at(j, 2, h) + dh];
-                    *dp = math::lane_sum([g, v], |[a, b]| a * b);
+                let dp = &mut dp[..seen];
+                row_times_columns(simd, dp, g, &v_t, t);
+                // Softmax backward, then the scale the scores were multiplied by.
+                let mean = math::lane_sum([w, &*dp], |[a, b]| a * b);
+                for (ds, &wj) in dp.iter_mut().zip(w) {
+                    *ds = scale * wj * (*ds - mean);
                 }
-                let mean = math::lane_sum([w, &dp[..seen]], |[a, b]| a * b);
-                let q = &self.seq[at(pos, 0, h)..at(pos, 0, h) + dh];
-                for (j, (&wj, &dpj)) in w.iter().zip(&dp[..seen]).enumerate() {
-                    let ds = scale * wj * (dpj - mean);
-                    let k = &self.seq[at(j, 1, h)..at(j, 1, h) + dh];
-                    axpy(&mut self.dseq[at(pos, 0, h)..at(pos, 0, h) + dh], ds, k);
-                    axpy(&mut self.dseq[at(j, 1, h)..at(j, 1, h) + dh], ds, q);
-                    axpy(&mut self.dseq[at(j, 2, h)..at(j, 2, h) + dh], wj, g);
+                let q = row(pos, 0, h);
+                for (j, (&wj, &ds)) in w.iter().zip(&*dp).enumerate() {
+                    axpy(
+                        simd,
+                        &mut self.dseq[at(pos, 0, h)..at(pos, 0, h) + dh],
+                        ds,
+                        row(j, 1, h),
+                    );
+                    axpy(simd, &mut self.dseq[at(j, 1, h)..at(j, 1, h) + dh], ds, q);
+                    axpy(simd, &mut self.dseq[at(j, 2, h)..at(j, 2, h) + dh], wj, g);
                 }
             }
         }

@@ -5,18 +5,18 @@
 //! - [`gelu`]: exact GELU, forward and backward (see [`math`] for how it is computed);
 //! - [`softmax`]: softmax over the last dimension, forward and backward;
 //! - [`layer_norm`]: LayerNorm with a bias, forward and one backward for input and parameters;
-//! - [`rows_to_columns`]: `[B*T, D]` to `[B, D, T]`, materialised both ways;
 //! - [`linear`]: `x W + b` as one GEMM into a buffer of its own, backward two GEMMs;
-//! - [`attention`]: multi-head attention over a packed q/k/v projection, one pass per sequence.
+//! - [`attention`]: multi-head attention over a packed q/k/v projection, one pass per sequence;
+//! - [`add_positions`], [`patchify`]: a broadcast add and the patch layout, as plain loops.
 
 mod attention;
 mod gelu;
 mod layer_norm;
+mod layout;
 mod linear;
 pub mod math;
 mod node;
 mod softmax;
-mod transpose;
 
 use std::any::Any;
 
@@ -81,20 +81,6 @@ pub fn layer_norm<B: Backend, const D: usize>(
     )
 }
 
-/// `x.reshape([b, T, D]).swap_dims(1, 2)` for `x` `[B*T, D]`: on flex a transposed copy whose
-/// backward is a transposed copy too ([`transpose`]'s module says why); elsewhere the view.
-pub fn rows_to_columns<B: Backend>(x: Tensor<B, 2>, b: usize) -> Tensor<B, 3> {
-    on_flex(
-        x,
-        |x| transpose::autodiff(x, b),
-        |x| transpose::forward(x, b),
-        |x| {
-            let [bt, d] = x.dims();
-            x.reshape([b, bt / b, d]).swap_dims(1, 2)
-        },
-    )
-}
-
 /// `layer.forward(x)` for `x` `[N, in]`: on flex, when the layer has a bias, one GEMM that
 /// starts from the bias rows ([`linear`](self::linear)'s module says why); elsewhere burn's.
 pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -118,6 +104,35 @@ pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
             )
         },
         |x| layer.forward(x),
+    )
+}
+
+/// `x [B, T, W] + pos [T, W]` (the same positions added to every sequence): on flex one pass,
+/// and a backward that sums over the batch in order; elsewhere burn's broadcast add.
+pub fn add_positions<B: Backend>(x: Tensor<B, 3>, pos: Tensor<B, 2>) -> Tensor<B, 3> {
+    on_flex(
+        x,
+        |x| layout::add_positions_autodiff(x, prim::<B, _, 2>(pos.clone())),
+        |x| layout::add_positions_plain(x, prim::<B, _, 2>(pos.clone())),
+        |x| x + pos.clone().unsqueeze(),
+    )
+}
+
+/// Images `[B, C, H, W]` as the rows of their `p x p` patches, `[B * (H/p) * (W/p), C*p*p]`
+/// (patches row-major over the grid; in a row channel, then y, then x, as `conv1`'s kernel
+/// flattens): on flex a plain copy each way; elsewhere burn's reshape-permute-reshape.
+pub fn patchify<B: Backend>(images: Tensor<B, 4>, p: usize) -> Tensor<B, 2> {
+    on_flex(
+        images,
+        |x| layout::patchify_autodiff(x, p),
+        |x| layout::patchify_plain(x, p),
+        |x| {
+            let [b, c, h, w] = x.dims();
+            let (gh, gw) = (h / p, w / p);
+            x.reshape([b, c, gh, p, gw, p])
+                .permute([0, 2, 4, 1, 3, 5])
+                .reshape([b * gh * gw, c * p * p])
+        },
     )
 }
 
@@ -444,6 +459,54 @@ mod tests {
     }
 
     #[test]
+    fn position_add_and_patch_rows_match_burns_with_gradients() {
+        let device = Default::default();
+        let x = Tensor::<AD, 3>::random([3, 5, 4], Distribution::Normal(0.0, 1.0), &device);
+        let pos = Tensor::<AD, 2>::random([5, 4], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<AD, 3>::random([3, 5, 4], Distribution::Default, &device);
+        let run = |ours: bool| {
+            let (x, pos) = (x.clone().require_grad(), pos.clone().require_grad());
+            let y = match ours {
+                true => add_positions(x.clone(), pos.clone()),
+                false => x.clone() + pos.clone().unsqueeze(),
+            };
+            let g = (y.clone() * w.clone()).sum().backward();
+            (y.inner(), x.grad(&g).unwrap(), pos.grad(&g).unwrap())
+        };
+        let (ours, burns) = (run(true), run(false));
+        assert_eq!(max_diff(ours.0, burns.0), 0.0);
+        assert_eq!(max_diff(ours.1, burns.1), 0.0);
+        assert!(max_diff(ours.2, burns.2) < 1e-6);
+
+        let images = Tensor::<AD, 4>::random([2, 3, 8, 12], Distribution::Default, &device);
+        let w = Tensor::<AD, 2>::random([2 * 2 * 3, 3 * 16], Distribution::Default, &device);
+        let run = |ours: bool| {
+            let x = images.clone().require_grad();
+            let y = match ours {
+                true => patchify(x.clone(), 4),
+                false => x
+                    .clone()
+                    .reshape([2, 3, 2, 4, 3, 4])
+                    .permute([0, 2, 4, 1, 3, 5])
+                    .reshape([12, 48]),
+            };
+            let g = (y.clone() * w.clone()).sum().backward();
+            (y.inner(), x.grad(&g).unwrap())
+        };
+        let (ours, burns) = (run(true), run(false));
+        assert_eq!(max_diff(ours.0, burns.0), 0.0);
+        assert_eq!(max_diff(ours.1, burns.1), 0.0);
+        // Pixel (image 1, channel 2, y 5, x 9) is in patch (1, 2) of image 1, at (2, 1, 1).
+        let px: f32 = images
+            .clone()
+            .inner()
+            .slice(s![1..2, 2..3, 5..6, 9..10])
+            .into_scalar();
+        let row = patchify(images.inner(), 4).slice(s![6 + 3 + 2..6 + 3 + 3, 37..38]);
+        assert_eq!(row.into_scalar(), px);
+    }
+
+    #[test]
     fn fused_attention_and_its_gradient_match_the_composed_form() {
         let device = Default::default();
         let (b, t, d, heads) = (3, 7, 16, 4);
@@ -495,20 +558,5 @@ mod tests {
             0.0
         );
         assert!(max_diff(y1.slice(s![4..5, ..]), y2.slice(s![4..5, ..])) > 1e-3);
-    }
-
-    #[test]
-    fn rows_to_columns_and_its_gradient_match_the_view() {
-        let device = Default::default();
-        let x = Tensor::<AD, 2>::random([3 * 7, 5], Distribution::Default, &device);
-        let w = Tensor::<AD, 3>::random([3, 5, 7], Distribution::Default, &device);
-        let (a, b) = (x.clone().require_grad(), x.require_grad());
-        let (ya, yb) = (
-            rows_to_columns(a.clone(), 3),
-            b.clone().reshape([3, 7, 5]).swap_dims(1, 2),
-        );
-        assert_eq!(max_diff(ya.clone(), yb.clone()), 0.0);
-        let (ga, gb) = ((ya * w.clone()).sum().backward(), (yb * w).sum().backward());
-        assert_eq!(max_diff(a.grad(&ga).unwrap(), b.grad(&gb).unwrap()), 0.0);
     }
 }
