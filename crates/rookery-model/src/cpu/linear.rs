@@ -17,7 +17,7 @@ use super::{contiguous, ADFlexTensor};
 
 /// A row-major matrix operand for [`gemm`]: its first element and its two strides.
 #[derive(Clone, Copy)]
-pub(super) struct Mat {
+struct Mat {
     ptr: *const f32,
     row_stride: isize,
     col_stride: isize,
@@ -25,7 +25,7 @@ pub(super) struct Mat {
 
 impl Mat {
     /// `data` read as an `[rows, cols]` row-major matrix.
-    pub(super) fn rows(data: &[f32], cols: usize) -> Self {
+    fn rows(data: &[f32], cols: usize) -> Self {
         Mat {
             ptr: data.as_ptr(),
             row_stride: cols as isize,
@@ -34,7 +34,7 @@ impl Mat {
     }
 
     /// The transpose of `data` read as `[rows, cols]` row-major: `[cols, rows]`.
-    pub(super) fn transposed(data: &[f32], cols: usize) -> Self {
+    fn transposed(data: &[f32], cols: usize) -> Self {
         Mat {
             ptr: data.as_ptr(),
             row_stride: 1,
@@ -47,7 +47,7 @@ impl Mat {
 /// holds instead of overwriting it. The caller keeps `a` and `b` alive and sized for the
 /// shapes given.
 #[allow(unsafe_code)]
-pub(super) fn gemm(out: &mut [f32], [m, n, k]: [usize; 3], a: Mat, b: Mat, accumulate: bool) {
+fn gemm(out: &mut [f32], [m, n, k]: [usize; 3], a: Mat, b: Mat, accumulate: bool) {
     assert!(out.len() >= m * n, "gemm output too small");
     // Worth splitting over threads only when the product is large (burn-flex's threshold).
     let parallelism = if m * n * k >= 192 * 192 * 192 && rayon::current_num_threads() > 1 {
