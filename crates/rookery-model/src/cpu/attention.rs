@@ -19,7 +19,7 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{Shape, TensorData};
 use rayon::prelude::*;
 
-use super::{contiguous, math, ADFlexTensor};
+use super::{contiguous, math, slice, ADFlexTensor};
 
 /// The shape of one attention call.
 #[derive(Clone, Debug)]
@@ -75,10 +75,6 @@ impl Spec {
         let pos = self.rows.as_ref().map_or(i, |r| r[b]);
         (pos, if self.causal { pos + 1 } else { t })
     }
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("contiguous f32")
 }
 
 /// `(y [B*Tq, D], p [B, H, Tq, T])`: the output and the attention weights (0 where masked).

@@ -15,7 +15,7 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{Shape, TensorData, TensorMetadata};
 use rayon::prelude::*;
 
-use super::{contiguous, math, ADFlexTensor, CHUNK};
+use super::{contiguous, math, slice, ADFlexTensor, CHUNK};
 
 /// What the backward needs: the normalised input, each row's `1 / sqrt(var + eps)`, `gamma`.
 #[derive(Clone, Debug)]
@@ -178,10 +178,6 @@ impl pulp::WithSimd for BackwardRows<'_> {
             }
         }
     }
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("contiguous f32")
 }
 
 #[derive(Debug)]

@@ -13,7 +13,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{Shape, TensorData};
 
-use super::{contiguous, ADFlexTensor};
+use super::{contiguous, slice, ADFlexTensor};
 
 /// A row-major matrix operand for [`gemm`]: its first element and its two strides.
 #[derive(Clone, Copy)]
@@ -80,10 +80,6 @@ fn gemm(out: &mut [f32], [m, n, k]: [usize; 3], a: Mat, b: Mat, accumulate: bool
             parallelism,
         );
     }
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("contiguous f32")
 }
 
 /// `x [N, in] W [in, out] + b [out]`.

@@ -245,6 +245,11 @@ fn float<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D>
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
+/// The f32 values of a row-major flex tensor (one that went through [`contiguous`]).
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32")
+}
+
 /// The f32 values of a flex tensor in row-major order: borrowed when it is laid out that way
 /// already, copied otherwise.
 fn contiguous(t: FlexTensor) -> FlexTensor {
