@@ -2,6 +2,7 @@
 //! optimizer pieces ([`optim`]), checkpoints ([`checkpoint`]), evaluation ([`eval`]), metrics
 //! ([`metrics`]) and plots ([`plot`]).
 
+pub mod adam;
 pub mod bench;
 pub mod causal;
 pub mod checkpoint;

@@ -2,18 +2,20 @@
 //! `logit_scale`), global-norm gradient clipping like torch's `clip_grad_norm_`, and a learning
 //! rate with linear warmup then cosine decay.
 //!
-//! burn 0.21 has no parameter groups: one AdamW without decay runs over every trainable
-//! parameter, decoupled weight decay is applied beside it to the ids [`ParamSplit`] picks, and
+//! burn 0.21 has no parameter groups: one Adam (burn's AdamW without decay, [`crate::adam`])
+//! runs over every trainable parameter, decoupled weight decay is applied beside it to the ids [`ParamSplit`] picks, and
 //! per-parameter learning-rate multipliers scale those parameters' updates afterwards.
 
 use std::collections::{HashMap, HashSet};
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rookery_model::Clip;
+
+use crate::adam::Adam;
 use serde::{Deserialize, Serialize};
 
 /// `[optim]`.
@@ -214,7 +216,7 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for GlobalNorm<'_, AB::InnerBackend>
 
 /// AdamW over a model's parameters (burn keeps state only for parameters that get gradients,
 /// so frozen ones never enter it).
-pub type AdamWOf<B, M> = OptimizerAdaptor<AdamW, M, B>;
+pub type AdamWOf<B, M> = OptimizerAdaptor<Adam, M, B>;
 
 /// AdamW over CLIP's parameters.
 pub type ClipAdamW<B> = AdamWOf<B, Clip<B>>;
@@ -223,12 +225,7 @@ impl OptimConfig {
     /// AdamW with this config's betas and eps; weight decay is applied by [`Updater`] instead,
     /// decoupled and only to the parameters [`ParamSplit`] picks.
     pub fn adamw<B: AutodiffBackend, M: AutodiffModule<B>>(&self) -> AdamWOf<B, M> {
-        AdamWConfig::new()
-            .with_beta_1(self.beta1)
-            .with_beta_2(self.beta2)
-            .with_epsilon(self.eps)
-            .with_weight_decay(0.0)
-            .init::<B, M>()
+        OptimizerAdaptor::from(Adam::new(self.beta1, self.beta2, self.eps))
     }
 }
 

@@ -7,8 +7,10 @@
 //! - [`layer_norm`]: LayerNorm with a bias, forward and one backward for input and parameters;
 //! - [`linear`]: `x W + b` as one GEMM into a buffer of its own, backward two GEMMs;
 //! - [`attention`]: multi-head attention over a packed q/k/v projection, one pass per sequence;
-//! - [`add_positions`], [`patchify`]: a broadcast add and the patch layout, as plain loops.
+//! - [`add_positions`], [`patchify`]: a broadcast add and the patch layout, as plain loops;
+//! - [`adam_step`]: Adam's update of one parameter in one pass (for the optimizer).
 
+mod adam;
 mod attention;
 mod gelu;
 mod layer_norm;
@@ -28,6 +30,8 @@ use burn::prelude::*;
 use burn::tensor::activation;
 use burn::tensor::backend::BackendTypes;
 use burn::tensor::{DType, TensorData, TensorMetadata, TensorPrimitive};
+
+pub use adam::AdamStep;
 
 /// Exact GELU, `x * Phi(x)`: on flex through [`math::gelu`] (8 or 16 lanes at a time) with a
 /// backward of its own; elsewhere burn's `activation::gelu`.
@@ -213,6 +217,30 @@ fn on_flex<B: Backend, const D: usize, const E: usize>(
         Err(p) => p,
     };
     other(float::<B, D>(p))
+}
+
+/// Whether `t` is an f32 tensor of the flex backend (not autodiff), which [`adam_step`] takes.
+pub fn is_flex_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+    t.dtype() == DType::F32
+        && std::any::TypeId::of::<B::FloatTensorPrimitive>() == std::any::TypeId::of::<FlexTensor>()
+}
+
+/// Adam's step for one parameter of a flex model (see [`is_flex_f32`]; panics on any other):
+/// `(param, moment_1, moment_2)` after it, with `moments` `None` on the first step. The same
+/// bits as burn's `AdamW` without weight decay, in one pass instead of a dozen ops.
+pub fn adam_step<B: Backend, const D: usize>(
+    param: Tensor<B, D>,
+    grad: Tensor<B, D>,
+    moments: Option<(Tensor<B, D>, Tensor<B, D>)>,
+    step: &AdamStep,
+) -> (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>) {
+    assert!(
+        is_flex_f32(&param),
+        "adam_step runs on flex f32 tensors only"
+    );
+    let moments = moments.map(|(m, v)| (prim::<B, FlexTensor, D>(m), prim(v)));
+    let (p, m, v) = adam::update(prim(param), prim(grad), moments, step);
+    (float(generic(p)), float(generic(m)), float(generic(v)))
 }
 
 /// Elements per rayon task: large enough that splitting costs nothing next to the work.
