@@ -3,8 +3,9 @@
 //! rate with linear warmup then cosine decay.
 //!
 //! burn 0.21 has no parameter groups: one Adam (burn's AdamW without decay, [`crate::adam`])
-//! runs over every trainable parameter, decoupled weight decay is applied beside it to the ids [`ParamSplit`] picks, and
-//! per-parameter learning-rate multipliers scale those parameters' updates afterwards.
+//! runs over every trainable parameter, decoupled weight decay is applied beside it to the ids
+//! [`ParamSplit`] picks, and per-parameter learning-rate multipliers scale those parameters'
+//! updates afterwards.
 
 use std::collections::{HashMap, HashSet};
 
