@@ -77,7 +77,8 @@ def main():
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--layers", type=int, default=3, help="image tower layers")
     p.add_argument("--text-layers", type=int, default=None, help="text tower layers (default: --layers)")
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4, help="image tower heads")
+    p.add_argument("--text-heads", type=int, default=None, help="text tower heads (default: --heads)")
     p.add_argument("--ctx", type=int, default=32)
     p.add_argument("--vocab", type=int, default=64)
     p.add_argument("--embed", type=int, default=128)
@@ -85,7 +86,7 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     m = Clip(a.image, a.patch, a.width, a.layers, a.heads, a.vocab, a.ctx, a.width,
-             a.text_layers or a.layers, a.heads, a.embed)
+             a.text_layers or a.layers, a.text_heads or a.heads, a.embed)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     eot = 3
     times = []
