@@ -46,10 +46,13 @@ impl<B: Backend> SimpleOptimizer<B> for Adam {
         grad: Tensor<B, D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<B, D>, Option<Self::State<D>>) {
-        let amsgrad = state
-            .as_ref()
-            .is_some_and(|s| s.momentum.max_moment_2.is_some());
-        if !is_flex_f32(&tensor) || amsgrad {
+        // The kernel covers flex f32 values without AMSGrad's extra moment (which this config
+        // never makes; a state from elsewhere might carry it, or other dtypes).
+        let plain = state.as_ref().is_none_or(|s| {
+            let m = &s.momentum;
+            m.max_moment_2.is_none() && is_flex_f32(&m.moment_1) && is_flex_f32(&m.moment_2)
+        });
+        if !(plain && is_flex_f32(&tensor) && is_flex_f32(&grad)) {
             return self.burn.step(lr, tensor, grad, state);
         }
         let time = state.as_ref().map_or(0, |s| s.momentum.time) + 1;
