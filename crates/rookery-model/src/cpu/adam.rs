@@ -2,7 +2,7 @@
 //! burn's `AdamW` takes about a dozen element-wise ops per parameter, each a full-size buffer;
 //! this reads the parameter, gradient and both moments once and writes the three back in place.
 //! Every value goes through the same f32 operations in the same order as burn's, so the result
-//! is the same bits (tests/adam in rookery-train checks it).
+//! is the same bits (the test in crates/rookery-train/src/adam.rs checks it).
 
 use burn::backend::flex::FlexTensor;
 use burn::tensor::{TensorData, TensorMetadata};
