@@ -8,6 +8,12 @@
 //! place and writes the heads' outputs side by side (`[B*Tq, D]`, ready for `out_proj`); the
 //! backward is one pass too and writes the gradient of the packed projection.
 //!
+//! Per sequence and head, the keys and values are copied once into buffers padded to whole
+//! SIMD vectors, and every row product (scores, outputs; dQ, dK and dV in the backward) sums a
+//! few vectors in registers, over its index in order. Rows of 17 or 20 then have no scalar
+//! tails, and no step waits on the store of the one before; the bits are those of a plain
+//! loop in the same order.
+//!
 //! Queries: every position, or one row per sequence (`rows`, for a tower that reads one token
 //! of its last block). Causal: a query at position p sees keys 0..=p.
 
@@ -121,69 +127,118 @@ impl pulp::WithSimd for Forward<'_> {
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
         let (t, tq, d, dh, scale) = self.dims.all();
+        let (tp, dp) = padded::<S>(t, dh);
         let row = |j: usize, part: usize, h: usize| {
             let at = j * 3 * d + part * d + h * dh;
             &self.seq[at..at + dh]
         };
-        let mut k_t = vec![0f32; dh * t];
+        // One head's keys as columns and values as rows, both zero-padded to whole vectors.
+        let (mut k_t, mut v) = (vec![0f32; dh * tp], vec![0f32; t * dp]);
+        let (mut w, mut out) = (vec![0f32; tp], vec![0f32; dp]);
         for h in 0..self.spec.heads {
-            columns(&mut k_t, t, |j| row(j, 1, h));
+            columns(&mut k_t, tp, t, |j| row(j, 1, h));
+            rows(&mut v, dp, t, |j| row(j, 2, h));
             for i in 0..tq {
                 let (pos, seen) = self.spec.query(self.b, i, t);
-                let w = &mut self.p[(h * tq + i) * t..(h * tq + i) * t + seen];
-                row_times_columns(simd, w, row(pos, 0, h), &k_t, t);
-                let max = w.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                row_times_columns(simd, &mut w, row(pos, 0, h), &k_t, tp);
+                // Masked and padded keys weigh exactly 0: math::exp(-inf) is 0.
+                w[seen..].fill(f32::NEG_INFINITY);
+                let max = max_of(simd, &w);
                 for s in w.iter_mut() {
                     *s = math::exp(scale * (*s - max));
                 }
-                let total = math::lane_sum([&*w], |[v]| v);
-                let out = &mut self.y[i * d + h * dh..i * d + (h + 1) * dh];
-                for (j, s) in w.iter_mut().enumerate() {
+                let total = math::lane_sum([&*w], |[s]| s);
+                for s in w.iter_mut() {
                     *s /= total;
-                    axpy(simd, out, *s, row(j, 2, h));
                 }
+                self.p[(h * tq + i) * t..(h * tq + i + 1) * t].copy_from_slice(&w[..t]);
+                row_times_columns(simd, &mut out, &w[..seen], &v, dp);
+                self.y[i * d + h * dh..i * d + (h + 1) * dh].copy_from_slice(&out[..dh]);
             }
         }
     }
 }
 
-/// `dst[c * t + j] = rows(j)[c]`: the rows `0..t`, each `dh` long, as `dh` columns of `t`,
-/// so that a query's dot products with every key are `dh` vectorised passes over `t` lanes
-/// instead of `t` horizontal sums.
+/// `(t, dh)` rounded up to whole vectors of `S`, so that every row operation below is whole
+/// vectors: with rows of 17 or 20 the scalar tails cost more than the vector work.
 #[inline(always)]
-fn columns<'a>(dst: &mut [f32], t: usize, rows: impl Fn(usize) -> &'a [f32]) {
+fn padded<S: pulp::Simd>(t: usize, dh: usize) -> (usize, usize) {
+    (
+        t.next_multiple_of(S::F32_LANES),
+        dh.next_multiple_of(S::F32_LANES),
+    )
+}
+
+/// `dst[c * stride + j] = src(j)[c]` for rows `j < t`: the rows as columns, so that a query's
+/// dot products with every key are `dh` vector passes over the keys instead of `t` horizontal
+/// sums. The padding past `t` stays as it was (zero).
+#[inline(always)]
+fn columns<'a>(dst: &mut [f32], stride: usize, t: usize, src: impl Fn(usize) -> &'a [f32]) {
     for j in 0..t {
-        for (c, &v) in rows(j).iter().enumerate() {
-            dst[c * t + j] = v;
+        for (c, &v) in src(j).iter().enumerate() {
+            dst[c * stride + j] = v;
         }
     }
 }
 
-/// `out[j] = sum over c of x[c] * cols[c * t + j]` for `j < out.len()`.
+/// `dst[j * stride..][..dh] = src(j)` for rows `j < t`.
 #[inline(always)]
-fn row_times_columns<S: pulp::Simd>(simd: S, out: &mut [f32], x: &[f32], cols: &[f32], t: usize) {
-    out.fill(0.0);
-    let n = out.len();
-    for (c, &xc) in x.iter().enumerate() {
-        axpy(simd, out, xc, &cols[c * t..c * t + n]);
+fn rows<'a>(dst: &mut [f32], stride: usize, t: usize, src: impl Fn(usize) -> &'a [f32]) {
+    for j in 0..t {
+        let r = src(j);
+        dst[j * stride..j * stride + r.len()].copy_from_slice(r);
     }
 }
 
-/// `y += a x` in whole vectors of `S`'s width, then the tail one by one: LLVM's own
-/// vectorisation unrolls for long loops and leaves rows of 17 or 32 scalar. A multiply and
-/// an add, not an FMA, so that the tail and every vector width give the same bits.
+/// `out = sum over k of x[k] * m[k * stride..][..out.len()]`, `out` whole vectors of `S`.
+/// Each output vector is summed in a register, `k` in order from 0: adding into `out` in
+/// memory instead makes every step wait on the store before it.
 #[inline(always)]
-fn axpy<S: pulp::Simd>(simd: S, y: &mut [f32], a: f32, x: &[f32]) {
-    let x = &x[..y.len()];
-    let (yv, yt) = S::as_mut_simd_f32s(y);
-    let (xv, xt) = S::as_simd_f32s(x);
-    let av = simd.splat_f32s(a);
-    for (y, &x) in yv.iter_mut().zip(xv) {
-        *y = simd.add_f32s(*y, simd.mul_f32s(av, x));
+fn row_times_columns<S: pulp::Simd>(simd: S, out: &mut [f32], x: &[f32], m: &[f32], stride: usize) {
+    let (ov, tail) = S::as_mut_simd_f32s(out);
+    debug_assert!(tail.is_empty());
+    for start in (0..ov.len()).step_by(4) {
+        let (col, block) = (start * S::F32_LANES, &mut ov[start..]);
+        match block.len() {
+            1 => sum_rows::<S, 1>(simd, block, x, m, stride, col),
+            2 => sum_rows::<S, 2>(simd, block, x, m, stride, col),
+            3 => sum_rows::<S, 3>(simd, block, x, m, stride, col),
+            _ => sum_rows::<S, 4>(simd, block, x, m, stride, col),
+        }
     }
-    for (y, &x) in yt.iter_mut().zip(xt) {
-        *y += a * x;
+}
+
+/// [`row_times_columns`] for the `K` vectors from column `col`, accumulated in registers. A
+/// multiply and an add, not an FMA, so that every vector width gives the same bits.
+#[inline(always)]
+fn sum_rows<S: pulp::Simd, const K: usize>(
+    simd: S,
+    out: &mut [S::f32s],
+    x: &[f32],
+    m: &[f32],
+    stride: usize,
+    col: usize,
+) {
+    let mut acc = [simd.splat_f32s(0.0); K];
+    for (k, &xk) in x.iter().enumerate() {
+        let a = simd.splat_f32s(xk);
+        let at = k * stride + col;
+        let (row, _) = S::as_simd_f32s(&m[at..at + K * S::F32_LANES]);
+        for (acc, &r) in acc.iter_mut().zip(row) {
+            *acc = simd.add_f32s(*acc, simd.mul_f32s(a, r));
+        }
     }
+    out[..K].copy_from_slice(&acc);
+}
+
+/// The largest element of `w` (whole vectors of `S`): the same in any order.
+#[inline(always)]
+fn max_of<S: pulp::Simd>(simd: S, w: &[f32]) -> f32 {
+    let (wv, _) = S::as_simd_f32s(w);
+    let m = wv.iter().fold(simd.splat_f32s(f32::NEG_INFINITY), |m, &v| {
+        simd.max_f32s(m, v)
+    });
+    simd.reduce_max_f32s(m)
 }
 
 /// The gradient of the packed projection `[B*T, 3D]` from the output's `dy` `[B*Tq, D]`.
@@ -225,32 +280,48 @@ impl pulp::WithSimd for Backward1<'_> {
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
         let (t, tq, d, dh, scale) = self.dims.all();
+        let (tp, dp) = padded::<S>(t, dh);
         let at = |j: usize, part: usize, h: usize| j * 3 * d + part * d + h * dh;
         let row = |j: usize, part: usize, h: usize| &self.seq[at(j, part, h)..at(j, part, h) + dh];
-        let (mut dp, mut v_t) = (vec![0f32; t], vec![0f32; dh * t]);
+        // Per head: values as columns and keys as rows for the query loop, which keeps each
+        // query's score gradients and weights as rows; dK and dV then come from their columns.
+        let (mut v_t, mut k) = (vec![0f32; dh * tp], vec![0f32; t * dp]);
+        let (mut q, mut gq) = (vec![0f32; tq * dp], vec![0f32; tq * dp]);
+        let (mut w, mut ds) = (vec![0f32; tq * tp], vec![0f32; tq * tp]);
+        let (mut col, mut out) = (vec![0f32; tq], vec![0f32; dp]);
         for h in 0..self.spec.heads {
-            columns(&mut v_t, t, |j| row(j, 2, h));
+            columns(&mut v_t, tp, t, |j| row(j, 2, h));
+            rows(&mut k, dp, t, |j| row(j, 1, h));
+            rows(&mut q, dp, tq, |i| {
+                row(self.spec.query(self.b, i, t).0, 0, h)
+            });
+            rows(&mut gq, dp, tq, |i| {
+                &self.dy[i * d + h * dh..i * d + (h + 1) * dh]
+            });
             for i in 0..tq {
                 let (pos, seen) = self.spec.query(self.b, i, t);
-                let w = &self.p[(h * tq + i) * t..(h * tq + i) * t + seen];
-                let g = &self.dy[i * d + h * dh..i * d + (h + 1) * dh];
-                let dp = &mut dp[..seen];
-                row_times_columns(simd, dp, g, &v_t, t);
+                // The weights, 0 where masked and in the padding.
+                let w = &mut w[i * tp..(i + 1) * tp];
+                w[..t].copy_from_slice(&self.p[(h * tq + i) * t..(h * tq + i + 1) * t]);
+                let ds = &mut ds[i * tp..(i + 1) * tp];
+                row_times_columns(simd, ds, &gq[i * dp..i * dp + dh], &v_t, tp);
                 // Softmax backward, then the scale the scores were multiplied by.
-                let mean = math::lane_sum([w, &*dp], |[a, b]| a * b);
-                for (ds, &wj) in dp.iter_mut().zip(w) {
-                    *ds = scale * wj * (*ds - mean);
+                let mean = math::lane_sum([&w[..seen], &ds[..seen]], |[a, b]| a * b);
+                for (s, &wj) in ds.iter_mut().zip(&*w) {
+                    *s = scale * wj * (*s - mean);
                 }
-                let q = row(pos, 0, h);
-                for (j, (&wj, &ds)) in w.iter().zip(&*dp).enumerate() {
-                    axpy(
-                        simd,
-                        &mut self.dseq[at(pos, 0, h)..at(pos, 0, h) + dh],
-                        ds,
-                        row(j, 1, h),
-                    );
-                    axpy(simd, &mut self.dseq[at(j, 1, h)..at(j, 1, h) + dh], ds, q);
-                    axpy(simd, &mut self.dseq[at(j, 2, h)..at(j, 2, h) + dh], wj, g);
+                row_times_columns(simd, &mut out, &ds[..seen], &k, dp);
+                self.dseq[at(pos, 0, h)..at(pos, 0, h) + dh].copy_from_slice(&out[..dh]);
+            }
+            // dK[j] = sum over queries i of dS[i, j] q_i, and dV[j] = sum of P[i, j] dy_i
+            // (masked entries are 0), queries in order.
+            for j in 0..t {
+                for (grad, part, src) in [(&ds, 1, &q), (&w, 2, &gq)] {
+                    for (c, v) in col.iter_mut().enumerate() {
+                        *v = grad[c * tp + j];
+                    }
+                    row_times_columns(simd, &mut out, &col, src, dp);
+                    self.dseq[at(j, part, h)..at(j, part, h) + dh].copy_from_slice(&out[..dh]);
                 }
             }
         }
