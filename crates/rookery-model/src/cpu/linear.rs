@@ -49,20 +49,42 @@ impl Mat {
 #[allow(unsafe_code)]
 fn gemm(out: &mut [f32], [m, n, k]: [usize; 3], a: Mat, b: Mat, accumulate: bool) {
     assert!(out.len() >= m * n, "gemm output too small");
+    // SAFETY: `out` holds m x n initialised elements (asserted).
+    unsafe { gemm_raw(out.as_mut_ptr(), [m, n, k], a, b, accumulate) }
+}
+
+/// A fresh row-major `[m, n]` product `a b`. The GEMM writes every element and reads none when
+/// it does not accumulate, so the buffer is not zeroed first (zeroing the gradients' buffers
+/// was a pass over memory per GEMM in the backward).
+#[allow(unsafe_code)]
+fn product([m, n, k]: [usize; 3], a: Mat, b: Mat) -> Vec<f32> {
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: the buffer has room for m x n elements; with `accumulate` false gemm stores each
+    // of them without reading it (alpha is set to zero), so all are initialised after the call.
+    unsafe {
+        gemm_raw(out.as_mut_ptr(), [m, n, k], a, b, false);
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// [`gemm`] into a raw buffer of at least m x n elements.
+#[allow(unsafe_code)]
+unsafe fn gemm_raw(out: *mut f32, [m, n, k]: [usize; 3], a: Mat, b: Mat, accumulate: bool) {
     // Worth splitting over threads only when the product is large (burn-flex's threshold).
     let parallelism = if m * n * k >= 192 * 192 * 192 && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: `out` holds m x n elements (asserted); the callers build `a` and `b` from slices
-    // of m x k and k x n elements with the strides given, and they outlive the call.
+    // SAFETY: the caller gives room for m x n elements at `out`; the callers build `a` and `b`
+    // from slices of m x k and k x n elements with the strides given, and they outlive the call.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            out,
             1,
             n as isize,
             accumulate,
@@ -109,26 +131,12 @@ fn backward(
     let d_out = w.layout().shape()[1];
     let g = slice(dy);
     let dx = want_dx.then(|| {
-        let mut dx = vec![0f32; rows * d_in];
         let w_t = Mat::transposed(slice(w), d_out);
-        gemm(
-            &mut dx,
-            [rows, d_in, d_out],
-            Mat::rows(g, d_out),
-            w_t,
-            false,
-        );
+        let dx = product([rows, d_in, d_out], Mat::rows(g, d_out), w_t);
         FlexTensor::from_data(TensorData::new(dx, Shape::new([rows, d_in])))
     });
-    let mut dw = vec![0f32; d_in * d_out];
     let x_t = Mat::transposed(slice(x), d_in);
-    gemm(
-        &mut dw,
-        [d_in, d_out, rows],
-        x_t,
-        Mat::rows(g, d_out),
-        false,
-    );
+    let dw = product([d_in, d_out, rows], x_t, Mat::rows(g, d_out));
     // Column sums row by row, in row order: the same bits on every machine.
     let mut db = vec![0f32; d_out];
     for row in g.chunks_exact(d_out) {
