@@ -74,7 +74,8 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--image", type=int, default=64)
     p.add_argument("--patch", type=int, default=8)
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--width", type=int, default=128, help="image tower width")
+    p.add_argument("--text-width", type=int, default=None, help="text tower width (default: --width)")
     p.add_argument("--layers", type=int, default=3, help="image tower layers")
     p.add_argument("--text-layers", type=int, default=None, help="text tower layers (default: --layers)")
     p.add_argument("--heads", type=int, default=4, help="image tower heads")
@@ -85,7 +86,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    m = Clip(a.image, a.patch, a.width, a.layers, a.heads, a.vocab, a.ctx, a.width,
+    m = Clip(a.image, a.patch, a.width, a.layers, a.heads, a.vocab, a.ctx, a.text_width or a.width,
              a.text_layers or a.layers, a.text_heads or a.heads, a.embed)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     eot = 3
