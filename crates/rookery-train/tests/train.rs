@@ -233,6 +233,8 @@ fn two_rank_training_resumes_exactly_and_continues_on_another_world_size() {
                 "train.resume=auto",
                 // The kept patches must come back with the samples after a resume.
                 "model.vision.patch_dropout=0.5",
+                // Length-sorted text groups (rows per rank and micro-batch: 4 + 4).
+                "model.text.length_buckets=2",
             ],
         )
     };
@@ -272,8 +274,8 @@ fn two_rank_training_resumes_exactly_and_continues_on_another_world_size() {
         losses(&cut.train.run_dir)[..]
     );
 
-    // Resuming the 2-rank checkpoint on 1 rank, and without patch dropout (FLIP's unmasked
-    // tuning), continues from the same step and weights.
+    // Resuming the 2-rank checkpoint on 1 rank, without patch dropout (FLIP's unmasked
+    // tuning) and without length buckets, continues from the same step and weights.
     let one = tiny(
         dir.path(),
         "one",
