@@ -2,46 +2,16 @@
 //! captions of 6-17 tokens, forward + backward, one thread, with and without length buckets.
 //! `cargo bench -p rookery-model --bench text`.
 
-use std::time::Instant;
-
 use burn::backend::{flex::Flex, Autodiff};
 use burn::prelude::*;
 use rookery_model::text::TextConfig;
 
+mod common;
+
 type AD = Autodiff<Flex>;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// The fastest of `reps` runs of `f` in milliseconds, after two warm-up runs.
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    f();
-    (0..reps)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::INFINITY, f64::min)
-}
-
 fn main() {
-    // SAFETY: sets one integer option of mimalloc (15: purge delay in v3; -1: never purge).
-    #[allow(unsafe_code)]
-    unsafe {
-        libmimalloc_sys::mi_option_set(15, -1)
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
-    println!(
-        "loadavg {}",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
+    common::setup();
     let device = Default::default();
     let (rows, eot) = (128usize, 3i64);
     // Lengths 6..=17 (start and end tokens included) in a fixed scramble; cut at the longest.
@@ -59,7 +29,7 @@ fn main() {
         })
         .collect();
     let tokens = Tensor::<AD, 2, Int>::from_data(TensorData::new(ids, [rows, t]), &device);
-    pool.install(|| {
+    common::on_one_thread(|| {
         for buckets in [1, 2, 4, 8] {
             let cfg = TextConfig {
                 vocab_size: 64,
@@ -70,7 +40,7 @@ fn main() {
                 ..Default::default()
             };
             let tower = cfg.init::<AD>(128, &device);
-            let ms = time(30, || {
+            let ms = common::time(30, || {
                 let y = tower.forward(tokens.clone());
                 let _ = y.sum().backward();
             });

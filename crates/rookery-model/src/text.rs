@@ -209,15 +209,7 @@ mod tests {
     #[test]
     fn trimmed_context_gives_the_same_features_and_gradients() {
         let device = Default::default();
-        let cfg = TextConfig {
-            vocab_size: 12,
-            context_length: 10,
-            width: 16,
-            layers: 2,
-            heads: 2,
-            ..Default::default()
-        };
-        let tower = cfg.init::<B>(8, &device);
+        let tower = tiny_tower(10);
         // End tokens at positions 3, 6 and 1; the padding ids are not zero on purpose, so a
         // leak of later positions would show.
         let ids: Vec<i64> = vec![
@@ -240,15 +232,7 @@ mod tests {
     #[test]
     fn length_buckets_give_the_same_features_and_gradients() {
         let device = Default::default();
-        let cfg = TextConfig {
-            vocab_size: 12,
-            context_length: 8,
-            width: 16,
-            layers: 2,
-            heads: 2,
-            ..Default::default()
-        };
-        let tower = cfg.init::<B>(8, &device);
+        let tower = tiny_tower(8);
         let ids: Vec<i64> = vec![
             1, 4, 5, 3, 7, 7, 7, 7, //
             1, 6, 8, 9, 10, 11, 3, 2, //
@@ -265,6 +249,19 @@ mod tests {
         bucketed.length_buckets = 3;
         let b = bucketed.forward(tokens);
         assert_same_features_and_gradients(&tower, a, b, 1e-5);
+    }
+
+    /// A tower of width 16, 2 layers of 2 heads, 12 token ids, 8-dimensional features.
+    fn tiny_tower(context_length: usize) -> TextTransformer<B> {
+        let cfg = TextConfig {
+            vocab_size: 12,
+            context_length,
+            width: 16,
+            layers: 2,
+            heads: 2,
+            ..Default::default()
+        };
+        cfg.init::<B>(8, &Default::default())
     }
 
     /// `a` and `b` (`[3.., 8]` features of `tower`'s parameters) agree to `tol`, and so do the
