@@ -96,6 +96,11 @@ impl ClipConfig {
                 "model.text.context_length",
                 "must be >= 2",
             ),
+            (
+                self.text.length_buckets == 0,
+                "model.text.length_buckets",
+                "must be > 0 (1: no buckets)",
+            ),
         ];
         match checks.iter().find(|c| c.0) {
             Some((_, key, why)) => Err(format!("`{key}` {why}")),

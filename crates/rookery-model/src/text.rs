@@ -26,6 +26,7 @@ pub struct TextConfig {
     /// cut after its longest caption (1: the whole batch at its longest). The features are the
     /// same (see [`TextTransformer::forward`]); short captions then cost what their length
     /// costs. How the tower is run, not its shape: a checkpoint resumes with another value.
+    /// It reads the end positions back to the host once a batch (a sync on a GPU backend).
     pub length_buckets: usize,
 }
 
@@ -75,7 +76,7 @@ impl TextConfig {
             }
             .init([w, embed_dim], device),
             eot_token: self.eot_token,
-            length_buckets: self.length_buckets.max(1),
+            length_buckets: self.length_buckets,
         }
     }
 }

@@ -58,6 +58,11 @@ fn bad_configs_name_the_key() {
         &["model.vision.patch_dropout=1.0"],
         "model.vision.patch_dropout",
     );
+    refused(
+        "",
+        &["model.text.length_buckets=0"],
+        "model.text.length_buckets",
+    );
     let flamingo = "[train]\nstage = \"flamingo\"\n";
     refused(
         flamingo,
