@@ -1,6 +1,7 @@
 //! AdamW as CLIP trains it: weight decay on matrices only (not on biases, norms, embeddings or
 //! `logit_scale`), global-norm gradient clipping like torch's `clip_grad_norm_`, and a learning
-//! rate with linear warmup then cosine decay.
+//! rate with linear warmup then a decay to `min_lr`: cosine (CLIP), linear, or held and then
+//! cooled down (warmup-stable-decay).
 //!
 //! burn 0.21 has no parameter groups: one Adam (burn's AdamW without decay, [`crate::adam`])
 //! runs over every trainable parameter, decoupled weight decay is applied beside it to the ids
@@ -25,9 +26,14 @@ use serde::{Deserialize, Serialize};
 pub struct OptimConfig {
     /// Peak learning rate.
     pub lr: f64,
-    /// Final learning rate of the cosine decay.
+    /// Final learning rate of the decay.
     pub min_lr: f64,
     pub warmup_steps: usize,
+    /// How the rate goes from `lr` to `min_lr` after the warmup.
+    pub schedule: Schedule,
+    /// `schedule = "wsd"`: the share of the steps after the warmup spent in the final linear
+    /// decay; the rest hold `lr`.
+    pub decay_fraction: f64,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
@@ -42,6 +48,8 @@ impl Default for OptimConfig {
             lr: 1e-3,
             min_lr: 1e-5,
             warmup_steps: 100,
+            schedule: Schedule::Cosine,
+            decay_fraction: 0.2,
             beta1: 0.9,
             beta2: 0.98,
             eps: 1e-6,
@@ -49,6 +57,19 @@ impl Default for OptimConfig {
             grad_clip_norm: 1.0,
         }
     }
+}
+
+/// `optim.schedule`: the decay after the linear warmup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Half a cosine from `lr` to `min_lr` (CLIP, open_clip's default).
+    Cosine,
+    /// A straight line from `lr` to `min_lr`.
+    Linear,
+    /// Warmup-stable-decay (open_clip's `const-cooldown`, torchtitan's default): `lr` held, then
+    /// a straight line to `min_lr` over the last `decay_fraction` of the steps.
+    Wsd,
 }
 
 impl OptimConfig {
@@ -63,6 +84,11 @@ impl OptimConfig {
                 self.min_lr < 0.0 || self.min_lr > self.lr,
                 "optim.min_lr",
                 "must be in [0, optim.lr]",
+            ),
+            (
+                !(self.decay_fraction > 0.0 && self.decay_fraction <= 1.0),
+                "optim.decay_fraction",
+                "must be in (0, 1]",
             ),
             (
                 !(0.0..1.0).contains(&self.beta1),
@@ -101,10 +127,19 @@ impl OptimConfig {
         if step <= self.warmup_steps {
             return self.lr * step as f64 / self.warmup_steps.max(1) as f64;
         }
+        // t: how far through the decay, 0 at the end of the warmup, 1 at the last step.
         let t = ((step - self.warmup_steps) as f64
             / (total.saturating_sub(self.warmup_steps)).max(1) as f64)
             .min(1.0);
-        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
+        let span = self.lr - self.min_lr;
+        match self.schedule {
+            Schedule::Cosine => self.min_lr + 0.5 * span * (1.0 + (std::f64::consts::PI * t).cos()),
+            Schedule::Linear => self.lr - span * t,
+            Schedule::Wsd => {
+                let d = ((t - (1.0 - self.decay_fraction)) / self.decay_fraction).max(0.0);
+                self.lr - span * d
+            }
+        }
     }
 }
 
@@ -363,6 +398,35 @@ mod tests {
         assert!((c.lr_at(110, 110) - 1e-5).abs() < 1e-12);
         assert!(
             (c.lr_at(500, 110) - 1e-5).abs() < 1e-12,
+            "stays at min after the end"
+        );
+    }
+
+    #[test]
+    fn linear_and_warmup_stable_decay() {
+        let c = OptimConfig {
+            lr: 1e-3,
+            min_lr: 0.0,
+            warmup_steps: 10,
+            schedule: Schedule::Linear,
+            ..Default::default()
+        };
+        assert!((c.lr_at(5, 110) - 5e-4).abs() < 1e-12);
+        assert!((c.lr_at(35, 110) - 7.5e-4).abs() < 1e-12);
+        assert!((c.lr_at(85, 110) - 2.5e-4).abs() < 1e-12);
+        assert!(c.lr_at(110, 110).abs() < 1e-12);
+        let w = OptimConfig {
+            schedule: Schedule::Wsd,
+            decay_fraction: 0.2,
+            ..c
+        };
+        // 100 steps after the warmup: held for 80 (steps 11-90), then down over 20.
+        assert!((w.lr_at(10, 110) - 1e-3).abs() < 1e-12);
+        assert!((w.lr_at(90, 110) - 1e-3).abs() < 1e-12);
+        assert!((w.lr_at(100, 110) - 5e-4).abs() < 1e-12);
+        assert!(w.lr_at(110, 110).abs() < 1e-12);
+        assert!(
+            w.lr_at(200, 110).abs() < 1e-12,
             "stays at min after the end"
         );
     }

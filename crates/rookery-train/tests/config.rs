@@ -63,6 +63,8 @@ fn bad_configs_name_the_key() {
         &["model.text.length_buckets=0"],
         "model.text.length_buckets",
     );
+    refused("", &["optim.schedule=step"], "optim.schedule");
+    refused("", &["optim.decay_fraction=0"], "optim.decay_fraction");
     let flamingo = "[train]\nstage = \"flamingo\"\n";
     refused(
         flamingo,
