@@ -13,6 +13,7 @@ use burn::tensor::backend::AutodiffBackend;
 use rookery_data::pages::PageBatch;
 use rookery_dist::{Communicator, DistError};
 
+use crate::leaves::fresh_leaves;
 use crate::parallel::all_reduce_grads;
 use crate::step::{StepGrads, Timed};
 
@@ -70,7 +71,13 @@ pub fn causal_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     let total = total.max(1.0);
     let mut acc = GradientsAccumulator::<M>::new();
     let mut loss = 0.0f32;
-    for b in &micro {
+    for (i, b) in micro.iter().enumerate() {
+        // After the first micro-batch's backward: fresh leaves (crate::leaves).
+        let model = &(if i == 0 {
+            model.clone()
+        } else {
+            fresh_leaves(model)
+        });
         let (tokens, weights) = page_tensors::<B>(b, &device);
         let out = logits(model, b, tokens.clone());
         let l = next_token_loss_sum(out, tokens, weights) / total;

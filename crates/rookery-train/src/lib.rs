@@ -1,6 +1,7 @@
 //! rookery-train: the run configuration ([`config`]), the training loop ([`trainer`]), the
-//! optimizer pieces ([`optim`]), checkpoints ([`checkpoint`]), evaluation ([`eval`]), metrics
-//! ([`metrics`]) and plots ([`plot`]).
+//! optimizer pieces ([`optim`]), fresh parameter leaves for accumulation ([`leaves`]),
+//! checkpoints ([`checkpoint`]), evaluation ([`eval`]), metrics ([`metrics`]) and plots
+//! ([`plot`]).
 
 pub mod adam;
 pub mod bench;
@@ -13,6 +14,7 @@ pub mod export;
 pub mod fewshot;
 pub mod flamingo_io;
 pub mod hf;
+pub mod leaves;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;

@@ -119,10 +119,35 @@ fn mpi_ranks_train_the_same_model_as_thread_ranks() {
         tensors(&dir.path().join("mpi").join(ck)),
     );
     assert_eq!(a.len(), 38);
-    assert!(
-        a == b,
-        "2 MPI processes and 2 threads ended with different weights"
-    );
+    if a != b {
+        let kept = dir.keep();
+        panic!(
+            "2 MPI processes and 2 threads ended with different weights (runs kept in {}): {}",
+            kept.display(),
+            differences(&a, &b).join(", ")
+        );
+    }
+}
+
+/// "name: max |a - b|" for each tensor whose values differ.
+fn differences(a: &[(String, Vec<u8>)], b: &[(String, Vec<u8>)]) -> Vec<String> {
+    let floats = |v: &[u8]| -> Vec<f32> {
+        v.chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| x != y)
+        .map(|((name, x), (_, y))| {
+            let d = floats(x)
+                .iter()
+                .zip(floats(y))
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            format!("{name}: {d:e}")
+        })
+        .collect()
 }
 
 #[test]
