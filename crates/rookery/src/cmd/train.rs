@@ -60,7 +60,10 @@ pub fn run(config: &Path, overrides: &[String], resume: bool) -> Result<()> {
                 e.n, e.i2t_r1, e.i2t_r5, e.i2t_r10, e.t2i_r1, e.chance_r1
             );
             for (label, (acc, chance)) in &e.zero_shot {
-                println!("zero-shot {label}: {acc:.3} (chance {chance:.3})");
+                println!(
+                    "zero-shot {label}: {acc:.3} (chance {chance:.3}; {} single-group images)",
+                    e.zero_shot_images
+                );
             }
             if !e.i2t_confusions.is_empty() {
                 println!(
