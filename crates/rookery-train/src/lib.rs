@@ -22,6 +22,7 @@ pub mod plot;
 pub mod stage;
 pub mod step;
 pub mod trainer;
+pub mod zero_shot;
 
 pub use config::RunConfig;
 pub use trainer::{train, train_on, TrainSummary};

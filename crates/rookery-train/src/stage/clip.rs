@@ -153,7 +153,7 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
 
     fn evaluate(&self, model: &Clip<B::InnerBackend>, device: &B::Device) -> Result<Report> {
         let r = evaluate(model, &self.cfg.data, self.tokenizer.clone(), device)?;
-        tracing::info!(n = r.n, i2t_r1 = r.i2t_r1, t2i_r1 = r.t2i_r1, chance = r.chance_r1, zero_shot = ?r.zero_shot, confusions = ?r.i2t_confusions, "eval");
+        tracing::info!(n = r.n, i2t_r1 = r.i2t_r1, t2i_r1 = r.t2i_r1, chance = r.chance_r1, zero_shot = ?r.zero_shot, given_rest = ?r.zero_shot_given_rest, confusions = ?r.i2t_confusions, "eval");
         Ok(Report::Clip(r))
     }
 }

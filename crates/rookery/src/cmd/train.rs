@@ -60,8 +60,13 @@ pub fn run(config: &Path, overrides: &[String], resume: bool) -> Result<()> {
                 e.n, e.i2t_r1, e.i2t_r5, e.i2t_r10, e.t2i_r1, e.chance_r1
             );
             for (label, (acc, chance)) in &e.zero_shot {
+                let rest = e
+                    .zero_shot_given_rest
+                    .get(label)
+                    .copied()
+                    .unwrap_or(f64::NAN);
                 println!(
-                    "zero-shot {label}: {acc:.3} (chance {chance:.3}; {} single-group images)",
+                    "zero-shot {label}: {acc:.3}, {rest:.3} given the rest (chance {chance:.3}; {} single-group images)",
                     e.zero_shot_images
                 );
             }
