@@ -73,11 +73,8 @@ pub fn causal_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut loss = 0.0f32;
     for (i, b) in micro.iter().enumerate() {
         // After the first micro-batch's backward: fresh leaves (crate::leaves).
-        let model = &(if i == 0 {
-            model.clone()
-        } else {
-            fresh_leaves(model)
-        });
+        let fresh = (i > 0).then(|| fresh_leaves(model));
+        let model = fresh.as_ref().unwrap_or(model);
         let (tokens, weights) = page_tensors::<B>(b, &device);
         let out = logits(model, b, tokens.clone());
         let l = next_token_loss_sum(out, tokens, weights) / total;

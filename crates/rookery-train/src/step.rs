@@ -305,28 +305,25 @@ fn global_negatives<B: AutodiffBackend>(
         // With several micro-batches each tracked forward comes after a backward, so it runs
         // on fresh leaves (crate::leaves: otherwise another rank thread's backward can drop
         // part of its graph).
-        let (owner, (zi, zt)) = match tracked.next() {
-            Some(z) => (model.clone(), z),
-            None => {
-                let fresh = fresh_leaves(model);
-                let z = (
-                    fresh.encode_image_kept(mb.images.clone(), mb.patches.clone()),
-                    fresh.encode_text(mb.texts()),
-                );
-                (fresh, z)
-            }
-        };
+        let fresh = (tracked.len() == 0).then(|| fresh_leaves(model));
+        let owner = fresh.as_ref().unwrap_or(model);
+        let (zi, zt) = tracked.next().unwrap_or_else(|| {
+            (
+                owner.encode_image_kept(mb.images.clone(), mb.patches.clone()),
+                owner.encode_text(mb.texts()),
+            )
+        });
         let gi = Tensor::<B, 2>::from_inner(g_img.clone().slice(s![at..at + m, ..]));
         let rows = (0..k).map(|j| g_txt.clone().slice(s![j * n + at..j * n + at + m, ..]));
         let gt = Tensor::<B, 2>::from_inner(Tensor::cat(rows.collect(), 0));
         let text = (zt * gt).sum().backward();
-        acc_txt.accumulate(model, GradientsParams::from_grads(text, &owner));
+        acc_txt.accumulate(model, GradientsParams::from_grads(text, owner));
         if i == last {
             let done = acc_txt.grads();
             pending = Some(start_all_reduce_grads(model, done, comm, bucket_elems));
         }
         let image = (zi * gi).sum().backward();
-        acc.accumulate(model, GradientsParams::from_grads(image, &owner));
+        acc.accumulate(model, GradientsParams::from_grads(image, owner));
         at += m;
     }
     // 6. Sum over ranks: the text tower's sums (started above), then the rest.
@@ -348,11 +345,8 @@ fn local_negatives<B: AutodiffBackend>(
     let mut loss = 0.0;
     for (i, mb) in micro.into_iter().enumerate() {
         // After the first micro-batch's backward: fresh leaves (crate::leaves).
-        let model = &(if i == 0 {
-            model.clone()
-        } else {
-            fresh_leaves(model)
-        });
+        let fresh = (i > 0).then(|| fresh_leaves(model));
+        let model = fresh.as_ref().unwrap_or(model);
         let n = mb.len();
         let img = model.encode_image_kept(mb.images.clone(), mb.patches.clone());
         let texts = model.encode_text(mb.texts());

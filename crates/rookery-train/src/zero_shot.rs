@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use burn::prelude::*;
-use rookery_data::synth::scene::{plural, COLORS, COUNT_WORDS, MAX_COUNT, SHAPES, SIZES};
+use rookery_data::synth::scene::{group_words, COLORS, COUNT_WORDS, MAX_COUNT, SHAPES, SIZES};
 use rookery_data::TextTokenizer;
 use rookery_model::clip::l2_normalize;
 use rookery_model::Clip;
@@ -48,6 +48,12 @@ pub fn evaluate<B: Backend>(
     labels: &[Option<Value>],
     device: &B::Device,
 ) -> Result<ZeroShot> {
+    let text = TextSide {
+        model,
+        tokenizer,
+        ctx,
+        device,
+    };
     let mut out = ZeroShot {
         accuracy: BTreeMap::new(),
         given_rest: BTreeMap::new(),
@@ -61,12 +67,12 @@ pub fn evaluate<B: Backend>(
         }
         out.images = out.images.max(scored);
         let prompts: Vec<Vec<String>> = classes.iter().map(|c| class_prompts(label, c)).collect();
-        let class_emb = class_embeddings(model, tokenizer, ctx, &prompts, device)?;
+        let class_emb = class_embeddings(&text, &prompts)?;
         if let Some(acc) = accuracy(img, class_emb, &truth) {
             let chance = 1.0 / classes.len() as f64;
             out.accuracy.insert(label.to_string(), (acc, chance));
         }
-        if let Some(acc) = given_rest(model, tokenizer, ctx, img, labels, &truth, label, device)? {
+        if let Some(acc) = given_rest(&text, img, labels, &truth, label)? {
             out.given_rest.insert(label.to_string(), acc);
         }
     }
@@ -115,22 +121,18 @@ fn phrase(size: &str, color: &str, shape: &str, count: u8) -> String {
     } else {
         COUNT_WORDS[count as usize]
     };
-    format!("{n} {size} {color} {}", plural(shape, count))
+    group_words(n, size, color, shape, count)
 }
 
 /// One unit-length embedding per class: the mean of its prompts' text embeddings, `[C, E]`.
 fn class_embeddings<B: Backend>(
-    model: &Clip<B>,
-    tokenizer: &TextTokenizer,
-    ctx: usize,
+    text: &TextSide<B>,
     prompts: &[Vec<String>],
-    device: &B::Device,
 ) -> Result<Tensor<B, 2>> {
     let mut class_emb = Vec::new();
     for class in prompts {
         let class: Vec<&String> = class.iter().collect();
-        let t = tokens(tokenizer, ctx, &class, device)?;
-        class_emb.push(model.encode_text(t).mean_dim(0));
+        class_emb.push(text.embed(&class)?.mean_dim(0));
     }
     Ok(l2_normalize(Tensor::cat(class_emb, 0)))
 }
@@ -174,16 +176,12 @@ fn rest_prompts(j: &Value, label: &str) -> Option<Vec<String>> {
 
 /// Accuracy of picking each scored image's class among its [`rest_prompts`] (the bare phrase);
 /// `None` when no scored image has all the labels.
-#[allow(clippy::too_many_arguments)]
 fn given_rest<B: Backend>(
-    model: &Clip<B>,
-    tokenizer: &TextTokenizer,
-    ctx: usize,
+    text: &TextSide<B>,
     img: &Tensor<B, 2>,
     labels: &[Option<Value>],
     truth: &[Option<usize>],
     label: &str,
-    device: &B::Device,
 ) -> Result<Option<f64>> {
     let mut rows = Vec::new(); // (image, its class, its prompts)
     for (i, t) in truth.iter().enumerate() {
@@ -197,13 +195,9 @@ fn given_rest<B: Backend>(
     }
     let classes = rows[0].2.len();
     let prompts: Vec<&String> = rows.iter().flat_map(|r| &r.2).collect();
-    let mut emb = Vec::new();
-    for chunk in prompts.chunks(CHUNK) {
-        emb.push(model.encode_text(tokens(tokenizer, ctx, chunk, device)?));
-    }
+    let emb = l2_normalize(text.embed(&prompts)?); // [R * C, E]
     let ids: Vec<i64> = rows.iter().map(|r| r.0 as i64).collect();
-    let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows.len()]), device);
-    let emb = l2_normalize(Tensor::cat(emb, 0)); // [R * C, E]
+    let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows.len()]), text.device);
     let pred = best_of_own(img.clone().select(0, ids), emb, classes);
     let right = rows.iter().zip(&pred).filter(|(r, p)| r.1 == **p).count();
     Ok(Some(right as f64 / rows.len() as f64))
@@ -217,21 +211,30 @@ fn best_of_own<B: Backend>(img: Tensor<B, 2>, prompts: Tensor<B, 2>, classes: us
     indices(scores.reshape([r, classes]).argmax(1))
 }
 
-/// `[P, ctx]` token ids of `prompts`.
-fn tokens<B: Backend>(
-    tokenizer: &TextTokenizer,
+/// The text tower and what it needs to embed prompts.
+struct TextSide<'a, B: Backend> {
+    model: &'a Clip<B>,
+    tokenizer: &'a TextTokenizer,
     ctx: usize,
-    prompts: &[&String],
-    device: &B::Device,
-) -> Result<Tensor<B, 2, Int>> {
-    let mut ids = vec![0i64; prompts.len() * ctx];
-    for (p, row) in prompts.iter().zip(ids.chunks_mut(ctx)) {
-        tokenizer.encode_into(p, row).map_err(anyhow::Error::msg)?;
+    device: &'a B::Device,
+}
+
+impl<B: Backend> TextSide<'_, B> {
+    /// Text embeddings `[P, E]` of `prompts` (not normalised), at most [`CHUNK`] rows a call.
+    fn embed(&self, prompts: &[&String]) -> Result<Tensor<B, 2>> {
+        let mut emb = Vec::new();
+        for chunk in prompts.chunks(CHUNK) {
+            let mut ids = vec![0i64; chunk.len() * self.ctx];
+            for (p, row) in chunk.iter().zip(ids.chunks_mut(self.ctx)) {
+                self.tokenizer
+                    .encode_into(p, row)
+                    .map_err(anyhow::Error::msg)?;
+            }
+            let ids = TensorData::new(ids, [chunk.len(), self.ctx]);
+            emb.push(self.model.encode_text(Tensor::from_data(ids, self.device)));
+        }
+        Ok(Tensor::cat(emb, 0))
     }
-    Ok(Tensor::from_data(
-        TensorData::new(ids, [prompts.len(), ctx]),
-        device,
-    ))
 }
 
 #[cfg(test)]

@@ -55,13 +55,20 @@ impl Group {
         } else {
             COUNT_WORDS[self.count as usize]
         };
-        format!(
-            "{n} {} {} {}",
+        group_words(
+            n,
             SIZES[self.size],
             COLORS[self.color],
-            self.shape_word()
+            SHAPES[self.shape],
+            self.count,
         )
     }
+}
+
+/// A group in a caption's words: `n` (the count word, "a" or "one" for one) then size, color
+/// and the shape in the count's number: "two small red circles".
+pub fn group_words(n: &str, size: &str, color: &str, shape: &str, count: u8) -> String {
+    format!("{n} {size} {color} {}", plural(shape, count))
 }
 
 pub fn plural(word: &str, count: u8) -> String {
