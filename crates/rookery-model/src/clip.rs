@@ -74,6 +74,16 @@ impl ClipConfig {
                 "model.vision.heads",
                 "must divide model.vision.width",
             ),
+            (
+                v.stem_patch > 0 && !v.patch_size.is_multiple_of(v.stem_patch),
+                "model.vision.stem_patch",
+                "must divide model.vision.patch_size (0: no stem)",
+            ),
+            (
+                v.stem_patch > 0 && v.stem_width == 0,
+                "model.vision.stem_width",
+                "must be > 0",
+            ),
             (v.layers == 0, "model.vision.layers", "must be > 0"),
             (
                 !["tok", "avg"].contains(&v.pool_type.as_str()),

@@ -21,7 +21,7 @@ pub enum Act {
 }
 
 impl Act {
-    fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+    pub(crate) fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Act::Gelu => crate::cpu::gelu(x),
             Act::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),

@@ -30,6 +30,17 @@ pub struct VitConfig {
     /// What the image features are read from (open_clip's `pool_type`): `"tok"` the class
     /// token (CLIP), `"avg"` the mean of the patch tokens after `ln_post`.
     pub pool_type: String,
+    /// Sub-patch size of a two-level patch embedding (0 = CLIP's single `conv1`). With `s`,
+    /// `stem` embeds each `s x s` sub-patch on its own (a conv with kernel = stride = `s`, then
+    /// LayerNorm and the activation), and `conv1` embeds each patch from its `(p/s)^2`
+    /// sub-patch features. A patch token is then a non-linear, translation-shared function of
+    /// its pixels, where `conv1` alone is linear: it can say "a corner here" for a shape much
+    /// smaller than the patch, at a few % more FLOPs than `conv1` (an early-convolution stem as
+    /// in Xiao et al. 2021, with non-overlapping kernels). open_clip and HF have no such layer:
+    /// such a tower exports under rookery's own names only.
+    pub stem_patch: usize,
+    /// Channels of the stem's sub-patch features.
+    pub stem_width: usize,
 }
 
 impl Default for VitConfig {
@@ -44,6 +55,8 @@ impl Default for VitConfig {
             act: Act::Gelu,
             patch_dropout: 0.0,
             pool_type: "tok".into(),
+            stem_patch: 0,
+            stem_width: 64,
         }
     }
 }
@@ -67,9 +80,23 @@ impl VitConfig {
             std: scale,
         };
         let n = self.grid() * self.grid() + 1;
+        let (stem, c, k) = match self.stem_patch {
+            0 => (None, 3, self.patch_size),
+            s => (
+                Some(PatchStem {
+                    conv: Conv2dConfig::new([3, self.stem_width], [s, s])
+                        .with_stride([s, s])
+                        .init(device),
+                    ln: layer_norm(self.stem_width, device),
+                }),
+                self.stem_width,
+                self.patch_size / s,
+            ),
+        };
         VisionTransformer {
-            conv1: Conv2dConfig::new([3, w], [self.patch_size, self.patch_size])
-                .with_stride([self.patch_size, self.patch_size])
+            stem,
+            conv1: Conv2dConfig::new([c, w], [k, k])
+                .with_stride([k, k])
                 .with_bias(false)
                 .init(device),
             class_embedding: normal.init([w], device),
@@ -86,12 +113,43 @@ impl VitConfig {
             ln_post: layer_norm(w, device),
             proj: normal.init([w, embed_dim], device),
             avg_pool: self.pool_type == "avg",
+            act: self.act,
         }
+    }
+}
+
+/// The first level of a two-level patch embedding ([`VitConfig::stem_patch`]).
+#[derive(Module, Debug)]
+pub struct PatchStem<B: Backend> {
+    pub conv: Conv2d<B>,
+    pub ln: LayerNorm<B>,
+}
+
+impl<B: Backend> PatchStem<B> {
+    /// `conv1`'s input rows: for each `p x p` patch (row-major over the grid), the features of
+    /// its `s x s` sub-patches side by side (sub-patches row-major, then channels).
+    ///
+    /// # Shapes
+    /// `images`: `[B, 3, H, W]` -> `[B * (H/p) * (W/p), (p/s)^2 * C]`.
+    pub fn forward(&self, images: Tensor<B, 4>, p: usize, act: Act) -> Tensor<B, 2> {
+        let c = images.dims()[1];
+        let [width, _, s, _] = self.conv.weight.dims();
+        // The patches as images of their own, and those cut into sub-patches: rows come out
+        // patch by patch, so `conv1`'s input is a reshape, not a permute of a feature map.
+        let patches = crate::cpu::patchify(images, p);
+        let n = patches.dims()[0];
+        let sub = crate::cpu::patchify(patches.reshape([n, c, p, p]), s);
+        let kernel = self.conv.weight.val().reshape([width, c * s * s]).transpose();
+        let bias = self.conv.bias.as_ref().expect("the stem conv has a bias").val();
+        let x = act.forward(norm(&self.ln, crate::cpu::affine(sub, kernel, bias)));
+        x.reshape([n, (p / s) * (p / s) * width])
     }
 }
 
 #[derive(Module, Debug)]
 pub struct VisionTransformer<B: Backend> {
+    /// Sub-patch embedding before `conv1` ([`VitConfig::stem_patch`]); `None` in CLIP.
+    pub stem: Option<PatchStem<B>>,
     pub conv1: Conv2d<B>,
     pub class_embedding: Param<Tensor<B, 1>>,
     pub positional_embedding: Param<Tensor<B, 2>>,
@@ -101,6 +159,9 @@ pub struct VisionTransformer<B: Backend> {
     pub proj: Param<Tensor<B, 2>>,
     /// `pool_type = "avg"`.
     pub avg_pool: bool,
+    /// The blocks' activation, which the stem uses too.
+    #[module(skip)]
+    pub act: Act,
 }
 
 impl<B: Backend> VisionTransformer<B> {
@@ -147,16 +208,26 @@ impl<B: Backend> VisionTransformer<B> {
     /// Patch embeddings `[B, N, width]`, before positions: `conv1` (kernel = stride = patch) as
     /// what it is, one GEMM of the flattened patches `[B*N, 3*p*p]` by the kernel `[3*p*p,
     /// width]`. burn-flex runs the conv through a 3-D im2col whose copies and weight gradient
-    /// cost 7% of a CPU step; the GEMM reads its inputs in place.
+    /// cost 7% of a CPU step; the GEMM reads its inputs in place. With a stem, the rows are
+    /// the stem's sub-patch features of each patch, and `conv1` convolves those.
     fn patch_tokens(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [b, c, h, w] = images.dims();
-        let [width, _, p, _] = self.conv1.weight.dims();
-        let (gh, gw) = (h / p, w / p);
-        let patches = crate::cpu::patchify(images, p);
-        let kernel = self.conv1.weight.val().reshape([width, c * p * p]);
-        patches
-            .matmul(kernel.transpose())
-            .reshape([b, gh * gw, width])
+        let b = images.dims()[0];
+        let [width, c_in, k, _] = self.conv1.weight.dims();
+        let kernel = self.conv1.weight.val();
+        let (rows, kernel) = match &self.stem {
+            None => (crate::cpu::patchify(images, k), kernel),
+            // `conv1` over the stem's feature map, its kernel in the stem rows' order.
+            Some(stem) => {
+                let s = stem.conv.weight.dims()[2];
+                (
+                    stem.forward(images, k * s, self.act),
+                    kernel.permute([0, 2, 3, 1]),
+                )
+            }
+        };
+        let n = rows.dims()[0] / b;
+        rows.matmul(kernel.reshape([width, c_in * k * k]).transpose())
+            .reshape([b, n, width])
     }
 
     /// # Shapes
@@ -251,6 +322,44 @@ mod tests {
             diff < 1e-4 && g_conv.abs().max().into_scalar() > 0.1,
             "{diff}"
         );
+    }
+
+    /// With a stem, the patch tokens are burn's convolution, LayerNorm over channels, GELU and
+    /// `conv1`'s convolution composed on a feature map: outputs and both kernels' gradients.
+    #[test]
+    fn stem_tokens_are_two_convolutions() {
+        type AD = burn::backend::Autodiff<Flex>;
+        let device = Default::default();
+        let cfg = VitConfig {
+            image_size: 16,
+            patch_size: 8,
+            width: 16,
+            stem_patch: 2,
+            stem_width: 6,
+            ..Default::default()
+        };
+        let vit: VisionTransformer<AD> = cfg.init(8, &device);
+        let stem = vit.stem.as_ref().expect("a stem");
+        let images = Tensor::<AD, 4>::random([2, 3, 16, 24], Distribution::Default, &device);
+        let weights = Tensor::<AD, 3>::random([2, 6, 16], Distribution::Default, &device);
+        let ours = vit.patch_tokens(images.clone());
+        let map = stem.conv.forward(images).permute([0, 2, 3, 1]); // [B, 8, 12, C]
+        let map = crate::cpu::gelu(stem.ln.forward(map)).permute([0, 3, 1, 2]);
+        let conv = vit.conv1.forward(map).flatten::<3>(2, 3).swap_dims(1, 2);
+        assert_eq!(ours.dims(), [2, 6, 16]);
+        let diff: f32 = (ours.clone() - conv.clone()).abs().max().into_scalar();
+        assert!(diff < 1e-5, "{diff}");
+        let grads_of = |y: Tensor<AD, 3>| {
+            let grads = (y * weights.clone()).sum().backward();
+            let g = |p: &Param<Tensor<AD, 4>>| p.val().grad(&grads).expect("gradient");
+            (g(&vit.conv1.weight), g(&stem.conv.weight))
+        };
+        let (ours, conv) = (grads_of(ours), grads_of(conv));
+        for (a, b) in [(ours.0, conv.0), (ours.1, conv.1)] {
+            let diff: f32 = (a - b.clone()).abs().max().into_scalar();
+            let size: f32 = b.abs().max().into_scalar();
+            assert!(diff < 1e-4 && size > 0.01, "{diff} of {size}");
+        }
     }
 
     #[test]

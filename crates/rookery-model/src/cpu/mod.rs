@@ -85,29 +85,24 @@ pub fn layer_norm<B: Backend, const D: usize>(
     )
 }
 
-/// `layer.forward(x)` for `x` `[N, in]`: on flex, when the layer has a bias, one GEMM that
-/// starts from the bias rows ([`linear`](self::linear)'s module says why); elsewhere burn's.
+/// `layer.forward(x)` for `x` `[N, in]`: on flex, when the layer has a bias, [`affine`];
+/// elsewhere burn's.
 pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let Some(bias) = &layer.bias else {
-        return layer.forward(x);
-    };
+    match &layer.bias {
+        Some(bias) => affine(x, layer.weight.val(), bias.val()),
+        None => layer.forward(x),
+    }
+}
+
+/// `x [N, in] w [in, out] + b [out]`: on flex one GEMM that starts from the bias rows
+/// ([`linear`](self::linear)'s module says why); elsewhere burn's matmul and add.
+pub fn affine<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>) -> Tensor<B, 2> {
+    // Only one closure runs: the one for the backend `x`, and so `w` and `b`, come from.
     on_flex(
         x,
-        |x| {
-            linear::autodiff(
-                x,
-                prim::<B, _, 2>(layer.weight.val()),
-                prim::<B, _, 1>(bias.val()),
-            )
-        },
-        |x| {
-            linear::plain(
-                x,
-                prim::<B, _, 2>(layer.weight.val()),
-                prim::<B, _, 1>(bias.val()),
-            )
-        },
-        |x| layer.forward(x),
+        |x| linear::autodiff(x, prim::<B, _, 2>(w.clone()), prim::<B, _, 1>(b.clone())),
+        |x| linear::plain(x, prim::<B, _, 2>(w.clone()), prim::<B, _, 1>(b.clone())),
+        |x| x.matmul(w.clone()) + b.clone().unsqueeze(),
     )
 }
 
