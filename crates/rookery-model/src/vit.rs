@@ -139,8 +139,18 @@ impl<B: Backend> PatchStem<B> {
         let patches = crate::cpu::patchify(images, p);
         let n = patches.dims()[0];
         let sub = crate::cpu::patchify(patches.reshape([n, c, p, p]), s);
-        let kernel = self.conv.weight.val().reshape([width, c * s * s]).transpose();
-        let bias = self.conv.bias.as_ref().expect("the stem conv has a bias").val();
+        let kernel = self
+            .conv
+            .weight
+            .val()
+            .reshape([width, c * s * s])
+            .transpose();
+        let bias = self
+            .conv
+            .bias
+            .as_ref()
+            .expect("the stem conv has a bias")
+            .val();
         let x = act.forward(norm(&self.ln, crate::cpu::affine(sub, kernel, bias)));
         x.reshape([n, (p / s) * (p / s) * width])
     }

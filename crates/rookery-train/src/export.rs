@@ -81,10 +81,11 @@ pub fn export<B: Backend>(
         .save_into(&mut store)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.join(WEIGHTS).display()))?;
     let v = &cfg.vision;
-    let config = json!({
-        "rookery_model": cfg,
-        "dtype": if bf16 { "bf16" } else { "f32" },
-        "open_clip": {
+    let open_clip = if let Some(why) = open_clip_lacks(cfg) {
+        tracing::warn!("{}: {why}", out.display());
+        json!({ "loadable": false, "why": why })
+    } else {
+        json!({
             "embed_dim": cfg.embed_dim,
             "vision_cfg": { "image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers,
                             "head_width": v.width / v.heads, "mlp_ratio": v.mlp_ratio, "pool_type": v.pool_type,
@@ -92,7 +93,12 @@ pub fn export<B: Backend>(
             "text_cfg": { "context_length": cfg.text.context_length, "vocab_size": cfg.text.vocab_size, "width": cfg.text.width,
                           "heads": cfg.text.heads, "layers": cfg.text.layers },
             "quick_gelu": v.act == rookery_model::layers::Act::QuickGelu,
-        },
+        })
+    };
+    let config = json!({
+        "rookery_model": cfg,
+        "dtype": if bf16 { "bf16" } else { "f32" },
+        "open_clip": open_clip,
     });
     std::fs::write(
         out.join("config.json"),
@@ -103,6 +109,20 @@ pub fn export<B: Backend>(
             .with_context(|| format!("copying {}", t.display()))?;
     }
     Ok(())
+}
+
+/// Why open_clip (and HF) cannot load a tower of this config, if they cannot: a patch stem
+/// (`model.vision.stem_patch`) is a layer their `VisionTransformer` lacks. rookery itself
+/// loads such weights back (`model.init_from`).
+pub fn open_clip_lacks(cfg: &ClipConfig) -> Option<String> {
+    (cfg.vision.stem_patch > 0).then(|| {
+        format!(
+            "model.vision.stem_patch = {}: the image tower has a patch stem (visual.stem.*) that \
+             open_clip's and HF's VisionTransformer lack, so only rookery loads these weights; \
+             train with model.vision.stem_patch = 0 for a tower they load",
+            cfg.vision.stem_patch
+        )
+    })
 }
 
 /// The model config stored beside exported weights.

@@ -47,6 +47,16 @@ fn bad_configs_name_the_key() {
         &["model.vision.patch_size=7"],
         "model.vision.patch_size",
     );
+    refused(
+        "",
+        &["model.vision.stem_patch=3"],
+        "model.vision.stem_patch",
+    );
+    refused(
+        "",
+        &["model.vision.stem_patch=4", "model.vision.stem_width=0"],
+        "model.vision.stem_width",
+    );
     refused("", &["data.image_size=32"], "data.image_size");
     refused(
         "",

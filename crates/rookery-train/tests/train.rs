@@ -324,7 +324,9 @@ fn export_round_trips_in_f32_and_bf16_with_open_clip_names() {
     let _turn = common::serial();
     use burn::prelude::{Int, TensorData};
     let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny(dir.path(), "run", &["train.steps=2"]);
+    // CLIP's own tower, without a patch stem (which open_clip and HF lack; next test).
+    let clip_tower = "model.vision.stem_patch=0";
+    let cfg = tiny(dir.path(), "run", &["train.steps=2", clip_tower]);
     let s = train::<B>(&cfg, &Default::default()).unwrap();
     let mut mc = cfg.model.clone();
     mc.text.vocab_size = rookery_data::TextTokenizer::from_file(&cfg.data.tokenizer)
@@ -466,8 +468,45 @@ fn export_round_trips_in_f32_and_bf16_with_open_clip_names() {
         "from",
         &[
             "train.steps=1",
+            clip_tower,
             &format!("model.init_from={}", dir.path().join("f32").display()),
         ],
     );
     train::<B>(&from, &Default::default()).unwrap();
+}
+
+/// A tower with a patch stem exports under rookery's names and loads back bit for bit, and
+/// the export says open_clip cannot load it; the HF export is refused, naming the key.
+#[test]
+fn a_stem_tower_exports_for_rookery_only() {
+    let dev = Default::default();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(
+        dir.path(),
+        "run",
+        &["model.vision.stem_patch=4", "model.vision.stem_width=8"],
+    );
+    let model = cfg.model.init::<Flex>(&dev);
+    let images = Tensor::<Flex, 4>::random(
+        [2, 3, 32, 32],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
+    let feats = |m: &rookery_model::Clip<Flex>| {
+        let v = m.encode_image(images.clone()).into_data();
+        v.to_vec::<f32>().unwrap()
+    };
+    let exp = dir.path().join("exp");
+    rookery_train::export::export(&model, &cfg.model, None, &exp, false).unwrap();
+    let back = rookery_train::export::load_exported(cfg.model.init::<Flex>(&dev), &exp).unwrap();
+    assert_eq!(feats(&back), feats(&model));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(exp.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["open_clip"]["loadable"], false);
+    let why = config["open_clip"]["why"].as_str().unwrap();
+    assert!(why.contains("model.vision.stem_patch"), "{why}");
+    let err = rookery_train::hf::export_hf(&model, &cfg.model, &dir.path().join("hf"), false)
+        .expect_err("HF has no patch stem");
+    assert!(err.to_string().contains("model.vision.stem_patch"), "{err}");
+    assert!(!dir.path().join("hf").exists());
 }

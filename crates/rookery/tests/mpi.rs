@@ -118,7 +118,7 @@ fn mpi_ranks_train_the_same_model_as_thread_ranks() {
         tensors(&dir.path().join("threads").join(ck)),
         tensors(&dir.path().join("mpi").join(ck)),
     );
-    assert_eq!(a.len(), 38);
+    assert_eq!(a.len(), 42);
     if a != b {
         let kept = dir.keep();
         panic!(
@@ -212,7 +212,7 @@ fn a_killed_rank_stops_the_job_naming_it() {
     // The newest complete checkpoint is intact.
     let name = std::fs::read_to_string(&latest).unwrap();
     let ck = dir.path().join("killed/checkpoints").join(name.trim());
-    assert_eq!(tensors(&ck.join("model.safetensors")).len(), 38);
+    assert_eq!(tensors(&ck.join("model.safetensors")).len(), 42);
 }
 
 /// The pid of the rookery process that MPI made rank `rank` in the job writing under `dir`.
