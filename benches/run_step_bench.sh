@@ -7,12 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-/opt/refvenv/bin/python}
 cargo build --release -q
-# The reference builds the shapes configs/clip-tiny.toml gives (patch size; width, layers and
-# heads per tower).
+# The reference builds the shapes configs/clip-tiny.toml gives (patch size and stem; width,
+# layers and heads per tower).
 key() { sed -n "/^\[$1\]/,/^\[/s/^$2 *= *\([0-9]*\).*/\1/p" configs/clip-tiny.toml; }
 SHAPE="--patch $(key model.vision patch_size) --layers $(key model.vision layers) --text-layers $(key model.text layers)"
 SHAPE="$SHAPE --heads $(key model.vision heads) --text-heads $(key model.text heads)"
 SHAPE="$SHAPE --width $(key model.vision width) --text-width $(key model.text width)"
+SHAPE="$SHAPE --stem $(key model.vision stem_patch) --stem-width $(key model.vision stem_width)"
 echo "reference shape: $SHAPE"
 grep -m1 "model name" /proc/cpuinfo; cat /proc/loadavg
 for batch in 64 128; do

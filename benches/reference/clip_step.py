@@ -34,10 +34,15 @@ class Block(nn.Module):
 
 
 class Clip(nn.Module):
-    def __init__(self, image, patch, vw, vl, vh, vocab, ctx, tw, tl, th, embed):
+    def __init__(self, image, patch, vw, vl, vh, vocab, ctx, tw, tl, th, embed, stem=0, stem_width=64):
         super().__init__()
         n = (image // patch) ** 2 + 1
-        self.conv1 = nn.Conv2d(3, vw, patch, patch, bias=False)
+        # rookery's optional patch stem: a conv of kernel = stride = stem, LayerNorm over its
+        # channels, GELU; conv1 then convolves the sub-patch features.
+        self.stem = nn.Conv2d(3, stem_width, stem, stem) if stem else None
+        self.stem_ln = nn.LayerNorm(stem_width) if stem else None
+        k = patch // stem if stem else patch
+        self.conv1 = nn.Conv2d(stem_width if stem else 3, vw, k, k, bias=False)
         self.class_embedding = nn.Parameter(torch.randn(vw) * vw ** -0.5)
         self.vpos = nn.Parameter(torch.randn(n, vw) * vw ** -0.5)
         self.ln_pre, self.ln_post = nn.LayerNorm(vw), nn.LayerNorm(vw)
@@ -51,6 +56,8 @@ class Clip(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
 
     def encode_image(self, img):
+        if self.stem is not None:
+            img = F.gelu(self.stem_ln(self.stem(img).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
         x = self.conv1(img).flatten(2).transpose(1, 2)
         x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1) + self.vpos
         x = self.ln_pre(x)
@@ -80,6 +87,8 @@ def main():
     p.add_argument("--text-layers", type=int, default=None, help="text tower layers (default: --layers)")
     p.add_argument("--heads", type=int, default=4, help="image tower heads")
     p.add_argument("--text-heads", type=int, default=None, help="text tower heads (default: --heads)")
+    p.add_argument("--stem", type=int, default=0, help="stem sub-patch size (0: none)")
+    p.add_argument("--stem-width", type=int, default=64)
     p.add_argument("--ctx", type=int, default=32)
     p.add_argument("--vocab", type=int, default=64)
     p.add_argument("--embed", type=int, default=128)
@@ -87,7 +96,7 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     m = Clip(a.image, a.patch, a.width, a.layers, a.heads, a.vocab, a.ctx, a.text_width or a.width,
-             a.text_layers or a.layers, a.text_heads or a.heads, a.embed)
+             a.text_layers or a.layers, a.text_heads or a.heads, a.embed, a.stem, a.stem_width)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     eot = 3
     times = []

@@ -2,7 +2,8 @@
 //! (Radford et al. 2021): conv patch embedding, class token, learned positions, `ln_pre`,
 //! pre-norm blocks, `ln_post` on the class token, projection. Field names follow open_clip's
 //! `VisionTransformer` (`conv1`, `class_embedding`, `positional_embedding`, `ln_pre`,
-//! `transformer`, `ln_post`, `proj`).
+//! `transformer`, `ln_post`, `proj`), plus an optional patch stem before `conv1` (`stem`, not
+//! CLIP's; [`VitConfig::stem_patch`]).
 
 use burn::module::{Initializer, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -35,9 +36,10 @@ pub struct VitConfig {
     /// LayerNorm and the activation), and `conv1` embeds each patch from its `(p/s)^2`
     /// sub-patch features. A patch token is then a non-linear, translation-shared function of
     /// its pixels, where `conv1` alone is linear: it can say "a corner here" for a shape much
-    /// smaller than the patch, at a few % more FLOPs than `conv1` (an early-convolution stem as
-    /// in Xiao et al. 2021, with non-overlapping kernels). open_clip and HF have no such layer:
-    /// such a tower exports under rookery's own names only.
+    /// smaller than the patch. 8-px sub-patches of 64 channels take fewer FLOPs than a 16-px
+    /// `conv1` alone (an early-convolution stem as in Xiao et al. 2021, with non-overlapping
+    /// kernels). open_clip and HF have no such layer: such a tower exports under rookery's own
+    /// names only.
     pub stem_patch: usize,
     /// Channels of the stem's sub-patch features.
     pub stem_width: usize,
