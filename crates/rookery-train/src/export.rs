@@ -5,6 +5,9 @@
 //!
 //! Differences from an open_clip checkpoint: `logit_scale` has shape `[1]` (open_clip: `[]`),
 //! and the vocabulary is this run's tokenizer (copied beside the weights), not OpenAI's BPE.
+//! A tower with a patch stem (`model.vision.stem_patch`) has layers open_clip lacks: it exports
+//! the same way for rookery to load back, and `config.json` says open_clip cannot load it
+//! ([`open_clip_lacks`]).
 
 use std::path::Path;
 use std::rc::Rc;
