@@ -90,6 +90,7 @@ impl VitConfig {
                         .with_stride([s, s])
                         .init(device),
                     ln: layer_norm(self.stem_width, device),
+                    act: self.act,
                 }),
                 self.stem_width,
                 self.patch_size / s,
@@ -115,7 +116,6 @@ impl VitConfig {
             ln_post: layer_norm(w, device),
             proj: normal.init([w, embed_dim], device),
             avg_pool: self.pool_type == "avg",
-            act: self.act,
         }
     }
 }
@@ -125,6 +125,9 @@ impl VitConfig {
 pub struct PatchStem<B: Backend> {
     pub conv: Conv2d<B>,
     pub ln: LayerNorm<B>,
+    /// The tower's activation ([`VitConfig::act`]).
+    #[module(skip)]
+    pub act: Act,
 }
 
 impl<B: Backend> PatchStem<B> {
@@ -133,7 +136,7 @@ impl<B: Backend> PatchStem<B> {
     ///
     /// # Shapes
     /// `images`: `[B, 3, H, W]` -> `[B * (H/p) * (W/p), (p/s)^2 * C]`.
-    pub fn forward(&self, images: Tensor<B, 4>, p: usize, act: Act) -> Tensor<B, 2> {
+    pub fn forward(&self, images: Tensor<B, 4>, p: usize) -> Tensor<B, 2> {
         let c = images.dims()[1];
         let [width, _, s, _] = self.conv.weight.dims();
         // The patches as images of their own, and those cut into sub-patches: rows come out
@@ -153,7 +156,9 @@ impl<B: Backend> PatchStem<B> {
             .as_ref()
             .expect("the stem conv has a bias")
             .val();
-        let x = act.forward(norm(&self.ln, crate::cpu::affine(sub, kernel, bias)));
+        let x = self
+            .act
+            .forward(norm(&self.ln, crate::cpu::affine(sub, kernel, bias)));
         x.reshape([n, (p / s) * (p / s) * width])
     }
 }
@@ -171,9 +176,6 @@ pub struct VisionTransformer<B: Backend> {
     pub proj: Param<Tensor<B, 2>>,
     /// `pool_type = "avg"`.
     pub avg_pool: bool,
-    /// The blocks' activation, which the stem uses too.
-    #[module(skip)]
-    pub act: Act,
 }
 
 impl<B: Backend> VisionTransformer<B> {
@@ -231,10 +233,7 @@ impl<B: Backend> VisionTransformer<B> {
             // `conv1` over the stem's feature map, its kernel in the stem rows' order.
             Some(stem) => {
                 let s = stem.conv.weight.dims()[2];
-                (
-                    stem.forward(images, k * s, self.act),
-                    kernel.permute([0, 2, 3, 1]),
-                )
+                (stem.forward(images, k * s), kernel.permute([0, 2, 3, 1]))
             }
         };
         let n = rows.dims()[0] / b;
@@ -300,11 +299,35 @@ mod tests {
         (a - b).abs().max().into_scalar()
     }
 
+    type AD = burn::backend::Autodiff<Flex>;
+
+    /// `ours` equals `reference` `[B, N, W]`, and so do the gradients they give each kernel
+    /// (through a random weighting of the tokens); each reference gradient must exceed its
+    /// floor somewhere, so a kernel the tokens do not reach fails.
+    fn assert_same_tokens_and_grads(
+        ours: Tensor<AD, 3>,
+        reference: Tensor<AD, 3>,
+        kernels: &[(&Param<Tensor<AD, 4>>, f32)],
+    ) {
+        assert_eq!(ours.dims(), reference.dims());
+        let diff: f32 = (ours.clone() - reference.clone()).abs().max().into_scalar();
+        assert!(diff < 1e-5, "tokens differ by {diff}");
+        let weights = Tensor::<AD, 3>::random(ours.dims(), Distribution::Default, &ours.device());
+        let grads_ours = (ours * weights.clone()).sum().backward();
+        let grads_ref = (reference * weights).sum().backward();
+        for (kernel, floor) in kernels {
+            let g = |grads| kernel.val().grad(grads).expect("kernel gradient");
+            let (a, b) = (g(&grads_ours), g(&grads_ref));
+            let diff: f32 = (a - b.clone()).abs().max().into_scalar();
+            let size: f32 = b.abs().max().into_scalar();
+            assert!(diff < 1e-4 && size > *floor, "{diff} of {size}");
+        }
+    }
+
     /// The GEMM form of the patch embedding is `conv1` itself: outputs and the kernel's
     /// gradient match burn's convolution on a non-square image.
     #[test]
     fn patch_tokens_are_the_strided_convolution() {
-        type AD = burn::backend::Autodiff<Flex>;
         let device = Default::default();
         let cfg = VitConfig {
             image_size: 16,
@@ -314,33 +337,16 @@ mod tests {
         };
         let vit: VisionTransformer<AD> = cfg.init(8, &device);
         let images = Tensor::<AD, 4>::random([2, 3, 16, 12], Distribution::Default, &device);
-        let weights = Tensor::<AD, 3>::random([2, 12, 16], Distribution::Default, &device);
         let ours = vit.patch_tokens(images.clone());
         let conv = vit.conv1.forward(images).flatten::<3>(2, 3).swap_dims(1, 2);
         assert_eq!(ours.dims(), [2, 12, 16]);
-        let diff: f32 = (ours.clone() - conv.clone()).abs().max().into_scalar();
-        assert!(diff < 1e-5, "{diff}");
-        let kernel_grad = |y: Tensor<AD, 3>| {
-            let grads = (y * weights.clone()).sum().backward();
-            vit.conv1
-                .weight
-                .val()
-                .grad(&grads)
-                .expect("kernel gradient")
-        };
-        let (g_ours, g_conv) = (kernel_grad(ours), kernel_grad(conv));
-        let diff: f32 = (g_ours - g_conv.clone()).abs().max().into_scalar();
-        assert!(
-            diff < 1e-4 && g_conv.abs().max().into_scalar() > 0.1,
-            "{diff}"
-        );
+        assert_same_tokens_and_grads(ours, conv, &[(&vit.conv1.weight, 0.1)]);
     }
 
     /// With a stem, the patch tokens are burn's convolution, LayerNorm over channels, GELU and
     /// `conv1`'s convolution composed on a feature map: outputs and both kernels' gradients.
     #[test]
     fn stem_tokens_are_two_convolutions() {
-        type AD = burn::backend::Autodiff<Flex>;
         let device = Default::default();
         let cfg = VitConfig {
             image_size: 16,
@@ -353,25 +359,13 @@ mod tests {
         let vit: VisionTransformer<AD> = cfg.init(8, &device);
         let stem = vit.stem.as_ref().expect("a stem");
         let images = Tensor::<AD, 4>::random([2, 3, 16, 24], Distribution::Default, &device);
-        let weights = Tensor::<AD, 3>::random([2, 6, 16], Distribution::Default, &device);
         let ours = vit.patch_tokens(images.clone());
         let map = stem.conv.forward(images).permute([0, 2, 3, 1]); // [B, 8, 12, C]
         let map = crate::cpu::gelu(stem.ln.forward(map)).permute([0, 3, 1, 2]);
         let conv = vit.conv1.forward(map).flatten::<3>(2, 3).swap_dims(1, 2);
         assert_eq!(ours.dims(), [2, 6, 16]);
-        let diff: f32 = (ours.clone() - conv.clone()).abs().max().into_scalar();
-        assert!(diff < 1e-5, "{diff}");
-        let grads_of = |y: Tensor<AD, 3>| {
-            let grads = (y * weights.clone()).sum().backward();
-            let g = |p: &Param<Tensor<AD, 4>>| p.val().grad(&grads).expect("gradient");
-            (g(&vit.conv1.weight), g(&stem.conv.weight))
-        };
-        let (ours, conv) = (grads_of(ours), grads_of(conv));
-        for (a, b) in [(ours.0, conv.0), (ours.1, conv.1)] {
-            let diff: f32 = (a - b.clone()).abs().max().into_scalar();
-            let size: f32 = b.abs().max().into_scalar();
-            assert!(diff < 1e-4 && size > 0.01, "{diff} of {size}");
-        }
+        let kernels = [(&vit.conv1.weight, 0.01), (&stem.conv.weight, 0.01)];
+        assert_same_tokens_and_grads(ours, conv, &kernels);
     }
 
     #[test]

@@ -95,14 +95,15 @@ pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
 }
 
 /// `x [N, in] w [in, out] + b [out]`: on flex one GEMM that starts from the bias rows
-/// ([`linear`](self::linear)'s module says why); elsewhere burn's matmul and add.
+/// ([`linear`](self::linear)'s module says why); elsewhere burn's `linear` (what `Linear`
+/// runs).
 pub fn affine<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>) -> Tensor<B, 2> {
     // Only one closure runs: the one for the backend `x`, and so `w` and `b`, come from.
     on_flex(
         x,
         |x| linear::autodiff(x, prim::<B, _, 2>(w.clone()), prim::<B, _, 1>(b.clone())),
         |x| linear::plain(x, prim::<B, _, 2>(w.clone()), prim::<B, _, 1>(b.clone())),
-        |x| x.matmul(w.clone()) + b.clone().unsqueeze(),
+        |x| burn::tensor::module::linear(x, w.clone(), Some(b.clone())),
     )
 }
 
