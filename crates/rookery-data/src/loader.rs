@@ -107,8 +107,13 @@ impl Default for DataConfig {
 /// Bad-sample accounting, part of the position so that resumed counts continue exactly.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BadCounts {
+    /// Samples read (good and bad).
     pub seen: u64,
+    /// Bad items: samples, and shards that could not be read (not in `seen`).
     pub bad: u64,
+    /// Of `bad`, whole shards (broken, unreadable or empty).
+    #[serde(default)]
+    pub bad_shards: u64,
     pub by_reason: std::collections::BTreeMap<String, u64>,
 }
 
@@ -249,6 +254,7 @@ impl LoaderPosition {
         for c in old.iter().map(|p| &p.counts).filter(|_| rank == 0) {
             counts.seen += c.seen;
             counts.bad += c.bad;
+            counts.bad_shards += c.bad_shards;
             for (k, v) in &c.by_reason {
                 *counts.by_reason.entry(k.clone()).or_default() += v;
             }
@@ -417,6 +423,7 @@ impl<P: Prepare> Batcher<P> {
 
     fn count_bad(&mut self, shard: &str, key: &str, reason: &str) -> Result<(), DataError> {
         self.counts.bad += 1;
+        self.counts.bad_shards += u64::from(key == "-");
         let kind = if key == "-" && reason.contains("broken tar") {
             "broken tar".to_string()
         } else if key == "-" && !reason.starts_with("empty shard") {
@@ -426,7 +433,8 @@ impl<P: Prepare> Batcher<P> {
         };
         *self.counts.by_reason.entry(kind).or_default() += 1;
         tracing::warn!(shard, key, reason, "skipping bad sample");
-        let total = self.counts.seen.max(1);
+        // A shard that could not be read is one item among the samples read.
+        let total = (self.counts.seen + self.counts.bad_shards).max(1);
         let frac = self.counts.bad as f64 / total as f64;
         if self.counts.bad > self.cfg.min_bad_allowed && frac > self.cfg.max_bad_fraction {
             return Err(DataError::TooManyBad {

@@ -123,10 +123,7 @@ pub fn read_shard(url: &str, mut f: impl FnMut(ShardItem) -> bool) {
         let mut entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                f(ShardItem::Broken(DataError::BadTar(
-                    url.into(),
-                    e.to_string(),
-                )));
+                f(ShardItem::Broken(DataError::bad_tar(url, &e.to_string())));
                 return; // the partial sample is dropped: its members may be incomplete
             }
         };
@@ -142,9 +139,9 @@ pub fn read_shard(url: &str, mut f: impl FnMut(ShardItem) -> bool) {
         };
         let mut data = Vec::with_capacity(entry.size() as usize);
         if let Err(e) = entry.read_to_end(&mut data) {
-            f(ShardItem::Broken(DataError::BadTar(
-                url.into(),
-                format!("{path}: {e}"),
+            f(ShardItem::Broken(DataError::bad_tar(
+                url,
+                &format!("{path}: {e}"),
             )));
             return;
         }

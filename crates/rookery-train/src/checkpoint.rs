@@ -2,7 +2,8 @@
 //! state (step, samples seen, loader position), the resolved config and a manifest of SHA-256
 //! hashes, and a copy of the tokenizer the run reads (token ids are only meaningful with it).
 //! Written under a temporary name, fsynced, renamed; `latest` is replaced atomically
-//! only after that, so a crash never leaves a broken `latest`. The last `keep` are kept.
+//! only after that, so a crash never leaves a broken `latest`. The last `keep` are kept, and
+//! never the one `latest` names. Every reader ([`resolve`], [`load`]) verifies the manifest.
 
 use std::fs::File;
 use std::io::Write;
@@ -45,6 +46,9 @@ impl Default for CheckpointConfig {
 pub struct TrainState {
     pub step: usize,
     pub samples_seen: u64,
+    /// Steps whose update was skipped for a non-finite loss or gradient.
+    #[serde(default)]
+    pub skipped_steps: u64,
     /// This rank's loader position (in memory only; checkpoints hold `loaders`).
     #[serde(skip)]
     pub loader: Option<LoaderPosition>,
@@ -82,6 +86,90 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
+/// A safetensors writer whose bytes depend on the weights only: burn-store's default metadata
+/// is a `HashMap` of three entries, serialised in a different order each run, so equal weights
+/// gave files with different hashes. One entry, `format = pt`, as PyTorch's writers put it.
+pub fn safetensors_writer(path: impl Into<PathBuf>) -> SafetensorsStore {
+    SafetensorsStore::from_file(path)
+        .overwrite(true)
+        .clear_metadata()
+        .metadata("format", "pt")
+}
+
+/// The step checkpoints under `root` (`step-N`, not the `.tmp` of an unfinished save), sorted.
+fn step_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with("step-") && !n.ends_with(".tmp")
+                })
+        })
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Removes what an interrupted save left (`step-N.tmp`, `latest.tmp`), saying so: nothing in
+/// them is a checkpoint (`latest` only ever names renamed, complete ones).
+pub fn remove_unfinished(run_dir: &Path) -> Result<()> {
+    let root = checkpoints_dir(run_dir);
+    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "tmp") {
+            tracing::warn!(path = %p.display(), "removing what an interrupted checkpoint save left");
+            let res = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            res.with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes `run_dir` ready for a run: what an interrupted save left is removed; a directory that
+/// holds checkpoints is refused unless the run resumes from them or `overwrite` deletes the
+/// earlier run's files (checkpoints, metrics, plot, config) first (a fresh run would otherwise write `step-500` beside an older run's `step-2600`,
+/// and pruning by step would delete the new one at once).
+pub fn prepare_run_dir(run_dir: &Path, resume: bool, overwrite: bool) -> Result<()> {
+    if resume && overwrite {
+        bail!("train.resume = \"auto\" (--resume) and train.overwrite (--overwrite) contradict each other: resume continues the run in {}, overwrite deletes it", run_dir.display());
+    }
+    remove_unfinished(run_dir)?;
+    let root = checkpoints_dir(run_dir);
+    if overwrite {
+        // Only what a run writes: a run directory may sit beside (or hold) the user's files.
+        for f in ["checkpoints", "metrics.jsonl", "metrics.png", "config.toml"] {
+            let p = run_dir.join(f);
+            let res = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else if p.exists() {
+                std::fs::remove_file(&p)
+            } else {
+                continue;
+            };
+            tracing::warn!(path = %p.display(), "train.overwrite: deleted");
+            res.with_context(|| format!("clearing {}", p.display()))?;
+        }
+    }
+    let found = step_dirs(&root);
+    if !resume && !found.is_empty() {
+        bail!(
+            "run directory {} already holds {} checkpoint(s) (the newest {}): continue that run with --resume (train.resume = \"auto\"), start over with --overwrite (train.overwrite = true; deletes them), or set another train.run_dir",
+            run_dir.display(),
+            found.len(),
+            found.last().expect("non-empty").display()
+        );
+    }
+    Ok(())
+}
+
 /// Saves a checkpoint for `state.step` and points `latest` at it.
 pub fn save<B, M, O>(
     run_dir: &Path,
@@ -98,18 +186,26 @@ where
     let root = checkpoints_dir(run_dir);
     let name = format!("step-{:08}", state.step);
     let (tmp, dir) = (root.join(format!("{name}.tmp")), root.join(&name));
+    let weights = model.valid();
+    check_finite(&weights).with_context(|| format!("refusing to save checkpoint {name}"))?;
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut store = SafetensorsStore::from_file(tmp.join("model.safetensors")).overwrite(true);
-    model
-        .valid()
-        .save_into(&mut store)
-        .context("writing model.safetensors")?;
+    let path = tmp.join("model.safetensors");
+    weights
+        .save_into(&mut safetensors_writer(&path))
+        .with_context(|| format!("writing {}", path.display()))?;
+    fail::fail_point!("checkpoint.after_weights", |_| bail!("failpoint"));
     BinFileRecorder::<FullPrecisionSettings>::new()
         .record(optim.to_record(), tmp.join("optim"))
-        .context("writing optimizer state")?;
-    std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(state)?)?;
-    std::fs::write(tmp.join("config.toml"), cfg.to_toml())?;
+        .with_context(|| {
+            format!(
+                "writing optimizer state {}",
+                tmp.join("optim.bin").display()
+            )
+        })?;
+    fail::fail_point!("checkpoint.after_optim", |_| bail!("failpoint"));
+    write_file(&tmp.join("state.json"), &serde_json::to_vec_pretty(state)?)?;
+    write_file(&tmp.join("config.toml"), cfg.to_toml().as_bytes())?;
     let mut names: Vec<&str> = FILES.to_vec();
     if cfg.data.tokenizer.is_file() {
         std::fs::copy(&cfg.data.tokenizer, tmp.join(TOKENIZER))
@@ -120,19 +216,25 @@ where
         .iter()
         .map(|f| Ok((f.to_string(), sha256(&tmp.join(f))?)))
         .collect::<Result<Vec<_>>>()?;
-    std::fs::write(
-        tmp.join("manifest.json"),
-        serde_json::to_vec_pretty(&Manifest {
+    write_file(
+        &tmp.join("manifest.json"),
+        &serde_json::to_vec_pretty(&Manifest {
             step: state.step,
             files,
         })?,
     )?;
     for f in names.iter().chain(&["manifest.json"]) {
-        File::open(tmp.join(f))?.sync_all()?;
+        let p = tmp.join(f);
+        File::open(&p)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", p.display()))?;
     }
+    fail::fail_point!("checkpoint.before_rename", |_| bail!("failpoint"));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir)?;
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     File::open(&root)?.sync_all()?;
+    fail::fail_point!("checkpoint.before_latest", |_| bail!("failpoint"));
     write_atomic(&root.join("latest"), name.as_bytes())?;
     prune(&root, cfg.checkpoint.keep.max(1))?;
     Ok(dir)
@@ -143,6 +245,53 @@ pub fn latest(run_dir: &Path) -> Option<PathBuf> {
     let root = checkpoints_dir(run_dir);
     let name = std::fs::read_to_string(root.join("latest")).ok()?;
     Some(root.join(name.trim()))
+}
+
+/// The newest checkpoint of `run_dir` that verifies against its manifest, trying `latest`
+/// first and then the others from the newest step down; each one skipped is logged with why.
+/// `None` when there is none at all; an error when some exist and none verifies.
+pub fn newest_verified(run_dir: &Path) -> Result<Option<PathBuf>> {
+    let mut candidates: Vec<PathBuf> = latest(run_dir).into_iter().collect();
+    for d in step_dirs(&checkpoints_dir(run_dir)).into_iter().rev() {
+        if !candidates.contains(&d) {
+            candidates.push(d);
+        }
+    }
+    let mut why = Vec::new();
+    for dir in &candidates {
+        match verify(dir) {
+            Ok(()) => return Ok(Some(dir.clone())),
+            Err(e) => {
+                tracing::warn!(checkpoint = %dir.display(), "skipping a checkpoint that does not verify: {e:#}");
+                why.push(format!("{e:#}"));
+            }
+        }
+    }
+    match why.is_empty() {
+        true => Ok(None),
+        false => bail!(
+            "no checkpoint of {} verifies:\n  {}",
+            run_dir.display(),
+            why.join("\n  ")
+        ),
+    }
+}
+
+/// The checkpoint a user names: `path` itself when it is one, else the run directory `path`'s
+/// latest; verified against its manifest, so nothing reads a corrupt checkpoint.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    let dir = if path.join("manifest.json").exists() {
+        path.to_path_buf()
+    } else {
+        latest(path).with_context(|| {
+            format!(
+                "{}: neither a checkpoint (no manifest.json) nor a run directory with one (no checkpoints/latest)",
+                path.display()
+            )
+        })?
+    };
+    verify(&dir)?;
+    Ok(dir)
 }
 
 /// Loads a checkpoint directory into `model` and `optim` after verifying its manifest, and
@@ -210,8 +359,8 @@ where
     Ok((model, optim, state))
 }
 
-/// Loads safetensors weights into `model` strictly (every tensor present, shapes checked), then
-/// restores the path-derived parameter ids that optimizer state is keyed by.
+/// Loads safetensors weights into `model` strictly (every tensor present, shapes checked, every
+/// value finite), then restores the path-derived parameter ids that optimizer state is keyed by.
 pub fn load_weights<B: burn::prelude::Backend, M: Module<B>>(model: M, path: &Path) -> Result<M> {
     load_store(model, &mut SafetensorsStore::from_file(path), path)
 }
@@ -233,6 +382,9 @@ pub(crate) fn load_store<B: burn::prelude::Backend, M: Module<B>>(
             res.errors
         );
     }
+    // Weights of a diverged run are refused by every reader: evaluated, they score as perfect
+    // (every comparison with NaN is false).
+    check_finite(&model).with_context(|| format!("{}", path.display()))?;
     Ok(model.map(&mut PathIds::default()))
 }
 
@@ -257,35 +409,109 @@ fn verify(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses weights with a NaN or infinite value, naming the first such tensor.
+pub fn check_finite<B: burn::prelude::Backend, M: Module<B>>(model: &M) -> Result<()> {
+    for t in model.collect(None, None, false) {
+        let data = t
+            .to_data()
+            .map_err(|e| anyhow::anyhow!("{}: {e:?}", t.full_path()))?;
+        let values = data.convert::<f32>();
+        let values = values
+            .as_slice::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            bail!(
+                "tensor {} holds {bad} non-finite value(s) of {}",
+                t.full_path(),
+                values.len()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn sha256(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(format!("{:x}", Sha256::digest(&bytes)))
 }
 
+/// `std::fs::write` whose error names the path (a full disk must say where).
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().with_context(|| format!("writing {}", path.display()))
+}
+
+/// Deletes all but the newest `keep` checkpoints, and never the one `latest` names.
+fn prune(root: &Path, keep: usize) -> Result<()> {
+    let dirs = step_dirs(root);
+    let newest = std::fs::read_to_string(root.join("latest"))
+        .ok()
+        .map(|n| root.join(n.trim()));
+    let n = dirs.len().saturating_sub(keep);
+    for d in dirs[..n].iter().filter(|d| Some(*d) != newest.as_ref()) {
+        std::fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+    }
     Ok(())
 }
 
-fn prune(root: &Path, keep: usize) -> Result<()> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name().is_some_and(|n| {
-                    n.to_string_lossy().starts_with("step-")
-                        && !n.to_string_lossy().ends_with(".tmp")
-                })
-        })
-        .collect();
-    dirs.sort();
-    let n = dirs.len().saturating_sub(keep);
-    for d in &dirs[..n] {
-        std::fs::remove_dir_all(d)?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(root: &Path) -> Vec<String> {
+        step_dirs(root)
+            .iter()
+            .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
     }
-    Ok(())
+
+    #[test]
+    fn prune_keeps_the_newest_and_never_what_latest_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for s in [
+            "step-00000500",
+            "step-00002400",
+            "step-00002600",
+            "step-00000600.tmp",
+        ] {
+            std::fs::create_dir_all(root.join(s)).unwrap();
+        }
+        // `latest` names an older step than others present (an earlier run's leftovers).
+        write_atomic(&root.join("latest"), b"step-00000500").unwrap();
+        prune(root, 1).unwrap();
+        assert_eq!(names(root), ["step-00000500", "step-00002600"]);
+        write_atomic(&root.join("latest"), b"step-00002600").unwrap();
+        prune(root, 1).unwrap();
+        assert_eq!(names(root), ["step-00002600"]);
+    }
+
+    #[test]
+    fn unfinished_saves_are_removed_and_checkpoints_refused_without_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        let root = checkpoints_dir(run);
+        std::fs::create_dir_all(root.join("step-00000004.tmp")).unwrap();
+        std::fs::write(root.join("latest.tmp"), "x").unwrap();
+        prepare_run_dir(run, false, false).unwrap();
+        assert!(!root.join("step-00000004.tmp").exists() && !root.join("latest.tmp").exists());
+        std::fs::create_dir_all(root.join("step-00000002")).unwrap();
+        let err = prepare_run_dir(run, false, false).unwrap_err().to_string();
+        assert!(err.contains("already holds 1 checkpoint"), "{err}");
+        prepare_run_dir(run, true, false).unwrap();
+        assert!(prepare_run_dir(run, true, true).is_err());
+        prepare_run_dir(run, false, true).unwrap();
+        assert!(!root.exists());
+    }
 }

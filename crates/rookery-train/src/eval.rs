@@ -95,6 +95,8 @@ pub fn evaluate<B: Backend>(
         data.val
     );
     let (img, txt) = (Tensor::cat(img, 0), Tensor::cat(txt, 0));
+    ensure_finite(&img, "image embeddings")?;
+    ensure_finite(&txt, "text embeddings")?;
     let sim = img.clone().matmul(txt.clone().transpose()); // [N, N]
     let n = sim.dims()[0];
     let i2t = ranks(sim.clone());
@@ -130,6 +132,25 @@ pub fn evaluate<B: Backend>(
     Ok(report)
 }
 
+/// Refuses embeddings with a NaN or infinity: ranks count entries strictly above the
+/// diagonal, and every comparison with NaN is false, so a diverged model would score R@1 = 1.
+pub fn ensure_finite<B: Backend, const D: usize>(t: &Tensor<B, D>, what: &str) -> Result<()> {
+    let bad: i64 = t
+        .clone()
+        .is_finite()
+        .bool_not()
+        .int()
+        .sum()
+        .into_scalar()
+        .elem();
+    anyhow::ensure!(
+        bad == 0,
+        "{what}: {bad} of {} values are NaN or infinite (diverged weights?); refusing to score them",
+        t.shape().num_elements()
+    );
+    Ok(())
+}
+
 /// For each row, the rank of its diagonal entry (0 = best): entries strictly greater than it.
 fn ranks<B: Backend>(sim: Tensor<B, 2>) -> Vec<usize> {
     let [n, _] = sim.dims();
@@ -157,6 +178,23 @@ pub(crate) fn indices<B: Backend>(t: Tensor<B, 2, Int>) -> Vec<usize> {
 mod tests {
     use super::*;
     use burn::backend::Flex;
+
+    #[test]
+    fn non_finite_embeddings_are_refused_by_name() {
+        let dev = Default::default();
+        let ok = Tensor::<Flex, 2>::from_data([[0.5, 0.1], [0.2, 0.3]], &dev);
+        assert!(ensure_finite(&ok, "image embeddings").is_ok());
+        for bad in [f32::NAN, f32::INFINITY] {
+            let t = Tensor::<Flex, 2>::from_data([[0.5, bad], [0.2, 0.3]], &dev);
+            let err = ensure_finite(&t, "image embeddings")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("image embeddings") && err.contains("1 of 4"),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn ranks_count_entries_above_the_diagonal() {

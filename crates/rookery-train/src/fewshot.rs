@@ -87,6 +87,11 @@ pub fn perplexity<B: Backend>(
             break;
         }
     }
+    anyhow::ensure!(
+        sum.is_finite(),
+        "held-out next-token loss on {} is {sum} (diverged weights?); refusing to score it",
+        cfg.data.val
+    );
     Ok(TextReport {
         perplexity: (sum / n.max(1.0)).exp(),
         tokens: n as usize,

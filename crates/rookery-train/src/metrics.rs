@@ -26,17 +26,35 @@ impl Default for LogConfig {
     }
 }
 
-/// Appends JSON lines to `metrics.jsonl`; appending keeps the history of a resumed run.
+/// Appends JSON lines to `metrics.jsonl`.
 pub struct MetricsWriter {
     file: File,
 }
 
 impl MetricsWriter {
-    pub fn open(run_dir: &Path) -> std::io::Result<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(run_dir.join("metrics.jsonl"))?;
+    /// Opens the run's metrics for a run that starts after step `from_step` (0: a fresh run).
+    /// The records of steps up to `from_step` are kept (a resumed run's history); later ones
+    /// are dropped, since a killed run wrote them after the checkpoint the run resumes from
+    /// and the resumed run writes those steps again.
+    pub fn open(run_dir: &Path, from_step: usize) -> std::io::Result<Self> {
+        let path = run_dir.join("metrics.jsonl");
+        let kept: String = match std::fs::read_to_string(&path) {
+            Ok(text) if from_step > 0 => text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|r| r["step"].as_u64())
+                        .is_some_and(|s| s <= from_step as u64)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            _ => String::new(),
+        };
+        let tmp = path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, kept)?;
+        std::fs::rename(&tmp, &path)?;
+        let file = OpenOptions::new().append(true).open(&path)?;
         Ok(MetricsWriter { file })
     }
 
@@ -54,4 +72,37 @@ pub fn read_metrics(run_dir: &Path) -> std::io::Result<Vec<serde_json::Value>> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopening_keeps_the_steps_up_to_the_resume_point_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = MetricsWriter::open(dir.path(), 0).unwrap();
+        for step in 1..=4 {
+            m.write(&serde_json::json!({"kind": "train", "step": step}))
+                .unwrap();
+        }
+        drop(m);
+        let steps = |d: &Path| -> Vec<u64> {
+            read_metrics(d)
+                .unwrap()
+                .iter()
+                .map(|r| r["step"].as_u64().unwrap())
+                .collect()
+        };
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("metrics.jsonl"))
+            .unwrap()
+            .write_all(b"{\"kind\": \"tra")
+            .unwrap();
+        MetricsWriter::open(dir.path(), 2).unwrap();
+        assert_eq!(steps(dir.path()), [1, 2]);
+        MetricsWriter::open(dir.path(), 0).unwrap();
+        assert!(steps(dir.path()).is_empty());
+    }
 }

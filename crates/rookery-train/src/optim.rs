@@ -293,9 +293,16 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Updater<B, M> {
         self
     }
 
+    /// The learning rate of optimizer step `step` of `total`.
+    pub fn lr(&self, step: usize, total: usize) -> f64 {
+        self.cfg.lr_at(step, total)
+    }
+
     /// Applies `grads` as optimizer step `step` of `total`; returns the model, the learning
     /// rate and the gradient norm before clipping. Frozen parameters (no gradient) are neither
-    /// decayed nor updated.
+    /// decayed nor updated. Gradients with a NaN or infinite value (a non-finite norm) update
+    /// nothing: the model comes back as it was and the optimizer state is untouched; the
+    /// caller sees the non-finite norm.
     pub fn apply(
         &mut self,
         model: M,
@@ -306,6 +313,9 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Updater<B, M> {
         let o = &self.cfg;
         let grad_norm = clip_global_norm(&model, &mut grads, o.grad_clip_norm);
         let lr = o.lr_at(step, total);
+        if !grad_norm.is_finite() {
+            return (model, lr, grad_norm);
+        }
         let mut before = Snapshot::<B::InnerBackend> {
             ids: &self.lr_mult,
             saved: HashMap::new(),

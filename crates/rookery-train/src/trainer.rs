@@ -4,7 +4,8 @@
 //! `logit_scale` clamp); then logging, evaluation and checkpoints when due.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use std::time::Duration;
@@ -58,6 +59,13 @@ pub struct TrainConfig {
     /// Negatives of each pair: "global" (every rank's and every micro-batch's samples, exact
     /// full-batch gradients) or "local" (only its own micro-batch on its own rank; cheaper).
     pub negatives: String,
+    /// Start over in a run directory that holds an earlier run: delete its checkpoints,
+    /// metrics, plot and config first (`rookery train --overwrite`). Without it (or a resume),
+    /// such a directory is refused.
+    pub overwrite: bool,
+    /// A step whose loss or gradients hold a NaN or infinity updates nothing and is counted
+    /// (`skipped_steps` in metrics.jsonl); this many such steps in a row stop the run.
+    pub max_bad_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -72,6 +80,8 @@ impl Default for TrainConfig {
             stage: "clip".into(),
             eval_at_start: false,
             negatives: "global".into(),
+            overwrite: false,
+            max_bad_steps: 10,
         }
     }
 }
@@ -83,6 +93,11 @@ impl TrainConfig {
             (
                 self.accum_steps == 0,
                 "train.accum_steps",
+                "must be at least 1",
+            ),
+            (
+                self.max_bad_steps == 0,
+                "train.max_bad_steps",
                 "must be at least 1",
             ),
             (
@@ -106,6 +121,22 @@ impl TrainConfig {
     }
 }
 
+/// Set when the process is asked to stop (the `rookery` binary sets it on SIGTERM, SIGINT and
+/// SIGUSR1): the loop finishes the current step, writes a checkpoint and returns.
+pub fn stop_flag() -> Arc<AtomicBool> {
+    static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    STOP.get_or_init(Default::default).clone()
+}
+
+/// Whether any rank was asked to stop (every rank takes part, so all stop after the same step).
+fn stop_requested(comm: &dyn Communicator<impl Backend>) -> Result<bool> {
+    let mine = stop_flag().load(Ordering::Relaxed);
+    if comm.world_size() == 1 {
+        return Ok(mine);
+    }
+    Ok(sum_over_ranks(comm, u64::from(mine))? > 0)
+}
+
 /// What a finished run reports.
 #[derive(Debug)]
 pub struct TrainSummary {
@@ -116,6 +147,9 @@ pub struct TrainSummary {
     pub eval: Option<Report>,
     pub wall_s: f64,
     pub model_dir: PathBuf,
+    /// The run stopped before `train.steps` because it was asked to ([`stop_flag`]), after
+    /// writing a checkpoint.
+    pub stopped: bool,
 }
 
 /// Trains CLIP as `cfg` says: one rank, several ranks as threads of this process (all on
@@ -261,6 +295,13 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
     let mut resolved = cfg.clone();
     resolved.dist.world_size = world;
     check_same(comm, "the resolved config", hash_str(&resolved.to_toml()))?;
+    let ready = match lead {
+        true => {
+            checkpoint::prepare_run_dir(&run_dir, cfg.train.resume == "auto", cfg.train.overwrite)
+        }
+        false => Ok(()),
+    };
+    lead_result(comm, ready)?;
     if lead {
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating run directory {}", run_dir.display()))?;
@@ -280,7 +321,8 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
         position,
     )?;
     let mut metrics = if lead {
-        Some(MetricsWriter::open(&run_dir)?)
+        let m = MetricsWriter::open(&run_dir, state.step);
+        Some(m.with_context(|| format!("opening {}", run_dir.join("metrics.jsonl").display()))?)
     } else {
         None
     };
@@ -300,6 +342,11 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
     };
     let mut win = Window::default();
     let mut epoch = 0u64;
+    let mut stopped = false;
+    let mut bad = BadSteps {
+        total: state.skipped_steps,
+        ..Default::default()
+    };
     while state.step < total {
         let t0 = Instant::now();
         let mut micro = Vec::with_capacity(cfg.train.accum_steps);
@@ -313,23 +360,36 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
             state.loader = Some(batch.position().clone());
             micro.push(batch);
         }
-        let step = stage.grads(&model, micro, comm, device)?;
+        let mut step = stage.grads(&model, micro, comm, device)?;
         state.step += 1;
-        let (m, lr, grad_norm) = updater.apply(model, step.grads, state.step, total);
+        inject_non_finite(&mut step, state.step);
+        // The loss and the gradient norm are global (equal on every rank), so every rank
+        // skips the same steps.
+        let (m, lr, grad_norm) = match step.loss.is_finite() {
+            true => updater.apply(model, step.grads, state.step, total),
+            false => (model, updater.lr(state.step, total), f32::NAN),
+        };
         model = stage.after_update(m);
+        bad.record(state.step, step.loss, grad_norm, cfg.train.max_bad_steps)?;
         last_loss = step.loss;
         win.compute_s += t0.elapsed().as_secs_f64();
         win.comm_s += step.comm_s;
         bar.inc(1);
-        if let Some(m) = metrics
-            .as_mut()
-            .filter(|_| state.step.is_multiple_of(cfg.log.every) || state.step == total)
-        {
+        let log_due = state.step.is_multiple_of(cfg.log.every) || state.step == total;
+        // Every rank's bad samples, summed (a collective: every rank takes part on log steps).
+        let bad_samples = match log_due {
+            true => sum_over_ranks(comm, state.loader.as_ref().map_or(0, |p| p.counts.bad))?,
+            false => 0,
+        };
+        state.skipped_steps = bad.total;
+        if let Some(m) = metrics.as_mut().filter(|_| log_due) {
             let line = TrainLine {
                 epoch,
                 loss: step.loss,
                 lr,
                 grad_norm,
+                bad_samples,
+                skipped_steps: state.skipped_steps,
                 extra: stage.log_fields(&model),
             };
             log_train(m, &bar, cfg, &state, line, &mut win)?;
@@ -339,12 +399,7 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
             !cfg.data.val.is_empty() && (due(cfg.train.eval_every) || state.step == total);
         let ckpt_due = due(cfg.checkpoint.every) || state.step == total;
         if ckpt_due {
-            let positions = gather_positions(comm, state.loader.as_ref())?;
-            if lead {
-                let mut full = state.clone();
-                full.loaders = positions;
-                checkpoint::save(&run_dir, &resolved, &model, &updater.optim, &full)?;
-            }
+            save_checkpoint(comm, &resolved, &model, &updater.optim, &state)?;
         }
         if eval_due && lead {
             let report = stage.evaluate(&model.valid(), device)?;
@@ -355,6 +410,14 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
         if (eval_due || ckpt_due) && world > 1 {
             comm.barrier_timeout(Duration::from_secs_f64(cfg.dist.eval_timeout_s))?;
         }
+        if state.step < total && stop_requested(comm)? {
+            if !ckpt_due {
+                save_checkpoint(comm, &resolved, &model, &updater.optim, &state)?;
+            }
+            tracing::warn!(step = state.step, "asked to stop: checkpoint written");
+            stopped = true;
+            break;
+        }
     }
     bar.finish();
     Ok(TrainSummary {
@@ -364,6 +427,7 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
         eval: last_eval,
         wall_s: start.elapsed().as_secs_f64(),
         model_dir: checkpoint::latest(&run_dir).unwrap_or_default(),
+        stopped,
     })
 }
 
@@ -394,9 +458,10 @@ fn build<B: AutodiffBackend, S: Stage<B>>(
     let model = broadcast_weights(model, comm, cfg.dist.bucket_elems())?;
     let optim = cfg.optim.adamw::<B, S::Model>();
     let fresh = TrainState::default();
-    let latest = (cfg.train.resume == "auto")
-        .then(|| checkpoint::latest(&cfg.run_dir()))
-        .flatten();
+    let latest = match cfg.train.resume == "auto" {
+        true => checkpoint::newest_verified(&cfg.run_dir())?,
+        false => None,
+    };
     let Some(dir) = latest else {
         return Ok((model, optim, fresh));
     };
@@ -421,6 +486,23 @@ fn build<B: AutodiffBackend, S: Stage<B>>(
     Ok((model, optim, state))
 }
 
+/// Gathers every rank's loader position; rank 0 writes the checkpoint of `state`.
+fn save_checkpoint<B: AutodiffBackend, M: AutodiffModule<B>, O: burn::optim::Optimizer<M, B>>(
+    comm: &dyn Communicator<B::InnerBackend>,
+    resolved: &RunConfig,
+    model: &M,
+    optim: &O,
+    state: &TrainState,
+) -> Result<()> {
+    let positions = gather_positions(comm, state.loader.as_ref())?;
+    if comm.rank() == 0 {
+        let mut full = state.clone();
+        full.loaders = positions;
+        checkpoint::save(&resolved.run_dir(), resolved, model, optim, &full)?;
+    }
+    Ok(())
+}
+
 /// Every rank's loader position, in rank order (each rank gets all of them; rank 0 saves them).
 fn gather_positions(
     comm: &dyn Communicator<impl Backend>,
@@ -431,6 +513,72 @@ fn gather_positions(
         .iter()
         .map(|b| serde_json::from_slice(b).context("a rank's loader position"))
         .collect()
+}
+
+/// Rank 0's outcome on every rank: an error rank 0 alone can see (its file system) reaches
+/// the others at once instead of leaving them in the next collective until it times out.
+fn lead_result(comm: &dyn Communicator<impl Backend>, mine: Result<()>) -> Result<()> {
+    let msg = match (&mine, comm.rank()) {
+        (Err(e), 0) => format!("{e:#}"),
+        _ => String::new(),
+    };
+    let all = all_gather_bytes(comm, msg.as_bytes())?;
+    mine?;
+    if !all[0].is_empty() {
+        bail!("rank 0: {}", String::from_utf8_lossy(&all[0]));
+    }
+    Ok(())
+}
+
+/// `x` summed over every rank.
+fn sum_over_ranks(comm: &dyn Communicator<impl Backend>, x: u64) -> Result<u64> {
+    let t = Tensor::from_floats([x as f32], comm.device());
+    let sum: f32 = comm.all_reduce_sum(t)?.into_scalar().elem();
+    Ok(sum.round() as u64)
+}
+
+/// Steps whose loss or gradient norm was not finite (their update was skipped).
+#[derive(Default)]
+struct BadSteps {
+    /// Since the run began (checkpointed).
+    total: u64,
+    /// The current run of consecutive ones.
+    in_a_row: usize,
+}
+
+impl BadSteps {
+    /// Counts step `step`; fails after `max` skipped steps in a row.
+    fn record(&mut self, step: usize, loss: f32, grad_norm: f32, max: usize) -> Result<()> {
+        if loss.is_finite() && grad_norm.is_finite() {
+            self.in_a_row = 0;
+            return Ok(());
+        }
+        self.total += 1;
+        self.in_a_row += 1;
+        tracing::warn!(
+            step,
+            loss,
+            grad_norm,
+            "non-finite loss or gradients: update skipped"
+        );
+        if self.in_a_row >= max {
+            bail!(
+                "the loss or gradients were NaN or infinite for {max} steps in a row (steps {}-{step}; train.max_bad_steps = {max}): the run diverged; no update was applied on those steps and no checkpoint holds their values. Lower optim.lr, raise optim.warmup_steps or check the data, then resume from the last checkpoint",
+                step + 1 - max
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Test-only fault: the failpoint `train.non_finite_loss`, set to `return(N)`, makes step N's
+/// loss NaN on every rank.
+fn inject_non_finite(step: &mut crate::step::StepGrads, at: usize) {
+    fail::fail_point!("train.non_finite_loss", |s: Option<String>| {
+        if s.and_then(|s| s.parse::<usize>().ok()) == Some(at) {
+            step.loss = f32::NAN;
+        }
+    });
 }
 
 /// What the logging window accumulated since the last log line.
@@ -448,6 +596,9 @@ struct TrainLine {
     loss: f32,
     lr: f64,
     grad_norm: f32,
+    /// Every rank's bad samples so far.
+    bad_samples: u64,
+    skipped_steps: u64,
     extra: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -463,7 +614,7 @@ fn log_train(
     let mut rec = json!({"kind": "train", "step": state.step, "epoch": l.epoch, "samples": state.samples_seen, "loss": l.loss, "lr": l.lr,
         "grad_norm": l.grad_norm, "samples_per_s": w.samples as f64 / w.compute_s,
         "data_wait_share": w.wait_s / w.compute_s, "comm_share": w.comm_s / w.compute_s, "step_s": w.compute_s / steps,
-        "bad_samples": state.loader.as_ref().map_or(0, |p| p.counts.bad)});
+        "bad_samples": l.bad_samples, "skipped_steps": l.skipped_steps});
     for (k, v) in l.extra {
         rec[k] = v;
     }

@@ -2,69 +2,15 @@
 //! the same weights as one that never stopped, and bad checkpoints are refused.
 
 mod common;
-use common::copy_dir;
+use common::{copy_dir, losses, tiny, weights};
 
 use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
-use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::Tensor;
-use rookery_data::synth::{generate, SynthConfig};
 use rookery_train::{checkpoint, train, RunConfig};
 
 type B = Autodiff<Flex>;
-
-fn tiny(dir: &Path, run: &str, extra: &[&str]) -> RunConfig {
-    let synth = SynthConfig {
-        out: dir.join("synth"),
-        train_shards: 2,
-        train_samples_per_shard: 256,
-        val_shards: 1,
-        val_samples_per_shard: 48,
-        image_size: 32,
-        ..Default::default()
-    };
-    if !synth.is_complete() {
-        generate(&synth).unwrap();
-    }
-    let mut sets: Vec<String> = [
-        format!("data.train={}", synth.train_pattern()),
-        format!("data.val={}", synth.val_pattern()),
-        format!("data.tokenizer={}", synth.tokenizer_path().display()),
-        format!("train.run_dir={}", dir.join(run).display()),
-        "data.batch_size=16".into(),
-        "data.image_size=32".into(),
-        "data.context_length=16".into(),
-        "data.shuffle_buffer=32".into(),
-        "data.decode_threads=1".into(),
-        "model.embed_dim=32".into(),
-        "model.vision.image_size=32".into(),
-        "model.vision.width=32".into(),
-        "model.vision.layers=1".into(),
-        "model.vision.heads=2".into(),
-        "model.text.context_length=16".into(),
-        "model.text.width=32".into(),
-        "model.text.layers=1".into(),
-        "model.text.heads=2".into(),
-        "optim.warmup_steps=2".into(),
-        "optim.lr=2e-3".into(),
-        "log.every=1".into(),
-        "log.progress=false".into(),
-        "train.eval_every=0".into(),
-    ]
-    .into();
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    RunConfig::load(Path::new(""), &sets).unwrap()
-}
-
-fn losses(run_dir: &Path) -> Vec<f64> {
-    rookery_train::metrics::read_metrics(run_dir)
-        .unwrap()
-        .iter()
-        .filter(|r| r["kind"] == "train")
-        .map(|r| r["loss"].as_f64().unwrap())
-        .collect()
-}
 
 #[test]
 fn loss_falls_and_eval_reports_recall() {
@@ -288,25 +234,6 @@ fn two_rank_training_resumes_exactly_and_continues_on_another_world_size() {
         serde_json::from_slice(&std::fs::read(ck1.join("step-00000003/state.json")).unwrap())
             .unwrap();
     assert_eq!(state["loaders"].as_array().unwrap().len(), 1);
-}
-
-/// Every parameter's values, in module order.
-fn weights(cfg: &RunConfig, path: &Path) -> Vec<Vec<f32>> {
-    struct Collect(Vec<Vec<f32>>);
-    impl ModuleVisitor<Flex> for Collect {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Flex, D>>) {
-            self.0.push(p.val().into_data().to_vec().unwrap());
-        }
-    }
-    let mut c = Collect(vec![]);
-    let mut m = cfg.model.clone();
-    m.text.vocab_size = rookery_data::TextTokenizer::from_file(&cfg.data.tokenizer)
-        .unwrap()
-        .vocab_size;
-    checkpoint::load_weights(m.init::<Flex>(&Default::default()), path)
-        .unwrap()
-        .visit(&mut c);
-    c.0
 }
 
 /// Makes `run`'s directory look like a run stopped right after checkpoint `src` (its only

@@ -61,6 +61,10 @@ enum Command {
         /// Continue from the run directory's latest checkpoint (same as train.resume = "auto").
         #[arg(long)]
         resume: bool,
+        /// Start over in a run directory that holds an earlier run, deleting its checkpoints
+        /// and metrics first (same as train.overwrite = true).
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
     },
     /// Evaluate a checkpoint: CLIP's held-out recall@1/5/10 and zero-shot accuracy; a
     /// language model's or Flamingo's held-out perplexity and k-shot question accuracy.
@@ -159,7 +163,8 @@ fn main() -> anyhow::Result<()> {
             config,
             set,
             resume,
-        } => cmd::train::run(&config, &set, resume),
+            overwrite,
+        } => cmd::train::run(&config, &set, resume, overwrite),
         Command::Eval { checkpoint, data } => cmd::train::eval(&checkpoint, data),
         Command::Export {
             checkpoint,

@@ -8,12 +8,20 @@ use std::time::Instant;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Keeps freed pages (mimalloc v3 option 15, purge delay, to -1: never), as `rookery` does,
-/// and prints the CPU model and `/proc/loadavg`: this machine is shared.
+/// Keeps freed pages (mimalloc v3 option 15, purge delay, to -1: never) with the guard
+/// `rookery`'s main.rs uses (the option is only set when it reads back as v3's default 1000
+/// ms, so another mimalloc layout is left alone, and never over `MIMALLOC_PURGE_DELAY`), and
+/// prints the CPU model and `/proc/loadavg`: this machine is shared.
 #[allow(unsafe_code)]
 pub fn setup() {
-    // SAFETY: sets one integer option in mimalloc's option table.
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) }
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: reads and sets one integer option in mimalloc's option table.
+        unsafe {
+            if libmimalloc_sys::mi_option_get(15) == 1000 {
+                libmimalloc_sys::mi_option_set(15, -1);
+            }
+        }
+    }
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -15,12 +15,14 @@ use burn::tensor::{Shape, TensorData};
 
 use super::{contiguous, slice, ADFlexTensor};
 
-/// A row-major matrix operand for [`gemm`]: its first element and its two strides.
+/// A row-major matrix operand for [`gemm`]: its first element, its two strides, and how many
+/// elements the slice it was made from holds (checked against the shape before each GEMM).
 #[derive(Clone, Copy)]
 struct Mat {
     ptr: *const f32,
     row_stride: isize,
     col_stride: isize,
+    len: usize,
 }
 
 impl Mat {
@@ -30,6 +32,7 @@ impl Mat {
             ptr: data.as_ptr(),
             row_stride: cols as isize,
             col_stride: 1,
+            len: data.len(),
         }
     }
 
@@ -39,8 +42,29 @@ impl Mat {
             ptr: data.as_ptr(),
             row_stride: 1,
             col_stride: cols as isize,
+            len: data.len(),
         }
     }
+
+    /// Panics unless every element of a `[rows, cols]` read lies inside the slice: the GEMM
+    /// would read out of bounds otherwise.
+    fn check(&self, [rows, cols]: [usize; 2], what: &str) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let last = (rows - 1) * self.row_stride as usize + (cols - 1) * self.col_stride as usize;
+        assert!(
+            last < self.len,
+            "gemm operand {what} read as [{rows}, {cols}] needs element {last}, holds {}",
+            self.len
+        );
+    }
+}
+
+/// The operands' sizes against `[m, n, k]` (the safe wrappers' guard for [`gemm_raw`]).
+fn check_operands([m, n, k]: [usize; 3], a: &Mat, b: &Mat) {
+    a.check([m, k], "a");
+    b.check([k, n], "b");
 }
 
 /// `out[m, n] (+)= a[m, k] b[k, n]` into the row-major `out`; `accumulate` adds to what `out`
@@ -49,7 +73,9 @@ impl Mat {
 #[allow(unsafe_code)]
 fn gemm(out: &mut [f32], [m, n, k]: [usize; 3], a: Mat, b: Mat, accumulate: bool) {
     assert!(out.len() >= m * n, "gemm output too small");
-    // SAFETY: `out` holds m x n initialised elements (asserted).
+    check_operands([m, n, k], &a, &b);
+    // SAFETY: `out` holds m x n initialised elements and `a`, `b` cover their shapes
+    // (asserted).
     unsafe { gemm_raw(out.as_mut_ptr(), [m, n, k], a, b, accumulate) }
 }
 
@@ -58,8 +84,9 @@ fn gemm(out: &mut [f32], [m, n, k]: [usize; 3], a: Mat, b: Mat, accumulate: bool
 /// was a pass over memory per GEMM in the backward).
 #[allow(unsafe_code)]
 fn product([m, n, k]: [usize; 3], a: Mat, b: Mat) -> Vec<f32> {
+    check_operands([m, n, k], &a, &b);
     let mut out = Vec::<f32>::with_capacity(m * n);
-    // SAFETY: the buffer has room for m x n elements; with `accumulate` false gemm stores each
+    // SAFETY: `a` and `b` cover their shapes (asserted); the buffer has room for m x n elements; with `accumulate` false gemm stores each
     // of them without reading it (alpha is set to zero), so all are initialised after the call.
     unsafe {
         gemm_raw(out.as_mut_ptr(), [m, n, k], a, b, false);
@@ -77,8 +104,8 @@ unsafe fn gemm_raw(out: *mut f32, [m, n, k]: [usize; 3], a: Mat, b: Mat, accumul
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the caller gives room for m x n elements at `out`; the callers build `a` and `b`
-    // from slices of m x k and k x n elements with the strides given, and they outlive the call.
+    // SAFETY: the caller gives room for m x n elements at `out`; `a` and `b` were checked to
+    // cover m x k and k x n elements with the strides given, and they outlive the call.
     unsafe {
         gemm::gemm(
             m,
@@ -191,4 +218,41 @@ pub(super) fn autodiff(x: ADFlexTensor, w: ADFlexTensor, b: ADFlexTensor) -> ADF
 
 pub(super) fn plain(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
     forward(&contiguous(x), &contiguous(w), &contiguous(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemm_multiplies_and_refuses_short_operands() {
+        // [2, 3] x [3, 2]
+        let (a, b) = (
+            [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            [1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+        );
+        let out = product([2, 2, 3], Mat::rows(&a, 3), Mat::rows(&b, 2));
+        assert_eq!(out, vec![4.0, 5.0, 10.0, 11.0]);
+        let short = [1.0f32; 5];
+        for (x, y) in [(&short[..], &b[..]), (&a[..], &short[..])] {
+            let r = std::panic::catch_unwind(|| {
+                product([2, 2, 3], Mat::rows(x, 3), Mat::rows(y, 2));
+            });
+            assert!(
+                r.is_err(),
+                "a 5-element operand read as 6 elements was accepted"
+            );
+        }
+        let mut small = vec![0.0f32; 4];
+        let r = std::panic::catch_unwind(move || {
+            gemm(
+                &mut small,
+                [2, 2, 3],
+                Mat::transposed(&short, 2),
+                Mat::rows(&b, 2),
+                false,
+            )
+        });
+        assert!(r.is_err());
+    }
 }

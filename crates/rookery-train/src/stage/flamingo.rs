@@ -66,12 +66,10 @@ pub struct FlamingoStage {
     questions: OnceLock<Vec<Question>>,
 }
 
-/// A checkpoint directory: `path` itself, or the latest checkpoint of the run directory `path`.
+/// A checkpoint directory: `path` itself, or the latest checkpoint of the run directory `path`;
+/// verified against its manifest ([`checkpoint::resolve`]).
 pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
-    if path.join("manifest.json").exists() {
-        return Ok(path.to_path_buf());
-    }
-    checkpoint::latest(path).with_context(|| format!("{}: no checkpoint found", path.display()))
+    checkpoint::resolve(path)
 }
 
 /// A source checkpoint's directory and resolved config, refusing one of another stage.

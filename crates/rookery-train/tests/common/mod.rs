@@ -1,7 +1,14 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (each test file uses some of them).
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
+
+use burn::backend::Flex;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::Tensor;
+use rookery_data::synth::{generate, SynthConfig};
+use rookery_train::{checkpoint, RunConfig};
 
 /// Copies the files of directory `from` into `to` (created).
 pub fn copy_dir(from: &Path, to: &Path) {
@@ -18,4 +25,77 @@ pub fn copy_dir(from: &Path, to: &Path) {
 pub fn serial() -> MutexGuard<'static, ()> {
     static TURN: Mutex<()> = Mutex::new(());
     TURN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A tiny CLIP run on a tiny synthetic set under `dir` (written once), run directory
+/// `dir/run`, with `extra` overrides.
+pub fn tiny(dir: &Path, run: &str, extra: &[&str]) -> RunConfig {
+    let synth = SynthConfig {
+        out: dir.join("synth"),
+        train_shards: 2,
+        train_samples_per_shard: 256,
+        val_shards: 1,
+        val_samples_per_shard: 48,
+        image_size: 32,
+        ..Default::default()
+    };
+    if !synth.is_complete() {
+        generate(&synth).unwrap();
+    }
+    let mut sets: Vec<String> = [
+        format!("data.train={}", synth.train_pattern()),
+        format!("data.val={}", synth.val_pattern()),
+        format!("data.tokenizer={}", synth.tokenizer_path().display()),
+        format!("train.run_dir={}", dir.join(run).display()),
+        "data.batch_size=16".into(),
+        "data.image_size=32".into(),
+        "data.context_length=16".into(),
+        "data.shuffle_buffer=32".into(),
+        "data.decode_threads=1".into(),
+        "model.embed_dim=32".into(),
+        "model.vision.image_size=32".into(),
+        "model.vision.width=32".into(),
+        "model.vision.layers=1".into(),
+        "model.vision.heads=2".into(),
+        "model.text.context_length=16".into(),
+        "model.text.width=32".into(),
+        "model.text.layers=1".into(),
+        "model.text.heads=2".into(),
+        "optim.warmup_steps=2".into(),
+        "optim.lr=2e-3".into(),
+        "log.every=1".into(),
+        "log.progress=false".into(),
+        "train.eval_every=0".into(),
+    ]
+    .into();
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    RunConfig::load(Path::new(""), &sets).unwrap()
+}
+
+pub fn losses(run_dir: &Path) -> Vec<f64> {
+    rookery_train::metrics::read_metrics(run_dir)
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "train")
+        .map(|r| r["loss"].as_f64().unwrap_or(f64::NAN)) // null: NaN
+        .collect()
+}
+
+/// Every parameter's values, in module order.
+pub fn weights(cfg: &RunConfig, path: &Path) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl ModuleVisitor<Flex> for Collect {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Flex, D>>) {
+            self.0.push(p.val().into_data().to_vec().unwrap());
+        }
+    }
+    let mut c = Collect(vec![]);
+    let mut m = cfg.model.clone();
+    m.text.vocab_size = rookery_data::TextTokenizer::from_file(&cfg.data.tokenizer)
+        .unwrap()
+        .vocab_size;
+    checkpoint::load_weights(m.init::<Flex>(&Default::default()), path)
+        .unwrap()
+        .visit(&mut c);
+    c.0
 }

@@ -33,11 +33,12 @@ mod backend {
 }
 
 /// Loads and checks the config, synthesizes the embedded data if needed, and trains.
-pub fn run(config: &Path, overrides: &[String], resume: bool) -> Result<()> {
+pub fn run(config: &Path, overrides: &[String], resume: bool, overwrite: bool) -> Result<()> {
     let mut cfg = RunConfig::load(config, overrides)?;
     if resume {
         cfg.train.resume = "auto".into();
     }
+    cfg.train.overwrite |= overwrite;
     let env = rookery_dist::launch::RankEnv::detect().map_err(anyhow::Error::msg)?;
     match env.as_ref().filter(|e| e.rank > 0) {
         None => ensure_data(&cfg)?,
@@ -45,8 +46,20 @@ pub fn run(config: &Path, overrides: &[String], resume: bool) -> Result<()> {
     }
     cfg.check_shards()
         .map_err(|(key, msg)| anyhow::anyhow!("{}: key `{key}`: {msg}", config.display()))?;
+    stop_on_signals()?;
     let summary = rookery_train::train_on::<backend::Train>(&cfg, backend::device_of)?;
     if summary.rank != 0 {
+        return Ok(());
+    }
+    if summary.stopped {
+        println!(
+            "stopped by a signal after step {} of {}; checkpoint: {}\ncontinue with: rookery train {} --resume{}",
+            summary.steps,
+            cfg.train.steps,
+            summary.model_dir.display(),
+            config.display(),
+            overrides.iter().map(|s| format!(" --set {s}")).collect::<String>()
+        );
         return Ok(());
     }
     println!(
@@ -81,6 +94,20 @@ pub fn run(config: &Path, overrides: &[String], resume: bool) -> Result<()> {
         None => {}
     }
     println!("checkpoint: {}", summary.model_dir.display());
+    Ok(())
+}
+
+/// SIGTERM, SIGINT and SIGUSR1 (what Slurm sends before a time limit or preemption with
+/// `--signal`) ask the trainer to checkpoint after the current step and stop; a second one
+/// ends the process at once (exit status 130).
+fn stop_on_signals() -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let flag = rookery_train::trainer::stop_flag();
+    for sig in [SIGTERM, SIGINT, SIGUSR1] {
+        // Registered first, so it sees the flag as the earlier signal left it.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
     Ok(())
 }
 
@@ -144,12 +171,7 @@ type Inner = <backend::Train as burn::tensor::backend::AutodiffBackend>::InnerBa
 fn open_checkpoint(
     path: &Path,
 ) -> Result<(std::path::PathBuf, RunConfig, rookery_model::Clip<Inner>)> {
-    let dir = if path.join("manifest.json").exists() {
-        path.to_path_buf()
-    } else {
-        rookery_train::checkpoint::latest(path)
-            .with_context(|| format!("{}: no checkpoint found", path.display()))?
-    };
+    let dir = rookery_train::checkpoint::resolve(path)?;
     let mut cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
     cfg.data.tokenizer = rookery_train::checkpoint::tokenizer_of(&dir, &cfg);
     let model = cfg.model.init::<Inner>(&backend::device());
