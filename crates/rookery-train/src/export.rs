@@ -75,8 +75,7 @@ pub fn export<B: Backend>(
 ) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let dtype = if bf16 { DType::BF16 } else { DType::F32 };
-    let mut store = SafetensorsStore::from_file(out.join(WEIGHTS))
-        .overwrite(true)
+    let mut store = crate::checkpoint::safetensors_writer(out.join(WEIGHTS))
         .with_to_adapter(BurnToPyTorchAdapter.chain(Cast { to: dtype }))
         .with_key_remapping(r"^text\.", "")
         .with_key_remapping(r"attn\.in_proj\.(weight|bias)$", "attn.in_proj_$1");

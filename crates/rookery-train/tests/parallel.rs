@@ -207,6 +207,12 @@ fn trace_diff(a: &Trace, b: &Trace) -> [f64; 3] {
     [loss, grads, rel_diff(&a.weights, &b.weights)]
 }
 
+/// The gradients' tolerance: f32 reductions in another order (each rank's GEMMs over half the
+/// rows, then a sum) leave 1-3e-6 relative on the whole gradient vector (measured); a wrong
+/// scale (a sum over ranks instead of a mean, a micro-batch normalised by its own size) shows
+/// as 1e-2 and more.
+const GRAD_TOL: f64 = 1e-5;
+
 /// Asserts `a` and `b` agree to 1e-6 relative in loss, gradients and weights.
 fn assert_same(a: &Trace, b: &Trace, what: &str) {
     let [loss, grads, weights] = trace_diff(a, b);
@@ -215,8 +221,8 @@ fn assert_same(a: &Trace, b: &Trace, what: &str) {
     );
     assert_eq!(a.losses.len(), STEPS);
     assert!(
-        loss < 1e-6 && grads < 1e-6 && weights < 1e-6,
-        "{what}: loss {loss:e}, gradients {grads:e}, weights {weights:e} (1e-6 allowed)"
+        loss < 1e-6 && grads < GRAD_TOL && weights < 1e-6,
+        "{what}: loss {loss:e}, gradients {grads:e}, weights {weights:e} (1e-6, {GRAD_TOL:e}, 1e-6 allowed)"
     );
 }
 

@@ -437,6 +437,12 @@ fn grads_of(m: &LanguageModel<B>, grads: &burn::optim::GradientsParams) -> Vec<V
     f.0
 }
 
+/// The gradients' tolerance: f32 reductions in another order (each rank's GEMMs over half the
+/// rows, then a sum) leave 1-3e-6 relative on the whole gradient vector (measured); a wrong
+/// scale (a sum over ranks instead of a mean, a micro-batch normalised by its own size) shows
+/// as 1e-2 and more.
+const GRAD_TOL: f64 = 1e-5;
+
 /// Asserts the two runs agree to 1e-6 relative in every step's loss and gradients and in the
 /// final weights.
 fn assert_same(a: &LmTrace, b: &LmTrace, what: &str) {
@@ -456,8 +462,8 @@ fn assert_same(a: &LmTrace, b: &LmTrace, what: &str) {
     eprintln!("{what}: loss {loss:e}, gradients {grads:e}, weights {weights:e}");
     assert_eq!(a.losses.len(), 3);
     assert!(
-        loss < 1e-6 && grads < 1e-6 && weights < 1e-6,
-        "{what}: loss {loss:e}, gradients {grads:e}, weights {weights:e} (1e-6 allowed)"
+        loss < 1e-6 && grads < GRAD_TOL && weights < 1e-6,
+        "{what}: loss {loss:e}, gradients {grads:e}, weights {weights:e} (1e-6, {GRAD_TOL:e}, 1e-6 allowed)"
     );
 }
 
