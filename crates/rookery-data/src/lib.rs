@@ -35,6 +35,8 @@ pub enum DataError {
     Pattern(String, String),
     #[error("{0}: broken tar: {1}")]
     BadTar(String, String),
+    #[error("{shard}: no sample for {seconds:.0} s (data.stall_timeout_s): the reader is stuck on this shard (a hanging pipe: command or file system?)")]
+    Stalled { shard: String, seconds: f64 },
     #[error("tokenizer {0}: {1}")]
     Tokenizer(String, String),
     #[error("too many bad samples: {bad} of {total} items read (samples, and shards that could not be read) are bad ({frac:.1}%), over the limit max_bad_fraction = {limit}; last: {last}")]

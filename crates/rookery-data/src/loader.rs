@@ -67,6 +67,9 @@ pub struct DataConfig {
     pub max_bad_fraction: f64,
     /// Bad samples tolerated regardless of the fraction (a few bad files early on are normal).
     pub min_bad_allowed: u64,
+    /// A reader that produces nothing for this many seconds (a `pipe:` command that hangs, a
+    /// stalled network mount) stops the run with an error naming its shard (0: wait forever).
+    pub stall_timeout_s: f64,
     /// When the train shards are absent, generate the synthetic set described by `[data.synth]`.
     pub synthesize_if_missing: bool,
     pub synth: SynthConfig,
@@ -96,6 +99,7 @@ impl Default for DataConfig {
             crop_scale: [0.9, 1.0],
             crop_ratio: [0.75, 4.0 / 3.0],
             max_bad_fraction: 0.05,
+            stall_timeout_s: 600.0,
             min_bad_allowed: 10,
             synthesize_if_missing: true,
             synth,
@@ -232,6 +236,8 @@ fn stream_spec(
         resampled: cfg.resampled && mode == Mode::Train,
         single_epoch: mode == Mode::Eval,
         skip: Default::default(),
+        stall_timeout: (cfg.stall_timeout_s > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(cfg.stall_timeout_s)),
     }
 }
 
@@ -380,6 +386,9 @@ impl<P: Prepare> Batcher<P> {
                         if let Err(e) = self.count_bad(&shard, "-", &reason) {
                             return Some(Err(e));
                         }
+                    }
+                    Some(StreamItem::Stalled { shard, seconds }) => {
+                        return Some(Err(DataError::Stalled { shard, seconds }));
                     }
                     None => {
                         exhausted = true;

@@ -11,6 +11,7 @@
 //! buffer instead of the samples: on resume those few samples are re-read from their shards.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -36,6 +37,8 @@ pub struct StreamSpec {
     /// Shards left out of an epoch's order because a run on another number of ranks finished
     /// them ([`crate::resplit`]); empty otherwise. Taken from the position on resume.
     pub skip: BTreeMap<u64, BTreeSet<String>>,
+    /// How long to wait for a worker's next item before reporting it stalled (`None`: forever).
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 /// Reference to a sample: its shard's place in the worker's epoch list and its index there.
@@ -82,6 +85,11 @@ pub enum StreamItem {
         shard: String,
         reason: String,
     },
+    /// A worker produced nothing within the stall timeout while reading `shard`.
+    Stalled {
+        shard: String,
+        seconds: f64,
+    },
 }
 
 struct Msg {
@@ -92,6 +100,9 @@ struct Msg {
 /// A running stream: reader threads feeding bounded channels, consumed round-robin.
 pub struct ShardStream {
     rx: Vec<Option<Receiver<Msg>>>,
+    /// The shard each worker is reading (named when it stalls).
+    reading: Vec<Arc<Mutex<String>>>,
+    stall_timeout: Option<std::time::Duration>,
     position: StreamPosition,
     _threads: Vec<JoinHandle<()>>,
 }
@@ -176,24 +187,29 @@ impl ShardStream {
             },
         };
         let (mut rx, mut threads) = (Vec::new(), Vec::new());
+        let reading: Vec<Arc<Mutex<String>>> = (0..position.workers.len())
+            .map(|_| Default::default())
+            .collect();
         for (w, state) in position.workers.iter().enumerate() {
             if state.done {
                 rx.push(None);
                 continue;
             }
             let (tx, r) = bounded::<Msg>(64);
-            let (spec, state) = (spec.clone(), state.clone());
+            let (spec, state, at) = (spec.clone(), state.clone(), reading[w].clone());
             let g = spec.rank * per_rank + w;
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("shard-reader-{w}"))
-                    .spawn(move || run_worker(spec, g, total, state, tx))
+                    .spawn(move || run_worker(spec, g, total, state, tx, at))
                     .map_err(|e| e.to_string())?,
             );
             rx.push(Some(r));
         }
         Ok(ShardStream {
             rx,
+            reading,
+            stall_timeout: spec.stall_timeout,
             position,
             _threads: threads,
         })
@@ -211,12 +227,26 @@ impl ShardStream {
             let w = self.position.next_worker;
             self.position.next_worker = (w + 1) % n;
             let Some(r) = &self.rx[w] else { continue };
-            match r.recv() {
+            let got = match self.stall_timeout {
+                Some(t) => r.recv_timeout(t).map_err(|e| e.is_timeout()),
+                None => r.recv().map_err(|_| false),
+            };
+            match got {
                 Ok(msg) => {
                     self.position.workers[w] = msg.state;
                     return Some(msg.item);
                 }
-                Err(_) => {
+                Err(true) => {
+                    // Nothing came back to this worker's turn: the caller stops the stream.
+                    self.position.next_worker = w;
+                    let shard = self.reading[w]
+                        .lock()
+                        .map(|s| s.clone())
+                        .unwrap_or_default();
+                    let seconds = self.stall_timeout.map_or(0.0, |t| t.as_secs_f64());
+                    return Some(StreamItem::Stalled { shard, seconds });
+                }
+                Err(false) => {
                     self.position.workers[w].done = true;
                     self.rx[w] = None;
                 }
@@ -234,13 +264,23 @@ impl Iterator for ShardStream {
 }
 
 /// One reader worker: epochs of shards through the shuffle buffer into `tx`.
-fn run_worker(spec: StreamSpec, g: usize, total: usize, mut st: WorkerState, tx: Sender<Msg>) {
+fn run_worker(
+    spec: StreamSpec,
+    g: usize,
+    total: usize,
+    mut st: WorkerState,
+    tx: Sender<Msg>,
+    reading: Arc<Mutex<String>>,
+) {
     let mut shards = spec.worker_shards(st.epoch, g, total);
     let mut buffer = restore_buffer(&shards, &st.buffer);
     st.buffer = buffer.iter().map(|(r, _)| *r).collect();
     loop {
         while st.cursor < shards.len() {
             let url = shards[st.cursor].clone();
+            if let Ok(mut r) = reading.lock() {
+                r.clone_from(&url);
+            }
             let (mut seen, mut alive, mut broken) = (0u64, true, false);
             read_shard(&url, |item| match item {
                 ShardItem::Sample(s) => {

@@ -76,8 +76,19 @@ pub struct ShardReader {
 }
 
 impl Read for ShardReader {
+    /// At the end of a `pipe:` command's output, its exit status: a command that failed
+    /// (`curl` on a missing object) is an error, not an empty or shortened shard.
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.inner.read(buf)
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            if let Some(mut c) = self.child.take() {
+                let status = c.wait()?;
+                if !status.success() {
+                    return Err(std::io::Error::other(format!("the command {status}")));
+                }
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -187,5 +198,32 @@ mod tests {
         );
         assert_eq!(split_key("noext"), None);
         assert_eq!(split_key("d/.hidden"), None);
+    }
+}
+
+#[cfg(test)]
+mod pipe_tests {
+    use super::*;
+
+    fn broken(url: &str) -> String {
+        let mut why = String::new();
+        read_shard(url, |i| {
+            if let ShardItem::Broken(e) = i {
+                why = e.to_string();
+            }
+            true
+        });
+        why
+    }
+
+    #[test]
+    fn a_failing_pipe_command_is_a_broken_shard_with_its_exit_status() {
+        let why = broken("pipe:echo partial; exit 3");
+        assert!(
+            why.contains("pipe:echo partial; exit 3") && why.contains("exit status: 3"),
+            "{why}"
+        );
+        let why = broken("pipe:exit 1");
+        assert!(why.contains("exit status: 1"), "{why}");
     }
 }

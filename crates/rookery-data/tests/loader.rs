@@ -194,6 +194,7 @@ fn ranks_and_workers_split_without_overlap_and_cover_everything() {
         resampled: false,
         single_epoch: true,
         skip: Default::default(),
+        stall_timeout: None,
     };
     let mut train_seen = HashSet::new();
     for rank in 0..2 {
@@ -436,6 +437,7 @@ fn resampled_streams_are_endless_draws_with_replacement() {
         resampled: true,
         single_epoch: false,
         skip: Default::default(),
+        stall_timeout: None,
     };
     let keys = stream_keys(spec.clone(), 60);
     assert_eq!(

@@ -59,6 +59,19 @@ impl ClipConfig {
         let v = &self.vision;
         let checks = [
             (self.embed_dim == 0, "model.embed_dim", "must be > 0"),
+            (v.image_size == 0, "model.vision.image_size", "must be > 0"),
+            (v.width == 0, "model.vision.width", "must be > 0"),
+            (
+                !(v.mlp_ratio.is_finite() && v.mlp_ratio > 0.0),
+                "model.vision.mlp_ratio",
+                "must be a number > 0",
+            ),
+            (self.text.width == 0, "model.text.width", "must be > 0"),
+            (
+                !(self.text.mlp_ratio.is_finite() && self.text.mlp_ratio > 0.0),
+                "model.text.mlp_ratio",
+                "must be a number > 0",
+            ),
             (
                 !["infonce", "siglip"].contains(&self.loss.as_str()),
                 "model.loss",

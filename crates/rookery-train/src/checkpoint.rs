@@ -438,7 +438,14 @@ fn sha256(path: &Path) -> Result<String> {
 
 /// `std::fs::write` whose error names the path (a full disk must say where).
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+    let write = || -> std::io::Result<()> {
+        // Test-only: a full disk (ENOSPC) at this write.
+        fail::fail_point!("checkpoint.disk_full", |_| Err(
+            std::io::Error::from_raw_os_error(28)
+        ));
+        std::fs::write(path, bytes)
+    };
+    write().with_context(|| format!("writing {}", path.display()))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

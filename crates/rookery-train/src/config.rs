@@ -101,6 +101,12 @@ impl RunConfig {
         if d.train.trim().is_empty() {
             return err("data.train", "names no shards");
         }
+        if d.image_size == 0 {
+            return err("data.image_size", "must be > 0");
+        }
+        if !(d.crop_ratio[0] > 0.0 && d.crop_ratio[0] <= d.crop_ratio[1]) {
+            return err("data.crop_ratio", "must satisfy 0 < lo <= hi");
+        }
         if self.train.stage != "clip" {
             return self.validate_text_stage();
         }
@@ -165,7 +171,9 @@ impl RunConfig {
             ));
         }
         if self.train.stage == "lm" {
-            self.lm.validate().map_err(|m| ("lm".to_string(), m))?;
+            self.lm
+                .validate()
+                .map_err(|m| (m.split('`').nth(1).unwrap_or("lm").to_string(), m))?;
             if seq.max_tokens > self.lm.context_length {
                 return Err((
                     "data.interleaved.max_tokens".into(),
@@ -183,11 +191,23 @@ impl RunConfig {
                 format!("must be a number > 0, not {mult}"),
             ));
         }
-        if self.train.stage == "flamingo" && self.flamingo.model.cross_attn_every_n_layers == 0 {
-            return Err((
-                "flamingo.model.cross_attn_every_n_layers".into(),
-                "must be at least 1".into(),
-            ));
+        if self.train.stage == "flamingo" {
+            let (f, r) = (&self.flamingo.model, &self.flamingo.model.resampler);
+            let sizes = [
+                ("cross_attn_every_n_layers", f.cross_attn_every_n_layers),
+                ("xattn_heads", f.xattn_heads),
+                ("xattn_dim_head", f.xattn_dim_head),
+                ("xattn_ff_mult", f.xattn_ff_mult),
+                ("resampler.latents", r.latents),
+                ("resampler.depth", r.depth),
+                ("resampler.heads", r.heads),
+                ("resampler.dim_head", r.dim_head),
+                ("resampler.ff_mult", r.ff_mult),
+                ("resampler.max_frames", r.max_frames),
+            ];
+            if let Some((k, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+                return Err((format!("flamingo.model.{k}"), "must be at least 1".into()));
+            }
         }
         if self.eval.batch == 0 {
             return Err(("eval.batch".into(), "must be at least 1".into()));

@@ -15,6 +15,7 @@ pub mod fewshot;
 pub mod flamingo_io;
 pub mod hf;
 pub mod leaves;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;

@@ -296,9 +296,9 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
     resolved.dist.world_size = world;
     check_same(comm, "the resolved config", hash_str(&resolved.to_toml()))?;
     let ready = match lead {
-        true => {
+        true => host_memory_fits(&resolved).and_then(|_| {
             checkpoint::prepare_run_dir(&run_dir, cfg.train.resume == "auto", cfg.train.overwrite)
-        }
+        }),
         false => Ok(()),
     };
     lead_result(comm, ready)?;
@@ -528,6 +528,15 @@ fn lead_result(comm: &dyn Communicator<impl Backend>, mine: Result<()>) -> Resul
         bail!("rank 0: {}", String::from_utf8_lossy(&all[0]));
     }
     Ok(())
+}
+
+/// Refuses a CPU run that cannot fit this machine's memory ([`crate::memory`]); on GPUs the
+/// model lives in device memory, which this bound does not know.
+fn host_memory_fits(cfg: &RunConfig) -> Result<()> {
+    if cfg!(feature = "cuda") {
+        return Ok(());
+    }
+    crate::memory::check_fits(cfg, crate::memory::available())
 }
 
 /// `x` summed over every rank.

@@ -89,6 +89,43 @@ fn bad_configs_name_the_key() {
     refused("[train]\nsteps = 10\n[train]\nsteps = 3\n", &[], "bad.toml");
 }
 
+/// Zero sizes and ratios used to panic inside burn's reshapes: each is refused by its key.
+#[test]
+fn zero_sizes_and_ratios_name_the_key() {
+    for key in [
+        "model.vision.width",
+        "model.text.width",
+        "model.vision.image_size",
+        "model.vision.mlp_ratio",
+        "model.text.mlp_ratio",
+        "model.embed_dim",
+        "model.vision.layers",
+        "train.max_bad_steps",
+    ] {
+        refused("", &[&format!("{key}=0")], key);
+    }
+    refused(
+        "",
+        &["model.vision.mlp_ratio=nan"],
+        "model.vision.mlp_ratio",
+    );
+    refused("", &["data.crop_ratio=[0.0, 1.0]"], "data.crop_ratio");
+    let lm = "[train]\nstage = \"lm\"\n";
+    for key in ["lm.width", "lm.layers", "lm.mlp_ratio"] {
+        refused(lm, &[&format!("{key}=0")], key);
+    }
+    refused(lm, &["lm.context_length=1"], "lm.context_length");
+    let flamingo = "[train]\nstage = \"flamingo\"\n";
+    for key in [
+        "flamingo.model.resampler.latents",
+        "flamingo.model.resampler.dim_head",
+        "flamingo.model.xattn_heads",
+        "flamingo.model.xattn_ff_mult",
+    ] {
+        refused(flamingo, &[&format!("{key}=0")], key);
+    }
+}
+
 #[test]
 fn overrides_apply_and_resolved_config_round_trips() {
     let cfg = load(

@@ -166,6 +166,28 @@ fn a_crash_in_any_phase_of_a_save_keeps_the_previous_checkpoint() {
 }
 
 #[test]
+fn a_full_disk_during_a_save_names_the_path_and_keeps_the_previous_checkpoint() {
+    let _s = FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(
+        dir.path(),
+        "full-disk",
+        &["train.steps=4", "checkpoint.every=2", "checkpoint.keep=3"],
+    );
+    // A save writes three small files (state.json, config.toml, manifest.json): the second
+    // save's first one finds the disk full.
+    fail::cfg("checkpoint.disk_full", "3*off->return").unwrap();
+    let err = err_of(train::<B>(&cfg, &Default::default()));
+    fail::remove("checkpoint.disk_full");
+    assert!(
+        err.contains("step-00000004.tmp/state.json") && err.contains("No space left on device"),
+        "{err}"
+    );
+    assert_eq!(latest_name(&cfg), "step-00000002");
+    assert!(checkpoint::resolve(&cfg.train.run_dir).is_ok());
+}
+
+#[test]
 fn corrupt_checkpoints_are_refused_by_name_and_resume_takes_the_newest_good_one() {
     let _s = FailScenario::setup();
     let dir = tempfile::tempdir().unwrap();
@@ -332,4 +354,118 @@ fn a_resumed_run_logs_each_step_once_and_saves_reproducible_bytes() {
         "model.safetensors differs between equal runs"
     );
     assert!(optim_state(&ckpt(&cfg, 2)) == optim_state(&ckpt(&again, 2)));
+}
+
+/// A first JPEG member of `shard`.
+fn a_jpeg(shard: &str) -> Vec<u8> {
+    let mut jpg = vec![];
+    rookery_data::wds::read_shard(shard, |i| match i {
+        rookery_data::wds::ShardItem::Sample(s) => match s.get("jpg") {
+            Some(j) => {
+                jpg = j.to_vec();
+                false
+            }
+            None => true,
+        },
+        _ => true,
+    });
+    assert!(!jpg.is_empty(), "no jpg in {shard}");
+    jpg
+}
+
+#[test]
+fn bad_data_is_skipped_and_counted_in_a_training_run() {
+    let _s = FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let probe = tiny(dir.path(), "probe", &[]);
+    let good = rookery_data::expand_shards(&probe.data.train).unwrap();
+    let bytes = std::fs::read(&good[0]).unwrap();
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("a-truncated.tar"), &bytes[..bytes.len() / 2 + 100]).unwrap();
+    std::fs::write(bad.join("b-garbage.tar"), vec![0x5au8; 5000]).unwrap();
+    let jpg = a_jpeg(&good[0]);
+    let m = |e: &str, b: &[u8]| (e.to_string(), b.to_vec());
+    let samples = vec![
+        (
+            "corrupt".into(),
+            vec![m("jpg", &jpg[..jpg.len() / 3]), m("txt", b"x")],
+        ),
+        ("zero".into(), vec![m("jpg", b""), m("txt", b"x")]),
+        ("nocaption".into(), vec![m("jpg", &jpg)]),
+        ("latin1".into(), vec![m("jpg", &jpg), m("txt", b"caf\xe9")]),
+    ];
+    rookery_data::writer::write_shard(&bad.join("c-samples.tar"), samples).unwrap();
+    // A shard that will be gone when the run resumes (deleted mid-run).
+    let doomed = bad.join("d-deleted.tar");
+    std::fs::copy(&good[1], &doomed).unwrap();
+    let spec = format!(
+        "{}::{}/{{a-truncated,b-garbage,c-samples,d-deleted}}.tar::pipe:false::pipe:cat {}",
+        probe.data.train,
+        bad.display(),
+        good[1]
+    );
+    let extra = [
+        format!("data.train={spec}"),
+        "data.max_bad_fraction=0.5".into(),
+        "data.workers=1".into(),
+        // Two epochs and more (about 1,150 samples each): the deleted shard's turn comes
+        // again after it is gone.
+        "train.steps=200".into(),
+    ];
+    let cfg = tiny(
+        dir.path(),
+        "run",
+        &extra.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+    );
+    let metrics = cfg.train.run_dir.join("metrics.jsonl");
+    let deleter = std::thread::spawn(move || {
+        // As soon as the first step is logged, long before epoch 0 ends (step ~70).
+        while std::fs::read_to_string(&metrics).map_or(true, |t| t.is_empty()) {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::fs::remove_file(&doomed).unwrap();
+    });
+    train::<B>(&cfg, &Default::default()).unwrap();
+    deleter.join().unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt(&cfg, 200).join("state.json")).unwrap())
+            .unwrap();
+    let counts = &state["loaders"][0]["counts"]["by_reason"];
+    let n = |k: &str| counts[k].as_u64().unwrap_or(0);
+    assert!(n("undecodable image .jpg") >= 2, "{counts}");
+    assert!(
+        n("missing caption") >= 1 && n("caption is not UTF-8") >= 1,
+        "{counts}"
+    );
+    assert!(
+        n("broken tar") >= 3,
+        "truncated, garbage and pipe:false: {counts}"
+    );
+    assert!(n("unreadable shard") >= 1, "the deleted shard: {counts}");
+    let m = rookery_train::metrics::read_metrics(&cfg.train.run_dir).unwrap();
+    let last = m.iter().rfind(|r| r["kind"] == "train").unwrap();
+    assert!(last["bad_samples"].as_u64().unwrap() >= 8, "{last}");
+}
+
+#[test]
+fn a_stalled_pipe_fails_the_run_naming_the_shard() {
+    let _s = FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(
+        dir.path(),
+        "stalled",
+        &[
+            "data.train=pipe:sleep 30",
+            "data.stall_timeout_s=1",
+            "train.steps=2",
+        ],
+    );
+    let t = std::time::Instant::now();
+    let err = err_of(train::<B>(&cfg, &Default::default()));
+    assert!(
+        err.contains("pipe:sleep 30") && err.contains("stall_timeout_s"),
+        "{err}"
+    );
+    assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
 }

@@ -53,10 +53,23 @@ impl LmConfig {
         if !["gpt2", "llama"].contains(&self.style.as_str()) {
             return Err("`lm.style` must be \"gpt2\" or \"llama\"".into());
         }
-        if self.heads == 0 || !self.width.is_multiple_of(self.heads) {
-            return Err("`lm.heads` must divide lm.width".into());
+        let checks = [
+            (self.width == 0, "`lm.width` must be > 0"),
+            (
+                self.heads == 0 || !self.width.is_multiple_of(self.heads),
+                "`lm.heads` must divide lm.width",
+            ),
+            (self.layers == 0, "`lm.layers` must be > 0"),
+            (self.context_length < 2, "`lm.context_length` must be >= 2"),
+            (
+                !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0),
+                "`lm.mlp_ratio` must be a number > 0",
+            ),
+        ];
+        match checks.iter().find(|c| c.0) {
+            Some((_, why)) => Err(why.to_string()),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub fn init<B: Backend>(&self, device: &B::Device) -> LanguageModel<B> {
