@@ -148,7 +148,9 @@ pub fn read_shard(url: &str, mut f: impl FnMut(ShardItem) -> bool) {
         let Some((key, ext)) = split_key(&path) else {
             continue;
         };
-        let mut data = Vec::with_capacity(entry.size() as usize);
+        // The header's size is only a claim (a corrupt one can say petabytes): reserve up to
+        // 64 MiB from it and let the read grow the buffer by what actually arrives.
+        let mut data = Vec::with_capacity((entry.size() as usize).min(64 << 20));
         if let Err(e) = entry.read_to_end(&mut data) {
             f(ShardItem::Broken(DataError::bad_tar(
                 url,

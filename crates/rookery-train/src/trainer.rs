@@ -363,6 +363,7 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
         let mut step = stage.grads(&model, micro, comm, device)?;
         state.step += 1;
         inject_non_finite(&mut step, state.step);
+        inject_panic(rank, state.step);
         // The loss and the gradient norm are global (equal on every rank), so every rank
         // skips the same steps.
         let (m, lr, grad_norm) = match step.loss.is_finite() {
@@ -402,6 +403,8 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
             save_checkpoint(comm, &resolved, &model, &updater.optim, &state)?;
         }
         if eval_due && lead {
+            // Test-only: a slow evaluation (`sleep(ms)`), which other ranks wait out.
+            fail::fail_point!("train.evaluate");
             let report = stage.evaluate(&model.valid(), device)?;
             log_eval(metrics.as_mut().expect("rank 0 logs"), state.step, &report)?;
             let _ = crate::plot::plot_run(&run_dir, &run_dir.join("metrics.png"));
@@ -586,6 +589,16 @@ fn inject_non_finite(step: &mut crate::step::StepGrads, at: usize) {
     fail::fail_point!("train.non_finite_loss", |s: Option<String>| {
         if s.and_then(|s| s.parse::<usize>().ok()) == Some(at) {
             step.loss = f32::NAN;
+        }
+    });
+}
+
+/// Test-only fault: the failpoint `train.rank_panic`, set to `return(R:N)`, makes rank R panic
+/// at step N.
+fn inject_panic(rank: usize, at: usize) {
+    fail::fail_point!("train.rank_panic", |s: Option<String>| {
+        if s.as_deref() == Some(&format!("{rank}:{at}")) {
+            panic!("injected panic of rank {rank} at step {at}");
         }
     });
 }

@@ -469,3 +469,41 @@ fn a_stalled_pipe_fails_the_run_naming_the_shard() {
     );
     assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
 }
+
+#[test]
+fn a_panicking_rank_stops_the_others_naming_it_and_a_slow_evaluation_does_not() {
+    let _s = FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let sets = [
+        "dist.world_size=2",
+        "data.batch_size=8",
+        "train.steps=6",
+        "checkpoint.every=2",
+        "checkpoint.keep=3",
+        "dist.timeout_s=1",
+    ];
+    let cfg = tiny(dir.path(), "panic", &sets);
+    fail::cfg("train.rank_panic", "return(1:5)").unwrap();
+    let t = std::time::Instant::now();
+    let err = err_of(train::<B>(&cfg, &Default::default()));
+    fail::remove("train.rank_panic");
+    assert!(
+        err.contains("rank 1") && err.contains("injected panic of rank 1 at step 5"),
+        "{err}"
+    );
+    assert!(t.elapsed().as_secs() < 30, "took {:?}", t.elapsed());
+    assert_eq!(latest_name(&cfg), "step-00000004");
+    assert!(checkpoint::resolve(&cfg.train.run_dir).is_ok());
+
+    // Rank 0 evaluates for 3 s, three times the collective timeout: the others wait for it
+    // (dist.eval_timeout_s), they do not time out.
+    let slow = tiny(
+        dir.path(),
+        "slow-eval",
+        &[&sets[..], &["train.eval_every=3", "train.steps=3"]].concat(),
+    );
+    fail::cfg("train.evaluate", "sleep(3000)").unwrap();
+    let res = train::<B>(&slow, &Default::default());
+    fail::remove("train.evaluate");
+    res.unwrap();
+}
