@@ -191,7 +191,6 @@ type Record = <AdamWOf<B, Flamingo<B>> as Optimizer<Flamingo<B>, B>>::Record;
 
 #[test]
 fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
-    let _turn = common::serial();
     let dir = tempfile::tempdir().unwrap();
     let s = synth(dir.path());
     let (clip, lm) = sources(dir.path(), &s);
@@ -345,7 +344,6 @@ fn first_val_image(s: &SynthConfig, dir: &Path) -> PathBuf {
 
 #[test]
 fn stage_two_refuses_sources_of_the_wrong_stage() {
-    let _turn = common::serial();
     let dir = tempfile::tempdir().unwrap();
     let s = synth(dir.path());
     let (clip, lm) = sources(dir.path(), &s);
@@ -478,7 +476,6 @@ fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
 
 #[test]
 fn next_token_loss_two_ranks_equal_one_rank_with_twice_the_batch() {
-    let _turn = common::serial();
     let dir = tempfile::tempdir().unwrap();
     let s = synth(dir.path());
     let mut sets = pages_sets(&s, &dir.path().join("x"));
@@ -532,7 +529,6 @@ fn next_token_loss_two_ranks_equal_one_rank_with_twice_the_batch() {
 /// frozen vision tower and LM drives the loss on c well below the text-only ln 2.
 #[test]
 fn the_new_layers_learn_a_task_only_the_image_can_answer() {
-    let _turn = common::serial();
     use rookery_model::flamingo::FlamingoConfig;
     let dev = Default::default();
     B::seed(&dev, 11);

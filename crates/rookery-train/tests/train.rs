@@ -14,7 +14,6 @@ type B = Autodiff<Flex>;
 
 #[test]
 fn loss_falls_and_eval_reports_recall() {
-    let _turn = common::serial();
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny(dir.path(), "run", &["train.steps=300"]);
     let s = train::<B>(&cfg, &Default::default()).unwrap();
@@ -75,7 +74,6 @@ fn load_error(dir: &Path, cfg: &RunConfig) -> String {
 
 #[test]
 fn resume_is_exact_and_bad_checkpoints_are_refused() {
-    let _turn = common::serial();
     let dir = tempfile::tempdir().unwrap();
     let full = tiny(
         dir.path(),
@@ -163,7 +161,6 @@ fn resume_is_exact_and_bad_checkpoints_are_refused() {
 
 #[test]
 fn two_rank_training_resumes_exactly_and_continues_on_another_world_size() {
-    let _turn = common::serial();
     let dir = tempfile::tempdir().unwrap();
     let args = |run| {
         tiny(
@@ -248,7 +245,6 @@ fn stopped_at(src: &Path, run: &RunConfig) -> std::path::PathBuf {
 
 #[test]
 fn export_round_trips_in_f32_and_bf16_with_open_clip_names() {
-    let _turn = common::serial();
     use burn::prelude::{Int, TensorData};
     let dir = tempfile::tempdir().unwrap();
     // CLIP's own tower, without a patch stem (which open_clip and HF lack; next test).

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 
 use burn::backend::Flex;
 use burn::module::{Module, ModuleVisitor, Param};
@@ -19,13 +18,6 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Tests that train take turns: run side by side in one process, a 2-rank resume was seen to
-/// differ from the uninterrupted run in about 1 of 5 runs (never when run one at a time); the
-/// cause is not found yet (rookery issue notes).
-pub fn serial() -> MutexGuard<'static, ()> {
-    static TURN: Mutex<()> = Mutex::new(());
-    TURN.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A tiny CLIP run on a tiny synthetic set under `dir` (written once), run directory
 /// `dir/run`, with `extra` overrides.
