@@ -28,10 +28,15 @@ pub struct NcclComm<B: Backend> {
     stream: Arc<CudaStream>,
     device: B::Device,
     watchdog: Arc<Watchdog>,
+    /// `dist.timeout_s`: how long any collective may take, unless it says otherwise.
+    timeout: Duration,
 }
 
+/// The collective in flight: its name, when it started and how long it may take.
+type Pending = Option<(&'static str, Instant, Duration)>;
+
 struct Watchdog {
-    pending: Mutex<Option<(&'static str, Instant)>>,
+    pending: Mutex<Pending>,
     stop: AtomicBool,
 }
 
@@ -76,12 +81,13 @@ impl<B: Backend> NcclComm<B> {
             pending: Mutex::new(None),
             stop: AtomicBool::new(false),
         });
-        spawn_watchdog(watchdog.clone(), rank, timeout);
+        spawn_watchdog(watchdog.clone(), rank);
         Ok(NcclComm {
             comm,
             stream,
             device,
             watchdog,
+            timeout,
         })
     }
 
@@ -91,6 +97,7 @@ impl<B: Backend> NcclComm<B> {
         name: &'static str,
         t: Tensor<B, 1>,
         out_len: usize,
+        timeout: Duration,
         op: impl FnOnce(
             &Comm,
             &cudarc::driver::CudaSlice<f32>,
@@ -103,7 +110,8 @@ impl<B: Backend> NcclComm<B> {
             op: name,
             msg,
         };
-        *self.watchdog.pending.lock().expect("watchdog lock") = Some((name, Instant::now()));
+        *self.watchdog.pending.lock().expect("watchdog lock") =
+            Some((name, Instant::now(), timeout));
         let run = || -> Result<Vec<f32>, DistError> {
             let send = self
                 .stream
@@ -131,7 +139,7 @@ impl<B: Backend> Drop for NcclComm<B> {
     }
 }
 
-fn spawn_watchdog(w: Arc<Watchdog>, rank: usize, timeout: Duration) {
+fn spawn_watchdog(w: Arc<Watchdog>, rank: usize) {
     std::thread::spawn(move || {
         while !w.stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(200));
@@ -140,8 +148,8 @@ fn spawn_watchdog(w: Arc<Watchdog>, rank: usize, timeout: Duration) {
                 .lock()
                 .ok()
                 .and_then(|p| *p)
-                .filter(|(_, since)| since.elapsed() > timeout);
-            if let Some((op, _)) = late {
+                .filter(|(_, since, timeout)| since.elapsed() > *timeout);
+            if let Some((op, _, timeout)) = late {
                 let e = DistError::Timeout {
                     rank,
                     op,
@@ -169,7 +177,7 @@ impl<B: Backend> Communicator<B> for NcclComm<B> {
 
     fn all_reduce_sum(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>, DistError> {
         let n = t.dims()[0];
-        self.staged("all_reduce", t, n, |c, s, r| {
+        self.staged("all_reduce", t, n, self.timeout, |c, s, r| {
             c.all_reduce(s, r, &ReduceOp::Sum)
                 .map(|_| ())
                 .map_err(|e| format!("{e:?}"))
@@ -178,14 +186,14 @@ impl<B: Backend> Communicator<B> for NcclComm<B> {
 
     fn all_gather(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>, DistError> {
         let n = t.dims()[0] * self.world_size();
-        self.staged("all_gather", t, n, |c, s, r| {
+        self.staged("all_gather", t, n, self.timeout, |c, s, r| {
             c.all_gather(s, r).map(|_| ()).map_err(|e| format!("{e:?}"))
         })
     }
 
     fn reduce_scatter_sum(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>, DistError> {
         let n = t.dims()[0] / self.world_size();
-        self.staged("reduce_scatter", t, n, |c, s, r| {
+        self.staged("reduce_scatter", t, n, self.timeout, |c, s, r| {
             c.reduce_scatter(s, r, &ReduceOp::Sum)
                 .map(|_| ())
                 .map_err(|e| format!("{e:?}"))
@@ -194,11 +202,24 @@ impl<B: Backend> Communicator<B> for NcclComm<B> {
 
     fn broadcast(&self, t: Tensor<B, 1>, root: usize) -> Result<Tensor<B, 1>, DistError> {
         let n = t.dims()[0];
-        self.staged("broadcast", t, n, |c, s, r| {
+        self.staged("broadcast", t, n, self.timeout, |c, s, r| {
             let src = (c.rank() == root).then_some(s);
             c.broadcast(src, r, root as i32)
                 .map(|_| ())
                 .map_err(|e| format!("{e:?}"))
         })
+    }
+
+    /// A barrier that may take `timeout` (rank 0 evaluating or saving while the others wait,
+    /// `dist.eval_timeout_s`) instead of the collectives' `dist.timeout_s`, which would make
+    /// the watchdog end every waiting rank.
+    fn barrier_timeout(&self, timeout: Duration) -> Result<(), DistError> {
+        let ones = Tensor::ones([1], &self.device);
+        self.staged("barrier", ones, 1, timeout, |c, s, r| {
+            c.all_reduce(s, r, &ReduceOp::Sum)
+                .map(|_| ())
+                .map_err(|e| format!("{e:?}"))
+        })
+        .map(|_| ())
     }
 }

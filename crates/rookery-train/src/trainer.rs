@@ -585,6 +585,7 @@ impl BadSteps {
 
 /// Test-only fault: the failpoint `train.non_finite_loss`, set to `return(N)`, makes step N's
 /// loss NaN on every rank.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 fn inject_non_finite(step: &mut crate::step::StepGrads, at: usize) {
     fail::fail_point!("train.non_finite_loss", |s: Option<String>| {
         if s.and_then(|s| s.parse::<usize>().ok()) == Some(at) {
@@ -595,6 +596,7 @@ fn inject_non_finite(step: &mut crate::step::StepGrads, at: usize) {
 
 /// Test-only fault: the failpoint `train.rank_panic`, set to `return(R:N)`, makes rank R panic
 /// at step N.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 fn inject_panic(rank: usize, at: usize) {
     fail::fail_point!("train.rank_panic", |s: Option<String>| {
         if s.as_deref() == Some(&format!("{rank}:{at}")) {

@@ -201,7 +201,8 @@ fn corrupt_checkpoints_are_refused_by_name_and_resume_takes_the_newest_good_one(
 
     // Each kind of damage, on a copy of the step-4 checkpoint: `resolve` (what eval, export
     // and stage 2 read through) refuses it, naming the file.
-    let damage: [(&str, fn(&Path)); 4] = [
+    type Damage = fn(&Path);
+    let damage: [(&str, Damage); 4] = [
         ("model.safetensors", |d| flip(&d.join("model.safetensors"))),
         ("optim.bin", |d| truncate(&d.join("optim.bin"))),
         ("state.json", |d| {

@@ -86,8 +86,7 @@ fn crafted_safetensors_faults_are_refused() {
         .as_object()
         .unwrap()
         .keys()
-        .filter(|k| *k != "__metadata__" && **k != name)
-        .next()
+        .find(|k| *k != "__metadata__" && **k != name)
         .unwrap()
         .clone();
     h[&other]["data_offsets"] = h[&name]["data_offsets"].clone();

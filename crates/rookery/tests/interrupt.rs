@@ -1,7 +1,8 @@
 //! A training process stopped from outside: SIGTERM / SIGUSR1 (preemption, Slurm's
-//! `--signal`) make it checkpoint after the current step and exit 0 saying how to resume; a
-//! `kill -9` at an arbitrary step loses only the steps after the last checkpoint. Either way
-//! the resumed run ends with the bytes of a run that was never stopped.
+//! `--signal`) make it checkpoint after the current step and exit 0 saying how to resume, a
+//! second signal ends it at once (status 130); a `kill -9` at an arbitrary step loses only the
+//! steps after the last checkpoint. Either way the resumed run ends with the bytes of a run
+//! that was never stopped.
 
 mod common;
 use common::{check, rookery, root, sets};
@@ -26,7 +27,8 @@ fn steps_logged(run: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// Waits until `child` has logged `n` steps, then sends it `signal`.
+/// Waits until `child` has logged `n` steps, then sends it `signal` (`-0`: none, only a check
+/// that it lives).
 fn signal_after(child: &Child, run: &Path, n: usize, signal: &str) {
     let start = Instant::now();
     while steps_logged(run) < n {
@@ -72,7 +74,7 @@ fn a_signal_checkpoints_and_exits_0_and_a_kill_loses_nothing_checkpointed() {
             "{text}"
         );
         let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
-        assert!(latest < "step-00000150".to_string(), "{latest}");
+        assert!(latest.as_str() < "step-00000150", "{latest}");
         check(
             train(base, &name, &["checkpoint.every=0", "train.resume=auto"])
                 .output()
@@ -83,6 +85,23 @@ fn a_signal_checkpoints_and_exits_0_and_a_kill_loses_nothing_checkpointed() {
             "{signal}: resumed weights differ"
         );
     }
+
+    // A second signal ends the process at once (SIGTERM then SIGINT: two of one kind could
+    // coalesce into one).
+    let run = base.join("twice");
+    let child = train(base, "twice", &["checkpoint.every=0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Both from one shell, microseconds apart: the first cannot have finished its
+    // checkpoint when the second arrives.
+    let pid = child.id();
+    let both = format!("kill -TERM {pid}; kill -INT {pid}");
+    signal_after(&child, &run, 5, "-0");
+    check(Command::new("sh").args(["-c", &both]).output().unwrap());
+    let status = { child }.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
 
     let run = base.join("killed");
     let child = train(base, "killed", &["checkpoint.every=7"])

@@ -4,7 +4,7 @@
 #![cfg(feature = "mpi")]
 
 mod common;
-use common::{check, rookery, root, sets};
+use common::{check, rookery, root, sets, BIN};
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -90,13 +90,13 @@ fn differences(a: &[(String, Vec<u8>)], b: &[(String, Vec<u8>)]) -> Vec<String> 
 }
 
 #[test]
-fn a_killed_rank_stops_the_job_naming_it() {
+fn a_killed_rank_stops_the_job_naming_it_and_the_job_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let run = sets(
         dir.path(),
         "killed",
         &[
-            "train.steps=100000",
+            "train.steps=300",
             "checkpoint.every=2",
             "dist.backend=mpi",
             "dist.timeout_s=30",
@@ -152,6 +152,36 @@ fn a_killed_rank_stops_the_job_naming_it() {
     let name = std::fs::read_to_string(&latest).unwrap();
     let ck = dir.path().join("killed/checkpoints").join(name.trim());
     assert_eq!(tensors(&ck.join("model.safetensors")).len(), 42);
+    assert!(
+        name.trim() < "step-00000300",
+        "the job finished before the kill: {name}"
+    );
+
+    // Resumed, the job ends with the weights of the same ranks never interrupted (as threads,
+    // which train bit for bit what MPI processes do).
+    let resume = [&launch[..], &["--resume"]].concat();
+    check(rookery(&resume, &run).current_dir(root()).output().unwrap());
+    let threads = sets(
+        dir.path(),
+        "threads",
+        &["train.steps=300", "checkpoint.every=0", "dist.world_size=2"],
+    );
+    check(
+        rookery(&["train", "configs/clip-tiny.toml"], &threads)
+            .current_dir(root())
+            .output()
+            .unwrap(),
+    );
+    let last = "checkpoints/step-00000300/model.safetensors";
+    let (a, b) = (
+        tensors(&dir.path().join("killed").join(last)),
+        tensors(&dir.path().join("threads").join(last)),
+    );
+    assert!(
+        a == b,
+        "resumed MPI job differs: {}",
+        differences(&a, &b).join(", ")
+    );
 }
 
 /// The pid of the rookery process that MPI made rank `rank` in the job writing under `dir`.

@@ -18,7 +18,6 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-
 /// A tiny CLIP run on a tiny synthetic set under `dir` (written once), run directory
 /// `dir/run`, with `extra` overrides.
 pub fn tiny(dir: &Path, run: &str, extra: &[&str]) -> RunConfig {
