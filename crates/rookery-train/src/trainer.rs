@@ -128,7 +128,8 @@ pub fn stop_flag() -> Arc<AtomicBool> {
     STOP.get_or_init(Default::default).clone()
 }
 
-/// Whether any rank was asked to stop (every rank takes part, so all stop after the same step).
+/// Whether any rank was asked to stop (every rank takes part, so all stop after the same step;
+/// the loop asks on steps every rank agrees on).
 fn stop_requested(comm: &dyn Communicator<impl Backend>) -> Result<bool> {
     let mine = stop_flag().load(Ordering::Relaxed);
     if comm.world_size() == 1 {
@@ -413,7 +414,9 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
         if (eval_due || ckpt_due) && world > 1 {
             comm.barrier_timeout(Duration::from_secs_f64(cfg.dist.eval_timeout_s))?;
         }
-        if state.step < total && stop_requested(comm)? {
+        // Agreeing costs a collective: several ranks agree on log and checkpoint steps only.
+        let may_stop = world == 1 || log_due || ckpt_due;
+        if state.step < total && may_stop && stop_requested(comm)? {
             if !ckpt_due {
                 save_checkpoint(comm, &resolved, &model, &updater.optim, &state)?;
             }
