@@ -86,16 +86,6 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
-/// A safetensors writer whose bytes depend on the weights only: burn-store's default metadata
-/// is a `HashMap` of three entries, serialised in a different order each run, so equal weights
-/// gave files with different hashes. One entry, `format = pt`, as PyTorch's writers put it.
-pub fn safetensors_writer(path: impl Into<PathBuf>) -> SafetensorsStore {
-    SafetensorsStore::from_file(path)
-        .overwrite(true)
-        .clear_metadata()
-        .metadata("format", "pt")
-}
-
 /// The step checkpoints under `root` (`step-N`, not the `.tmp` of an unfinished save), sorted.
 fn step_dirs(root: &Path) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
@@ -187,12 +177,13 @@ where
     let name = format!("step-{:08}", state.step);
     let (tmp, dir) = (root.join(format!("{name}.tmp")), root.join(&name));
     let weights = model.valid();
-    check_finite(&weights).with_context(|| format!("refusing to save checkpoint {name}"))?;
+    rookery_interop::store::check_finite(&weights)
+        .with_context(|| format!("refusing to save checkpoint {name}"))?;
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let path = tmp.join("model.safetensors");
     weights
-        .save_into(&mut safetensors_writer(&path))
+        .save_into(&mut rookery_interop::store::safetensors_writer(&path))
         .with_context(|| format!("writing {}", path.display()))?;
     fail::fail_point!("checkpoint.after_weights", |_| bail!("failpoint"));
     BinFileRecorder::<FullPrecisionSettings>::new()
@@ -365,26 +356,14 @@ pub fn load_weights<B: burn::prelude::Backend, M: Module<B>>(model: M, path: &Pa
     load_store(model, &mut SafetensorsStore::from_file(path), path)
 }
 
-/// `load_from` through `store`, refusing missing tensors and shape errors, then path ids.
+/// `load_from` through `store` strictly ([`rookery_interop::store::load_strict`]: every
+/// tensor, shapes, finite values), then the path ids optimizer state is keyed by.
 pub(crate) fn load_store<B: burn::prelude::Backend, M: Module<B>>(
-    mut model: M,
+    model: M,
     store: &mut SafetensorsStore,
     path: &Path,
 ) -> Result<M> {
-    let res = model
-        .load_from(store)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    if !res.errors.is_empty() || !res.missing.is_empty() {
-        bail!(
-            "{}: missing {:?}, errors {:?}",
-            path.display(),
-            res.missing,
-            res.errors
-        );
-    }
-    // Weights of a diverged run are refused by every reader: evaluated, they score as perfect
-    // (every comparison with NaN is false).
-    check_finite(&model).with_context(|| format!("{}", path.display()))?;
+    let model = rookery_interop::store::load_strict(model, store, path)?;
     Ok(model.map(&mut PathIds::default()))
 }
 
@@ -403,28 +382,6 @@ fn verify(dir: &Path) -> Result<()> {
             bail!(
                 "checkpoint {} is corrupt: {f} has SHA-256 {got}, manifest says {want}",
                 dir.display()
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Refuses weights with a NaN or infinite value, naming the first such tensor.
-pub fn check_finite<B: burn::prelude::Backend, M: Module<B>>(model: &M) -> Result<()> {
-    for t in model.collect(None, None, false) {
-        let data = t
-            .to_data()
-            .map_err(|e| anyhow::anyhow!("{}: {e:?}", t.full_path()))?;
-        let values = data.convert::<f32>();
-        let values = values
-            .as_slice::<f32>()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let bad = values.iter().filter(|v| !v.is_finite()).count();
-        if bad > 0 {
-            bail!(
-                "tensor {} holds {bad} non-finite value(s) of {}",
-                t.full_path(),
-                values.len()
             );
         }
     }

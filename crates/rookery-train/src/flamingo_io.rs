@@ -21,9 +21,9 @@ use rookery_model::flamingo::Flamingo;
 use serde_json::json;
 
 use crate::config::RunConfig;
-use crate::export::Cast;
 use crate::fewshot::{generate, greedy};
 use crate::stage::flamingo::{checkpoint_dir, load_lm, load_vision};
+use rookery_interop::cast::Cast;
 
 /// The trained parts of stage 2.
 pub const TRAINED: &str = "flamingo.safetensors";
@@ -34,14 +34,14 @@ pub fn export_flamingo(path: &Path, out: &Path, full: bool, bf16: bool) -> Resul
     let (cfg, tk_path, model) = open_flamingo::<burn::backend::Flex>(path, &Default::default())?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let to = if bf16 { DType::BF16 } else { DType::F32 };
-    let mut store = crate::checkpoint::safetensors_writer(out.join(TRAINED))
+    let mut store = rookery_interop::store::safetensors_writer(out.join(TRAINED))
         .with_regexes(TRAINED_KEYS)
         .with_to_adapter(Cast { to });
     model
         .save_into(&mut store)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.join(TRAINED).display()))?;
     if full {
-        let mut store = crate::checkpoint::safetensors_writer(out.join("model.safetensors"))
+        let mut store = rookery_interop::store::safetensors_writer(out.join("model.safetensors"))
             .with_to_adapter(Cast { to });
         model
             .save_into(&mut store)

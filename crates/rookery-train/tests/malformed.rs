@@ -27,8 +27,11 @@ fn small() -> ClipConfig {
 fn valid(dir: &Path) -> Vec<u8> {
     let model: Clip<Flex> = small().init(&Default::default());
     let path = dir.join("valid.safetensors");
-    burn_store::ModuleSnapshot::save_into(&model, &mut checkpoint::safetensors_writer(&path))
-        .unwrap();
+    burn_store::ModuleSnapshot::save_into(
+        &model,
+        &mut rookery_interop::store::safetensors_writer(&path),
+    )
+    .unwrap();
     std::fs::read(path).unwrap()
 }
 

@@ -288,9 +288,13 @@ fn export_round_trips_in_f32_and_bf16_with_open_clip_names() {
     let want = out(&model);
     for (bf16, tol) in [(false, 0.0f32), (true, 3e-2)] {
         let exp = dir.path().join(if bf16 { "bf16" } else { "f32" });
-        rookery_train::export::export(&model, &mc, Some(&cfg.data.tokenizer), &exp, bf16).unwrap();
-        assert_eq!(rookery_train::export::exported_config(&exp).unwrap(), mc);
-        let back = rookery_train::export::load_exported(mc.init::<Flex>(&dev), &exp).unwrap();
+        rookery_interop::open_clip::export(&model, &mc, Some(&cfg.data.tokenizer), &exp, bf16)
+            .unwrap();
+        assert_eq!(
+            rookery_interop::open_clip::exported_config(&exp).unwrap(),
+            mc
+        );
+        let back = rookery_interop::open_clip::load_exported(mc.init::<Flex>(&dev), &exp).unwrap();
         let got = out(&back);
         let err = want
             .0
@@ -301,7 +305,7 @@ fn export_round_trips_in_f32_and_bf16_with_open_clip_names() {
             .fold(0.0, f32::max);
         assert!(err <= tol, "bf16={bf16}: max error {err}");
         // open_clip names and PyTorch layouts
-        let bytes = std::fs::read(exp.join(rookery_train::export::WEIGHTS)).unwrap();
+        let bytes = std::fs::read(exp.join(rookery_interop::open_clip::WEIGHTS)).unwrap();
         let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
         let in_proj = &header["visual.transformer.resblocks.0.attn.in_proj_weight"];
@@ -326,7 +330,7 @@ fn export_round_trips_in_f32_and_bf16_with_open_clip_names() {
     }
     // HF transformers names: q/k/v split out of in_proj, [out, in] layouts, 0-d logit_scale
     let hf = dir.path().join("hf");
-    rookery_train::hf::export_hf(&model, &mc, &hf, false).unwrap();
+    rookery_interop::hf_clip_export::export_hf(&model, &mc, &hf, false).unwrap();
     let bytes = std::fs::read(hf.join("model.safetensors")).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
@@ -420,16 +424,22 @@ fn a_stem_tower_exports_for_rookery_only() {
         v.to_vec::<f32>().unwrap()
     };
     let exp = dir.path().join("exp");
-    rookery_train::export::export(&model, &cfg.model, None, &exp, false).unwrap();
-    let back = rookery_train::export::load_exported(cfg.model.init::<Flex>(&dev), &exp).unwrap();
+    rookery_interop::open_clip::export(&model, &cfg.model, None, &exp, false).unwrap();
+    let back =
+        rookery_interop::open_clip::load_exported(cfg.model.init::<Flex>(&dev), &exp).unwrap();
     assert_eq!(feats(&back), feats(&model));
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(exp.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["open_clip"]["loadable"], false);
     let why = config["open_clip"]["why"].as_str().unwrap();
     assert!(why.contains("model.vision.stem_patch"), "{why}");
-    let err = rookery_train::hf::export_hf(&model, &cfg.model, &dir.path().join("hf"), false)
-        .expect_err("HF has no patch stem");
+    let err = rookery_interop::hf_clip_export::export_hf(
+        &model,
+        &cfg.model,
+        &dir.path().join("hf"),
+        false,
+    )
+    .expect_err("HF has no patch stem");
     assert!(err.to_string().contains("model.vision.stem_patch"), "{err}");
     assert!(!dir.path().join("hf").exists());
 }

@@ -88,10 +88,10 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
         if from.is_empty() {
             return Ok(model);
         }
-        let model =
-            crate::export::load_exported(model, Path::new(from)).context("model.init_from")?;
-        tracing::info!(from = %from, "initialised from exported weights");
-        Ok(model)
+        let model = rookery_interop::load_clip(model, Path::new(from))
+            .with_context(|| format!("model.init_from = {from}"))?;
+        tracing::info!(from = %from, "initialised from pretrained weights");
+        Ok(model.map(&mut crate::optim::PathIds::default()))
     }
 
     fn grads(

@@ -188,11 +188,17 @@ pub fn export(path: &Path, out: &Path, bf16: bool, hf: bool, full: bool) -> Resu
     }
     let (dir, cfg, model) = open_checkpoint(path)?;
     if hf {
-        rookery_train::hf::export_hf(&model, &cfg.model, out, bf16)?;
+        rookery_interop::hf_clip_export::export_hf(&model, &cfg.model, out, bf16)?;
         std::fs::copy(&cfg.data.tokenizer, out.join("tokenizer.json"))
             .context("copying tokenizer.json")?;
     } else {
-        rookery_train::export::export(&model, &cfg.model, Some(&cfg.data.tokenizer), out, bf16)?;
+        rookery_interop::open_clip::export(
+            &model,
+            &cfg.model,
+            Some(&cfg.data.tokenizer),
+            out,
+            bf16,
+        )?;
     }
     println!(
         "exported {} to {} ({})",

@@ -10,60 +10,19 @@
 //! ([`open_clip_lacks`]).
 
 use std::path::Path;
-use std::rc::Rc;
 
 use anyhow::{Context, Result};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn_store::{
     BurnToPyTorchAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
-    TensorSnapshot,
 };
+
+use crate::cast::Cast;
 use rookery_model::{Clip, ClipConfig};
 use serde_json::json;
 
 pub const WEIGHTS: &str = "open_clip_model.safetensors";
-
-/// Casts float tensors to `to` (and 0-d tensors to `[1]` when loading HF/open_clip files).
-#[derive(Clone)]
-pub(crate) struct Cast {
-    pub(crate) to: DType,
-}
-
-impl ModuleAdapter for Cast {
-    fn adapt(&self, s: &TensorSnapshot) -> TensorSnapshot {
-        let float = matches!(s.dtype, DType::F32 | DType::BF16 | DType::F16 | DType::F64);
-        let scalar = s.shape.num_dims() == 0;
-        if (!float || s.dtype == self.to) && !scalar {
-            return s.clone();
-        }
-        let (f, to) = (s.clone_data_fn(), if float { self.to } else { s.dtype });
-        let shape = if scalar {
-            burn::tensor::Shape::new([1])
-        } else {
-            s.shape.clone()
-        };
-        let shape2 = shape.clone();
-        TensorSnapshot::from_closure(
-            Rc::new(move || {
-                let mut d = f()?;
-                if d.dtype != to {
-                    d = d.convert_dtype(to);
-                }
-                d.shape = shape2.clone();
-                Ok(d)
-            }),
-            to,
-            shape,
-            s.path_stack.clone().unwrap_or_default(),
-            s.container_stack.clone().unwrap_or_default(),
-            s.tensor_id.unwrap_or_default(),
-        )
-    }
-    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
-        Box::new(self.clone())
-    }
-}
 
 /// Writes `DIR/open_clip_model.safetensors`, `DIR/config.json` and (if given) `DIR/tokenizer.json`.
 pub fn export<B: Backend>(
@@ -75,7 +34,7 @@ pub fn export<B: Backend>(
 ) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let dtype = if bf16 { DType::BF16 } else { DType::F32 };
-    let mut store = crate::checkpoint::safetensors_writer(out.join(WEIGHTS))
+    let mut store = crate::store::safetensors_writer(out.join(WEIGHTS))
         .with_to_adapter(BurnToPyTorchAdapter.chain(Cast { to: dtype }))
         .with_key_remapping(r"^text\.", "")
         .with_key_remapping(r"attn\.in_proj\.(weight|bias)$", "attn.in_proj_$1");
@@ -137,15 +96,23 @@ pub fn exported_config(dir: &Path) -> Result<ClipConfig> {
         .with_context(|| format!("{}: rookery_model", path.display()))
 }
 
-/// Loads exported weights (f32 or bf16) into `model`, which must have the exported shapes.
+/// Loads open_clip-layout weights (f32, bf16 or f16; rookery's export or open_clip's own)
+/// into `model`, which must have their shapes.
 pub fn load_exported<B: Backend>(model: Clip<B>, dir: &Path) -> Result<Clip<B>> {
     let path = dir.join(WEIGHTS);
-    let mut store = SafetensorsStore::from_file(&path)
+    let mut store = reader(SafetensorsStore::from_file(&path));
+    crate::store::load_strict(model, &mut store, &path)
+}
+
+/// `store` reading open_clip's names and layouts into rookery's [`Clip`]: Linear weights
+/// transposed, the text tower's top-level keys under `text.`, `in_proj_weight` as the
+/// `in_proj` Linear, any float dtype (and 0-d `logit_scale`) cast to f32 `[1]`.
+pub fn reader(store: SafetensorsStore) -> SafetensorsStore {
+    store
         .with_from_adapter(PyTorchToBurnAdapter.chain(Cast { to: DType::F32 }))
         .with_key_remapping(
             r"^(token_embedding|positional_embedding|transformer|ln_final|text_projection)",
             "text.$1",
         )
-        .with_key_remapping(r"attn\.in_proj_(weight|bias)$", "attn.in_proj.$1");
-    crate::checkpoint::load_store(model, &mut store, &path)
+        .with_key_remapping(r"attn\.in_proj_(weight|bias)$", "attn.in_proj.$1")
 }

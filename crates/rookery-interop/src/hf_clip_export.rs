@@ -182,7 +182,7 @@ pub fn export_hf<B: Backend>(
         "model.vision.pool_type = {:?}: HF CLIPVisionModel reads the class token only, so its features would differ; export with --format open_clip",
         cfg.vision.pool_type
     );
-    if let Some(why) = crate::export::open_clip_lacks(cfg) {
+    if let Some(why) = crate::open_clip::open_clip_lacks(cfg) {
         anyhow::bail!("cannot export for HF transformers: {why}");
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;

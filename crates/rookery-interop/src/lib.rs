@@ -1,0 +1,108 @@
+//! rookery-interop: weights and configs in other projects' formats, in and out, one module per
+//! format. rookery-train keeps the loop and its own checkpoints; everything that reads or
+//! writes another project's files is here.
+//!
+//! - [`open_clip`]: open_clip's key names and layouts (rookery's export, `open_clip_model.safetensors`);
+//!   [`open_clip_config`]: its model config;
+//! - [`hf_clip`]: HF transformers' `CLIPModel` read in; [`hf_clip_export`]: written out;
+//! - [`store`]: strict, reproducible safetensors through burn-store; [`cast`]: dtype casts;
+//!   [`tensors`]: named f32 tensors in memory, where one layout is renamed into another.
+//!
+//! [`load_clip`] takes any CLIP directory rookery reads, found by [`detect_clip`].
+
+pub mod cast;
+pub mod hf_clip;
+pub mod hf_clip_export;
+pub mod open_clip;
+pub mod open_clip_config;
+pub mod store;
+pub mod tensors;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::Backend;
+use burn_store::SafetensorsStore;
+use rookery_model::{Clip, ClipConfig};
+
+/// The kinds of CLIP directory rookery reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClipFormat {
+    /// `rookery export`: `open_clip_model.safetensors` + `config.json` with `rookery_model`.
+    Rookery,
+    /// open_clip: `open_clip_model.safetensors` + the model config file named here
+    /// (`open_clip_config.json`, or the only other `*.json` beside the weights).
+    OpenClip(PathBuf),
+    /// HF transformers `CLIPModel`: `config.json` with `model_type = "clip"` + `model.safetensors`.
+    Hf,
+}
+
+/// What kind of CLIP directory `dir` is, from its file names and `config.json`'s `model_type`;
+/// an error naming the directory and what was looked for otherwise.
+pub fn detect_clip(dir: &Path) -> Result<ClipFormat> {
+    let config = dir.join("config.json");
+    let model_type = std::fs::read(&config)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    if let Some(v) = &model_type {
+        if v.get("rookery_model").is_some() {
+            return Ok(ClipFormat::Rookery);
+        }
+        match v["model_type"].as_str() {
+            Some("clip") if dir.join("model.safetensors").is_file() => return Ok(ClipFormat::Hf),
+            Some("clip") => bail!(
+                "{}: an HF CLIPModel without model.safetensors (PyTorch .bin files and sharded checkpoints are not read for CLIP yet)",
+                dir.display()
+            ),
+            Some(other) if !other.is_empty() => bail!(
+                "{}: config.json says model_type = {other:?}; rookery reads HF CLIP (\"clip\") here",
+                dir.display()
+            ),
+            _ => {}
+        }
+    }
+    if dir.join(open_clip::WEIGHTS).is_file() {
+        let named = dir.join("open_clip_config.json");
+        if named.is_file() {
+            return Ok(ClipFormat::OpenClip(named));
+        }
+        let jsons: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        if let [one] = &jsons[..] {
+            return Ok(ClipFormat::OpenClip(one.clone()));
+        }
+    }
+    bail!(
+        "{}: not a CLIP directory rookery reads: expected `rookery export` output (config.json with rookery_model), open_clip ({} with open_clip_config.json) or HF CLIPModel (config.json with model_type \"clip\" and model.safetensors)",
+        dir.display(),
+        open_clip::WEIGHTS
+    )
+}
+
+/// The model config of the CLIP directory `dir`.
+pub fn clip_config(dir: &Path) -> Result<ClipConfig> {
+    match detect_clip(dir)? {
+        ClipFormat::Rookery => open_clip::exported_config(dir),
+        ClipFormat::OpenClip(config) => open_clip_config::config(&config),
+        ClipFormat::Hf => hf_clip::config(dir),
+    }
+}
+
+/// Loads the CLIP directory `dir` into `model` (built from [`clip_config`], or with the same
+/// shapes), strictly: every tensor present with its shape, nothing left over, values finite.
+pub fn load_clip<B: Backend>(model: Clip<B>, dir: &Path) -> Result<Clip<B>> {
+    match detect_clip(dir)? {
+        ClipFormat::Rookery | ClipFormat::OpenClip(_) => open_clip::load_exported(model, dir),
+        ClipFormat::Hf => {
+            let renamed = hf_clip::to_open_clip(dir)?;
+            let mut store = open_clip::reader(SafetensorsStore::from_bytes(Some(
+                tensors::to_bytes(&renamed)?,
+            )));
+            store::load_strict(model, &mut store, &dir.join("model.safetensors"))
+        }
+    }
+}

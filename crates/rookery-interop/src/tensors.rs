@@ -1,0 +1,73 @@
+//! Named f32 tensors read from, and written to, safetensors bytes: the in-memory form in which
+//! one format's weights are renamed into another's.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+/// Name -> (shape, row-major values).
+pub type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Every tensor of the safetensors file `path` as f32 (F16 and BF16 are widened, saying so),
+/// except the stale `position_ids` buffers older transformers saved. Other dtypes are refused
+/// naming the tensor.
+pub fn read_f32(path: &Path) -> Result<Tensors> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let mut out = Tensors::new();
+    let mut widened = None;
+    for (name, view) in st.tensors() {
+        if name.ends_with("position_ids") {
+            continue;
+        }
+        let raw = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::BF16 => {
+                widened = Some("bf16");
+                raw.chunks_exact(2)
+                    .map(|b| {
+                        burn::tensor::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+                    })
+                    .collect()
+            }
+            Dtype::F16 => {
+                widened = Some("f16");
+                raw.chunks_exact(2)
+                    .map(|b| {
+                        burn::tensor::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+                    })
+                    .collect()
+            }
+            d => bail!(
+                "{}: tensor {name} has dtype {d:?}; weights must be F32, BF16 or F16",
+                path.display()
+            ),
+        };
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    if let Some(d) = widened {
+        tracing::info!(file = %path.display(), "{d} weights cast to f32 on load");
+    }
+    Ok(out)
+}
+
+/// `tensors` as the bytes of an f32 safetensors file.
+pub fn to_bytes(tensors: &Tensors) -> Result<Vec<u8>> {
+    let raw: Vec<(&String, Vec<u8>, &Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, (shape, v))| (k, v.iter().flat_map(|x| x.to_le_bytes()).collect(), shape))
+        .collect();
+    let views = raw
+        .iter()
+        .map(|(k, b, s)| Ok(((*k).clone(), TensorView::new(Dtype::F32, (*s).clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    Ok(safetensors::serialize(views, None)?)
+}

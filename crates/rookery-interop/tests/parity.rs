@@ -1,0 +1,176 @@
+//! Parity with the reference implementations on tiny, randomly initialised models with the
+//! real architectures: an HF transformers `CLIPModel` and an open_clip `CLIP`, written with
+//! fixed inputs and their outputs by `fixtures/generate.py` (versions in fixtures/versions.json).
+//! rookery loads each directory as it is and must give the same image and text features.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use burn::prelude::*;
+use rookery_interop::{clip_config, detect_clip, load_clip, ClipFormat};
+use safetensors::SafeTensors;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// The fixture tensor `name` as (shape, values); ids are stored as i64.
+fn fixture(name: &str) -> (Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(fixtures().join("clip_io.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    let values = match t.dtype() {
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        safetensors::Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        d => panic!("{name}: {d:?}"),
+    };
+    (t.shape().to_vec(), values)
+}
+
+/// Largest absolute difference relative to the reference's largest magnitude.
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+    diff / scale
+}
+
+/// Image and text features of the CLIP in `dir` for the fixture inputs, against `prefix`'s.
+fn check(dir: &Path, prefix: &str) {
+    let dev = Default::default();
+    let cfg = clip_config(dir).unwrap();
+    let model = load_clip(cfg.init::<Flex>(&dev), dir).unwrap();
+    let (ps, pixels) = fixture("pixels");
+    let pixels: Vec<f32> = pixels.iter().map(|&x| x as f32).collect();
+    let shape = [ps[0], ps[1], ps[2], ps[3]];
+    let images = Tensor::<Flex, 4>::from_data(TensorData::new(pixels, shape), &dev);
+    let (is, ids) = fixture("ids");
+    let ids: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+    let tokens = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [is[0], is[1]]), &dev);
+    let image: Vec<f32> = model.visual.forward(images).into_data().to_vec().unwrap();
+    let text: Vec<f32> = model.text.forward(tokens).into_data().to_vec().unwrap();
+    let (ei, ti) = (
+        rel_err(&image, &fixture(&format!("{prefix}_image")).1),
+        rel_err(&text, &fixture(&format!("{prefix}_text")).1),
+    );
+    eprintln!("{prefix}: image {ei:e}, text {ti:e}");
+    assert!(
+        ei < 1e-4 && ti < 1e-4,
+        "{prefix}: image {ei:e}, text {ti:e}"
+    );
+}
+
+#[test]
+fn hf_clip_features_match_transformers() {
+    let dir = fixtures().join("hf_clip");
+    assert_eq!(detect_clip(&dir).unwrap(), ClipFormat::Hf);
+    let cfg = clip_config(&dir).unwrap();
+    assert_eq!(
+        (cfg.vision.heads, cfg.text.eot_token, cfg.vision.act),
+        (4, 99, rookery_model::layers::Act::QuickGelu)
+    );
+    check(&dir, "hf");
+}
+
+#[test]
+fn open_clip_features_match_open_clip() {
+    let dir = fixtures().join("open_clip");
+    assert!(matches!(
+        detect_clip(&dir).unwrap(),
+        ClipFormat::OpenClip(_)
+    ));
+    check(&dir, "open_clip");
+}
+
+/// A copy of fixture directory `name` at `to`.
+fn copy(name: &str, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(fixtures().join(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    to.to_path_buf()
+}
+
+/// A tensor list as the safetensors file keeps it: name, shape, little-endian f32 bytes.
+type Listed = Vec<(String, Vec<usize>, Vec<u8>)>;
+
+/// Rewrites `dir/model.safetensors` with `edit` applied to its tensors.
+fn rewrite(dir: &Path, edit: impl Fn(&mut Listed)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut list: Listed = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    edit(&mut list);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = list
+        .iter()
+        .map(|(n, s, d)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+#[test]
+fn missing_unexpected_and_misshapen_tensors_and_foreign_directories_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Default::default();
+    let load = |dir: &Path| -> String {
+        let cfg = clip_config(dir).unwrap();
+        format!("{:#}", load_clip(cfg.init::<Flex>(&dev), dir).unwrap_err())
+    };
+    let missing = copy("hf_clip", &tmp.path().join("missing"));
+    rewrite(&missing, |l| {
+        l.retain(|(n, _, _)| n != "text_model.final_layer_norm.weight")
+    });
+    let err = load(&missing);
+    assert!(
+        err.contains("ln_final") && err.contains("missing/model.safetensors"),
+        "{err}"
+    );
+    let extra = copy("hf_clip", &tmp.path().join("extra"));
+    rewrite(&extra, |l| {
+        l.push(("vision_model.head.probe".into(), vec![1], vec![0; 4]))
+    });
+    let err = load(&extra);
+    assert!(err.contains("vision_model.head.probe"), "{err}");
+    let shape = copy("hf_clip", &tmp.path().join("shape"));
+    rewrite(&shape, |l| {
+        let t = l
+            .iter_mut()
+            .find(|(n, _, _)| n == "text_model.embeddings.token_embedding.weight")
+            .unwrap();
+        t.1 = vec![t.1[1], t.1[0]];
+    });
+    let err = load(&shape);
+    assert!(err.contains("token_embedding"), "{err}");
+    let foreign = tmp.path().join("llama");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    let err = format!("{:#}", detect_clip(&foreign).unwrap_err());
+    assert!(
+        err.contains("llama") && err.contains(&foreign.display().to_string()),
+        "{err}"
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = format!("{:#}", detect_clip(&empty).unwrap_err());
+    assert!(err.contains("not a CLIP directory"), "{err}");
+}
