@@ -443,3 +443,30 @@ fn a_stem_tower_exports_for_rookery_only() {
     assert!(err.to_string().contains("model.vision.stem_patch"), "{err}");
     assert!(!dir.path().join("hf").exists());
 }
+
+/// `model.init_from` reads an HF CLIP directory as it is and takes its shapes; a tokenizer
+/// that does not fit its text tower is refused before any work, naming both.
+#[test]
+fn init_from_a_pretrained_hf_clip_takes_its_shapes_and_checks_the_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rookery-interop/fixtures/hf_clip");
+    let cfg = tiny(
+        dir.path(),
+        "lit",
+        &[
+            &format!("model.init_from={}", hf.display()),
+            "train.steps=1",
+        ],
+    );
+    let err = format!("{:#}", train::<B>(&cfg, &Default::default()).unwrap_err());
+    assert!(
+        err.contains("model.init_from")
+            && err.contains("data.tokenizer")
+            && err.contains("the model's text tower 100"),
+        "{err}"
+    );
+    assert!(
+        !cfg.train.run_dir.exists(),
+        "refused before the run directory was made"
+    );
+}

@@ -12,7 +12,7 @@ use rookery_data::{ImageTextBatch, TextTokenizer};
 use rookery_dist::Communicator;
 use rookery_model::text::used_context;
 use rookery_model::vit::VitConfig;
-use rookery_model::Clip;
+use rookery_model::{Clip, ClipConfig};
 use serde_json::json;
 
 use super::{Report, Stage};
@@ -53,6 +53,47 @@ pub fn kept_patches(
     Some(out)
 }
 
+/// The `[model]` of a run that starts from `model.init_from` (rookery's export, open_clip or
+/// HF CLIP): the architecture is the source's, the training options (loss, patch dropout,
+/// length buckets) the config's. The data must fit it: the tokenizer the source was trained
+/// with, and its image size and context length.
+fn pretrained_shapes(cfg: &RunConfig, tokenizer: &TextTokenizer) -> Result<ClipConfig> {
+    let from = &cfg.model.init_from;
+    let src = rookery_interop::clip_config(Path::new(from))
+        .with_context(|| format!("model.init_from = {from}"))?;
+    let mine = &cfg.model;
+    let mut m = src.clone();
+    m.init_from = from.clone();
+    (m.loss, m.init_logit_bias) = (mine.loss.clone(), mine.init_logit_bias);
+    m.vision.patch_dropout = mine.vision.patch_dropout;
+    m.text.length_buckets = mine.text.length_buckets;
+    let t = &src.text;
+    let checks = [
+        (
+            tokenizer.vocab_size != t.vocab_size || tokenizer.eot as usize != t.eot_token,
+            format!(
+                "data.tokenizer = {} has {} tokens (end of text {}), the model's text tower {} (end of text {}): use the tokenizer it was trained with",
+                cfg.data.tokenizer.display(), tokenizer.vocab_size, tokenizer.eot, t.vocab_size, t.eot_token
+            ),
+        ),
+        (
+            cfg.data.image_size as usize != src.vision.image_size,
+            format!("data.image_size = {}, the model's is {}", cfg.data.image_size, src.vision.image_size),
+        ),
+        (
+            cfg.data.context_length != t.context_length,
+            format!("data.context_length = {}, the model's is {}", cfg.data.context_length, t.context_length),
+        ),
+    ];
+    if let Some((_, why)) = checks.iter().find(|c| c.0) {
+        anyhow::bail!("model.init_from = {from}: {why}");
+    }
+    if m != *mine {
+        tracing::info!(from = %from, "[model] shapes taken from the pretrained model");
+    }
+    Ok(m)
+}
+
 pub struct ClipStage {
     cfg: RunConfig,
     tokenizer: Arc<TextTokenizer>,
@@ -64,6 +105,10 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
 
     fn new(cfg: &RunConfig, tokenizer: Arc<TextTokenizer>) -> Result<Self> {
         let mut cfg = cfg.clone();
+        if !cfg.model.init_from.is_empty() {
+            cfg.model = pretrained_shapes(&cfg, &tokenizer)?;
+            return Ok(ClipStage { cfg, tokenizer });
+        }
         if cfg.model.text.vocab_size == 0 {
             cfg.model.text.vocab_size = tokenizer.vocab_size;
         }

@@ -1,5 +1,6 @@
 //! One module per subcommand family.
 
 pub mod data;
+pub mod embed;
 pub mod launch;
 pub mod train;

@@ -9,7 +9,7 @@ use rookery_train::stage::Report;
 use rookery_train::RunConfig;
 
 #[cfg(not(feature = "cuda"))]
-mod backend {
+pub(crate) mod backend {
     pub type Train = burn::backend::Autodiff<burn::backend::Flex>;
     pub fn device() -> burn::prelude::Device<Train> {
         Default::default()
@@ -21,7 +21,7 @@ mod backend {
 }
 
 #[cfg(feature = "cuda")]
-mod backend {
+pub(crate) mod backend {
     pub type Train = burn::backend::Autodiff<burn::backend::Cuda>;
     pub fn device() -> burn::prelude::Device<Train> {
         device_of(0)
@@ -165,10 +165,10 @@ fn wait_for_data(cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-type Inner = <backend::Train as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+pub(crate) type Inner = <backend::Train as burn::tensor::backend::AutodiffBackend>::InnerBackend;
 
 /// A checkpoint directory and its model, from a checkpoint or a run directory (its latest).
-fn open_checkpoint(
+pub(crate) fn open_checkpoint(
     path: &Path,
 ) -> Result<(std::path::PathBuf, RunConfig, rookery_model::Clip<Inner>)> {
     let dir = rookery_train::checkpoint::resolve(path)?;

@@ -1,0 +1,191 @@
+//! `rookery embed`: L2-normalised image and text embeddings from any CLIP rookery loads (a
+//! rookery checkpoint or run directory, `rookery export` output, open_clip or HF CLIP), written
+//! as safetensors with the tensors `image` `[N, E]` and `text` `[M, E]`: what search, labelling
+//! and parity checks use a CLIP for.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+use rookery_data::loader::{load_image, Mode};
+use rookery_data::{DataConfig, Loader, TextTokenizer};
+use rookery_model::{Clip, ClipConfig};
+use safetensors::tensor::{Dtype, TensorView};
+
+use super::train::{backend, open_checkpoint, Inner};
+
+/// What to embed and where to write it.
+pub struct EmbedArgs {
+    pub weights: PathBuf,
+    pub tokenizer: Option<PathBuf>,
+    pub images: Vec<PathBuf>,
+    pub texts: Vec<String>,
+    pub data: Option<String>,
+    pub out: PathBuf,
+    pub batch: usize,
+}
+
+/// A CLIP and the tokenizer that goes with it, from a rookery run or any directory
+/// `rookery_interop` reads.
+fn open(args: &EmbedArgs) -> Result<(Clip<Inner>, ClipConfig, Option<PathBuf>)> {
+    let dev = backend::device();
+    let w = &args.weights;
+    if w.join("manifest.json").exists() || w.join("checkpoints").is_dir() {
+        let (_, cfg, model) = open_checkpoint(w)?;
+        let tk = args.tokenizer.clone().or(Some(cfg.data.tokenizer));
+        return Ok((model, cfg.model, tk));
+    }
+    let cfg = rookery_interop::clip_config(w)?;
+    let model = rookery_interop::load_clip(cfg.init::<Inner>(&dev), w)?;
+    let own = w.join("tokenizer.json");
+    let tk = args.tokenizer.clone().or(own.is_file().then_some(own));
+    Ok((model, cfg, tk))
+}
+
+fn progress(n: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(n as u64);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {what}"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}
+
+/// Runs `rookery embed`.
+pub fn run(args: &EmbedArgs) -> Result<()> {
+    if args.images.is_empty() && args.texts.is_empty() && args.data.is_none() {
+        bail!("nothing to embed: give --images, --texts or --data");
+    }
+    let (model, cfg, tk_path) = open(args)?;
+    let dev = backend::device();
+    let (image_size, ctx) = (cfg.vision.image_size, cfg.text.context_length);
+    let tokenizer = match (&tk_path, args.texts.is_empty() && args.data.is_none()) {
+        (_, true) => None,
+        (Some(p), false) => Some(TextTokenizer::from_file(p)?),
+        (None, false) => bail!(
+            "{}: no tokenizer.json beside the weights (save_pretrained of a model alone leaves none): give --tokenizer",
+            args.weights.display()
+        ),
+    };
+    if let Some(tk) = &tokenizer {
+        let t = &cfg.text;
+        if tk.vocab_size > t.vocab_size || tk.eot as usize != t.eot_token {
+            bail!(
+                "{}: {} tokens (end of text {}) for a text tower of {} (end of text {}): not the tokenizer this model was trained with",
+                tk_path.as_deref().unwrap_or(Path::new("?")).display(),
+                tk.vocab_size, tk.eot, t.vocab_size, t.eot_token
+            );
+        }
+    }
+    let data_cfg = DataConfig {
+        image_size: image_size as u32,
+        context_length: ctx,
+        batch_size: args.batch.max(1),
+        ..Default::default()
+    };
+    let batch = args.batch.max(1);
+    let mut out: HashMap<&str, Vec<Tensor<Inner, 2>>> = HashMap::new();
+    if !args.images.is_empty() {
+        let bar = progress(args.images.len(), "images");
+        for chunk in args.images.chunks(batch) {
+            let mut pixels = Vec::with_capacity(chunk.len() * 3 * image_size * image_size);
+            for p in chunk {
+                let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                let ext = p
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .unwrap_or("")
+                    .to_lowercase();
+                let img = load_image(&data_cfg, Mode::Eval, &ext, &bytes, &[])
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                pixels.extend(img);
+            }
+            let shape = [chunk.len(), 3, image_size, image_size];
+            let t = Tensor::from_data(TensorData::new(pixels, shape), &dev);
+            out.entry("image").or_default().push(model.encode_image(t));
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish();
+    }
+    if let Some(tk) = &tokenizer {
+        let bar = progress(args.texts.len(), "texts");
+        for chunk in args.texts.chunks(batch) {
+            let mut ids = vec![0i64; chunk.len() * ctx];
+            for (row, text) in ids.chunks_mut(ctx).zip(chunk) {
+                tk.encode_into(text, row)
+                    .map_err(|e| anyhow::anyhow!("text {text:?}: {e}"))?;
+            }
+            let t = Tensor::from_data(TensorData::new(ids, [chunk.len(), ctx]), &dev);
+            out.entry("text").or_default().push(model.encode_text(t));
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish();
+    }
+    let mut keys = Vec::new();
+    if let (Some(spec), Some(tk)) = (&args.data, &tokenizer) {
+        let shards = rookery_data::expand_shards(spec)?;
+        let loader = Loader::new(
+            &data_cfg,
+            std::sync::Arc::new(tk.clone()),
+            shards,
+            0,
+            1,
+            Mode::Eval,
+            None,
+        )?;
+        let bar = ProgressBar::new_spinner();
+        for b in loader {
+            let b = b?;
+            let (images, tokens) =
+                rookery_train::eval::batch_tensors::<Inner>(&b, tk.eot as usize, &dev);
+            out.entry("image")
+                .or_default()
+                .push(model.encode_image(images));
+            out.entry("text")
+                .or_default()
+                .push(model.encode_text(tokens));
+            keys.extend(b.keys.clone());
+            bar.inc(b.batch_size as u64);
+        }
+        bar.finish();
+    }
+    write(&args.out, out)?;
+    if !keys.is_empty() {
+        let path = args.out.with_extension("keys.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&keys)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// The embeddings as f32 safetensors, one tensor per kind.
+fn write(path: &Path, parts: HashMap<&str, Vec<Tensor<Inner, 2>>>) -> Result<()> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, chunks) in parts {
+        let t = Tensor::cat(chunks, 0);
+        rookery_train::eval::ensure_finite(&t, &format!("{name} embeddings"))?;
+        let shape = t.dims().to_vec();
+        let values: Vec<f32> = t
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        tensors.push((
+            name.to_string(),
+            shape,
+            values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+    }
+    tensors.sort();
+    let views = tensors
+        .iter()
+        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    safetensors::serialize_to_file(views, None, path)
+        .with_context(|| format!("writing {}", path.display()))
+}

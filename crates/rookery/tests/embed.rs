@@ -1,0 +1,129 @@
+//! `rookery embed` on a trained run: unit-length image and text embeddings of the model's
+//! width, the same for an image given as a file as for the same sample read from shards, and
+//! a tokenizer that does not fit the text tower refused.
+
+mod common;
+use common::{check, rookery, root, sets, BIN};
+
+use std::path::Path;
+use std::process::Command;
+
+use safetensors::SafeTensors;
+
+/// `name` of the safetensors file `path` as rows.
+fn rows(path: &Path, name: &str) -> Vec<Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    let width = t.shape()[1];
+    let v: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    v.chunks(width).map(|r| r.to_vec()).collect()
+}
+
+#[test]
+fn embeddings_of_a_run_are_unit_rows_and_agree_between_files_and_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = sets(dir.path(), "run", &["train.steps=3", "checkpoint.every=0"]);
+    check(
+        rookery(&["train", "configs/clip-tiny.toml"], &run)
+            .current_dir(root())
+            .output()
+            .unwrap(),
+    );
+    // The first sample of the first validation shard, as a file and as a shard.
+    let val = dir.path().join("synth/val");
+    let shard = std::fs::read_dir(&val)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "tar"))
+        .unwrap();
+    let mut first = None;
+    rookery_data::wds::read_shard(shard.to_str().unwrap(), |i| {
+        if let rookery_data::wds::ShardItem::Sample(s) = i {
+            let (ext, bytes) = ["jpg", "png"]
+                .iter()
+                .find_map(|e| s.get(e).map(|b| (e.to_string(), b.to_vec())))
+                .unwrap();
+            first = Some((
+                s.key.clone(),
+                ext,
+                bytes,
+                String::from_utf8(s.get("txt").unwrap().to_vec()).unwrap(),
+            ));
+        }
+        false
+    });
+    let (key, ext, bytes, caption) = first.unwrap();
+    let image = dir.path().join(format!("first.{ext}"));
+    std::fs::write(&image, bytes).unwrap();
+    let out = dir.path().join("emb.safetensors");
+    let run_dir = dir.path().join("run");
+    let one_shard = format!("{}", shard.display());
+    check(
+        Command::new(BIN)
+            .args(["embed", "--weights", run_dir.to_str().unwrap(), "--images"])
+            .arg(&image)
+            .args(["--texts", &caption, "a caption", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap(),
+    );
+    let (img, txt) = (rows(&out, "image"), rows(&out, "text"));
+    assert_eq!((img.len(), txt.len(), img[0].len()), (1, 2, 32));
+    for r in img.iter().chain(&txt) {
+        let norm: f32 = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+    }
+    let pairs = dir.path().join("pairs.safetensors");
+    check(
+        Command::new(BIN)
+            .args([
+                "embed",
+                "--weights",
+                run_dir.to_str().unwrap(),
+                "--data",
+                &one_shard,
+                "--out",
+            ])
+            .arg(&pairs)
+            .output()
+            .unwrap(),
+    );
+    let keys: Vec<String> =
+        serde_json::from_slice(&std::fs::read(pairs.with_extension("keys.json")).unwrap()).unwrap();
+    let at = keys.iter().position(|k| *k == key).unwrap();
+    let (pimg, ptxt) = (rows(&pairs, "image"), rows(&pairs, "text"));
+    assert_eq!(pimg.len(), keys.len());
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4);
+    assert!(
+        close(&pimg[at], &img[0]),
+        "the file and the shard sample embed differently"
+    );
+    assert!(close(&ptxt[at], &txt[0]), "the caption embeds differently");
+
+    // The HF fixture's text tower has 100 tokens: the run's tokenizer does not fit it.
+    let hf = root().join("crates/rookery-interop/fixtures/hf_clip");
+    let tk = dir.path().join("synth/tokenizer.json");
+    let bad = Command::new(BIN)
+        .args([
+            "embed",
+            "--weights",
+            hf.to_str().unwrap(),
+            "--tokenizer",
+            tk.to_str().unwrap(),
+        ])
+        .args(["--texts", "x", "--out"])
+        .arg(dir.path().join("bad.safetensors"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("not the tokenizer"),
+        "{err}"
+    );
+}
