@@ -120,6 +120,11 @@ impl ClipConfig {
                 "must be >= 2",
             ),
             (
+                v.locked && self.text.locked,
+                "model.text.locked",
+                "and model.vision.locked leave nothing but logit_scale to train: lock one tower",
+            ),
+            (
                 self.text.length_buckets == 0,
                 "model.text.length_buckets",
                 "must be > 0 (1: no buckets)",

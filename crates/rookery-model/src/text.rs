@@ -28,6 +28,8 @@ pub struct TextConfig {
     /// costs. How the tower is run, not its shape: a checkpoint resumes with another value.
     /// It reads the end positions back to the host once a batch (a sync on a GPU backend).
     pub length_buckets: usize,
+    /// Train with this tower frozen: no gradient, no optimizer state.
+    pub locked: bool,
 }
 
 impl Default for TextConfig {
@@ -42,6 +44,7 @@ impl Default for TextConfig {
             act: Act::Gelu,
             eot_token: 3,
             length_buckets: 1,
+            locked: false,
         }
     }
 }

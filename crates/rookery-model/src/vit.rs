@@ -43,6 +43,9 @@ pub struct VitConfig {
     pub stem_patch: usize,
     /// Channels of the stem's sub-patch features.
     pub stem_width: usize,
+    /// Train with this tower frozen (LiT: a locked, pretrained image tower): no gradient, no
+    /// optimizer state, weights bit-identical to where the run started.
+    pub locked: bool,
 }
 
 impl Default for VitConfig {
@@ -59,6 +62,7 @@ impl Default for VitConfig {
             pool_type: "tok".into(),
             stem_patch: 0,
             stem_width: 64,
+            locked: false,
         }
     }
 }

@@ -312,11 +312,12 @@ where
     }
     // Patch dropout is how the image tower is trained, not what it is: a run may resume with
     // another rate, or without it (FLIP's unmasked tuning at the end). Length buckets are how
-    // the text tower is run, with the same features.
+    // the text tower is run, with the same features; a locked tower may be unlocked later.
     let shape = |m: &rookery_model::ClipConfig| {
         let mut m = m.clone();
         m.vision.patch_dropout = 0.0;
         m.text.length_buckets = 1;
+        (m.vision.locked, m.text.locked) = (false, false);
         m
     };
     if shape(&saved.model) != shape(&cfg.model)

@@ -298,6 +298,7 @@ fn global_negatives<B: AutodiffBackend>(
     //    micro-batch's text backward is done, the text tower's gradients are final and cross
     //    ranks (6.) while the image tower's backward runs.
     let mut acc_txt = GradientsAccumulator::<Clip<B>>::new();
+    let trains = Trains::of(model);
     let mut pending = None;
     let (mut tracked, last) = (tracked.into_iter(), micro.len() - 1);
     let mut at = 0;
@@ -316,14 +317,18 @@ fn global_negatives<B: AutodiffBackend>(
         let gi = Tensor::<B, 2>::from_inner(g_img.clone().slice(s![at..at + m, ..]));
         let rows = (0..k).map(|j| g_txt.clone().slice(s![j * n + at..j * n + at + m, ..]));
         let gt = Tensor::<B, 2>::from_inner(Tensor::cat(rows.collect(), 0));
-        let text = (zt * gt).sum().backward();
-        acc_txt.accumulate(model, GradientsParams::from_grads(text, owner));
+        if trains.text {
+            let text = (zt * gt).sum().backward();
+            acc_txt.accumulate(model, GradientsParams::from_grads(text, owner));
+        }
         if i == last {
             let done = acc_txt.grads();
             pending = Some(start_all_reduce_grads(model, done, comm, bucket_elems));
         }
-        let image = (zi * gi).sum().backward();
-        acc.accumulate(model, GradientsParams::from_grads(image, owner));
+        if trains.image {
+            let image = (zi * gi).sum().backward();
+            acc.accumulate(model, GradientsParams::from_grads(image, owner));
+        }
         at += m;
     }
     // 6. Sum over ranks: the text tower's sums (started above), then the rest.
@@ -333,6 +338,35 @@ fn global_negatives<B: AutodiffBackend>(
     all.accumulate(model, text);
     all.accumulate(model, rest);
     Ok((all.grads(), loss))
+}
+
+/// Which towers have parameters to train: a locked one (LiT, `model.*.locked`) gets no
+/// backward at all.
+struct Trains {
+    image: bool,
+    text: bool,
+}
+
+impl Trains {
+    fn of<B: AutodiffBackend>(model: &Clip<B>) -> Self {
+        Trains {
+            image: any_trained(&model.visual),
+            text: any_trained(&model.text),
+        }
+    }
+}
+
+/// Whether some parameter of `m` requires a gradient.
+fn any_trained<B: AutodiffBackend, M: burn::module::Module<B>>(m: &M) -> bool {
+    struct Any(bool);
+    impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Any {
+        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<B, D>>) {
+            self.0 |= p.is_require_grad();
+        }
+    }
+    let mut a = Any(false);
+    m.visit(&mut a);
+    a.0
 }
 
 fn local_negatives<B: AutodiffBackend>(

@@ -470,3 +470,66 @@ fn init_from_a_pretrained_hf_clip_takes_its_shapes_and_checks_the_tokenizer() {
         "refused before the run directory was made"
     );
 }
+
+/// The tensors of one tower of the CLIP checkpoint `path`, in module order.
+fn tower(cfg: &RunConfig, path: &Path, image: bool) -> Vec<Vec<f32>> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    struct Collect(Vec<Vec<f32>>);
+    impl ModuleVisitor<Flex> for Collect {
+        fn visit_float<const D: usize>(&mut self, p: &Param<burn::prelude::Tensor<Flex, D>>) {
+            self.0.push(p.val().into_data().to_vec().unwrap());
+        }
+    }
+    let m = checkpoint::load_weights(cfg.model.init::<Flex>(&Default::default()), path).unwrap();
+    let mut c = Collect(vec![]);
+    match image {
+        true => m.visual.visit(&mut c),
+        false => m.text.visit(&mut c),
+    }
+    c.0
+}
+
+/// LiT: with `[model.vision] locked`, two thread ranks with two micro-batches each train the
+/// text tower while the image tower stays bit-identical and has no optimizer state.
+#[test]
+fn a_locked_image_tower_stays_as_it_was_and_has_no_optimizer_state() {
+    use burn::optim::Optimizer;
+    use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(
+        dir.path(),
+        "lit",
+        &[
+            "model.vision.locked=true",
+            "dist.world_size=2",
+            "data.batch_size=8",
+            "train.accum_steps=2",
+            "train.steps=3",
+            "checkpoint.every=1",
+            "checkpoint.keep=5",
+        ],
+    );
+    let s = train::<B>(&cfg, &Default::default()).unwrap();
+    let resolved = RunConfig::load(&cfg.train.run_dir.join("config.toml"), &[]).unwrap();
+    let ck = |n: usize| {
+        cfg.train
+            .run_dir
+            .join(format!("checkpoints/step-{n:08}/model.safetensors"))
+    };
+    assert!(tower(&resolved, &ck(1), true) == tower(&resolved, &ck(3), true));
+    assert!(tower(&resolved, &ck(1), false) != tower(&resolved, &ck(3), false));
+    assert!(s.final_loss.is_finite());
+    type Record = <rookery_train::optim::AdamWOf<B, rookery_model::Clip<B>> as Optimizer<
+        rookery_model::Clip<B>,
+        B,
+    >>::Record;
+    let record: Record = BinFileRecorder::<FullPrecisionSettings>::new()
+        .load(ck(3).with_file_name("optim"), &Default::default())
+        .unwrap();
+    let text_and_scale = tower(&resolved, &ck(3), false).len() + 1;
+    assert_eq!(
+        record.len(),
+        text_and_scale,
+        "only the text tower and logit_scale have Adam state"
+    );
+}

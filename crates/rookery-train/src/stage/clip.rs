@@ -67,6 +67,7 @@ fn pretrained_shapes(cfg: &RunConfig, tokenizer: &TextTokenizer) -> Result<ClipC
     (m.loss, m.init_logit_bias) = (mine.loss.clone(), mine.init_logit_bias);
     m.vision.patch_dropout = mine.vision.patch_dropout;
     m.text.length_buckets = mine.text.length_buckets;
+    (m.vision.locked, m.text.locked) = (mine.vision.locked, mine.text.locked);
     let t = &src.text;
     let checks = [
         (
@@ -92,6 +93,18 @@ fn pretrained_shapes(cfg: &RunConfig, tokenizer: &TextTokenizer) -> Result<ClipC
         tracing::info!(from = %from, "[model] shapes taken from the pretrained model");
     }
     Ok(m)
+}
+
+/// The towers `[model.vision] locked` / `[model.text] locked` name, frozen (LiT): no
+/// gradient, so no update, no weight decay and no optimizer state.
+fn lock<B: AutodiffBackend>(cfg: &ClipConfig, mut model: Clip<B>) -> Clip<B> {
+    if cfg.vision.locked {
+        model.visual = model.visual.no_grad();
+    }
+    if cfg.text.locked {
+        model.text = model.text.no_grad();
+    }
+    model
 }
 
 pub struct ClipStage {
@@ -125,7 +138,11 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
     }
 
     fn init(&self, device: &B::Device) -> Clip<B> {
-        self.cfg.model.init(device)
+        lock(&self.cfg.model, self.cfg.model.init(device))
+    }
+
+    fn after_load(&self, model: Clip<B>) -> Clip<B> {
+        lock(&self.cfg.model, model)
     }
 
     fn load_start(&self, model: Clip<B>) -> Result<Clip<B>> {
@@ -136,7 +153,7 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
         let model = rookery_interop::load_clip(model, Path::new(from))
             .with_context(|| format!("model.init_from = {from}"))?;
         tracing::info!(from = %from, "initialised from pretrained weights");
-        Ok(model.map(&mut crate::optim::PathIds::default()))
+        Ok(lock(&self.cfg.model, model).map(&mut crate::optim::PathIds::default()))
     }
 
     fn grads(
