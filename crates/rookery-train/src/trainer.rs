@@ -200,10 +200,14 @@ pub fn train_on<B: AutodiffBackend>(
 /// Rank 0's summary, or every failed rank's error (the rank that failed first is named by the
 /// others' errors too).
 fn collect_ranks(results: Vec<Result<TrainSummary, String>>) -> Result<TrainSummary> {
+    // A refusal rank 0 shared ("rank 0: ...") is said once, not once per rank.
+    let mut seen = std::collections::HashSet::new();
     let errors: Vec<String> = results
         .iter()
         .enumerate()
-        .filter_map(|(r, res)| res.as_ref().err().map(|e| format!("rank {r}: {e}")))
+        .filter_map(|(r, res)| res.as_ref().err().map(|e| (r, e)))
+        .filter(|(_, e)| seen.insert(e.strip_prefix("rank 0: ").unwrap_or(e).to_string()))
+        .map(|(r, e)| format!("rank {r}: {e}"))
         .collect();
     if !errors.is_empty() {
         bail!("training failed:\n  {}", errors.join("\n  "));
@@ -645,11 +649,16 @@ fn log_train(
     for (k, v) in l.extra {
         rec[k] = v;
     }
+    // One readable line per log step, progress bar or not (a batch job's log has none).
+    let step_s = w.compute_s / steps;
+    let eta_s = step_s * cfg.train.steps.saturating_sub(state.step) as f64;
     tracing::info!(
-        step = state.step,
-        loss = l.loss,
-        lr = l.lr,
-        grad_norm = l.grad_norm,
+        step = %format!("{}/{}", state.step, cfg.train.steps),
+        loss = %format!("{:.4}", l.loss),
+        lr = %format!("{:.3e}", l.lr),
+        grad_norm = %format!("{:.3}", l.grad_norm),
+        samples_per_s = %format!("{:.0}", w.samples as f64 / w.compute_s),
+        eta = %format!("{}m{:02}s", (eta_s / 60.0) as u64, eta_s as u64 % 60),
         "train"
     );
     bar.set_message(format!("loss {:.3}", l.loss));

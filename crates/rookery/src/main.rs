@@ -180,6 +180,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,burn_collective=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in a file or a batch job's log.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Train {

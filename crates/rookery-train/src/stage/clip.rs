@@ -215,7 +215,20 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
 
     fn evaluate(&self, model: &Clip<B::InnerBackend>, device: &B::Device) -> Result<Report> {
         let r = evaluate(model, &self.cfg.data, self.tokenizer.clone(), device)?;
-        tracing::info!(n = r.n, i2t_r1 = r.i2t_r1, t2i_r1 = r.t2i_r1, chance = r.chance_r1, zero_shot = ?r.zero_shot, given_rest = ?r.zero_shot_given_rest, confusions = ?r.i2t_confusions, "eval");
+        // The whole report (confusions included) goes to metrics.jsonl; the log gets the gist.
+        let zero_shot: Vec<String> = r
+            .zero_shot
+            .iter()
+            .map(|(k, (acc, chance))| format!("{k} {acc:.3} (chance {chance:.3})"))
+            .collect();
+        tracing::info!(
+            n = r.n,
+            i2t_r1 = %format!("{:.4}", r.i2t_r1),
+            t2i_r1 = %format!("{:.4}", r.t2i_r1),
+            chance = %format!("{:.4}", r.chance_r1),
+            zero_shot = %zero_shot.join(", "),
+            "eval"
+        );
         Ok(Report::Clip(r))
     }
 }

@@ -136,7 +136,7 @@ fn ensure_data(cfg: &RunConfig) -> Result<()> {
     tracing::info!(
         train = s.train,
         val = s.val,
-        seconds = t.elapsed().as_secs_f64(),
+        seconds = %format!("{:.1}", t.elapsed().as_secs_f64()),
         "synthetic shards written"
     );
     Ok(())
