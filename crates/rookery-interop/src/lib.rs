@@ -13,6 +13,7 @@
 pub mod cast;
 pub mod hf_clip;
 pub mod hf_clip_export;
+pub mod hf_llama;
 pub mod open_clip;
 pub mod open_clip_config;
 pub mod store;
@@ -24,6 +25,18 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::Backend;
 use burn_store::SafetensorsStore;
 use rookery_model::{Clip, ClipConfig};
+
+/// Loads the HF Llama-family model in `dir` ([`hf_llama`]) into `model` (built from
+/// [`hf_llama::config`]), strictly.
+pub fn load_llama<B: Backend>(
+    model: rookery_model::flamingo::LanguageModel<B>,
+    dir: &Path,
+    cfg: &rookery_model::flamingo::LmConfig,
+) -> Result<rookery_model::flamingo::LanguageModel<B>> {
+    let tensors = hf_llama::to_rookery(dir, cfg)?;
+    let mut store = SafetensorsStore::from_bytes(Some(tensors::to_bytes(&tensors)?));
+    store::load_strict(model, &mut store, dir)
+}
 
 /// The kinds of CLIP directory rookery reads.
 #[derive(Clone, Debug, PartialEq, Eq)]

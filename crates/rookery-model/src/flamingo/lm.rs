@@ -32,6 +32,52 @@ pub struct LmConfig {
     pub mlp_ratio: f64,
     /// "gpt2" or "llama".
     pub style: String,
+    /// llama: key/value heads (grouped-query attention; 0: `heads`).
+    pub kv_heads: usize,
+    /// llama: width of a head (0: `width / heads`).
+    pub head_dim: usize,
+    /// The feed-forward's hidden width (0: `width * mlp_ratio`); imported models state it.
+    pub hidden: usize,
+    /// llama: RoPE's base.
+    pub rope_theta: f64,
+    /// llama: Llama 3's RoPE frequency scaling, if any.
+    pub rope_scaling: Option<RopeScaling>,
+    /// llama: RMSNorm's epsilon.
+    pub norm_eps: f64,
+    /// llama: biases on the query, key and value projections (Qwen2).
+    pub qkv_bias: bool,
+}
+
+/// Llama 3's RoPE scaling (`rope_type = "llama3"`): wavelengths longer than
+/// `original_context / low_freq_factor` slowed by `factor`, shorter than
+/// `original_context / high_freq_factor` kept, a smooth blend between.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_context: f64,
+}
+
+impl RopeScaling {
+    /// The scaled inverse frequency of one rotary pair.
+    pub fn scale(&self, inv_freq: f64) -> f64 {
+        let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+        let (low, high) = (
+            self.original_context / self.low_freq_factor,
+            self.original_context / self.high_freq_factor,
+        );
+        if wavelen < high {
+            inv_freq
+        } else if wavelen > low {
+            inv_freq / self.factor
+        } else {
+            let s = (self.original_context / wavelen - self.low_freq_factor)
+                / (self.high_freq_factor - self.low_freq_factor);
+            (1.0 - s) * inv_freq / self.factor + s * inv_freq
+        }
+    }
 }
 
 impl Default for LmConfig {
@@ -44,6 +90,13 @@ impl Default for LmConfig {
             heads: 4,
             mlp_ratio: 4.0,
             style: "gpt2".into(),
+            kv_heads: 0,
+            head_dim: 0,
+            hidden: 0,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            norm_eps: 1e-5,
+            qkv_bias: false,
         }
     }
 }
@@ -60,6 +113,18 @@ impl LmConfig {
                 "`lm.heads` must divide lm.width",
             ),
             (self.layers == 0, "`lm.layers` must be > 0"),
+            (
+                self.kv_heads > 0 && !self.heads.is_multiple_of(self.kv_heads),
+                "`lm.kv_heads` must divide lm.heads",
+            ),
+            (
+                !self.head_dim().is_multiple_of(2),
+                "`lm.head_dim` must be even (RoPE rotates pairs)",
+            ),
+            (
+                !(self.rope_theta.is_finite() && self.rope_theta > 0.0),
+                "`lm.rope_theta` must be a number > 0",
+            ),
             (self.context_length < 2, "`lm.context_length` must be >= 2"),
             (
                 !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0),
@@ -69,6 +134,48 @@ impl LmConfig {
         match checks.iter().find(|c| c.0) {
             Some((_, why)) => Err(why.to_string()),
             None => Ok(()),
+        }
+    }
+
+    /// Key/value heads.
+    pub fn kv(&self) -> usize {
+        if self.kv_heads == 0 {
+            self.heads
+        } else {
+            self.kv_heads
+        }
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        match self.head_dim {
+            0 => self.width / self.heads.max(1),
+            d => d,
+        }
+    }
+
+    /// The feed-forward's hidden width.
+    pub fn hidden(&self) -> usize {
+        match self.hidden {
+            0 => (self.width as f64 * self.mlp_ratio) as usize,
+            h => h,
+        }
+    }
+
+    fn rope<B: Backend>(&self, device: &B::Device) -> RotaryEncoding<B> {
+        let cfg = RotaryEncodingConfig::new(self.context_length, self.head_dim())
+            .with_theta(self.rope_theta as f32);
+        match &self.rope_scaling {
+            None => cfg.init(device),
+            Some(s) => cfg.init_with_frequency_scaling(
+                |f: Tensor<B, 1>| {
+                    let dev = f.device();
+                    let v: Vec<f32> = f.into_data().convert::<f32>().to_vec().expect("f32");
+                    let scaled: Vec<f32> = v.iter().map(|&x| s.scale(x as f64) as f32).collect();
+                    Tensor::from_floats(scaled.as_slice(), &dev)
+                },
+                device,
+            ),
         }
     }
 
@@ -97,31 +204,41 @@ impl LmConfig {
             wpe: (!llama).then(|| EmbeddingConfig::new(self.context_length, w).init(device)),
             blocks,
             norm_f: match llama {
-                true => LmNorm::Rms(RmsNormConfig::new(w).init(device)),
+                true => LmNorm::Rms(
+                    RmsNormConfig::new(w)
+                        .with_epsilon(self.norm_eps)
+                        .init(device),
+                ),
                 false => LmNorm::Layer(LayerNormConfig::new(w).init(device)),
             },
             lm_head: LinearConfig::new(w, self.vocab_size)
                 .with_bias(false)
                 .init(device),
-            rope: llama.then(|| {
-                RotaryEncodingConfig::new(self.context_length, w / self.heads).init(device)
-            }),
+            rope: llama.then(|| self.rope(device)),
             context_length: self.context_length,
         }
     }
 
     fn llama_block<B: Backend>(&self, device: &B::Device) -> LlamaBlock<B> {
-        let (w, hidden) = (self.width, (self.width as f64 * self.mlp_ratio) as usize);
+        let (w, hidden, hd) = (self.width, self.hidden(), self.head_dim());
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        let rms = || {
+            RmsNormConfig::new(w)
+                .with_epsilon(self.norm_eps)
+                .init(device)
+        };
         LlamaBlock {
-            attn_norm: RmsNormConfig::new(w).init(device),
-            qkv: lin(w, 3 * w),
-            out: lin(w, w),
-            ffn_norm: RmsNormConfig::new(w).init(device),
+            attn_norm: rms(),
+            qkv: LinearConfig::new(w, (self.heads + 2 * self.kv()) * hd)
+                .with_bias(self.qkv_bias)
+                .init(device),
+            out: lin(self.heads * hd, w),
+            ffn_norm: rms(),
             gate: lin(w, hidden),
             up: lin(w, hidden),
             down: lin(hidden, w),
             heads: self.heads,
+            kv_heads: self.kv(),
         }
     }
 }
@@ -137,26 +254,40 @@ pub struct LlamaBlock<B: Backend> {
     pub up: Linear<B>,
     pub down: Linear<B>,
     pub heads: usize,
+    /// Key/value heads; each serves `heads / kv_heads` query heads (grouped-query attention).
+    pub kv_heads: usize,
 }
 
 impl<B: Backend> LlamaBlock<B> {
     fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEncoding<B>) -> Tensor<B, 3> {
-        let [b, t, d] = x.dims();
-        let h = self.heads;
+        let [b, t, _] = x.dims();
+        let (h, kv) = (self.heads, self.kv_heads);
         let qkv = linear_3d(&self.qkv, self.attn_norm.forward(x.clone()));
-        let head = |i: usize| {
+        let hd = qkv.dims()[2] / (h + 2 * kv);
+        // Query heads first, then key heads, then value heads.
+        let heads = |from: usize, n: usize| {
             qkv.clone()
-                .slice(s![.., .., i * d..(i + 1) * d])
-                .reshape([b, t, h, d / h])
-                .swap_dims(1, 2) // [B, H, T, Dh]
+                .slice(s![.., .., from * hd..(from + n) * hd])
+                .reshape([b, t, n, hd])
+                .swap_dims(1, 2) // [B, n, T, Dh]
         };
-        let (q, k, v) = (rope.forward(head(0)), rope.forward(head(1)), head(2));
-        let scores = q.matmul(k.swap_dims(2, 3)) / ((d / h) as f32).sqrt();
+        // Each key/value head serves the `h / kv` query heads after it (HF's repeat_kv).
+        let shared = |x: Tensor<B, 4>| {
+            x.unsqueeze_dim::<5>(2)
+                .expand([b, kv, h / kv, t, hd])
+                .reshape([b, h, t, hd])
+        };
+        let q = rope.forward(heads(0, h));
+        let (k, v) = (
+            shared(rope.forward(heads(h, kv))),
+            shared(heads(h + kv, kv)),
+        );
+        let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f32).sqrt();
         let causal = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &x.device())
             .unsqueeze::<4>()
             .expand([b, h, t, t]);
         let y = softmax(scores.mask_fill(causal, f32::NEG_INFINITY), 3).matmul(v);
-        let x = x + linear_3d(&self.out, y.swap_dims(1, 2).reshape([b, t, d]));
+        let x = x + linear_3d(&self.out, y.swap_dims(1, 2).reshape([b, t, h * hd]));
         let n = self.ffn_norm.forward(x.clone());
         let g = silu(linear_3d(&self.gate, n.clone())) * linear_3d(&self.up, n);
         x + linear_3d(&self.down, g)
