@@ -102,6 +102,31 @@ impl TextTokenizer {
     }
 }
 
+/// A language model's own tokenizer for prompts: its `tokenizer.json` decides the special
+/// tokens (the post-processor adds BOS or not), so none is ever added twice or assumed.
+pub struct PromptTokenizer {
+    inner: Tokenizer,
+}
+
+impl PromptTokenizer {
+    pub fn from_file(path: &Path) -> Result<Self, DataError> {
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| DataError::Tokenizer(path.display().to_string(), e.to_string()))?;
+        Ok(PromptTokenizer { inner })
+    }
+
+    /// The ids of `text` with the special tokens the tokenizer's post-processor adds.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        let enc = self.inner.encode(text, true).map_err(|e| e.to_string())?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// `ids` as text, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, true).unwrap_or_default()
+    }
+}
+
 /// Fits a word-level tokenizer (lower-cased, split on whitespace and punctuation) to `texts`
 /// and writes it as a HF `tokenizer.json` that `tokenizers.Tokenizer.from_file` also reads.
 pub fn fit_word_level<I, S>(texts: I, path: &Path) -> Result<(), DataError>

@@ -13,6 +13,7 @@ pub mod eval;
 pub mod fewshot;
 pub mod flamingo_io;
 pub mod leaves;
+pub mod lm_io;
 pub mod memory;
 pub mod metrics;
 pub mod optim;

@@ -116,7 +116,8 @@ enum Command {
         batch: usize,
     },
     /// Continue a prompt of text and images with a Flamingo checkpoint or export:
-    /// rookery generate --weights DIR --prompt "<image>q: how many circles? a:" --images a.png
+    /// rookery generate --weights DIR --prompt "<image>q: how many circles? a:" --images a.png;
+    /// or text alone with an HF Llama-family LM directory (its own tokenizer).
     Generate {
         /// Flamingo checkpoint, run directory or export.
         #[arg(long)]

@@ -229,6 +229,12 @@ pub fn eval(path: &Path, data: Option<String>) -> Result<()> {
 
 /// `rookery generate`: prints the continuation.
 pub fn generate(weights: &Path, args: &flamingo_io::GenerateArgs) -> Result<()> {
+    if rookery_train::lm_io::is_hf_lm(weights) {
+        let (_, _, text) =
+            rookery_train::lm_io::generate_lm::<Inner>(weights, args, &backend::device())?;
+        println!("{text}");
+        return Ok(());
+    }
     let text = flamingo_io::generate_text::<Inner>(weights, args, &backend::device())?;
     println!("{text}");
     Ok(())
