@@ -94,7 +94,7 @@ pub fn open_flamingo<B: Backend>(
         return Ok((cfg, tk, model));
     }
     let mut model = model;
-    model.vision = load_vision(&checkpoint_dir(&cfg.flamingo.vision_from)?, device)?;
+    model.vision = load_vision(&cfg.flamingo.vision_from, device)?;
     model.lm = load_lm(&checkpoint_dir(&cfg.flamingo.lm_from)?, device)?;
     let path = dir.join(TRAINED);
     let mut store = SafetensorsStore::from_file(&path)

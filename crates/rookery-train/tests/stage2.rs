@@ -626,3 +626,34 @@ fn an_imported_llama_generates_what_transformers_generates() {
     assert_eq!(new, ids("new_ids"));
     assert_eq!(text, want["text"].as_str().unwrap());
 }
+
+/// `[flamingo] vision_from` on an HF `CLIPModel` directory (rookery-interop's fixture, 32 px
+/// like the synthetic pages): stage 2 trains on it, its tower stays bit-identical to the file,
+/// and the resolved config records the file's hash.
+#[test]
+fn stage_two_trains_on_an_imported_hf_clip_vision_tower() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth(dir.path());
+    let (_, lm) = sources(dir.path(), &s);
+    let hf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rookery-interop/fixtures/hf_clip");
+    let run = dir.path().join("flamingo-hf");
+    let mut cfg = flamingo_cfg(&s, &run, &hf, &lm, 2);
+    cfg.flamingo.model.vision_tokens = rookery_model::flamingo::VisionTokens::AfterLnPost;
+    train::<B>(&cfg, &Default::default()).unwrap();
+    let resolved = RunConfig::load(&run.join("config.toml"), &[]).unwrap();
+    let f = &resolved.flamingo;
+    assert_eq!((f.model.vision.width, f.model.vision.heads), (48, 4));
+    use sha2::Digest;
+    let want = format!(
+        "{:x}",
+        sha2::Sha256::digest(std::fs::read(hf.join("model.safetensors")).unwrap())
+    );
+    assert_eq!(f.vision_sha256, want);
+    let dev = Default::default();
+    let (_, _, model) = open_flamingo::<IB>(&run, &dev).unwrap();
+    let imported = load_vision::<IB>(&hf, &dev).unwrap();
+    assert!(
+        floats(&model.vision) == floats(&imported),
+        "the frozen tower changed"
+    );
+}

@@ -32,6 +32,21 @@ pub struct FlamingoConfig {
     /// Token ids of `<image>` and `<|endofchunk|>` (set from the tokenizer).
     pub image_token: usize,
     pub eoc_token: usize,
+    /// Which patch tokens of the vision tower feed the resampler.
+    pub vision_tokens: VisionTokens,
+}
+
+/// `[flamingo.model] vision_tokens`: the vision tower's patch tokens before its `ln_post`
+/// (what OpenFlamingo's v2 checkpoints saw: open_clip before 2.23 applied `ln_post` to the
+/// pooled token only; rookery's tiny recipe too), or after it (open_clip 2.23 and later, and
+/// SigLIP-style towers whose final norm covers every token). Weights trained elsewhere need
+/// the tokens they were trained on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VisionTokens {
+    #[default]
+    BeforeLnPost,
+    AfterLnPost,
 }
 
 impl Default for FlamingoConfig {
@@ -54,6 +69,7 @@ impl Default for FlamingoConfig {
             only_attend_immediate_media: true,
             image_token: 4,
             eoc_token: 5,
+            vision_tokens: VisionTokens::default(),
         }
     }
 }
@@ -94,6 +110,7 @@ impl FlamingoConfig {
             image_token: self.image_token as i64,
             eoc_token: self.eoc_token as i64,
             only_immediate: self.only_attend_immediate_media,
+            vision_tokens: self.vision_tokens,
         };
         model.freeze()
     }
@@ -117,6 +134,8 @@ pub struct Flamingo<B: Backend> {
     pub eoc_token: i64,
     #[module(skip)]
     pub only_immediate: bool,
+    #[module(skip)]
+    pub vision_tokens: VisionTokens,
 }
 
 impl<B: Backend> Flamingo<B> {
@@ -136,7 +155,10 @@ impl<B: Backend> Flamingo<B> {
     /// Visual tokens `[B, N * latents, Dv]` of `images` `[B, N, 3, H, W]`.
     pub fn encode_images(&self, images: Tensor<B, 5>) -> Tensor<B, 3> {
         let [b, n, c, h, w] = images.dims();
-        let tokens = self.vision.forward_tokens(images.reshape([b * n, c, h, w]));
+        let mut tokens = self.vision.forward_tokens(images.reshape([b * n, c, h, w]));
+        if self.vision_tokens == VisionTokens::AfterLnPost {
+            tokens = crate::layers::norm(&self.vision.ln_post, tokens);
+        }
         let [_, p1, dv] = tokens.dims();
         // Patch tokens only: the class token and ln_post/projection are CLIP's, not Flamingo's.
         let patches = tokens
@@ -315,5 +337,39 @@ mod tests {
         assert!(model.new_tokens.val().grad(&grads).is_some());
         assert!(model.xattn[0].attn_gate.val().grad(&grads).is_some());
         assert!(model.resampler.latents.val().grad(&grads).is_some());
+    }
+
+    /// `vision_tokens = "after_ln_post"` feeds the resampler the tower's `ln_post` of every
+    /// patch token; the default feeds them before it.
+    #[test]
+    fn the_resampler_reads_the_chosen_vision_tokens() {
+        let dev = Default::default();
+        let images =
+            Tensor::<Flex, 5>::random([1, 2, 3, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
+        // Parameters are drawn when first used: use them once before cloning.
+        let before = tiny().init::<Flex>(&dev);
+        let _ = before.encode_images(images.clone());
+        let mut after = before.clone();
+        after.vision_tokens = VisionTokens::AfterLnPost;
+        let tokens = before
+            .vision
+            .forward_tokens(images.clone().reshape([2, 3, 16, 16]));
+        let [_, p1, dv] = tokens.dims();
+        let expect = |t: Tensor<Flex, 3>| -> Vec<f32> {
+            let patches = t.slice(s![.., 1..p1, ..]).reshape([2, 1, p1 - 1, dv]);
+            let v = before.resampler.forward(patches);
+            let l = v.dims()[1];
+            v.reshape([1, 2 * l, dv]).into_data().to_vec().unwrap()
+        };
+        let got = |m: &Flamingo<Flex>| -> Vec<f32> {
+            m.encode_images(images.clone())
+                .into_data()
+                .to_vec()
+                .unwrap()
+        };
+        assert_eq!(got(&before), expect(tokens.clone()));
+        let normed = crate::layers::norm(&before.vision.ln_post, tokens);
+        assert_eq!(got(&after), expect(normed));
+        assert_ne!(got(&before), got(&after));
     }
 }

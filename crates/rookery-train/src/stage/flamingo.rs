@@ -98,21 +98,46 @@ impl FlamingoStage {
         &self.cfg.flamingo.model
     }
 
-    fn vision_dir(&self) -> Result<PathBuf> {
-        checkpoint_dir(&self.cfg.flamingo.vision_from)
-    }
-
     fn lm_dir(&self) -> Result<PathBuf> {
         checkpoint_dir(&self.cfg.flamingo.lm_from)
     }
 }
 
-/// The frozen vision tower of the CLIP checkpoint in `dir`.
-pub fn load_vision<B: Backend>(dir: &Path, device: &B::Device) -> Result<VisionTransformer<B>> {
-    let cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
-    let clip = cfg.model.init::<B>(device);
-    let clip = checkpoint::load_weights(clip, &dir.join("model.safetensors"))?;
-    Ok(clip.visual)
+/// Whether `path` is a rookery checkpoint or run directory (else another project's files).
+fn is_rookery_run(path: &Path) -> bool {
+    path.join("manifest.json").exists() || path.join("checkpoints").is_dir()
+}
+
+/// Where `[flamingo] vision_from` points: the directory read, its CLIP config, and the weights
+/// file hashed into the resolved config. A rookery CLIP checkpoint or run directory, or a CLIP
+/// in another format (`rookery export`, open_clip, HF; [`rookery_interop::detect_clip`]).
+fn vision_source(path: &Path) -> Result<(PathBuf, rookery_model::ClipConfig, PathBuf)> {
+    if is_rookery_run(path) {
+        let (dir, cfg) = source(path, "vision_from", "clip")?;
+        let weights = dir.join("model.safetensors");
+        return Ok((dir, cfg.model, weights));
+    }
+    let cfg = rookery_interop::clip_config(path)
+        .with_context(|| format!("flamingo.vision_from = {}", path.display()))?;
+    let weights = match rookery_interop::detect_clip(path)? {
+        rookery_interop::ClipFormat::Hf => path.join("model.safetensors"),
+        _ => path.join(rookery_interop::open_clip::WEIGHTS),
+    };
+    Ok((path.to_path_buf(), cfg, weights))
+}
+
+/// The frozen vision tower of the CLIP at `path`: a rookery checkpoint or run directory, or a
+/// CLIP directory of another format.
+pub fn load_vision<B: Backend>(path: &Path, device: &B::Device) -> Result<VisionTransformer<B>> {
+    if is_rookery_run(path) {
+        let dir = checkpoint_dir(path)?;
+        let cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
+        let clip = cfg.model.init::<B>(device);
+        let clip = checkpoint::load_weights(clip, &dir.join("model.safetensors"))?;
+        return Ok(clip.visual);
+    }
+    let cfg = rookery_interop::clip_config(path)?;
+    Ok(rookery_interop::load_clip(cfg.init::<B>(device), path)?.visual)
 }
 
 /// The language model of the stage-"lm" checkpoint in `dir`.
@@ -128,7 +153,7 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
 
     fn new(cfg: &RunConfig, tokenizer: Arc<TextTokenizer>) -> Result<Self> {
         let mut cfg = cfg.clone();
-        let (vdir, vcfg) = source(&cfg.flamingo.vision_from, "vision_from", "clip")?;
+        let (vdir, vcfg, vweights) = vision_source(&cfg.flamingo.vision_from)?;
         let (ldir, lcfg) = source(&cfg.flamingo.lm_from, "lm_from", "lm")?;
         let lm_tokenizer = crate::checkpoint::tokenizer_of(&ldir, &lcfg);
         let (ours, theirs) = (
@@ -141,11 +166,11 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
         }
         let sp = rookery_data::interleaved::Specials::of(&tokenizer).map_err(anyhow::Error::msg)?;
         let f = &mut cfg.flamingo;
-        f.model.vision = vcfg.model.vision.clone();
-        f.model.vision_embed_dim = vcfg.model.embed_dim;
+        f.model.vision = vcfg.vision.clone();
+        f.model.vision_embed_dim = vcfg.embed_dim;
         f.model.lm = lcfg.lm.clone();
         (f.model.image_token, f.model.eoc_token) = (sp.image as usize, sp.eoc as usize);
-        f.vision_sha256 = sha256(&vdir.join("model.safetensors"))?;
+        f.vision_sha256 = sha256(&vweights)?;
         f.lm_sha256 = sha256(&ldir.join("model.safetensors"))?;
         if cfg.data.image_size as usize != f.model.vision.image_size {
             bail!(
@@ -180,7 +205,7 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
 
     fn load_start(&self, mut model: Flamingo<B>) -> Result<Flamingo<B>> {
         let device = model.new_tokens.device();
-        model.vision = load_vision(&self.vision_dir()?, &device)?;
+        model.vision = load_vision(&self.cfg.flamingo.vision_from, &device)?;
         model.lm = load_lm(&self.lm_dir()?, &device)?;
         // Freezing after loading also restarts the new token rows from the loaded LM's rows.
         Ok(model.freeze().map(&mut PathIds::default()))
