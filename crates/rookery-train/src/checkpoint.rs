@@ -397,9 +397,10 @@ fn sha256(path: &Path) -> Result<String> {
 /// `std::fs::write` whose error names the path (a full disk must say where).
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let write = || -> std::io::Result<()> {
-        // Test-only: a full disk (ENOSPC) at this write.
-        fail::fail_point!("checkpoint.disk_full", |_| Err(
-            std::io::Error::from_raw_os_error(28)
+        // Test-only: the OS refusing this write, with the errno given (default ENOSPC, 28;
+        // EROFS, 30, is a read-only file system).
+        fail::fail_point!("checkpoint.disk_full", |errno: Option<String>| Err(
+            std::io::Error::from_raw_os_error(errno.and_then(|e| e.parse().ok()).unwrap_or(28))
         ));
         std::fs::write(path, bytes)
     };

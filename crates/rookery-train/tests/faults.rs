@@ -166,25 +166,30 @@ fn a_crash_in_any_phase_of_a_save_keeps_the_previous_checkpoint() {
 }
 
 #[test]
-fn a_full_disk_during_a_save_names_the_path_and_keeps_the_previous_checkpoint() {
+fn a_full_disk_or_read_only_run_directory_names_the_path_and_keeps_the_previous_checkpoint() {
     let _s = FailScenario::setup();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny(
-        dir.path(),
-        "full-disk",
-        &["train.steps=4", "checkpoint.every=2", "checkpoint.keep=3"],
-    );
-    // A save writes three small files (state.json, config.toml, manifest.json): the second
-    // save's first one finds the disk full.
-    fail::cfg("checkpoint.disk_full", "3*off->return").unwrap();
-    let err = err_of(train::<B>(&cfg, &Default::default()));
-    fail::remove("checkpoint.disk_full");
-    assert!(
-        err.contains("step-00000004.tmp/state.json") && err.contains("No space left on device"),
-        "{err}"
-    );
-    assert_eq!(latest_name(&cfg), "step-00000002");
-    assert!(checkpoint::resolve(&cfg.train.run_dir).is_ok());
+    for (errno, says) in [
+        (28, "No space left on device"),
+        (30, "Read-only file system"),
+    ] {
+        let cfg = tiny(
+            dir.path(),
+            &format!("errno-{errno}"),
+            &["train.steps=4", "checkpoint.every=2", "checkpoint.keep=3"],
+        );
+        // A save writes three small files (state.json, config.toml, manifest.json): the
+        // second save's first one is refused.
+        fail::cfg("checkpoint.disk_full", &format!("3*off->return({errno})")).unwrap();
+        let err = err_of(train::<B>(&cfg, &Default::default()));
+        fail::remove("checkpoint.disk_full");
+        assert!(
+            err.contains("step-00000004.tmp/state.json") && err.contains(says),
+            "{err}"
+        );
+        assert_eq!(latest_name(&cfg), "step-00000002");
+        assert!(checkpoint::resolve(&cfg.train.run_dir).is_ok());
+    }
 }
 
 #[test]
