@@ -74,7 +74,7 @@ pub fn detect_clip(dir: &Path) -> Result<ClipFormat> {
             _ => {}
         }
     }
-    if dir.join(open_clip::WEIGHTS).is_file() {
+    if dir.join(open_clip::WEIGHTS).is_file() || open_clip::pickle(dir).is_some() {
         let named = dir.join("open_clip_config.json");
         if named.is_file() {
             return Ok(ClipFormat::OpenClip(named));
@@ -90,7 +90,7 @@ pub fn detect_clip(dir: &Path) -> Result<ClipFormat> {
         }
     }
     bail!(
-        "{}: not a CLIP directory rookery reads: expected `rookery export` output (config.json with rookery_model), open_clip ({} with open_clip_config.json) or HF CLIPModel (config.json with model_type \"clip\" and model.safetensors)",
+        "{}: not a CLIP directory rookery reads: expected `rookery export` output (config.json with rookery_model), open_clip ({} or open_clip_pytorch_model.bin, with open_clip_config.json) or HF CLIPModel (config.json with model_type \"clip\" and model.safetensors)",
         dir.display(),
         open_clip::WEIGHTS
     )
@@ -109,6 +109,12 @@ pub fn clip_config(dir: &Path) -> Result<ClipConfig> {
 /// shapes), strictly: every tensor present with its shape, nothing left over, values finite.
 pub fn load_clip<B: Backend>(model: Clip<B>, dir: &Path) -> Result<Clip<B>> {
     match detect_clip(dir)? {
+        ClipFormat::OpenClip(_) if !dir.join(open_clip::WEIGHTS).is_file() => {
+            let path = open_clip::pickle(dir).expect("detected");
+            let bytes = tensors::to_bytes(&tensors::read_pytorch_f32(&path)?)?;
+            let mut store = open_clip::reader(SafetensorsStore::from_bytes(Some(bytes)));
+            store::load_strict(model, &mut store, &path)
+        }
         ClipFormat::Rookery | ClipFormat::OpenClip(_) => open_clip::load_exported(model, dir),
         ClipFormat::Hf => {
             let renamed = hf_clip::to_open_clip(dir)?;

@@ -96,6 +96,19 @@ pub fn exported_config(dir: &Path) -> Result<ClipConfig> {
         .with_context(|| format!("{}: rookery_model", path.display()))
 }
 
+/// open_clip's PyTorch checkpoint in `dir`, if it has one and no safetensors file: the names
+/// open_clip's `local-dir:` loader looks for, in its order.
+pub fn pickle(dir: &Path) -> Option<std::path::PathBuf> {
+    [
+        "open_clip_pytorch_model.bin",
+        "open_clip_pytorch_model.pth",
+        "pytorch_model.bin",
+    ]
+    .iter()
+    .map(|n| dir.join(n))
+    .find(|p| p.is_file())
+}
+
 /// Loads open_clip-layout weights (f32, bf16 or f16; rookery's export or open_clip's own)
 /// into `model`, which must have their shapes.
 pub fn load_exported<B: Backend>(model: Clip<B>, dir: &Path) -> Result<Clip<B>> {

@@ -59,6 +59,32 @@ pub fn read_f32(path: &Path) -> Result<Tensors> {
     Ok(out)
 }
 
+/// Every tensor of the PyTorch checkpoint `path` (`torch.save` of a state dict, or of a dict
+/// holding it under `state_dict`; a `module.` prefix from DistributedDataParallel dropped) as
+/// f32, read by burn-store's pickle reader.
+pub fn read_pytorch_f32(path: &Path) -> Result<Tensors> {
+    use burn_store::pytorch::PytorchReader;
+    let err = |e: burn_store::pytorch::PytorchError| anyhow::anyhow!("{}: {e}", path.display());
+    let mut reader = PytorchReader::new(path).map_err(err)?;
+    if reader.keys().iter().all(|k| k.starts_with("state_dict.")) {
+        reader = PytorchReader::with_top_level_key(path, "state_dict").map_err(err)?;
+    }
+    let mut out = Tensors::new();
+    for (name, snap) in reader.into_tensors() {
+        let data = snap
+            .to_data()
+            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e:?}", path.display()))?;
+        let shape = data.shape.to_vec();
+        let values = data
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e:?}", path.display()))?;
+        let name = name.strip_prefix("module.").unwrap_or(&name).to_string();
+        out.insert(name, (shape, values));
+    }
+    Ok(out)
+}
+
 /// `tensors` as the bytes of an f32 safetensors file.
 pub fn to_bytes(tensors: &Tensors) -> Result<Vec<u8>> {
     let raw: Vec<(&String, Vec<u8>, &Vec<usize>)> = tensors

@@ -174,3 +174,38 @@ fn missing_unexpected_and_misshapen_tensors_and_foreign_directories_are_refused(
     let err = format!("{:#}", detect_clip(&empty).unwrap_err());
     assert!(err.contains("not a CLIP directory"), "{err}");
 }
+
+/// open_clip's PyTorch pickle (`open_clip_pytorch_model.bin`, bf16, wrapped as a training
+/// checkpoint: `{"state_dict": {"module.<key>": ...}}`) loads to the bf16 rounding of the
+/// safetensors weights, every one.
+#[test]
+fn open_clip_pickles_load_through_burn_stores_reader() {
+    use burn::module::{Module, ModuleVisitor, Param};
+    struct Flat(Vec<Vec<f32>>);
+    impl ModuleVisitor<Flex> for Flat {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Flex, D>>) {
+            self.0.push(p.val().into_data().to_vec().unwrap());
+        }
+    }
+    let dev = Default::default();
+    let load = |name: &str| {
+        let dir = fixtures().join(name);
+        let cfg = clip_config(&dir).unwrap();
+        let mut f = Flat(vec![]);
+        load_clip(cfg.init::<Flex>(&dev), &dir)
+            .unwrap()
+            .visit(&mut f);
+        f.0
+    };
+    let dir = fixtures().join("open_clip_bin");
+    assert!(matches!(
+        detect_clip(&dir).unwrap(),
+        ClipFormat::OpenClip(_)
+    ));
+    let (bin, st) = (load("open_clip_bin"), load("open_clip"));
+    assert_eq!(bin.len(), st.len());
+    let bf16 = |x: f32| burn::tensor::bf16::from_f32(x).to_f32();
+    for (b, s) in bin.iter().zip(&st) {
+        assert!(b.iter().zip(s).all(|(x, y)| *x == bf16(*y)));
+    }
+}
