@@ -24,7 +24,7 @@ use rookery_model::layers::Act;
 use rookery_model::ClipConfig;
 use serde_json::Value;
 
-use crate::tensors::{read_f32, Tensors};
+use crate::tensors::{read_f32, transpose, Tensors};
 
 /// A shape and its row-major values.
 type Tensor = (Vec<usize>, Vec<f32>);
@@ -156,7 +156,7 @@ pub fn to_open_clip(dir: &Path) -> Result<Tensors> {
                 true => "visual.proj",
                 false => "text_projection",
             };
-            out.insert(name.into(), transpose(&shape, &data));
+            out.insert(name.into(), transpose((shape, data)));
             continue;
         }
         let layer = key
@@ -199,16 +199,4 @@ pub fn to_open_clip(dir: &Path) -> Result<Tensors> {
         out.insert(format!("{prefix}.attn.in_proj_{param}"), (shape, data));
     }
     Ok(out)
-}
-
-/// A 2-d `[r, c]` tensor transposed to `[c, r]`.
-fn transpose(shape: &[usize], data: &[f32]) -> (Vec<usize>, Vec<f32>) {
-    let (r, c) = (shape[0], shape[1]);
-    let mut t = vec![0.0; data.len()];
-    for i in 0..r {
-        for j in 0..c {
-            t[j * r + i] = data[i * c + j];
-        }
-    }
-    (vec![c, r], t)
 }

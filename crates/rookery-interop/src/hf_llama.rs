@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use rookery_model::flamingo::{LmConfig, RopeScaling};
 use serde_json::Value;
 
-use crate::tensors::{read_f32, Tensors};
+use crate::tensors::{read_f32, transpose, Tensors};
 
 /// The `model_type`s with Llama's layout.
 pub const MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
@@ -249,18 +249,6 @@ pub fn to_rookery(dir: &Path, cfg: &LmConfig) -> Result<Tensors> {
 /// A 1-d tensor as a column `[n, 1]` (for reordering rows).
 fn as_rows((shape, data): (Vec<usize>, Vec<f32>)) -> (Vec<usize>, Vec<f32>) {
     (vec![shape[0], 1], data)
-}
-
-/// `[r, c]` -> `[c, r]`.
-fn transpose((shape, data): (Vec<usize>, Vec<f32>)) -> (Vec<usize>, Vec<f32>) {
-    let (r, c) = (shape[0], shape[1]);
-    let mut t = vec![0.0; data.len()];
-    for i in 0..r {
-        for j in 0..c {
-            t[j * r + i] = data[i * c + j];
-        }
-    }
-    (vec![c, r], t)
 }
 
 /// Rows of `parts` one after another.

@@ -85,6 +85,19 @@ pub fn read_pytorch_f32(path: &Path) -> Result<Tensors> {
     Ok(out)
 }
 
+/// A 2-d `[r, c]` tensor transposed to `[c, r]` (PyTorch's `[out, in]` Linear weights to
+/// burn's `[in, out]`, or open_clip's `x @ proj` matrices to HF's Linear weights).
+pub fn transpose((shape, data): (Vec<usize>, Vec<f32>)) -> (Vec<usize>, Vec<f32>) {
+    let (r, c) = (shape[0], shape[1]);
+    let mut t = vec![0.0; data.len()];
+    for i in 0..r {
+        for j in 0..c {
+            t[j * r + i] = data[i * c + j];
+        }
+    }
+    (vec![c, r], t)
+}
+
 /// `tensors` as the bytes of an f32 safetensors file.
 pub fn to_bytes(tensors: &Tensors) -> Result<Vec<u8>> {
     let raw: Vec<(&String, Vec<u8>, &Vec<usize>)> = tensors

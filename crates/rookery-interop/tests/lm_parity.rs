@@ -4,34 +4,15 @@
 //! head and its weights in six shards (`model.safetensors.index.json`). Fixtures from
 //! `fixtures/generate.py`.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{fixture, fixtures, rel_err};
 
 use burn::backend::Flex;
 use burn::prelude::*;
 use rookery_interop::{hf_llama, load_llama};
-use safetensors::SafeTensors;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
 
 fn io(name: &str) -> (Vec<usize>, Vec<f64>) {
-    let bytes = std::fs::read(fixtures().join("lm_io.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap();
-    let values = match t.dtype() {
-        safetensors::Dtype::F32 => t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-            .collect(),
-        _ => t
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-            .collect(),
-    };
-    (t.shape().to_vec(), values)
+    fixture("lm_io.safetensors", name)
 }
 
 /// Largest difference of the logits relative to the largest reference logit.
@@ -45,15 +26,9 @@ fn check(name: &str) -> f64 {
     let tokens =
         Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &dev);
     let got: Vec<f32> = lm.forward(tokens).into_data().to_vec().unwrap();
-    let want = io(&format!("{name}_logits")).1;
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
-    let diff = got
-        .iter()
-        .zip(&want)
-        .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
-    eprintln!("{name}: logits differ by {:e} of the largest", diff / scale);
-    diff / scale
+    let err = rel_err(&got, &io(&format!("{name}_logits")).1);
+    eprintln!("{name}: logits differ by {err:e} of the largest");
+    err
 }
 
 #[test]

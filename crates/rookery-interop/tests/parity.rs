@@ -3,6 +3,9 @@
 //! fixed inputs and their outputs by `fixtures/generate.py` (versions in fixtures/versions.json).
 //! rookery loads each directory as it is and must give the same image and text features.
 
+mod common;
+use common::{fixture, fixtures, rel_err};
+
 use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
@@ -10,40 +13,9 @@ use burn::prelude::*;
 use rookery_interop::{clip_config, detect_clip, load_clip, ClipFormat};
 use safetensors::SafeTensors;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-/// The fixture tensor `name` as (shape, values); ids are stored as i64.
-fn fixture(name: &str) -> (Vec<usize>, Vec<f64>) {
-    let bytes = std::fs::read(fixtures().join("clip_io.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap();
-    let values = match t.dtype() {
-        safetensors::Dtype::F32 => t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-            .collect(),
-        safetensors::Dtype::I64 => t
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-            .collect(),
-        d => panic!("{name}: {d:?}"),
-    };
-    (t.shape().to_vec(), values)
-}
-
-/// Largest absolute difference relative to the reference's largest magnitude.
-fn rel_err(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
-    let diff = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
-    diff / scale
+/// Tensor `name` of the CLIP fixtures' inputs and references.
+fn io(name: &str) -> (Vec<usize>, Vec<f64>) {
+    fixture("clip_io.safetensors", name)
 }
 
 /// Image and text features of the CLIP in `dir` for the fixture inputs, against `prefix`'s.
@@ -51,18 +23,18 @@ fn check(dir: &Path, prefix: &str) {
     let dev = Default::default();
     let cfg = clip_config(dir).unwrap();
     let model = load_clip(cfg.init::<Flex>(&dev), dir).unwrap();
-    let (ps, pixels) = fixture("pixels");
+    let (ps, pixels) = io("pixels");
     let pixels: Vec<f32> = pixels.iter().map(|&x| x as f32).collect();
     let shape = [ps[0], ps[1], ps[2], ps[3]];
     let images = Tensor::<Flex, 4>::from_data(TensorData::new(pixels, shape), &dev);
-    let (is, ids) = fixture("ids");
+    let (is, ids) = io("ids");
     let ids: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
     let tokens = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [is[0], is[1]]), &dev);
     let image: Vec<f32> = model.visual.forward(images).into_data().to_vec().unwrap();
     let text: Vec<f32> = model.text.forward(tokens).into_data().to_vec().unwrap();
     let (ei, ti) = (
-        rel_err(&image, &fixture(&format!("{prefix}_image")).1),
-        rel_err(&text, &fixture(&format!("{prefix}_text")).1),
+        rel_err(&image, &io(&format!("{prefix}_image")).1),
+        rel_err(&text, &io(&format!("{prefix}_text")).1),
     );
     eprintln!("{prefix}: image {ei:e}, text {ti:e}");
     assert!(
