@@ -212,12 +212,10 @@ pub fn export_hf<B: Backend>(
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), &out.join("model.safetensors"))?;
-    let act = |a: Act| {
-        if a == Act::QuickGelu {
-            "quick_gelu"
-        } else {
-            "gelu"
-        }
+    let act = |a: Act| match a {
+        Act::QuickGelu => "quick_gelu",
+        Act::Gelu => "gelu",
+        Act::GeluTanh => "gelu_pytorch_tanh",
     };
     let (v, t) = (&cfg.vision, &cfg.text);
     let config = json!({

@@ -139,6 +139,7 @@ pub fn config(dir: &Path) -> Result<LmConfig> {
         rope_scaling,
         norm_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
         qkv_bias: kind == "qwen2",
+        ..Default::default()
     })
 }
 

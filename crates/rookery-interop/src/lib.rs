@@ -13,6 +13,7 @@
 pub mod cast;
 pub mod hf_clip;
 pub mod hf_clip_export;
+pub mod hf_gpt2;
 pub mod hf_llama;
 pub mod open_clip;
 pub mod open_clip_config;
@@ -26,14 +27,33 @@ use burn::prelude::Backend;
 use burn_store::SafetensorsStore;
 use rookery_model::{Clip, ClipConfig};
 
-/// Loads the HF Llama-family model in `dir` ([`hf_llama`]) into `model` (built from
-/// [`hf_llama::config`]), strictly.
-pub fn load_llama<B: Backend>(
+/// The [`LmConfig`](rookery_model::flamingo::LmConfig) of the HF causal LM in `dir`: GPT-2
+/// ([`hf_gpt2`]) or Llama-family ([`hf_llama`]).
+pub fn lm_config(dir: &Path) -> Result<rookery_model::flamingo::LmConfig> {
+    match is_gpt2(dir) {
+        true => hf_gpt2::config(dir),
+        false => hf_llama::config(dir),
+    }
+}
+
+fn is_gpt2(dir: &Path) -> bool {
+    std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["model_type"] == "gpt2")
+}
+
+/// Loads the HF causal LM in `dir` (GPT-2 or Llama-family) into `model` (built from
+/// [`lm_config`]), strictly.
+pub fn load_lm<B: Backend>(
     model: rookery_model::flamingo::LanguageModel<B>,
     dir: &Path,
     cfg: &rookery_model::flamingo::LmConfig,
 ) -> Result<rookery_model::flamingo::LanguageModel<B>> {
-    let tensors = hf_llama::to_rookery(dir, cfg)?;
+    let tensors = match is_gpt2(dir) {
+        true => hf_gpt2::to_rookery(dir, cfg)?,
+        false => hf_llama::to_rookery(dir, cfg)?,
+    };
     let mut store = SafetensorsStore::from_bytes(Some(tensors::to_bytes(&tensors)?));
     store::load_strict(model, &mut store, dir)
 }

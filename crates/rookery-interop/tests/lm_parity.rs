@@ -1,4 +1,5 @@
-//! HF Llama-family language models read as they are give transformers' logits: a Llama with
+//! HF causal language models read as they are give transformers' logits: GPT-2 (Conv1D
+//! weights, tanh GELU, tied head), and a Llama with
 //! grouped-query attention (8 query heads, 2 key/value heads), Llama 3 RoPE scaling and a tied
 //! head (transformers 5.x config, `rope_parameters`), and a Qwen2 with q/k/v biases, an untied
 //! head and its weights in six shards (`model.safetensors.index.json`). Fixtures from
@@ -9,7 +10,7 @@ use common::{fixture, fixtures, rel_err};
 
 use burn::backend::Flex;
 use burn::prelude::*;
-use rookery_interop::{hf_llama, load_llama};
+use rookery_interop::{hf_llama, load_lm};
 
 fn io(name: &str) -> (Vec<usize>, Vec<f64>) {
     fixture("lm_io.safetensors", name)
@@ -18,9 +19,9 @@ fn io(name: &str) -> (Vec<usize>, Vec<f64>) {
 /// Largest difference of the logits relative to the largest reference logit.
 fn check(name: &str) -> f64 {
     let dir = fixtures().join(format!("hf_{name}"));
-    let cfg = hf_llama::config(&dir).unwrap();
+    let cfg = rookery_interop::lm_config(&dir).unwrap();
     let dev = Default::default();
-    let lm = load_llama(cfg.init::<Flex>(&dev), &dir, &cfg).unwrap();
+    let lm = load_lm(cfg.init::<Flex>(&dev), &dir, &cfg).unwrap();
     let (shape, ids) = io("ids");
     let ids: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
     let tokens =
@@ -67,4 +68,14 @@ fn other_architectures_and_options_are_refused_by_name() {
         let err = format!("{:#}", hf_llama::config(&dir).unwrap_err());
         assert!(err.contains(want) && err.contains("config.json"), "{err}");
     }
+}
+
+#[test]
+fn gpt2_with_conv1d_weights_and_a_tied_head_matches_transformers() {
+    let cfg = rookery_interop::lm_config(&fixtures().join("hf_gpt2")).unwrap();
+    assert_eq!(
+        (cfg.style.as_str(), cfg.act),
+        ("gpt2", rookery_model::layers::Act::GeluTanh)
+    );
+    assert!(check("gpt2") < 1e-4);
 }

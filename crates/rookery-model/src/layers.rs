@@ -11,13 +11,15 @@ use burn::tensor::ops::AttentionModuleOptions;
 use crate::cpu::AttentionSpec;
 use serde::{Deserialize, Serialize};
 
-/// MLP activation: exact GELU (open_clip's own runs) or QuickGELU `x * sigmoid(1.702 x)` (OpenAI).
+/// MLP activation: exact GELU (open_clip's own runs), QuickGELU `x * sigmoid(1.702 x)`
+/// (OpenAI), or GELU's tanh approximation (GPT-2's `gelu_new`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Act {
     #[default]
     Gelu,
     QuickGelu,
+    GeluTanh,
 }
 
 impl Act {
@@ -25,6 +27,11 @@ impl Act {
         match self {
             Act::Gelu => crate::cpu::gelu(x),
             Act::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
+            Act::GeluTanh => {
+                let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715)
+                    * (2.0 / std::f64::consts::PI).sqrt();
+                x * 0.5 * (inner.tanh() + 1.0)
+            }
         }
     }
 }

@@ -1,5 +1,5 @@
-//! `rookery generate` on a language model alone, imported as it is from an HF Llama-family
-//! directory (text only): a check of an LM before stage 2 is built on it. The prompt is
+//! `rookery generate` on a language model alone, imported as it is from an HF GPT-2 or
+//! Llama-family directory (text only): a check of an LM before stage 2 is built on it. The prompt is
 //! encoded by the LM's own `tokenizer.json` (its post-processor adds BOS or not; nothing is
 //! added twice), generation stops at the config's `eos_token_id`(s). Every step runs the whole
 //! sequence again (no key/value cache): fine for a check, slow for long outputs.
@@ -21,7 +21,7 @@ pub fn is_hf_lm(dir: &Path) -> bool {
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v["model_type"].as_str().map(str::to_string))
-        .is_some_and(|t| hf_llama::MODEL_TYPES.contains(&t.as_str()))
+        .is_some_and(|t| t == "gpt2" || hf_llama::MODEL_TYPES.contains(&t.as_str()))
 }
 
 /// The end-of-sequence ids of the model in `dir` (`eos_token_id`: a number or a list).
@@ -49,8 +49,8 @@ pub fn generate_lm<B: Backend>(
         "{}: a language model alone reads no images",
         dir.display()
     );
-    let cfg = hf_llama::config(dir)?;
-    let lm = rookery_interop::load_llama(cfg.init::<B>(device), dir, &cfg)?;
+    let cfg = rookery_interop::lm_config(dir)?;
+    let lm = rookery_interop::load_lm(cfg.init::<B>(device), dir, &cfg)?;
     let tk_path = dir.join("tokenizer.json");
     let tk = PromptTokenizer::from_file(&tk_path)
         .with_context(|| format!("{}: the model's tokenizer", dir.display()))?;

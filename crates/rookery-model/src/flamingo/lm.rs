@@ -46,6 +46,8 @@ pub struct LmConfig {
     pub norm_eps: f64,
     /// llama: biases on the query, key and value projections (Qwen2).
     pub qkv_bias: bool,
+    /// gpt2: the MLP's activation (GPT-2 itself: `"gelutanh"`).
+    pub act: Act,
 }
 
 /// Llama 3's RoPE scaling (`rope_type = "llama3"`): wavelengths longer than
@@ -97,6 +99,7 @@ impl Default for LmConfig {
             rope_scaling: None,
             norm_eps: 1e-5,
             qkv_bias: false,
+            act: Act::Gelu,
         }
     }
 }
@@ -186,18 +189,11 @@ impl LmConfig {
                 .map(|_| LmBlock::Llama(self.llama_block(device)))
                 .collect()
         } else {
-            Transformer::new(
-                w,
-                self.layers,
-                self.heads,
-                self.mlp_ratio,
-                Act::Gelu,
-                device,
-            )
-            .resblocks
-            .into_iter()
-            .map(LmBlock::Gpt2)
-            .collect()
+            Transformer::new(w, self.layers, self.heads, self.mlp_ratio, self.act, device)
+                .resblocks
+                .into_iter()
+                .map(LmBlock::Gpt2)
+                .collect()
         };
         LanguageModel {
             wte: EmbeddingConfig::new(self.vocab_size, w).init(device),
