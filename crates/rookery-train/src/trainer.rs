@@ -299,6 +299,9 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
     let cfg = stage.config();
     let mut resolved = cfg.clone();
     resolved.dist.world_size = world;
+    // What this start did to the directory, not what the run is: the recorded config must
+    // resume (`--resume` with `overwrite` is refused).
+    resolved.train.overwrite = false;
     check_same(comm, "the resolved config", hash_str(&resolved.to_toml()))?;
     let ready = match lead {
         true => host_memory_fits(&resolved).and_then(|_| {
