@@ -94,27 +94,7 @@ enum Command {
     },
     /// L2-normalised image and text embeddings (safetensors: `image` [N, E], `text` [M, E])
     /// from a rookery checkpoint or run, a `rookery export`, open_clip or HF CLIP directory.
-    Embed {
-        /// CLIP weights: checkpoint, run directory, or a directory of another format.
-        #[arg(long)]
-        weights: PathBuf,
-        /// tokenizer.json (default: the one beside the weights or the run's).
-        #[arg(long)]
-        tokenizer: Option<PathBuf>,
-        /// Image files.
-        #[arg(long, num_args = 0..)]
-        images: Vec<PathBuf>,
-        /// Texts, one per argument.
-        #[arg(long, num_args = 0..)]
-        texts: Vec<String>,
-        /// Image-text shards: both embeddings per pair (keys in OUT.keys.json).
-        #[arg(long)]
-        data: Option<String>,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
-    },
+    Embed(cmd::embed::EmbedArgs),
     /// Continue a prompt of text and images with a Flamingo checkpoint or export:
     /// rookery generate --weights DIR --prompt "<image>q: how many circles? a:" --images a.png;
     /// or text alone with an HF Llama-family LM directory (its own tokenizer).
@@ -218,23 +198,7 @@ fn main() -> anyhow::Result<()> {
             };
             cmd::train::generate(&weights, &args)
         }
-        Command::Embed {
-            weights,
-            tokenizer,
-            images,
-            texts,
-            data,
-            out,
-            batch,
-        } => cmd::embed::run(&cmd::embed::EmbedArgs {
-            weights,
-            tokenizer,
-            images,
-            texts,
-            data,
-            out,
-            batch,
-        }),
+        Command::Embed(args) => cmd::embed::run(&args),
         Command::Plot { run_dir, out } => {
             let out = out.unwrap_or_else(|| run_dir.join("metrics.png"));
             rookery_train::plot::plot_run(&run_dir, &out)?;

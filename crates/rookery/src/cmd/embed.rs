@@ -17,13 +17,26 @@ use safetensors::tensor::{Dtype, TensorView};
 use super::train::{backend, open_checkpoint, Inner};
 
 /// What to embed and where to write it.
+#[derive(clap::Args)]
 pub struct EmbedArgs {
+    /// CLIP weights: checkpoint, run directory, or a directory of another format.
+    #[arg(long)]
     pub weights: PathBuf,
+    /// tokenizer.json (default: the one beside the weights or the run's).
+    #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Image files.
+    #[arg(long, num_args = 0..)]
     pub images: Vec<PathBuf>,
+    /// Texts, one per argument.
+    #[arg(long, num_args = 0..)]
     pub texts: Vec<String>,
+    /// Image-text shards: both embeddings per pair (keys in OUT.keys.json).
+    #[arg(long)]
     pub data: Option<String>,
+    #[arg(long)]
     pub out: PathBuf,
+    #[arg(long, default_value_t = 64)]
     pub batch: usize,
 }
 
