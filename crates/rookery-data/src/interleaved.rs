@@ -301,13 +301,17 @@ fn targets(tokens: &[i64], sp: Specials, mask_before_first_image: bool) -> Vec<b
     let mut after_eoc = false;
     tokens
         .iter()
-        .map(|&t| {
+        .enumerate()
+        .map(|(i, &t)| {
             if t == sp.image {
                 (seen_image, after_eoc) = (true, false);
                 return false;
             }
+            // The start token by position: a GPT-2-style tokenizer's start token is its end
+            // token, which is a target at the end.
+            let start = i == 0 && t == sp.sot;
             let masked =
-                t == sp.sot || t == sp.pad || after_eoc || (mask_before_first_image && !seen_image);
+                start || t == sp.pad || after_eoc || (mask_before_first_image && !seen_image);
             if t == sp.eoc {
                 after_eoc = true;
             }

@@ -22,7 +22,7 @@ pub mod writer;
 
 pub use loader::{DataConfig, ImageTextBatch, Loader, LoaderPosition};
 pub use shards::expand_shards;
-pub use tokenize::{PromptTokenizer, TextTokenizer};
+pub use tokenize::{PromptTokenizer, SpecialTokens, TextTokenizer};
 
 /// Errors from reading data; each names the file, pattern or sample concerned.
 #[derive(Debug, thiserror::Error)]

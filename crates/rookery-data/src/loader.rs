@@ -35,6 +35,8 @@ pub struct DataConfig {
     pub val: String,
     /// HF `tokenizer.json`.
     pub tokenizer: PathBuf,
+    /// Its start, end and padding tokens, where rookery cannot find them by name.
+    pub special_tokens: crate::tokenize::SpecialTokens,
     /// Samples per rank per micro-batch.
     pub batch_size: usize,
     /// Side of the square model input in pixels.
@@ -84,6 +86,7 @@ impl Default for DataConfig {
             train: synth.train_pattern(),
             val: synth.val_pattern(),
             tokenizer: synth.tokenizer_path(),
+            special_tokens: Default::default(),
             batch_size: 64,
             image_size: 64,
             context_length: 32,

@@ -7,9 +7,21 @@ use tokenizers::models::wordlevel::{WordLevel, WordLevelTrainer};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::normalizers::utils::Lowercase;
 use tokenizers::pre_tokenizers::whitespace::Whitespace;
+use serde::{Deserialize, Serialize};
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::DataError;
+
+/// `[data.special_tokens]`: the tokenizer's start, end and padding tokens by name, for
+/// tokenizers whose names rookery cannot guess (a language model's, where its `config.json`
+/// says which). Empty: found by [`TextTokenizer::from_file`]'s rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpecialTokens {
+    pub bos: String,
+    pub eos: String,
+    pub pad: String,
+}
 
 /// Special tokens of the tokenizers that rookery writes. Their ids are their positions here.
 pub const SPECIAL_TOKENS: [&str; 6] = [
@@ -22,7 +34,14 @@ pub const SPECIAL_TOKENS: [&str; 6] = [
 ];
 
 const SOT_NAMES: [&str; 4] = ["<start_of_text>", "<|startoftext|>", "<s>", "[CLS]"];
-const EOT_NAMES: [&str; 4] = ["<end_of_text>", "<|endoftext|>", "</s>", "[SEP]"];
+const EOT_NAMES: [&str; 5] = [
+    "<end_of_text>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+    "[SEP]",
+];
+const PAD_NAMES: [&str; 3] = ["<pad>", "<PAD>", "[PAD]"];
 
 /// A tokenizer that turns a caption into exactly `context_length` ids:
 /// `[sot, ids.., eot, pad..]`, truncating the ids so that `eot` is always present.
@@ -46,22 +65,46 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 impl TextTokenizer {
+    /// The tokenizer in `path`, its special tokens found by name: the start token is the one
+    /// its post-processor puts first (a Llama tokenizer's `<s>`), else one of [`SOT_NAMES`],
+    /// else the end token (GPT-2-style tokenizers have none: `<|endoftext|>` also starts a
+    /// document); padding is the tokenizer's own padding token, else `<pad>`-like, else 0.
     pub fn from_file(path: &Path) -> Result<Self, DataError> {
+        Self::load(path, &SpecialTokens::default())
+    }
+
+    /// The tokenizer `[data]` names, with its `special_tokens`.
+    pub fn of(data: &crate::DataConfig) -> Result<Self, DataError> {
+        Self::load(&data.tokenizer, &data.special_tokens)
+    }
+
+    /// As [`Self::from_file`], with the tokens `names` gives taking precedence.
+    pub fn load(path: &Path, names: &SpecialTokens) -> Result<Self, DataError> {
         let name = path.display().to_string();
         let inner = Tokenizer::from_file(path)
             .map_err(|e| DataError::Tokenizer(name.clone(), e.to_string()))?;
+        let named = |t: &str, what: &str| -> Result<Option<u32>, DataError> {
+            if t.is_empty() {
+                return Ok(None);
+            }
+            inner.token_to_id(t).map(Some).ok_or_else(|| {
+                DataError::Tokenizer(name.clone(), format!("no {what} token {t:?}"))
+            })
+        };
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
-        let sot = find(&SOT_NAMES).ok_or_else(|| {
-            DataError::Tokenizer(
-                name.clone(),
-                format!("no start token (one of {SOT_NAMES:?})"),
-            )
-        })?;
-        let eot = find(&EOT_NAMES).ok_or_else(|| {
+        let eot = named(&names.eos, "end")?.or_else(|| find(&EOT_NAMES));
+        let eot = eot.ok_or_else(|| {
             DataError::Tokenizer(name.clone(), format!("no end token (one of {EOT_NAMES:?})"))
         })?;
+        let sot = named(&names.bos, "start")?
+            .or_else(|| added_first(&inner))
+            .or_else(|| find(&SOT_NAMES))
+            .unwrap_or(eot);
         // OpenAI's CLIP pads with id 0; so do we when the vocabulary has no pad token.
-        let pad = inner.token_to_id("<pad>").unwrap_or(0);
+        let pad = named(&names.pad, "padding")?
+            .or_else(|| inner.get_padding().map(|p| p.pad_id))
+            .or_else(|| find(&PAD_NAMES))
+            .unwrap_or(0);
         let vocab_size = inner.get_vocab_size(true);
         Ok(TextTokenizer {
             inner,
@@ -100,6 +143,15 @@ impl TextTokenizer {
         out[n + 2..].fill(self.pad as i64);
         Ok(())
     }
+}
+
+/// The token the post-processor puts before a text, if any (a Llama tokenizer's `<s>`).
+fn added_first(tk: &Tokenizer) -> Option<u32> {
+    let with = tk.encode("a", true).ok()?;
+    let without = tk.encode("a", false).ok()?;
+    let first = *with.get_ids().first()?;
+    let added = with.len() > without.len() && without.get_ids().first() != Some(&first);
+    added.then_some(first)
 }
 
 /// A language model's own tokenizer for prompts: its `tokenizer.json` decides the special

@@ -11,7 +11,6 @@ use burn::module::{ModuleVisitor, Param};
 use burn::prelude::*;
 use rookery_model::layers::Act;
 use rookery_model::{Clip, ClipConfig};
-use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
 /// Row-major f32 values and shape.
@@ -192,26 +191,9 @@ pub fn export_hf<B: Backend>(
     };
     model.visit(&mut c);
     let tensors = hf_tensors(&c.out)?;
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .into_iter()
-        .map(|(k, (v, s))| {
-            let b = if bf16 {
-                v.iter()
-                    .flat_map(|x| burn::tensor::bf16::from_f32(*x).to_bits().to_le_bytes())
-                    .collect()
-            } else {
-                v.iter().flat_map(|x| x.to_le_bytes()).collect()
-            };
-            (k, b, s)
-        })
-        .collect();
-    let dtype = if bf16 { Dtype::BF16 } else { Dtype::F32 };
-    let views = bytes
-        .iter()
-        .map(|(k, b, s)| Ok((k.clone(), TensorView::new(dtype, s.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), &out.join("model.safetensors"))?;
+    let tensors: crate::tensors::Tensors =
+        tensors.into_iter().map(|(k, (v, s))| (k, (s, v))).collect();
+    crate::tensors::write(&tensors, &out.join("model.safetensors"), bf16)?;
     let act = |a: Act| match a {
         Act::QuickGelu => "quick_gelu",
         Act::Gelu => "gelu",

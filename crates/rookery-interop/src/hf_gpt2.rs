@@ -65,6 +65,7 @@ pub fn config(dir: &Path) -> Result<LmConfig> {
         mlp_ratio: hidden as f64 / width as f64,
         style: "gpt2".into(),
         act,
+        tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(true),
         ..Default::default()
     })
 }

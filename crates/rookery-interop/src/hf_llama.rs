@@ -139,6 +139,7 @@ pub fn config(dir: &Path) -> Result<LmConfig> {
         rope_scaling,
         norm_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
         qkv_bias: kind == "qwen2",
+        tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
         ..Default::default()
     })
 }
@@ -150,11 +151,11 @@ fn tied(dir: &Path) -> Result<bool> {
         .unwrap_or(false))
 }
 
-/// Every tensor of the model: `model.safetensors`, or the shards its index lists.
-fn read_weights(dir: &Path) -> Result<Tensors> {
+/// The model's weight files: `model.safetensors`, or the shards its index lists, in order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
-        return read_f32(&single);
+        return Ok(vec![single]);
     }
     let index = dir.join("model.safetensors.index.json");
     let v: Value = serde_json::from_slice(&std::fs::read(&index).with_context(|| {
@@ -170,9 +171,14 @@ fn read_weights(dir: &Path) -> Result<Tensors> {
         .values()
         .filter_map(Value::as_str)
         .collect();
+    Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+}
+
+/// Every tensor of the model, from all of its [`weight_files`].
+fn read_weights(dir: &Path) -> Result<Tensors> {
     let mut all = Tensors::new();
-    for s in shards {
-        all.extend(read_f32(&dir.join(s))?);
+    for f in weight_files(dir)? {
+        all.extend(read_f32(&f)?);
     }
     Ok(all)
 }

@@ -5,6 +5,8 @@
 //! - [`open_clip`]: open_clip's key names and layouts (rookery's export, `open_clip_model.safetensors`);
 //!   [`open_clip_config`]: its model config;
 //! - [`hf_clip`]: HF transformers' `CLIPModel` read in; [`hf_clip_export`]: written out;
+//! - [`hf_llama`], [`hf_gpt2`]: HF causal LMs read in; [`open_flamingo`]: the tokenizer and
+//!   vocabulary OpenFlamingo builds on such an LM;
 //! - [`store`]: strict, reproducible safetensors through burn-store; [`cast`]: dtype casts;
 //!   [`tensors`]: named f32 tensors in memory, where one layout is renamed into another.
 //!
@@ -17,6 +19,8 @@ pub mod hf_gpt2;
 pub mod hf_llama;
 pub mod open_clip;
 pub mod open_clip_config;
+pub mod open_flamingo;
+pub mod open_flamingo_export;
 pub mod store;
 pub mod tensors;
 
@@ -36,6 +40,12 @@ pub fn lm_config(dir: &Path) -> Result<rookery_model::flamingo::LmConfig> {
     }
 }
 
+/// The weight files of the HF causal LM in `dir`: `model.safetensors`, or the shards its
+/// index lists, in order.
+pub fn lm_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    hf_llama::weight_files(dir)
+}
+
 fn is_gpt2(dir: &Path) -> bool {
     std::fs::read(dir.join("config.json"))
         .ok()
@@ -44,7 +54,8 @@ fn is_gpt2(dir: &Path) -> bool {
 }
 
 /// Loads the HF causal LM in `dir` (GPT-2 or Llama-family) into `model` (built from
-/// [`lm_config`]), strictly.
+/// [`lm_config`], its `vocab_size` perhaps raised for added tokens:
+/// [`open_flamingo::grow_vocab`]), strictly.
 pub fn load_lm<B: Backend>(
     model: rookery_model::flamingo::LanguageModel<B>,
     dir: &Path,
@@ -54,6 +65,8 @@ pub fn load_lm<B: Backend>(
         true => hf_gpt2::to_rookery(dir, cfg)?,
         false => hf_llama::to_rookery(dir, cfg)?,
     };
+    let mut tensors = tensors;
+    open_flamingo::grow_vocab(&mut tensors, cfg.vocab_size)?;
     let mut store = SafetensorsStore::from_bytes(Some(tensors::to_bytes(&tensors)?));
     store::load_strict(model, &mut store, dir)
 }

@@ -110,3 +110,29 @@ pub fn to_bytes(tensors: &Tensors) -> Result<Vec<u8>> {
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     Ok(safetensors::serialize(views, None)?)
 }
+
+/// Writes `tensors` to the safetensors file `path` in f32 or bf16, with the `format = pt`
+/// metadata PyTorch users' loaders expect; names sorted, so equal tensors give equal bytes.
+pub fn write(tensors: &Tensors, path: &Path, bf16: bool) -> Result<()> {
+    let bytes: Vec<(&String, Vec<u8>, &Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, (s, v))| {
+            let b = match bf16 {
+                true => v
+                    .iter()
+                    .flat_map(|x| burn::tensor::bf16::from_f32(*x).to_bits().to_le_bytes())
+                    .collect(),
+                false => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            };
+            (k, b, s)
+        })
+        .collect();
+    let dtype = if bf16 { Dtype::BF16 } else { Dtype::F32 };
+    let views = bytes
+        .iter()
+        .map(|(k, b, s)| Ok(((*k).clone(), TensorView::new(dtype, (*s).clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .with_context(|| format!("writing {}", path.display()))
+}

@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::config::RunConfig;
 use crate::fewshot::{generate, greedy};
-use crate::stage::flamingo::{checkpoint_dir, load_lm, load_vision};
+use crate::stage::flamingo::{checkpoint_dir, load_lm, load_source_lm, load_vision};
 use rookery_interop::cast::Cast;
 
 /// The trained parts of stage 2.
@@ -65,6 +65,43 @@ pub fn export_flamingo(path: &Path, out: &Path, full: bool, bf16: bool) -> Resul
     Ok(())
 }
 
+use rookery_interop::open_flamingo_export::FILE as OPEN_FLAMINGO_FILE;
+
+/// Writes the trained parts of the Flamingo checkpoint (or run directory) `path` into `out`
+/// under OpenFlamingo's names ([`rookery_interop::open_flamingo_export`]), with the run's
+/// tokenizer and a `config.json` saying how to build the model they load into.
+pub fn export_open_flamingo(path: &Path, out: &Path, bf16: bool) -> Result<()> {
+    let (cfg, tk_path, model) = open_flamingo::<burn::backend::Flex>(path, &Default::default())?;
+    let tk = TextTokenizer::load(&tk_path, &cfg.data.special_tokens)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let f = &cfg.flamingo;
+    let m = &f.model;
+    rookery_interop::open_flamingo_export::export(&model, m, tk.vocab_size, out, bf16)?;
+    let (r, fixed) = (&m.resampler, rookery_interop::open_flamingo_export::differs_from_factory(m));
+    let config = json!({
+        "format": "open_flamingo",
+        "weights": OPEN_FLAMINGO_FILE,
+        "dtype": if bf16 { "bf16" } else { "f32" },
+        "lang_encoder_path": f.lm_from, "lm_sha256": f.lm_sha256,
+        "vision_from": f.vision_from, "vision_sha256": f.vision_sha256,
+        "vision_tokens": m.vision_tokens,
+        "cross_attn_every_n_layers": m.cross_attn_every_n_layers,
+        "perceiver": {"depth": r.depth, "heads": r.heads, "dim_head": r.dim_head,
+            "num_latents": r.latents, "ff_mult": r.ff_mult},
+        "gated_cross_attn": {"heads": m.xattn_heads, "dim_head": m.xattn_dim_head, "ff_mult": m.xattn_ff_mult},
+        "media_token_id": m.image_token, "endofchunk_token_id": m.eoc_token,
+        "vocab": tk.vocab_size,
+        "differs_from_open_flamingo_factory": fixed,
+    });
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    std::fs::copy(&tk_path, out.join("tokenizer.json"))
+        .with_context(|| format!("copying {}", tk_path.display()))?;
+    Ok(())
+}
+
 /// A Flamingo with its run config and tokenizer path, from a checkpoint, a run directory, or an
 /// export (full, or trained parts on top of the recorded vision and LM sources).
 pub fn open_flamingo<B: Backend>(
@@ -95,7 +132,8 @@ pub fn open_flamingo<B: Backend>(
     }
     let mut model = model;
     model.vision = load_vision(&cfg.flamingo.vision_from, device)?;
-    model.lm = load_lm(&checkpoint_dir(&cfg.flamingo.lm_from)?, device)?;
+    let f = &cfg.flamingo;
+    model.lm = load_source_lm(&f.lm_from, &f.model.lm, device)?;
     let path = dir.join(TRAINED);
     let mut store = SafetensorsStore::from_file(&path)
         .allow_partial(true)
@@ -129,7 +167,7 @@ pub fn generate_text<B: Backend>(
     device: &B::Device,
 ) -> Result<String> {
     let (cfg, tk_path, model) = open_flamingo::<B>(weights, device)?;
-    let tk = TextTokenizer::from_file(&tk_path)?;
+    let tk = TextTokenizer::load(&tk_path, &cfg.data.special_tokens)?;
     let sp = Specials::of(&tk).map_err(anyhow::Error::msg)?;
     let mut row = vec![sp.sot];
     row.extend(
@@ -219,7 +257,7 @@ pub fn evaluate_text_checkpoint<B: Backend>(
         cfg.data.val = d;
     }
     let tk = crate::checkpoint::tokenizer_of(&dir, &cfg);
-    let tk = Arc::new(TextTokenizer::from_file(&tk)?);
+    let tk = Arc::new(TextTokenizer::load(&tk, &cfg.data.special_tokens)?);
     let mut prep = Pages::new(&cfg.data, tk.clone(), Mode::Eval).map_err(anyhow::Error::msg)?;
     let e = cfg.eval.clone();
     if cfg.train.stage == "lm" {

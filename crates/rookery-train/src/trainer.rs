@@ -294,7 +294,8 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
     let (rank, world) = (comm.rank(), comm.world_size());
     let lead = rank == 0;
     let run_dir = cfg.run_dir();
-    let tokenizer = Arc::new(TextTokenizer::from_file(&cfg.data.tokenizer)?);
+    let cfg = &crate::stage::flamingo::with_lm_tokenizer(cfg)?;
+    let tokenizer = Arc::new(TextTokenizer::of(&cfg.data)?);
     let stage = S::new(cfg, tokenizer)?;
     let cfg = stage.config();
     let mut resolved = cfg.clone();

@@ -85,8 +85,9 @@ enum Command {
         /// Weight dtype: f32 or bf16.
         #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
         dtype: String,
-        /// Key names: open_clip, or hf (HF transformers CLIPModel; `from_pretrained(DIR)`).
-        #[arg(long, default_value = "open_clip", value_parser = ["open_clip", "hf"])]
+        /// Key names: open_clip, hf (HF transformers CLIPModel; `from_pretrained(DIR)`), or
+        /// open_flamingo for a Flamingo checkpoint (`load_state_dict(strict=False)`).
+        #[arg(long, default_value = "open_clip", value_parser = ["open_clip", "hf", "open_flamingo"])]
         format: String,
         /// Flamingo: also write the frozen vision tower and LM (model.safetensors).
         #[arg(long)]
@@ -178,7 +179,7 @@ fn main() -> anyhow::Result<()> {
             dtype,
             format,
             full,
-        } => cmd::train::export(&checkpoint, &out, dtype == "bf16", format == "hf", full),
+        } => cmd::train::export(&checkpoint, &out, dtype == "bf16", &format, full),
         Command::Generate {
             weights,
             prompt,

@@ -48,6 +48,9 @@ pub struct LmConfig {
     pub qkv_bias: bool,
     /// gpt2: the MLP's activation (GPT-2 itself: `"gelutanh"`).
     pub act: Act,
+    /// The LM head is the token embedding (HF `tie_word_embeddings`): a Flamingo's trained
+    /// rows for its new tokens then also score those tokens.
+    pub tie_embeddings: bool,
 }
 
 /// Llama 3's RoPE scaling (`rope_type = "llama3"`): wavelengths longer than
@@ -100,6 +103,7 @@ impl Default for LmConfig {
             norm_eps: 1e-5,
             qkv_bias: false,
             act: Act::Gelu,
+            tie_embeddings: false,
         }
     }
 }
@@ -344,11 +348,20 @@ impl<B: Backend> LanguageModel<B> {
 
     /// Next-token logits `[B, T, V]` from the last hidden states.
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = match &self.norm_f {
+        self.logits(self.final_norm(x))
+    }
+
+    /// The final norm of the last hidden states.
+    pub fn final_norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.norm_f {
             LmNorm::Layer(n) => n.forward(x),
             LmNorm::Rms(n) => n.forward(x),
-        };
-        linear_3d(&self.lm_head, x)
+        }
+    }
+
+    /// Logits `[B, T, V]` of normed hidden states.
+    pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        linear_3d(&self.lm_head, h)
     }
 
     /// The plain language model: logits `[B, T, V]`.

@@ -111,6 +111,7 @@ impl FlamingoConfig {
             eoc_token: self.eoc_token as i64,
             only_immediate: self.only_attend_immediate_media,
             vision_tokens: self.vision_tokens,
+            tied: self.lm.tie_embeddings,
         };
         model.freeze()
     }
@@ -124,7 +125,9 @@ pub struct Flamingo<B: Backend> {
     /// Frozen, except through `new_tokens`.
     pub lm: LanguageModel<B>,
     pub xattn: Vec<GatedCrossAttention<B>>,
-    /// Trainable embeddings of `<image>` and `<|endofchunk|>`, used instead of the LM's rows.
+    /// Trainable embeddings of `<image>` and `<|endofchunk|>`, used instead of the LM's rows
+    /// (and, when the LM's head is tied to its embedding, instead of the head's rows too: one
+    /// parameter, as in OpenFlamingo; an untied head stays frozen, as there).
     pub new_tokens: Param<Tensor<B, 2>>,
     #[module(skip)]
     pub every: usize,
@@ -136,6 +139,8 @@ pub struct Flamingo<B: Backend> {
     pub only_immediate: bool,
     #[module(skip)]
     pub vision_tokens: VisionTokens,
+    #[module(skip)]
+    pub tied: bool,
 }
 
 impl<B: Backend> Flamingo<B> {
@@ -224,7 +229,22 @@ impl<B: Backend> Flamingo<B> {
             }
             x = self.lm.block(i, x);
         }
-        self.lm.head(x)
+        let h = self.lm.final_norm(x);
+        let logits = self.lm.logits(h.clone());
+        if !self.tied {
+            return logits;
+        }
+        // A tied head scores a token with its embedding row: the new rows score the new tokens.
+        let [b, _, d] = h.dims();
+        let rows = self.new_tokens.val().transpose().unsqueeze::<3>();
+        let own = h.matmul(rows.expand([b, d, 2])); // [B, T, 2]
+        let col = |id: i64| id as usize..id as usize + 1;
+        logits
+            .slice_assign(
+                s![.., .., col(self.image_token)],
+                own.clone().slice(s![.., .., 0..1]),
+            )
+            .slice_assign(s![.., .., col(self.eoc_token)], own.slice(s![.., .., 1..2]))
     }
 }
 

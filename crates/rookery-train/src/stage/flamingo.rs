@@ -1,5 +1,6 @@
 //! Stage 2: Flamingo on interleaved pages. The vision tower comes from a stage-1 CLIP
-//! checkpoint and the language model from a stage-"lm" checkpoint, both frozen; only the
+//! checkpoint or another project's CLIP, the language model from a stage-"lm" checkpoint or an
+//! HF causal LM, both frozen; only the
 //! Perceiver Resampler, the gated cross-attention blocks and the `<image>`/`<|endofchunk|>`
 //! embeddings train.
 
@@ -14,7 +15,7 @@ use rookery_data::loader::Mode;
 use rookery_data::pages::{PageBatch, Pages};
 use rookery_data::TextTokenizer;
 use rookery_dist::Communicator;
-use rookery_model::flamingo::{Flamingo, FlamingoConfig, LanguageModel};
+use rookery_model::flamingo::{Flamingo, FlamingoConfig, LanguageModel, LmConfig};
 use rookery_model::vit::VisionTransformer;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -34,9 +35,12 @@ pub struct FlamingoRunConfig {
     /// The stage-1 CLIP run directory (its latest checkpoint) or checkpoint directory whose
     /// vision tower is used, frozen.
     pub vision_from: PathBuf,
-    /// The stage-"lm" run directory or checkpoint directory of the frozen language model.
+    /// The frozen language model: a stage-"lm" run directory or checkpoint directory, or an HF
+    /// causal LM's directory (Llama family or GPT-2, with its `tokenizer.json`; the run then
+    /// tokenizes with that tokenizer, extended by the new tokens).
     pub lm_from: PathBuf,
-    /// SHA-256 of the two sources' `model.safetensors`, recorded by the run (leave empty).
+    /// SHA-256 of the two sources' weights (of the shards' hashes for a sharded LM), recorded
+    /// by the run (leave empty).
     pub vision_sha256: String,
     pub lm_sha256: String,
     /// Learning-rate multiplier of the tanh gates (`attn_gate`, `ff_gate`). 1 trains them like
@@ -97,10 +101,6 @@ impl FlamingoStage {
     fn model_config(&self) -> &FlamingoConfig {
         &self.cfg.flamingo.model
     }
-
-    fn lm_dir(&self) -> Result<PathBuf> {
-        checkpoint_dir(&self.cfg.flamingo.lm_from)
-    }
 }
 
 /// Whether `path` is a rookery checkpoint or run directory (else another project's files).
@@ -147,6 +147,81 @@ pub fn load_lm<B: Backend>(dir: &Path, device: &B::Device) -> Result<LanguageMod
     checkpoint::load_weights(lm, &dir.join("model.safetensors"))
 }
 
+/// The frozen language model `[flamingo] lm_from` names, shaped as `cfg` (the resolved
+/// `flamingo.model.lm`): a rookery stage-"lm" checkpoint or run directory, or an HF causal LM
+/// whose vocabulary grows by the added tokens.
+pub fn load_source_lm<B: Backend>(
+    path: &Path,
+    cfg: &LmConfig,
+    device: &B::Device,
+) -> Result<LanguageModel<B>> {
+    if is_rookery_run(path) {
+        return load_lm(&checkpoint_dir(path)?, device);
+    }
+    rookery_interop::load_lm(cfg.init::<B>(device), path, cfg)
+        .with_context(|| format!("flamingo.lm_from = {}", path.display()))
+}
+
+/// Where `[flamingo] lm_from` points: the directory read, its LM config, and the weight files
+/// hashed into the resolved config.
+fn lm_source(cfg: &RunConfig) -> Result<(PathBuf, LmConfig, Vec<PathBuf>)> {
+    let path = &cfg.flamingo.lm_from;
+    if is_rookery_run(path) {
+        let (dir, lcfg) = source(path, "lm_from", "lm")?;
+        let ours = std::fs::read(&cfg.data.tokenizer)
+            .with_context(|| format!("data.tokenizer = {}", cfg.data.tokenizer.display()))?;
+        let lm_tokenizer = crate::checkpoint::tokenizer_of(&dir, &lcfg);
+        if ours != std::fs::read(&lm_tokenizer).unwrap_or_default() {
+            bail!("data.tokenizer = {} differs from the tokenizer the language model in {} was trained with ({}): token ids would not match", cfg.data.tokenizer.display(), dir.display(), lm_tokenizer.display());
+        }
+        let weights = vec![dir.join("model.safetensors")];
+        return Ok((dir, lcfg.lm, weights));
+    }
+    let key = || format!("flamingo.lm_from = {}", path.display());
+    let lm = rookery_interop::lm_config(path).with_context(key)?;
+    let weights = rookery_interop::lm_weight_files(path).with_context(key)?;
+    Ok((path.clone(), lm, weights))
+}
+
+/// `cfg` with, when `[flamingo] lm_from` is another project's LM, its tokenizer extended as
+/// OpenFlamingo does ([`rookery_interop::open_flamingo::extend_tokenizer`]) into the run
+/// directory's `tokenizer.json`, which becomes `data.tokenizer`, with the LM's special tokens
+/// in `data.special_tokens`. Other runs are returned as they are.
+pub fn with_lm_tokenizer(cfg: &RunConfig) -> Result<RunConfig> {
+    let mut cfg = cfg.clone();
+    let path = cfg.flamingo.lm_from.clone();
+    if cfg.train.stage != "flamingo" || is_rookery_run(&path) {
+        return Ok(cfg);
+    }
+    let run_dir = cfg.run_dir();
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    let out = run_dir.join("tokenizer.json");
+    let e = rookery_interop::open_flamingo::extend_tokenizer(&path, &out)
+        .with_context(|| format!("flamingo.lm_from = {}", path.display()))?;
+    cfg.data.tokenizer = out;
+    cfg.data.special_tokens = rookery_data::SpecialTokens {
+        bos: e.bos,
+        eos: e.eos,
+        pad: e.pad,
+    };
+    Ok(cfg)
+}
+
+fn sha256_all(paths: &[PathBuf]) -> Result<String> {
+    match paths {
+        [one] => sha256(one),
+        many => {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            for p in many {
+                h.update(sha256(p)?.as_bytes());
+            }
+            Ok(format!("{:x}", h.finalize()))
+        }
+    }
+}
+
 impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
     type Model = Flamingo<B>;
     type Prep = Pages;
@@ -154,24 +229,17 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
     fn new(cfg: &RunConfig, tokenizer: Arc<TextTokenizer>) -> Result<Self> {
         let mut cfg = cfg.clone();
         let (vdir, vcfg, vweights) = vision_source(&cfg.flamingo.vision_from)?;
-        let (ldir, lcfg) = source(&cfg.flamingo.lm_from, "lm_from", "lm")?;
-        let lm_tokenizer = crate::checkpoint::tokenizer_of(&ldir, &lcfg);
-        let (ours, theirs) = (
-            std::fs::read(&cfg.data.tokenizer)
-                .with_context(|| format!("data.tokenizer = {}", cfg.data.tokenizer.display()))?,
-            std::fs::read(&lm_tokenizer).unwrap_or_default(),
-        );
-        if ours != theirs {
-            bail!("data.tokenizer = {} differs from the tokenizer the language model in {} was trained with ({}): token ids would not match", cfg.data.tokenizer.display(), ldir.display(), lm_tokenizer.display());
-        }
+        let (ldir, mut lm, lweights) = lm_source(&cfg)?;
+        // Tokens added to the LM's tokenizer get rows of their own.
+        lm.vocab_size = lm.vocab_size.max(tokenizer.vocab_size);
         let sp = rookery_data::interleaved::Specials::of(&tokenizer).map_err(anyhow::Error::msg)?;
         let f = &mut cfg.flamingo;
         f.model.vision = vcfg.vision.clone();
         f.model.vision_embed_dim = vcfg.embed_dim;
-        f.model.lm = lcfg.lm.clone();
+        f.model.lm = lm;
         (f.model.image_token, f.model.eoc_token) = (sp.image as usize, sp.eoc as usize);
         f.vision_sha256 = sha256(&vweights)?;
-        f.lm_sha256 = sha256(&ldir.join("model.safetensors"))?;
+        f.lm_sha256 = sha256_all(&lweights)?;
         if cfg.data.image_size as usize != f.model.vision.image_size {
             bail!(
                 "data.image_size is {} but the vision tower of {} takes {}",
@@ -206,7 +274,8 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
     fn load_start(&self, mut model: Flamingo<B>) -> Result<Flamingo<B>> {
         let device = model.new_tokens.device();
         model.vision = load_vision(&self.cfg.flamingo.vision_from, &device)?;
-        model.lm = load_lm(&self.lm_dir()?, &device)?;
+        let f = &self.cfg.flamingo;
+        model.lm = load_source_lm(&f.lm_from, &f.model.lm, &device)?;
         // Freezing after loading also restarts the new token rows from the loaded LM's rows.
         Ok(model.freeze().map(&mut PathIds::default()))
     }

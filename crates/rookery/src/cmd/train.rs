@@ -179,13 +179,21 @@ pub(crate) fn open_checkpoint(
     Ok((dir, cfg, model))
 }
 
-/// `rookery export`.
-pub fn export(path: &Path, out: &Path, bf16: bool, hf: bool, full: bool) -> Result<()> {
-    if flamingo_io::stage_of(path)? == "flamingo" {
-        flamingo_io::export_flamingo(path, out, full, bf16)?;
+/// `rookery export`; `format` is `open_clip`, `hf` or `open_flamingo`.
+pub fn export(path: &Path, out: &Path, bf16: bool, format: &str, full: bool) -> Result<()> {
+    let flamingo = flamingo_io::stage_of(path)? == "flamingo";
+    match (flamingo, format) {
+        (true, "open_flamingo") => flamingo_io::export_open_flamingo(path, out, bf16)?,
+        (true, "hf") => anyhow::bail!("{}: a Flamingo checkpoint exports with --format open_flamingo (OpenFlamingo's names) or open_clip (rookery's names, the default)", path.display()),
+        (true, _) => flamingo_io::export_flamingo(path, out, full, bf16)?,
+        (false, "open_flamingo") => anyhow::bail!("{}: --format open_flamingo takes a Flamingo (stage 2) checkpoint", path.display()),
+        (false, _) => {}
+    }
+    if flamingo {
         println!("exported {} to {}", path.display(), out.display());
         return Ok(());
     }
+    let hf = format == "hf";
     let (dir, cfg, model) = open_checkpoint(path)?;
     if hf {
         rookery_interop::hf_clip_export::export_hf(&model, &cfg.model, out, bf16)?;
@@ -221,7 +229,7 @@ pub fn eval(path: &Path, data: Option<String>) -> Result<()> {
     if let Some(d) = data {
         cfg.data.val = d;
     }
-    let tokenizer = Arc::new(rookery_data::TextTokenizer::from_file(&cfg.data.tokenizer)?);
+    let tokenizer = Arc::new(rookery_data::TextTokenizer::of(&cfg.data)?);
     let r = rookery_train::eval::evaluate(&model, &cfg.data, tokenizer, &backend::device())?;
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
