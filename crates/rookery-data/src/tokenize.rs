@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
 use tokenizers::models::wordlevel::{WordLevel, WordLevelTrainer};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::normalizers::utils::Lowercase;
 use tokenizers::pre_tokenizers::whitespace::Whitespace;
-use serde::{Deserialize, Serialize};
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::DataError;
@@ -87,9 +87,10 @@ impl TextTokenizer {
             if t.is_empty() {
                 return Ok(None);
             }
-            inner.token_to_id(t).map(Some).ok_or_else(|| {
-                DataError::Tokenizer(name.clone(), format!("no {what} token {t:?}"))
-            })
+            inner
+                .token_to_id(t)
+                .map(Some)
+                .ok_or_else(|| DataError::Tokenizer(name.clone(), format!("no {what} token {t:?}")))
         };
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let eot = named(&names.eos, "end")?.or_else(|| find(&EOT_NAMES));

@@ -77,7 +77,10 @@ pub fn export_open_flamingo(path: &Path, out: &Path, bf16: bool) -> Result<()> {
     let f = &cfg.flamingo;
     let m = &f.model;
     rookery_interop::open_flamingo_export::export(&model, m, tk.vocab_size, out, bf16)?;
-    let (r, fixed) = (&m.resampler, rookery_interop::open_flamingo_export::differs_from_factory(m));
+    let (r, fixed) = (
+        &m.resampler,
+        rookery_interop::open_flamingo_export::differs_from_factory(m),
+    );
     let config = json!({
         "format": "open_flamingo",
         "weights": OPEN_FLAMINGO_FILE,

@@ -256,6 +256,19 @@ fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
     let in_state: HashSet<ParamId> = record.keys().copied().collect();
     let frozen: HashSet<ParamId> = ids(&model.vision).union(&ids(&model.lm)).copied().collect();
     let mut trainable = ids(&model.resampler);
+    // One frame per image: no frame embedding trains (OpenFlamingo's resampler has none).
+    trainable.remove(&model.resampler.frame_embs.id);
+    let frames: Vec<f32> = model
+        .resampler
+        .frame_embs
+        .val()
+        .into_data()
+        .to_vec()
+        .unwrap();
+    assert!(
+        frames.iter().all(|&x| x == 0.0),
+        "the frame embedding trained"
+    );
     trainable.extend(model.xattn.iter().flat_map(ids::<IB, _>));
     trainable.insert(model.new_tokens.id);
     assert!(

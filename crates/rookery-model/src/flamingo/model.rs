@@ -146,14 +146,22 @@ pub struct Flamingo<B: Backend> {
 impl<B: Backend> Flamingo<B> {
     /// Freezes the vision tower and the LM, and restarts the new token rows from the LM's rows
     /// (call again after loading LM weights), so the untrained model is exactly the LM.
-    pub fn freeze(mut self) -> Self {
-        self.vision = self.vision.no_grad();
-        self.lm = self.lm.no_grad();
-        let w = self.lm.wte.weight.val().detach();
+    pub fn freeze(self) -> Self {
+        let mut m = self.fix_frozen();
+        let w = m.lm.wte.weight.val().detach();
         let [_, d] = w.dims();
         let rows = |id: i64| w.clone().slice(s![id as usize..id as usize + 1, 0..d]);
-        let fresh = Tensor::cat(vec![rows(self.image_token), rows(self.eoc_token)], 0);
-        self.new_tokens = Param::from_tensor(fresh);
+        let fresh = Tensor::cat(vec![rows(m.image_token), rows(m.eoc_token)], 0);
+        m.new_tokens = Param::from_tensor(fresh);
+        m
+    }
+
+    /// Marks the frozen parts untrainable again (weights loaded from a checkpoint come back
+    /// trainable): the vision tower, the LM, a single frame's embedding.
+    pub fn fix_frozen(mut self) -> Self {
+        self.vision = self.vision.no_grad();
+        self.lm = self.lm.no_grad();
+        self.resampler = self.resampler.freeze_single_frame();
         self
     }
 

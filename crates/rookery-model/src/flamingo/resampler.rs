@@ -91,6 +91,16 @@ pub struct PerceiverResampler<B: Backend> {
 }
 
 impl<B: Backend> PerceiverResampler<B> {
+    /// With one frame per medium the frame embedding would be a learned bias on every media
+    /// token, which OpenFlamingo's resampler (built without `max_num_frames`) does not have:
+    /// it stays at zero, untrained, so weights move between the two unchanged.
+    pub fn freeze_single_frame(mut self) -> Self {
+        if self.frame_embs.dims()[0] == 1 {
+            self.frame_embs = self.frame_embs.set_require_grad(false);
+        }
+        self
+    }
+
     /// # Shapes
     /// `media`: `[N, F, P, D]` (N media, F frames, P patch tokens) -> `[N, latents, D]`.
     pub fn forward(&self, media: Tensor<B, 4>) -> Tensor<B, 3> {

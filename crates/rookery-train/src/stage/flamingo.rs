@@ -302,11 +302,8 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
         gates.map(|id| (id, k)).collect()
     }
 
-    fn after_load(&self, mut model: Flamingo<B>) -> Flamingo<B> {
-        // Weights loaded from a checkpoint come back trainable; the frozen parts stay frozen.
-        model.vision = model.vision.no_grad();
-        model.lm = model.lm.no_grad();
-        model
+    fn after_load(&self, model: Flamingo<B>) -> Flamingo<B> {
+        model.fix_frozen()
     }
 
     fn log_fields(&self, model: &Flamingo<B>) -> serde_json::Map<String, serde_json::Value> {

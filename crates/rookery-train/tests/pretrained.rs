@@ -1,0 +1,244 @@
+//! Stage 2 on pretrained towers as users have them (rookery-interop's tiny fixtures, the real
+//! architectures): an HF `CLIPModel` vision tower and an HF Llama with its own `tokenizer.json`.
+//! The tokenizer is extended as OpenFlamingo extends it, only the new parts train (the frozen
+//! towers stay bit-identical to the files), resume is exact, and the export carries
+//! OpenFlamingo's names and layouts.
+//!
+//! `ROOKERY_KEEP_EXPORT=DIR` keeps the OpenFlamingo export, with the logits rookery computes
+//! for a fixed page, for `fixtures/check_open_flamingo.py` (not part of CI).
+
+mod common;
+use common::copy_dir;
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::*;
+use rookery_data::synth::{generate, SynthConfig};
+use rookery_interop::tensors::{read_f32, transpose};
+use rookery_train::flamingo_io::{export_open_flamingo, open_flamingo};
+use rookery_train::stage::flamingo::load_vision;
+use rookery_train::{train, RunConfig};
+
+type B = Autodiff<Flex>;
+type IB = Flex;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../rookery-interop/fixtures")
+        .join(name)
+}
+
+fn synth(dir: &Path) -> SynthConfig {
+    let s = SynthConfig {
+        out: dir.join("synth"),
+        train_shards: 1,
+        train_samples_per_shard: 16,
+        val_shards: 1,
+        val_samples_per_shard: 8,
+        image_size: 32,
+        interleaved: true,
+        page_shards: 2,
+        pages_per_shard: 24,
+        val_page_shards: 1,
+        ..Default::default()
+    };
+    generate(&s).unwrap();
+    s
+}
+
+/// Stage 2 on the HF CLIP and HF Llama fixtures, with OpenFlamingo's resampler and gated
+/// layers at their factory sizes (so that its model takes the export as it is).
+fn flamingo_cfg(s: &SynthConfig, run: &Path, steps: usize) -> RunConfig {
+    let sets = [
+        format!("data.train={}", s.pages_train_pattern()),
+        "data.val=".into(),
+        // Ignored: the LM's own tokenizer, extended, replaces it.
+        format!("data.tokenizer={}", s.tokenizer_path().display()),
+        format!("train.run_dir={}", run.display()),
+        "train.stage=\"flamingo\"".into(),
+        format!("train.steps={steps}"),
+        "data.batch_size=2".into(),
+        "data.image_size=32".into(),
+        "data.shuffle_buffer=8".into(),
+        "data.decode_threads=1".into(),
+        "data.interleaved.max_tokens=32".into(),
+        "data.interleaved.max_images=2".into(),
+        "optim.warmup_steps=1".into(),
+        "optim.lr=1e-3".into(),
+        "log.every=1".into(),
+        "log.progress=false".into(),
+        "train.eval_every=0".into(),
+        "checkpoint.every=2".into(),
+        format!("flamingo.vision_from={}", fixture("hf_clip").display()),
+        format!("flamingo.lm_from={}", fixture("hf_llama").display()),
+        "flamingo.model.vision_tokens=\"after_ln_post\"".into(),
+        "flamingo.gate_lr_mult=20".into(),
+        "flamingo.model.resampler.latents=64".into(),
+        "flamingo.model.resampler.depth=6".into(),
+        "flamingo.model.resampler.heads=8".into(),
+        "flamingo.model.resampler.dim_head=64".into(),
+        "flamingo.model.xattn_heads=8".into(),
+        "flamingo.model.xattn_dim_head=64".into(),
+        "flamingo.model.xattn_ff_mult=4".into(),
+    ];
+    RunConfig::load(Path::new(""), &sets).unwrap()
+}
+
+fn floats<Bk: Backend, M: Module<Bk>>(m: &M) -> Vec<Vec<f32>> {
+    struct Flat(Vec<Vec<f32>>);
+    impl<Bk: Backend> ModuleVisitor<Bk> for Flat {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
+            self.0.push(p.val().into_data().to_vec::<f32>().unwrap());
+        }
+    }
+    let mut f = Flat(Vec::new());
+    m.visit(&mut f);
+    f.0
+}
+
+fn values<const D: usize>(t: Tensor<IB, D>) -> Vec<f32> {
+    t.into_data().to_vec().unwrap()
+}
+
+#[test]
+fn stage_two_on_an_hf_clip_and_an_hf_llama_trains_resumes_and_exports_open_flamingo_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth(dir.path());
+    let run = dir.path().join("run");
+    let cfg = flamingo_cfg(&s, &run, 4);
+    train::<B>(&cfg, &Default::default()).unwrap();
+
+    // The LM's tokenizer (80 tokens, no padding token) extended as OpenFlamingo does, and the
+    // special tokens from its config; the model's table (128 rows) already has room.
+    let resolved = RunConfig::load(&run.join("config.toml"), &[]).unwrap();
+    assert_eq!(resolved.data.tokenizer, run.join("tokenizer.json"));
+    let sp = &resolved.data.special_tokens;
+    assert_eq!(
+        (sp.bos.as_str(), sp.eos.as_str(), sp.pad.as_str()),
+        ("<s>", "</s>", "<PAD>")
+    );
+    let m = &resolved.flamingo.model;
+    assert_eq!((m.eoc_token, m.image_token), (80, 81));
+    assert_eq!(m.lm.vocab_size, 128);
+    assert!(m.lm.tie_embeddings);
+    use sha2::Digest;
+    let sha = |p: &Path| format!("{:x}", sha2::Sha256::digest(std::fs::read(p).unwrap()));
+    assert_eq!(
+        resolved.flamingo.lm_sha256,
+        sha(&fixture("hf_llama/model.safetensors"))
+    );
+
+    // Frozen towers bit-identical to the files; the new parts moved.
+    let dev = Default::default();
+    let (_, _, model) = open_flamingo::<IB>(&run, &dev).unwrap();
+    let vision = load_vision::<IB>(&fixture("hf_clip"), &dev).unwrap();
+    assert!(floats(&model.vision) == floats(&vision), "vision changed");
+    let lm_cfg = &m.lm;
+    let lm = rookery_interop::load_lm(lm_cfg.init::<IB>(&dev), &fixture("hf_llama"), lm_cfg);
+    assert!(floats(&model.lm) == floats(&lm.unwrap()), "the LM changed");
+    let wte = values(model.lm.wte.weight.val());
+    let new = values(model.new_tokens.val());
+    // new_tokens: the <image> row, then the <|endofchunk|> row.
+    assert_ne!(
+        new[..64],
+        wte[81 * 64..82 * 64],
+        "<image> row did not train"
+    );
+    assert_ne!(
+        new[64..],
+        wte[80 * 64..81 * 64],
+        "<|endofchunk|> row did not train"
+    );
+    for x in &model.xattn {
+        assert_ne!(x.attn_gate.val().into_scalar(), 0.0, "a gate did not train");
+    }
+
+    // Stopped at the step-2 checkpoint and resumed: the unbroken run's weights.
+    let run2 = dir.path().join("resumed");
+    let mut rest = flamingo_cfg(&s, &run2, 4);
+    rest.train.resume = "auto".into();
+    let ck = run2.join("checkpoints");
+    copy_dir(
+        &run.join("checkpoints/step-00000002"),
+        &ck.join("step-00000002"),
+    );
+    std::fs::write(ck.join("latest"), "step-00000002").unwrap();
+    train::<B>(&rest, &Default::default()).unwrap();
+    let (_, _, resumed) = open_flamingo::<IB>(&run2, &dev).unwrap();
+    assert!(floats(&resumed) == floats(&model), "resumed run differs");
+
+    // The export: OpenFlamingo's names and layouts.
+    let out = std::env::var_os("ROOKERY_KEEP_EXPORT")
+        .map(PathBuf::from)
+        .unwrap_or(dir.path().join("export"));
+    export_open_flamingo(&run, &out, false).unwrap();
+    let t = read_f32(&out.join("checkpoint.safetensors")).unwrap();
+    let xa = "lang_encoder.model.layers.1.gated_cross_attn_layer";
+    for key in [
+        "perceiver.latents",
+        "perceiver.layers.5.0.to_kv.weight",
+        "perceiver.layers.5.1.3.weight",
+        "perceiver.norm.bias",
+        &format!("{xa}.attn_gate"),
+        &format!("{xa}.attn.to_kv.weight"),
+        &format!("{xa}.ff.0.weight"),
+        "lang_encoder.model.embed_tokens.weight",
+        "lang_encoder.lm_head.weight",
+    ] {
+        assert!(t.contains_key(key), "{key} missing from {:?}", t.keys());
+    }
+    assert!(!t.keys().any(|k| k.starts_with("vision_encoder")));
+    let (shape, embed) = &t["lang_encoder.model.embed_tokens.weight"];
+    assert_eq!(shape, &vec![83, 64], "resized to the tokenizer's length");
+    assert_eq!(embed[81 * 64..82 * 64], new[..64], "<image> row");
+    assert_eq!(embed[80 * 64..81 * 64], new[64..], "<|endofchunk|> row");
+    assert_eq!(embed[..80 * 64], wte[..80 * 64], "the LM's own rows");
+    let gate = model.xattn[1].attn_gate.val().into_scalar();
+    assert_eq!(t[&format!("{xa}.attn_gate")].1, vec![gate]);
+    let kv = transpose((vec![48, 1024], values(model.xattn[1].to_kv.weight.val())));
+    assert_eq!(t[&format!("{xa}.attn.to_kv.weight")], kv, "[out, in]");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["differs_from_open_flamingo_factory"],
+        serde_json::json!([])
+    );
+    assert_eq!(config["media_token_id"], 81);
+    if std::env::var_os("ROOKERY_KEEP_EXPORT").is_some() {
+        keep_reference_logits(&model, &out);
+    }
+}
+
+/// Rookery's logits for a fixed page, beside the export, for check_open_flamingo.py.
+fn keep_reference_logits(model: &rookery_model::flamingo::Flamingo<IB>, out: &Path) {
+    let dev = Default::default();
+    let ids: Vec<i64> = vec![1, 81, 20, 30, 40, 80, 81, 50, 60, 80, 2];
+    let t = ids.len();
+    let tokens = Tensor::<IB, 2, Int>::from_data(TensorData::new(ids.clone(), [1, t]), &dev);
+    let pixels: Vec<f32> = (0..2 * 3 * 32 * 32)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let images =
+        Tensor::<IB, 5>::from_data(TensorData::new(pixels.clone(), [1, 2, 3, 32, 32]), &dev);
+    let logits = values(model.forward(tokens, images));
+    let v = serde_json::json!({"ids": ids, "pixels": pixels, "logits": logits, "vocab": 128});
+    std::fs::write(out.join("reference.json"), v.to_string()).unwrap();
+}
+
+/// An HF LM directory without its tokenizer is refused before any work, naming the file.
+#[test]
+fn an_hf_lm_without_its_tokenizer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SynthConfig {
+        out: dir.path().join("synth"),
+        ..Default::default()
+    };
+    let mut cfg = flamingo_cfg(&s, &dir.path().join("run"), 1);
+    cfg.flamingo.lm_from = fixture("hf_gpt2");
+    let e = rookery_train::stage::flamingo::with_lm_tokenizer(&cfg).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("hf_gpt2/tokenizer.json"), "{msg}");
+    assert!(msg.contains("flamingo.lm_from"), "{msg}");
+}
