@@ -24,7 +24,7 @@ use rookery_model::layers::Act;
 use rookery_model::ClipConfig;
 use serde_json::Value;
 
-use crate::tensors::{read_f32, transpose, Tensors};
+use crate::tensors::{read_hf, transpose, Tensors};
 
 /// A shape and its row-major values.
 type Tensor = (Vec<usize>, Vec<f32>);
@@ -111,8 +111,8 @@ fn layer_tail(tail: &str) -> Option<String> {
 
 /// The HF `CLIPModel` weights in `dir` under open_clip's names and layouts, as f32.
 pub fn to_open_clip(dir: &Path) -> Result<Tensors> {
-    let path = dir.join("model.safetensors");
-    let hf = read_f32(&path)?;
+    let path = dir;
+    let hf = read_hf(dir)?;
     let mut out = Tensors::new();
     // q, k, v of each layer, gathered until all three are there: open_clip packs them.
     let mut qkv: BTreeMap<(String, String), [Option<Tensor>; 3]> = BTreeMap::new();

@@ -25,7 +25,7 @@ use rookery_model::flamingo::LmConfig;
 use rookery_model::layers::Act;
 use serde_json::Value;
 
-use crate::tensors::{read_f32, transpose, Tensors};
+use crate::tensors::{read_hf, transpose, Tensors};
 
 /// The [`LmConfig`] of the GPT-2 model in `dir`.
 pub fn config(dir: &Path) -> Result<LmConfig> {
@@ -72,8 +72,8 @@ pub fn config(dir: &Path) -> Result<LmConfig> {
 
 /// The GPT-2 weights in `dir` under rookery's names (see the module docs).
 pub fn to_rookery(dir: &Path, cfg: &LmConfig) -> Result<Tensors> {
-    let path = dir.join("model.safetensors");
-    let mut hf: Tensors = read_f32(&path)?
+    let path = dir;
+    let mut hf: Tensors = read_hf(dir)?
         .into_iter()
         .filter(|(k, _)| !k.ends_with(".attn.bias") && !k.ends_with(".attn.masked_bias"))
         .map(|(k, t)| match k.strip_prefix("transformer.") {

@@ -21,14 +21,13 @@
 //! each head are reordered (HF row `i` -> `2i`, row `i + d/2` -> `2i + 1`), which rotates the
 //! same pairs and leaves every query-key product as it was.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use rookery_model::flamingo::{LmConfig, RopeScaling};
 use serde_json::Value;
 
-use crate::tensors::{read_f32, transpose, Tensors};
+use crate::tensors::{read_hf, transpose, Tensors};
 
 /// The `model_type`s with Llama's layout.
 pub const MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
@@ -151,42 +150,10 @@ fn tied(dir: &Path) -> Result<bool> {
         .unwrap_or(false))
 }
 
-/// The model's weight files: `model.safetensors`, or the shards its index lists, in order.
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    let v: Value = serde_json::from_slice(&std::fs::read(&index).with_context(|| {
-        format!(
-            "{}: neither model.safetensors nor model.safetensors.index.json",
-            dir.display()
-        )
-    })?)
-    .with_context(|| format!("{}: not JSON", index.display()))?;
-    let shards: BTreeSet<&str> = v["weight_map"]
-        .as_object()
-        .with_context(|| format!("{}: no weight_map", index.display()))?
-        .values()
-        .filter_map(Value::as_str)
-        .collect();
-    Ok(shards.into_iter().map(|s| dir.join(s)).collect())
-}
-
-/// Every tensor of the model, from all of its [`weight_files`].
-fn read_weights(dir: &Path) -> Result<Tensors> {
-    let mut all = Tensors::new();
-    for f in weight_files(dir)? {
-        all.extend(read_f32(&f)?);
-    }
-    Ok(all)
-}
-
 /// The Llama-family weights in `dir` under rookery's names and layouts (see the module docs);
 /// a tensor left over (another architecture's, or a layer too many) is refused by name.
 pub fn to_rookery(dir: &Path, cfg: &LmConfig) -> Result<Tensors> {
-    let mut hf = read_weights(dir)?;
+    let mut hf = read_hf(dir)?;
     hf.retain(|k, _| !k.ends_with("rotary_emb.inv_freq")); // a stale buffer of older versions
     let name = dir.display().to_string();
     let mut need = |k: &str| {

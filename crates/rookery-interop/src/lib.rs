@@ -40,10 +40,9 @@ pub fn lm_config(dir: &Path) -> Result<rookery_model::flamingo::LmConfig> {
     }
 }
 
-/// The weight files of the HF causal LM in `dir`: `model.safetensors`, or the shards its
-/// index lists, in order.
+/// The weight files of the HF model in `dir` ([`tensors::hf_weight_files`]).
 pub fn lm_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    hf_llama::weight_files(dir)
+    tensors::hf_weight_files(dir)
 }
 
 fn is_gpt2(dir: &Path) -> bool {
@@ -79,7 +78,8 @@ pub enum ClipFormat {
     /// open_clip: `open_clip_model.safetensors` + the model config file named here
     /// (`open_clip_config.json`, or the only other `*.json` beside the weights).
     OpenClip(PathBuf),
-    /// HF transformers `CLIPModel`: `config.json` with `model_type = "clip"` + `model.safetensors`.
+    /// HF transformers `CLIPModel`: `config.json` with `model_type = "clip"`, and its weights
+    /// ([`tensors::hf_weight_files`]).
     Hf,
 }
 
@@ -95,11 +95,7 @@ pub fn detect_clip(dir: &Path) -> Result<ClipFormat> {
             return Ok(ClipFormat::Rookery);
         }
         match v["model_type"].as_str() {
-            Some("clip") if dir.join("model.safetensors").is_file() => return Ok(ClipFormat::Hf),
-            Some("clip") => bail!(
-                "{}: an HF CLIPModel without model.safetensors (PyTorch .bin files and sharded checkpoints are not read for CLIP yet)",
-                dir.display()
-            ),
+            Some("clip") => return Ok(ClipFormat::Hf),
             Some(other) if !other.is_empty() => bail!(
                 "{}: config.json says model_type = {other:?}; rookery reads HF CLIP (\"clip\") here",
                 dir.display()
@@ -123,7 +119,7 @@ pub fn detect_clip(dir: &Path) -> Result<ClipFormat> {
         }
     }
     bail!(
-        "{}: not a CLIP directory rookery reads: expected `rookery export` output (config.json with rookery_model), open_clip ({} or open_clip_pytorch_model.bin, with open_clip_config.json) or HF CLIPModel (config.json with model_type \"clip\" and model.safetensors)",
+        "{}: not a CLIP directory rookery reads: expected `rookery export` output (config.json with rookery_model), open_clip ({} or open_clip_pytorch_model.bin, with open_clip_config.json) or HF CLIPModel (config.json with model_type \"clip\")",
         dir.display(),
         open_clip::WEIGHTS
     )
@@ -154,7 +150,12 @@ pub fn load_clip<B: Backend>(model: Clip<B>, dir: &Path) -> Result<Clip<B>> {
             let mut store = open_clip::reader(SafetensorsStore::from_bytes(Some(
                 tensors::to_bytes(&renamed)?,
             )));
-            store::load_strict(model, &mut store, &dir.join("model.safetensors"))
+            let files = tensors::hf_weight_files(dir)?;
+            let named = match &files[..] {
+                [one] => one.clone(),
+                _ => dir.to_path_buf(),
+            };
+            store::load_strict(model, &mut store, &named)
         }
     }
 }

@@ -98,6 +98,51 @@ pub fn transpose((shape, data): (Vec<usize>, Vec<f32>)) -> (Vec<usize>, Vec<f32>
     (vec![c, r], t)
 }
 
+/// The weight files of the HF model in `dir`, in the order they are read:
+/// `model.safetensors`, the shards `model.safetensors.index.json` lists, `pytorch_model.bin`,
+/// or the shards `pytorch_model.bin.index.json` lists; an error naming the directory and
+/// these names when none is there.
+pub fn hf_weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    for single in ["model.safetensors", "pytorch_model.bin"] {
+        if dir.join(single).is_file() {
+            return Ok(vec![dir.join(single)]);
+        }
+    }
+    for index in ["model.safetensors.index.json", "pytorch_model.bin.index.json"] {
+        let path = dir.join(index);
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not JSON", path.display()))?;
+        let shards: std::collections::BTreeSet<&str> = v["weight_map"]
+            .as_object()
+            .with_context(|| format!("{}: no weight_map", path.display()))?
+            .values()
+            .filter_map(serde_json::Value::as_str)
+            .collect();
+        return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
+    }
+    bail!(
+        "{}: no weights: expected model.safetensors, model.safetensors.index.json with its shards, pytorch_model.bin or pytorch_model.bin.index.json",
+        dir.display()
+    )
+}
+
+/// Every tensor of the HF model in `dir` ([`hf_weight_files`]) as f32: safetensors files
+/// directly, PyTorch pickles through burn-store's reader.
+pub fn read_hf(dir: &Path) -> Result<Tensors> {
+    let mut all = Tensors::new();
+    for f in hf_weight_files(dir)? {
+        let part = match f.extension().is_some_and(|e| e == "bin") {
+            true => read_pytorch_f32(&f)?,
+            false => read_f32(&f)?,
+        };
+        all.extend(part);
+    }
+    Ok(all)
+}
+
 /// `tensors` as the bytes of an f32 safetensors file.
 pub fn to_bytes(tensors: &Tensors) -> Result<Vec<u8>> {
     let raw: Vec<(&String, Vec<u8>, &Vec<usize>)> = tensors

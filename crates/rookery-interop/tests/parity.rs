@@ -147,11 +147,8 @@ fn missing_unexpected_and_misshapen_tensors_and_foreign_directories_are_refused(
     assert!(err.contains("not a CLIP directory"), "{err}");
 }
 
-/// open_clip's PyTorch pickle (`open_clip_pytorch_model.bin`, bf16, wrapped as a training
-/// checkpoint: `{"state_dict": {"module.<key>": ...}}`) loads to the bf16 rounding of the
-/// safetensors weights, every one.
-#[test]
-fn open_clip_pickles_load_through_burn_stores_reader() {
+/// Every weight of the CLIP fixture `name`, in module order.
+fn clip_weights(name: &str) -> Vec<Vec<f32>> {
     use burn::module::{Module, ModuleVisitor, Param};
     struct Flat(Vec<Vec<f32>>);
     impl ModuleVisitor<Flex> for Flat {
@@ -160,15 +157,36 @@ fn open_clip_pickles_load_through_burn_stores_reader() {
         }
     }
     let dev = Default::default();
-    let load = |name: &str| {
-        let dir = fixtures().join(name);
-        let cfg = clip_config(&dir).unwrap();
-        let mut f = Flat(vec![]);
-        load_clip(cfg.init::<Flex>(&dev), &dir)
-            .unwrap()
-            .visit(&mut f);
-        f.0
-    };
+    let dir = fixtures().join(name);
+    let cfg = clip_config(&dir).unwrap();
+    let mut f = Flat(vec![]);
+    load_clip(cfg.init::<Flex>(&dev), &dir)
+        .unwrap()
+        .visit(&mut f);
+    f.0
+}
+
+/// HF `CLIPModel` weights as a PyTorch pickle (`pytorch_model.bin`, f16, as older hub repos
+/// ship them) load through burn-store's reader to the f16 rounding of the safetensors
+/// weights, every one.
+#[test]
+fn hf_clip_pickles_load_through_burn_stores_reader() {
+    let dir = fixtures().join("hf_clip_bin");
+    assert_eq!(detect_clip(&dir).unwrap(), ClipFormat::Hf);
+    let (bin, st) = (clip_weights("hf_clip_bin"), clip_weights("hf_clip"));
+    assert_eq!(bin.len(), st.len());
+    let f16 = |x: f32| burn::tensor::f16::from_f32(x).to_f32();
+    for (b, s) in bin.iter().zip(&st) {
+        assert!(b.iter().zip(s).all(|(x, y)| *x == f16(*y)));
+    }
+}
+
+/// open_clip's PyTorch pickle (`open_clip_pytorch_model.bin`, bf16, wrapped as a training
+/// checkpoint: `{"state_dict": {"module.<key>": ...}}`) loads to the bf16 rounding of the
+/// safetensors weights, every one.
+#[test]
+fn open_clip_pickles_load_through_burn_stores_reader() {
+    let load = clip_weights;
     let dir = fixtures().join("open_clip_bin");
     assert!(matches!(
         detect_clip(&dir).unwrap(),

@@ -62,15 +62,15 @@ pub fn estimate(cfg: &RunConfig) -> Estimate {
     let (params, trained, per_sample) = match cfg.train.stage.as_str() {
         "lm" => {
             let l = &cfg.lm;
-            let (p, kept) = lm_shapes(l);
+            let (p, kept) = lm_shapes(l, seq(cfg, l));
             (p, p, kept)
         }
         "flamingo" => {
             let f = &cfg.flamingo.model;
-            let (lm, kept) = lm_shapes(&f.lm);
+            let (lm, kept) = lm_shapes(&f.lm, seq(cfg, &f.lm));
             let (vision, _) = vit_shapes(&f.vision, 0);
-            // Only the new layers train; their share is small next to the frozen towers.
-            (lm + vision, 0.0, kept)
+            let new = flamingo_new(f);
+            (lm + vision + new, new, kept)
         }
         _ => {
             let c = &cfg.model;
@@ -117,13 +117,46 @@ fn vit_shapes(v: &rookery_model::vit::VitConfig, embed_dim: usize) -> (f64, f64)
     )
 }
 
-/// A causal LM's parameters (embedding and head counted apart: tied or not, the head's
-/// gradient is its own) and the floats one sequence keeps, logits included.
-fn lm_shapes(l: &rookery_model::flamingo::LmConfig) -> (f64, f64) {
-    let (w, ctx, vocab) = (l.width as f64, l.context_length as f64, l.vocab_size as f64);
-    let params = 2.0 * vocab * w + ctx * w + l.layers as f64 * block(w, l.mlp_ratio);
-    let kept = ctx * (l.layers as f64 * kept_per_token(w, l.mlp_ratio) + vocab);
+/// Tokens per training sequence: the interleaved budget, at most the LM's context.
+fn seq(cfg: &RunConfig, l: &rookery_model::flamingo::LmConfig) -> f64 {
+    cfg.data.interleaved.max_tokens.min(l.context_length) as f64
+}
+
+/// A causal LM's parameters (embedding and head counted apart: rookery holds both, tied or
+/// not) and the floats one sequence of `seq` tokens keeps, logits included.
+fn lm_shapes(l: &rookery_model::flamingo::LmConfig, seq: f64) -> (f64, f64) {
+    let (w, vocab) = (l.width as f64, l.vocab_size as f64);
+    let per_layer = match l.style.as_str() {
+        "llama" => {
+            let (q, kv) = ((l.heads * l.head_dim()) as f64, (l.kv() * l.head_dim()) as f64);
+            w * (q + 2.0 * kv) + q * w + 3.0 * w * l.hidden() as f64
+        }
+        _ => block(w, l.mlp_ratio),
+    };
+    let positions = match l.style.as_str() {
+        "llama" => 0.0,
+        _ => l.context_length as f64 * w,
+    };
+    let params = 2.0 * vocab * w + positions + l.layers as f64 * per_layer;
+    let ratio = l.hidden() as f64 / w;
+    let kept = seq * (l.layers as f64 * kept_per_token(w, ratio) + vocab);
     (params, kept)
+}
+
+/// Parameters of what stage 2 adds and trains: the Perceiver Resampler over the vision
+/// width, one gated cross-attention block per n-th LM layer, the two new token rows.
+fn flamingo_new(f: &rookery_model::flamingo::FlamingoConfig) -> f64 {
+    let (dv, w) = (f.vision.width as f64, f.lm.width as f64);
+    let r = &f.resampler;
+    let inner = (r.heads * r.dim_head) as f64;
+    let ff = |d: f64, mult: usize| 2.0 * mult as f64 * d * d;
+    let resampler = r.latents as f64 * dv
+        + r.depth as f64 * (4.0 * dv * inner + ff(dv, r.ff_mult))
+        + r.max_frames as f64 * dv;
+    let x_inner = (f.xattn_heads * f.xattn_dim_head) as f64;
+    let xattn = 2.0 * w * x_inner + 2.0 * dv * x_inner + ff(w, f.xattn_ff_mult);
+    let blocks = (f.lm.layers / f.cross_attn_every_n_layers.max(1)) as f64;
+    resampler + blocks * xattn + 2.0 * w
 }
 
 /// Memory the kernel says can be allocated without swapping (`MemAvailable`), if known.

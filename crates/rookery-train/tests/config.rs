@@ -152,3 +152,48 @@ fn shard_pattern_matching_nothing_is_refused_with_the_key() {
     assert_eq!(key, "data.train");
     assert!(msg.contains("/nonexistent/{000..003}.tar"), "{msg}");
 }
+
+/// configs/flamingo-vitl14-llama.toml resolves against the published shapes of its sources
+/// (configs/pretrained-shapes: their config.json alone, no weights, no tokenizer): OpenAI's
+/// ViT-L/14 and TinyLlama 1.1B with the three tokens OpenFlamingo adds, OpenFlamingo-3B's new
+/// layers, and the parameter counts the models publish.
+#[test]
+fn the_vitl14_llama_recipe_resolves_against_the_published_shapes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let sources = [
+        format!(
+            "flamingo.vision_from={}",
+            root.join("pretrained-shapes/clip-vit-large-patch14").display()
+        ),
+        format!(
+            "flamingo.lm_from={}",
+            root.join("pretrained-shapes/TinyLlama_v1.1").display()
+        ),
+    ];
+    let cfg = RunConfig::load(&root.join("flamingo-vitl14-llama.toml"), &sources).unwrap();
+    // TinyLlama's tokenizer has 32000 tokens: <|endofchunk|> 32000, <image> 32001, <PAD> 32002.
+    let (r, _) = rookery_train::stage::flamingo::resolve(&cfg, 32003, (32001, 32000)).unwrap();
+    r.validate().unwrap();
+    let m = &r.flamingo.model;
+    let v = &m.vision;
+    assert_eq!((v.width, v.layers, v.heads, v.patch_size), (1024, 24, 16, 14));
+    let l = &m.lm;
+    assert_eq!((l.width, l.layers, l.heads, l.kv()), (2048, 22, 32, 4));
+    assert_eq!((l.vocab_size, l.hidden(), l.context_length), (32003, 5632, 2048));
+    assert!(!l.tie_embeddings);
+    let e = rookery_train::memory::estimate(&r);
+    eprintln!("{e:?}");
+    // ViT-L/14's tower 303.2M (+0.8M projection), TinyLlama 1.100B (+2 x 3 x 2048 new rows),
+    // the resampler 63.0M and 22 gated blocks of 36.7M: 2.27B in all (norms not counted).
+    let params = e.params / 1e9;
+    assert!((2.25..2.28).contains(&params), "{params}B parameters");
+    let trained = e.optimizer / 12.0 / 1e9;
+    assert!((0.86..0.88).contains(&trained), "{trained}B trained");
+    // Refused where its images do not fit the tower.
+    let mut small = cfg.clone();
+    small.data.image_size = 336;
+    let err = rookery_train::stage::flamingo::resolve(&small, 32003, (32001, 32000))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("takes 224"), "{err}");
+}

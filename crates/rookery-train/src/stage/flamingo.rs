@@ -111,19 +111,34 @@ fn is_rookery_run(path: &Path) -> bool {
 /// Where `[flamingo] vision_from` points: the directory read, its CLIP config, and the weights
 /// file hashed into the resolved config. A rookery CLIP checkpoint or run directory, or a CLIP
 /// in another format (`rookery export`, open_clip, HF; [`rookery_interop::detect_clip`]).
-fn vision_source(path: &Path) -> Result<(PathBuf, rookery_model::ClipConfig, PathBuf)> {
+fn vision_source(path: &Path) -> Result<(PathBuf, rookery_model::ClipConfig)> {
     if is_rookery_run(path) {
         let (dir, cfg) = source(path, "vision_from", "clip")?;
-        let weights = dir.join("model.safetensors");
-        return Ok((dir, cfg.model, weights));
+        return Ok((dir, cfg.model));
     }
     let cfg = rookery_interop::clip_config(path)
         .with_context(|| format!("flamingo.vision_from = {}", path.display()))?;
-    let weights = match rookery_interop::detect_clip(path)? {
-        rookery_interop::ClipFormat::Hf => path.join("model.safetensors"),
-        _ => path.join(rookery_interop::open_clip::WEIGHTS),
-    };
-    Ok((path.to_path_buf(), cfg, weights))
+    Ok((path.to_path_buf(), cfg))
+}
+
+/// The weight files of a source directory [`resolve`] found, in the order they are hashed.
+fn weight_files(dir: &Path, vision: bool) -> Result<Vec<PathBuf>> {
+    if is_rookery_run(dir) {
+        return Ok(vec![dir.join("model.safetensors")]);
+    }
+    if !vision {
+        return rookery_interop::lm_weight_files(dir);
+    }
+    Ok(match rookery_interop::detect_clip(dir)? {
+        rookery_interop::ClipFormat::Hf => rookery_interop::tensors::hf_weight_files(dir)?,
+        _ => {
+            let st = dir.join(rookery_interop::open_clip::WEIGHTS);
+            vec![match st.is_file() {
+                true => st,
+                false => rookery_interop::open_clip::pickle(dir).unwrap_or(st),
+            }]
+        }
+    })
 }
 
 /// The frozen vision tower of the CLIP at `path`: a rookery checkpoint or run directory, or a
@@ -164,7 +179,7 @@ pub fn load_source_lm<B: Backend>(
 
 /// Where `[flamingo] lm_from` points: the directory read, its LM config, and the weight files
 /// hashed into the resolved config.
-fn lm_source(cfg: &RunConfig) -> Result<(PathBuf, LmConfig, Vec<PathBuf>)> {
+fn lm_source(cfg: &RunConfig) -> Result<(PathBuf, LmConfig)> {
     let path = &cfg.flamingo.lm_from;
     if is_rookery_run(path) {
         let (dir, lcfg) = source(path, "lm_from", "lm")?;
@@ -174,13 +189,11 @@ fn lm_source(cfg: &RunConfig) -> Result<(PathBuf, LmConfig, Vec<PathBuf>)> {
         if ours != std::fs::read(&lm_tokenizer).unwrap_or_default() {
             bail!("data.tokenizer = {} differs from the tokenizer the language model in {} was trained with ({}): token ids would not match", cfg.data.tokenizer.display(), dir.display(), lm_tokenizer.display());
         }
-        let weights = vec![dir.join("model.safetensors")];
-        return Ok((dir, lcfg.lm, weights));
+        return Ok((dir, lcfg.lm));
     }
-    let key = || format!("flamingo.lm_from = {}", path.display());
-    let lm = rookery_interop::lm_config(path).with_context(key)?;
-    let weights = rookery_interop::lm_weight_files(path).with_context(key)?;
-    Ok((path.clone(), lm, weights))
+    let lm = rookery_interop::lm_config(path)
+        .with_context(|| format!("flamingo.lm_from = {}", path.display()))?;
+    Ok((path.clone(), lm))
 }
 
 /// `cfg` with, when `[flamingo] lm_from` is another project's LM, its tokenizer extended as
@@ -208,6 +221,49 @@ pub fn with_lm_tokenizer(cfg: &RunConfig) -> Result<RunConfig> {
     Ok(cfg)
 }
 
+/// Where stage 2's frozen parts come from: checkpoint directories, or other projects'.
+pub struct Sources {
+    pub vision: PathBuf,
+    pub lm: PathBuf,
+}
+
+/// `cfg` with stage 2's shapes taken from its sources' configs, no weights read: the vision
+/// tower's, and the LM's with its vocabulary grown to the tokenizer's `vocab` entries;
+/// `tokens` are the ids of `<image>` and `<|endofchunk|>`. Refuses an image size or sequence
+/// length the sources do not take.
+pub fn resolve(
+    cfg: &RunConfig,
+    vocab: usize,
+    tokens: (usize, usize),
+) -> Result<(RunConfig, Sources)> {
+    let mut cfg = cfg.clone();
+    let (vdir, vcfg) = vision_source(&cfg.flamingo.vision_from)?;
+    let (ldir, mut lm) = lm_source(&cfg)?;
+    // Tokens added to the LM's tokenizer get rows of their own.
+    lm.vocab_size = lm.vocab_size.max(vocab);
+    let f = &mut cfg.flamingo;
+    f.model.vision = vcfg.vision.clone();
+    f.model.vision_embed_dim = vcfg.embed_dim;
+    f.model.lm = lm;
+    (f.model.image_token, f.model.eoc_token) = tokens;
+    if cfg.data.image_size as usize != f.model.vision.image_size {
+        bail!(
+            "data.image_size is {} but the vision tower of {} takes {}",
+            cfg.data.image_size,
+            vdir.display(),
+            f.model.vision.image_size
+        );
+    }
+    if cfg.data.interleaved.max_tokens > f.model.lm.context_length {
+        bail!("data.interleaved.max_tokens = {} exceeds the context of the language model in {} ({})", cfg.data.interleaved.max_tokens, ldir.display(), f.model.lm.context_length);
+    }
+    let sources = Sources {
+        vision: vdir,
+        lm: ldir,
+    };
+    Ok((cfg, sources))
+}
+
 fn sha256_all(paths: &[PathBuf]) -> Result<String> {
     match paths {
         [one] => sha256(one),
@@ -227,31 +283,14 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
     type Prep = Pages;
 
     fn new(cfg: &RunConfig, tokenizer: Arc<TextTokenizer>) -> Result<Self> {
-        let mut cfg = cfg.clone();
-        let (vdir, vcfg, vweights) = vision_source(&cfg.flamingo.vision_from)?;
-        let (ldir, mut lm, lweights) = lm_source(&cfg)?;
-        // Tokens added to the LM's tokenizer get rows of their own.
-        lm.vocab_size = lm.vocab_size.max(tokenizer.vocab_size);
         let sp = rookery_data::interleaved::Specials::of(&tokenizer).map_err(anyhow::Error::msg)?;
+        let tokens = (sp.image as usize, sp.eoc as usize);
+        let (mut cfg, sources) = resolve(cfg, tokenizer.vocab_size, tokens)?;
         let f = &mut cfg.flamingo;
-        f.model.vision = vcfg.vision.clone();
-        f.model.vision_embed_dim = vcfg.embed_dim;
-        f.model.lm = lm;
-        (f.model.image_token, f.model.eoc_token) = (sp.image as usize, sp.eoc as usize);
-        f.vision_sha256 = sha256(&vweights)?;
-        f.lm_sha256 = sha256_all(&lweights)?;
-        if cfg.data.image_size as usize != f.model.vision.image_size {
-            bail!(
-                "data.image_size is {} but the vision tower of {} takes {}",
-                cfg.data.image_size,
-                vdir.display(),
-                f.model.vision.image_size
-            );
-        }
-        if cfg.data.interleaved.max_tokens > f.model.lm.context_length {
-            bail!("data.interleaved.max_tokens = {} exceeds the context of the language model in {} ({})", cfg.data.interleaved.max_tokens, ldir.display(), f.model.lm.context_length);
-        }
-        tracing::info!(vision = %vdir.display(), lm = %ldir.display(), "stage 2 starts from these checkpoints");
+        f.vision_sha256 = sha256_all(&weight_files(&sources.vision, true)?)?;
+        f.lm_sha256 = sha256_all(&weight_files(&sources.lm, false)?)?;
+        let (v, l) = (sources.vision.display(), sources.lm.display());
+        tracing::info!(vision = %v, lm = %l, "stage 2 starts from these checkpoints");
         Ok(FlamingoStage {
             cfg,
             tokenizer,
