@@ -108,7 +108,10 @@ pub fn hf_weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
             return Ok(vec![dir.join(single)]);
         }
     }
-    for index in ["model.safetensors.index.json", "pytorch_model.bin.index.json"] {
+    for index in [
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+    ] {
         let path = dir.join(index);
         let Ok(bytes) = std::fs::read(&path) else {
             continue;

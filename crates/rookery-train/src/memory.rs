@@ -128,7 +128,10 @@ fn lm_shapes(l: &rookery_model::flamingo::LmConfig, seq: f64) -> (f64, f64) {
     let (w, vocab) = (l.width as f64, l.vocab_size as f64);
     let per_layer = match l.style.as_str() {
         "llama" => {
-            let (q, kv) = ((l.heads * l.head_dim()) as f64, (l.kv() * l.head_dim()) as f64);
+            let (q, kv) = (
+                (l.heads * l.head_dim()) as f64,
+                (l.kv() * l.head_dim()) as f64,
+            );
             w * (q + 2.0 * kv) + q * w + 3.0 * w * l.hidden() as f64
         }
         _ => block(w, l.mlp_ratio),

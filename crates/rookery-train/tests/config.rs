@@ -163,7 +163,8 @@ fn the_vitl14_llama_recipe_resolves_against_the_published_shapes() {
     let sources = [
         format!(
             "flamingo.vision_from={}",
-            root.join("pretrained-shapes/clip-vit-large-patch14").display()
+            root.join("pretrained-shapes/clip-vit-large-patch14")
+                .display()
         ),
         format!(
             "flamingo.lm_from={}",
@@ -176,10 +177,16 @@ fn the_vitl14_llama_recipe_resolves_against_the_published_shapes() {
     r.validate().unwrap();
     let m = &r.flamingo.model;
     let v = &m.vision;
-    assert_eq!((v.width, v.layers, v.heads, v.patch_size), (1024, 24, 16, 14));
+    assert_eq!(
+        (v.width, v.layers, v.heads, v.patch_size),
+        (1024, 24, 16, 14)
+    );
     let l = &m.lm;
     assert_eq!((l.width, l.layers, l.heads, l.kv()), (2048, 22, 32, 4));
-    assert_eq!((l.vocab_size, l.hidden(), l.context_length), (32003, 5632, 2048));
+    assert_eq!(
+        (l.vocab_size, l.hidden(), l.context_length),
+        (32003, 5632, 2048)
+    );
     assert!(!l.tie_embeddings);
     let e = rookery_train::memory::estimate(&r);
     eprintln!("{e:?}");

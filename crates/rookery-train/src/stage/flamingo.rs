@@ -255,7 +255,12 @@ pub fn resolve(
         );
     }
     if cfg.data.interleaved.max_tokens > f.model.lm.context_length {
-        bail!("data.interleaved.max_tokens = {} exceeds the context of the language model in {} ({})", cfg.data.interleaved.max_tokens, ldir.display(), f.model.lm.context_length);
+        bail!(
+            "data.interleaved.max_tokens = {} exceeds the context of the language model in {} ({})",
+            cfg.data.interleaved.max_tokens,
+            ldir.display(),
+            f.model.lm.context_length
+        );
     }
     let sources = Sources {
         vision: vdir,
