@@ -17,6 +17,7 @@ pub mod hf_clip;
 pub mod hf_clip_export;
 pub mod hf_gpt2;
 pub mod hf_llama;
+pub mod hf_siglip;
 pub mod open_clip;
 pub mod open_clip_config;
 pub mod open_flamingo;

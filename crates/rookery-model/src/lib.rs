@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod flamingo;
 pub mod layers;
 pub mod loss;
+pub mod siglip;
 pub mod text;
 pub mod vit;
 
