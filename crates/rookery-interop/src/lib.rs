@@ -71,6 +71,15 @@ pub fn load_lm<B: Backend>(
     store::load_strict(model, &mut store, dir)
 }
 
+/// Whether `dir` holds an HF SigLIP (`config.json` `model_type` in [`hf_siglip::MODEL_TYPES`]).
+pub fn is_siglip(dir: &Path) -> bool {
+    std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["model_type"].as_str().map(str::to_string))
+        .is_some_and(|t| hf_siglip::MODEL_TYPES.contains(&t.as_str()))
+}
+
 /// The kinds of CLIP directory rookery reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClipFormat {

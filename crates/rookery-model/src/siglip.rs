@@ -62,11 +62,11 @@ impl SiglipConfig {
         self.image_size / self.patch_size
     }
 
-    /// A model with these shapes (weights to be loaded).
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Siglip<B> {
+    /// The vision tower alone.
+    pub fn init_vision<B: Backend>(&self, device: &B::Device) -> SiglipVision<B> {
         let v = &self.vision;
         let n = self.grid() * self.grid();
-        let vision = SiglipVision {
+        SiglipVision {
             patch_embedding: Conv2dConfig::new([3, v.width], [self.patch_size; 2])
                 .with_stride([self.patch_size; 2])
                 .init(device),
@@ -80,7 +80,12 @@ impl SiglipConfig {
                 mlp: mlp(v, device),
                 heads: v.heads,
             }),
-        };
+        }
+    }
+
+    /// A model with these shapes (weights to be loaded).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Siglip<B> {
+        let vision = self.init_vision(device);
         let text = self.text.as_ref().map(|t| SiglipTextTower {
             token_embedding: EmbeddingConfig::new(t.vocab_size, t.tower.width).init(device),
             position_embedding: Initializer::Zeros.init([t.context_length, t.tower.width], device),
@@ -203,6 +208,12 @@ impl<B: Backend> SiglipVision<B> {
     /// # Shapes
     /// `images`: `[B, 3, H, W]` -> `[B, (H/p)(W/p), width]`.
     pub fn forward_tokens(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
+        self.post_layernorm
+            .forward(self.forward_tokens_unnormed(images))
+    }
+
+    /// The patch tokens before `post_layernorm`.
+    pub fn forward_tokens_unnormed(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
         let x = self.patch_embedding.forward(images); // [B, W, H/p, W/p]
         let [b, w, gh, gw] = x.dims();
         let x = x.reshape([b, w, gh * gw]).swap_dims(1, 2);
@@ -210,7 +221,7 @@ impl<B: Backend> SiglipVision<B> {
         for layer in &self.layers {
             x = layer.forward(x, false);
         }
-        self.post_layernorm.forward(x)
+        x
     }
 
     /// The image embedding: the MAP head over the tokens (`[B, width]`, not normalised).

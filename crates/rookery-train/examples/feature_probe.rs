@@ -16,8 +16,7 @@ use burn::tensor::activation::log_softmax;
 use rookery_data::rng::Rng;
 use rookery_data::synth::scene::{Group, Scene};
 use rookery_data::transform::{CLIP_MEAN, CLIP_STD};
-use rookery_model::flamingo::{PerceiverResampler, ResamplerConfig};
-use rookery_model::vit::VisionTransformer;
+use rookery_model::flamingo::{PerceiverResampler, ResamplerConfig, VisionTower};
 use rookery_train::stage::flamingo::load_vision;
 use rookery_train::RunConfig;
 
@@ -54,14 +53,14 @@ fn scenes(n: usize, seed: u64) -> (Vec<f32>, Vec<[usize; 3]>) {
 }
 
 /// The tower's patch tokens `[N, 1, P, D]` (the class token dropped, as stage 2 does).
-fn patch_tokens(vision: &VisionTransformer<I>, px: &[f32], device: &Device<I>) -> Tensor<I, 4> {
+fn patch_tokens(vision: &VisionTower<I>, px: &[f32], device: &Device<I>) -> Tensor<I, 4> {
     let per = 3 * SIZE * SIZE;
     let chunks = px.chunks(200 * per).map(|c| {
         let m = c.len() / per;
         let x = Tensor::<I, 4>::from_data(TensorData::new(c.to_vec(), [m, 3, SIZE, SIZE]), device);
-        let t = vision.forward_tokens(x);
-        let [_, p1, d] = t.dims();
-        t.slice(s![.., 1..p1, ..]).reshape([m, 1, p1 - 1, d])
+        let t = vision.patch_tokens(x, false);
+        let [_, p, d] = t.dims();
+        t.reshape([m, 1, p, d])
     });
     Tensor::cat(chunks.collect(), 0)
 }
@@ -93,10 +92,12 @@ fn main() -> Result<()> {
     };
     let device = Default::default();
     let vision = if args.iter().any(|a| a == "--random") {
-        RunConfig::load(&dir.join("config.toml"), &[])?
-            .model
-            .init::<I>(&device)
-            .visual
+        VisionTower::Clip(
+            RunConfig::load(&dir.join("config.toml"), &[])?
+                .model
+                .init::<I>(&device)
+                .visual,
+        )
     } else {
         load_vision::<I>(&dir, &device)?
     };

@@ -68,7 +68,10 @@ pub fn estimate(cfg: &RunConfig) -> Estimate {
         "flamingo" => {
             let f = &cfg.flamingo.model;
             let (lm, kept) = lm_shapes(&f.lm, seq(cfg, &f.lm));
-            let (vision, _) = vit_shapes(&f.vision, 0);
+            let vision = match &f.siglip {
+                Some(s) => siglip_params(s),
+                None => vit_shapes(&f.vision, 0).0,
+            };
             let new = flamingo_new(f);
             (lm + vision + new, new, kept)
         }
@@ -115,6 +118,20 @@ fn vit_shapes(v: &rookery_model::vit::VitConfig, embed_dim: usize) -> (f64, f64)
         params,
         tokens * v.layers as f64 * kept_per_token(w, v.mlp_ratio),
     )
+}
+
+/// A SigLIP vision tower's parameters (head included, norms not).
+fn siglip_params(s: &rookery_model::siglip::SiglipConfig) -> f64 {
+    let v = &s.vision;
+    let (w, p) = (v.width as f64, s.patch_size as f64);
+    let n = (s.grid() * s.grid()) as f64;
+    let ratio = v.hidden as f64 / w;
+    let head = if s.vision_head {
+        w + block(w, ratio)
+    } else {
+        0.0
+    };
+    3.0 * p * p * w + n * w + v.layers as f64 * block(w, ratio) + head
 }
 
 /// Tokens per training sequence: the interleaved budget, at most the LM's context.

@@ -242,3 +242,39 @@ fn an_hf_lm_without_its_tokenizer_is_refused() {
     assert!(msg.contains("hf_gpt2/tokenizer.json"), "{msg}");
     assert!(msg.contains("flamingo.lm_from"), "{msg}");
 }
+
+/// `[flamingo] vision_from` on an HF `SiglipVisionModel` saved alone (transformers 5 layout):
+/// no class token, every patch token after `post_layernorm`; stage 2 trains on it and the
+/// tower stays bit-identical to the file.
+#[test]
+fn stage_two_trains_on_an_hf_siglip_vision_tower() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth(dir.path());
+    let run = dir.path().join("run");
+    let mut cfg = flamingo_cfg(&s, &run, 2);
+    cfg.flamingo.vision_from = fixture("hf_siglip_vision");
+    (
+        cfg.flamingo.model.resampler.depth,
+        cfg.flamingo.model.resampler.latents,
+    ) = (1, 8);
+    train::<B>(&cfg, &Default::default()).unwrap();
+    let resolved = RunConfig::load(&run.join("config.toml"), &[]).unwrap();
+    let siglip = resolved
+        .flamingo
+        .model
+        .siglip
+        .as_ref()
+        .expect("a SigLIP tower");
+    assert_eq!((siglip.vision.width, siglip.vision.eps), (48, 1e-6));
+    let dev = Default::default();
+    let (_, _, model) = open_flamingo::<IB>(&run, &dev).unwrap();
+    let vision = load_vision::<IB>(&fixture("hf_siglip_vision"), &dev).unwrap();
+    assert!(floats(&model.vision) == floats(&vision), "vision changed");
+    let tokens = model
+        .vision
+        .patch_tokens(Tensor::zeros([1, 3, 32, 32], &dev), true);
+    assert_eq!(tokens.dims(), [1, 16, 48], "16 patches, no class token");
+    for x in &model.xattn {
+        assert_ne!(x.attn_gate.val().into_scalar(), 0.0, "a gate did not train");
+    }
+}

@@ -8,6 +8,6 @@ pub mod resampler;
 pub mod xattn;
 
 pub use lm::{LanguageModel, LmConfig, RopeScaling};
-pub use model::{Flamingo, FlamingoConfig, VisionTokens};
+pub use model::{Flamingo, FlamingoConfig, VisionTokens, VisionTower};
 pub use resampler::{PerceiverResampler, ResamplerConfig};
 pub use xattn::{media_mask, GatedCrossAttention};

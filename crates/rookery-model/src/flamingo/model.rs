@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::lm::{LanguageModel, LmConfig};
 use super::resampler::{PerceiverResampler, ResamplerConfig};
 use super::xattn::{media_mask, GatedCrossAttention};
+use crate::siglip::{SiglipConfig, SiglipVision};
 use crate::vit::{VisionTransformer, VitConfig};
 
 /// `[model]` of a Flamingo run.
@@ -17,6 +18,8 @@ use crate::vit::{VisionTransformer, VitConfig};
 #[serde(default, deny_unknown_fields)]
 pub struct FlamingoConfig {
     pub vision: VitConfig,
+    /// A SigLIP vision tower instead of `vision`'s CLIP one (set from a SigLIP source).
+    pub siglip: Option<SiglipConfig>,
     /// Output width of the vision tower's CLIP projection (kept so that the tower's weights
     /// load whole; Flamingo reads the patch tokens before it). 0: the tower's width.
     pub vision_embed_dim: usize,
@@ -53,6 +56,7 @@ impl Default for FlamingoConfig {
     fn default() -> Self {
         FlamingoConfig {
             vision: VitConfig::default(),
+            siglip: None,
             vision_embed_dim: 0,
             lm: LmConfig::default(),
             resampler: ResamplerConfig {
@@ -75,10 +79,26 @@ impl Default for FlamingoConfig {
 }
 
 impl FlamingoConfig {
+    /// Width of the vision tower's tokens (what the resampler reads).
+    pub fn vision_width(&self) -> usize {
+        match &self.siglip {
+            Some(s) => s.vision.width,
+            None => self.vision.width,
+        }
+    }
+
+    /// Side of the images the vision tower takes.
+    pub fn image_size(&self) -> usize {
+        match &self.siglip {
+            Some(s) => s.image_size,
+            None => self.vision.image_size,
+        }
+    }
+
     /// A Flamingo whose vision tower and LM are freshly initialised (load them before
     /// training), frozen, and whose new token rows start equal to the LM's.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Flamingo<B> {
-        let dv = self.vision.width;
+        let dv = self.vision_width();
         let every = self.cross_attn_every_n_layers.max(1);
         let xattn = (0..self.lm.layers)
             .filter(|i| (i + 1) % every == 0)
@@ -93,15 +113,18 @@ impl FlamingoConfig {
                 )
             })
             .collect();
-        let model = Flamingo {
-            vision: self.vision.init(
-                if self.vision_embed_dim == 0 {
-                    dv
-                } else {
-                    self.vision_embed_dim
+        let vision = match &self.siglip {
+            Some(s) => VisionTower::Siglip(s.init_vision(device)),
+            None => VisionTower::Clip(self.vision.init(
+                match self.vision_embed_dim {
+                    0 => dv,
+                    e => e,
                 },
                 device,
-            ),
+            )),
+        };
+        let model = Flamingo {
+            vision,
             resampler: self.resampler.init(dv, device),
             lm: self.lm.init(device),
             xattn,
@@ -117,10 +140,41 @@ impl FlamingoConfig {
     }
 }
 
+/// The frozen vision tower: CLIP's ViT or SigLIP's.
+// One per model, never in a collection: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum VisionTower<B: Backend> {
+    Clip(VisionTransformer<B>),
+    Siglip(SiglipVision<B>),
+}
+
+impl<B: Backend> VisionTower<B> {
+    /// The patch tokens `[B, P, Dv]` of `images` `[B, 3, H, W]`, before or after the tower's
+    /// final norm (CLIP's `ln_post`, SigLIP's `post_layernorm`); never a class token.
+    pub fn patch_tokens(&self, images: Tensor<B, 4>, after_norm: bool) -> Tensor<B, 3> {
+        match self {
+            VisionTower::Clip(v) => {
+                let mut tokens = v.forward_tokens(images);
+                if after_norm {
+                    tokens = crate::layers::norm(&v.ln_post, tokens);
+                }
+                let [_, p1, _] = tokens.dims();
+                // The class token and the projection are CLIP's, not Flamingo's.
+                tokens.slice(s![.., 1..p1, ..])
+            }
+            VisionTower::Siglip(v) => match after_norm {
+                true => v.forward_tokens(images),
+                false => v.forward_tokens_unnormed(images),
+            },
+        }
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct Flamingo<B: Backend> {
     /// Frozen: patch tokens come from it, never gradients.
-    pub vision: VisionTransformer<B>,
+    pub vision: VisionTower<B>,
     pub resampler: PerceiverResampler<B>,
     /// Frozen, except through `new_tokens`.
     pub lm: LanguageModel<B>,
@@ -168,16 +222,14 @@ impl<B: Backend> Flamingo<B> {
     /// Visual tokens `[B, N * latents, Dv]` of `images` `[B, N, 3, H, W]`.
     pub fn encode_images(&self, images: Tensor<B, 5>) -> Tensor<B, 3> {
         let [b, n, c, h, w] = images.dims();
-        let mut tokens = self.vision.forward_tokens(images.reshape([b * n, c, h, w]));
-        if self.vision_tokens == VisionTokens::AfterLnPost {
-            tokens = crate::layers::norm(&self.vision.ln_post, tokens);
-        }
-        let [_, p1, dv] = tokens.dims();
-        // Patch tokens only: the class token and ln_post/projection are CLIP's, not Flamingo's.
-        let patches = tokens
-            .slice(s![.., 1..p1, ..])
-            .reshape([b * n, 1, p1 - 1, dv]);
-        let visual = self.resampler.forward(patches.detach());
+        let after = self.vision_tokens == VisionTokens::AfterLnPost;
+        let tokens = self
+            .vision
+            .patch_tokens(images.reshape([b * n, c, h, w]), after);
+        let [_, p, dv] = tokens.dims();
+        let visual = self
+            .resampler
+            .forward(tokens.reshape([b * n, 1, p, dv]).detach());
         let l = visual.dims()[1];
         visual.reshape([b, n * l, dv])
     }
@@ -361,7 +413,10 @@ mod tests {
             panic!("gpt2 style")
         };
         assert!(block.attn.in_proj.weight.val().grad(&grads).is_none());
-        assert!(model.vision.conv1.weight.val().grad(&grads).is_none());
+        let VisionTower::Clip(vision) = &model.vision else {
+            panic!("a CLIP tower")
+        };
+        assert!(vision.conv1.weight.val().grad(&grads).is_none());
         assert!(model.new_tokens.val().grad(&grads).is_some());
         assert!(model.xattn[0].attn_gate.val().grad(&grads).is_some());
         assert!(model.resampler.latents.val().grad(&grads).is_some());
@@ -379,9 +434,10 @@ mod tests {
         let _ = before.encode_images(images.clone());
         let mut after = before.clone();
         after.vision_tokens = VisionTokens::AfterLnPost;
-        let tokens = before
-            .vision
-            .forward_tokens(images.clone().reshape([2, 3, 16, 16]));
+        let VisionTower::Clip(vision) = &before.vision else {
+            panic!("a CLIP tower")
+        };
+        let tokens = vision.forward_tokens(images.clone().reshape([2, 3, 16, 16]));
         let [_, p1, dv] = tokens.dims();
         let expect = |t: Tensor<Flex, 3>| -> Vec<f32> {
             let patches = t.slice(s![.., 1..p1, ..]).reshape([2, 1, p1 - 1, dv]);
@@ -396,7 +452,7 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(got(&before), expect(tokens.clone()));
-        let normed = crate::layers::norm(&before.vision.ln_post, tokens);
+        let normed = crate::layers::norm(&vision.ln_post, tokens);
         assert_eq!(got(&after), expect(normed));
         assert_ne!(got(&before), got(&after));
     }

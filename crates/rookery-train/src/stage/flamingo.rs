@@ -15,8 +15,7 @@ use rookery_data::loader::Mode;
 use rookery_data::pages::{PageBatch, Pages};
 use rookery_data::TextTokenizer;
 use rookery_dist::Communicator;
-use rookery_model::flamingo::{Flamingo, FlamingoConfig, LanguageModel, LmConfig};
-use rookery_model::vit::VisionTransformer;
+use rookery_model::flamingo::{Flamingo, FlamingoConfig, LanguageModel, LmConfig, VisionTower};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -108,17 +107,27 @@ fn is_rookery_run(path: &Path) -> bool {
     path.join("manifest.json").exists() || path.join("checkpoints").is_dir()
 }
 
-/// Where `[flamingo] vision_from` points: the directory read, its CLIP config, and the weights
-/// file hashed into the resolved config. A rookery CLIP checkpoint or run directory, or a CLIP
-/// in another format (`rookery export`, open_clip, HF; [`rookery_interop::detect_clip`]).
-fn vision_source(path: &Path) -> Result<(PathBuf, rookery_model::ClipConfig)> {
+/// What `[flamingo] vision_from` holds: a CLIP (its vision tower is used) or a SigLIP.
+enum VisionSource {
+    Clip(rookery_model::ClipConfig),
+    Siglip(rookery_model::siglip::SiglipConfig),
+}
+
+/// Where `[flamingo] vision_from` points: the directory read and its model's config. A rookery
+/// CLIP checkpoint or run directory, a CLIP in another format (`rookery export`, open_clip, HF;
+/// [`rookery_interop::detect_clip`]), or an HF SigLIP (`SiglipModel` or `SiglipVisionModel`).
+fn vision_source(path: &Path) -> Result<(PathBuf, VisionSource)> {
     if is_rookery_run(path) {
         let (dir, cfg) = source(path, "vision_from", "clip")?;
-        return Ok((dir, cfg.model));
+        return Ok((dir, VisionSource::Clip(cfg.model)));
     }
-    let cfg = rookery_interop::clip_config(path)
-        .with_context(|| format!("flamingo.vision_from = {}", path.display()))?;
-    Ok((path.to_path_buf(), cfg))
+    let key = || format!("flamingo.vision_from = {}", path.display());
+    if rookery_interop::is_siglip(path) {
+        let cfg = rookery_interop::hf_siglip::config(path).with_context(key)?;
+        return Ok((path.to_path_buf(), VisionSource::Siglip(cfg)));
+    }
+    let cfg = rookery_interop::clip_config(path).with_context(key)?;
+    Ok((path.to_path_buf(), VisionSource::Clip(cfg)))
 }
 
 /// The weight files of a source directory [`resolve`] found, in the order they are hashed.
@@ -126,7 +135,7 @@ fn weight_files(dir: &Path, vision: bool) -> Result<Vec<PathBuf>> {
     if is_rookery_run(dir) {
         return Ok(vec![dir.join("model.safetensors")]);
     }
-    if !vision {
+    if !vision || rookery_interop::is_siglip(dir) {
         return rookery_interop::lm_weight_files(dir);
     }
     Ok(match rookery_interop::detect_clip(dir)? {
@@ -143,16 +152,22 @@ fn weight_files(dir: &Path, vision: bool) -> Result<Vec<PathBuf>> {
 
 /// The frozen vision tower of the CLIP at `path`: a rookery checkpoint or run directory, or a
 /// CLIP directory of another format.
-pub fn load_vision<B: Backend>(path: &Path, device: &B::Device) -> Result<VisionTransformer<B>> {
+pub fn load_vision<B: Backend>(path: &Path, device: &B::Device) -> Result<VisionTower<B>> {
     if is_rookery_run(path) {
         let dir = checkpoint_dir(path)?;
         let cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
         let clip = cfg.model.init::<B>(device);
         let clip = checkpoint::load_weights(clip, &dir.join("model.safetensors"))?;
-        return Ok(clip.visual);
+        return Ok(VisionTower::Clip(clip.visual));
+    }
+    if rookery_interop::is_siglip(path) {
+        let cfg = rookery_interop::hf_siglip::config(path)?;
+        let model = rookery_interop::hf_siglip::load(cfg.init::<B>(device), path, &cfg)?;
+        return Ok(VisionTower::Siglip(model.vision));
     }
     let cfg = rookery_interop::clip_config(path)?;
-    Ok(rookery_interop::load_clip(cfg.init::<B>(device), path)?.visual)
+    let clip = rookery_interop::load_clip(cfg.init::<B>(device), path)?;
+    Ok(VisionTower::Clip(clip.visual))
 }
 
 /// The language model of the stage-"lm" checkpoint in `dir`.
@@ -242,16 +257,22 @@ pub fn resolve(
     // Tokens added to the LM's tokenizer get rows of their own.
     lm.vocab_size = lm.vocab_size.max(vocab);
     let f = &mut cfg.flamingo;
-    f.model.vision = vcfg.vision.clone();
-    f.model.vision_embed_dim = vcfg.embed_dim;
+    match vcfg {
+        VisionSource::Clip(c) => {
+            f.model.vision = c.vision.clone();
+            f.model.vision_embed_dim = c.embed_dim;
+            f.model.siglip = None;
+        }
+        VisionSource::Siglip(c) => f.model.siglip = Some(c),
+    }
     f.model.lm = lm;
     (f.model.image_token, f.model.eoc_token) = tokens;
-    if cfg.data.image_size as usize != f.model.vision.image_size {
+    if cfg.data.image_size as usize != f.model.image_size() {
         bail!(
             "data.image_size is {} but the vision tower of {} takes {}",
             cfg.data.image_size,
             vdir.display(),
-            f.model.vision.image_size
+            f.model.image_size()
         );
     }
     if cfg.data.interleaved.max_tokens > f.model.lm.context_length {
