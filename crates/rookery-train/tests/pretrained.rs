@@ -8,12 +8,11 @@
 //! for a fixed page, for `fixtures/check_open_flamingo.py` (not part of CI).
 
 mod common;
-use common::copy_dir;
+use common::{copy_dir, floats};
 
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
-use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use rookery_data::synth::{generate, SynthConfig};
 use rookery_interop::tensors::{read_f32, transpose};
@@ -84,18 +83,6 @@ fn flamingo_cfg(s: &SynthConfig, run: &Path, steps: usize) -> RunConfig {
         "flamingo.model.xattn_ff_mult=4".into(),
     ];
     RunConfig::load(Path::new(""), &sets).unwrap()
-}
-
-fn floats<Bk: Backend, M: Module<Bk>>(m: &M) -> Vec<Vec<f32>> {
-    struct Flat(Vec<Vec<f32>>);
-    impl<Bk: Backend> ModuleVisitor<Bk> for Flat {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
-            self.0.push(p.val().into_data().to_vec::<f32>().unwrap());
-        }
-    }
-    let mut f = Flat(Vec::new());
-    m.visit(&mut f);
-    f.0
 }
 
 fn values<const D: usize>(t: Tensor<IB, D>) -> Vec<f32> {

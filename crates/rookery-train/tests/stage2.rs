@@ -4,7 +4,7 @@
 //! the next-token loss over 2 ranks (and over micro-batches) equals one rank's full batch.
 
 mod common;
-use common::copy_dir;
+use common::{copy_dir, floats};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -160,19 +160,6 @@ fn sources(dir: &Path, s: &SynthConfig) -> (PathBuf, PathBuf) {
     };
     assert!(r.perplexity.is_finite() && r.perplexity > 1.0, "{r:?}");
     (clip, lm)
-}
-
-/// Every float parameter, in module order.
-fn floats<Bk: Backend, M: Module<Bk>>(m: &M) -> Vec<Vec<f32>> {
-    struct Flat(Vec<Vec<f32>>);
-    impl<Bk: Backend> ModuleVisitor<Bk> for Flat {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
-            self.0.push(p.val().into_data().to_vec::<f32>().unwrap());
-        }
-    }
-    let mut f = Flat(Vec::new());
-    m.visit(&mut f);
-    f.0
 }
 
 fn ids<Bk: Backend, M: Module<Bk>>(m: &M) -> HashSet<ParamId> {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::backend::Flex;
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::prelude::Tensor;
+use burn::prelude::{Backend, Tensor};
 use rookery_data::synth::{generate, SynthConfig};
 use rookery_train::{checkpoint, RunConfig};
 
@@ -89,4 +89,17 @@ pub fn weights(cfg: &RunConfig, path: &Path) -> Vec<Vec<f32>> {
         .unwrap()
         .visit(&mut c);
     c.0
+}
+
+/// Every float parameter of `m`, in module order.
+pub fn floats<Bk: Backend, M: Module<Bk>>(m: &M) -> Vec<Vec<f32>> {
+    struct Flat(Vec<Vec<f32>>);
+    impl<Bk: Backend> ModuleVisitor<Bk> for Flat {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
+            self.0.push(p.val().into_data().to_vec::<f32>().unwrap());
+        }
+    }
+    let mut f = Flat(Vec::new());
+    m.visit(&mut f);
+    f.0
 }
