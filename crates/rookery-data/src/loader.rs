@@ -21,7 +21,7 @@ use crate::rng::{hash_str, Rng};
 use crate::stream::{ShardStream, StreamItem, StreamPosition, StreamSpec};
 use crate::synth::SynthConfig;
 use crate::tokenize::TextTokenizer;
-use crate::transform::{center_square, crop_resize_normalize, random_resized_crop};
+use crate::transform::{center_square, crop_resize_normalize, random_resized_crop, whole, Norm};
 use crate::wds::RawSample;
 use crate::DataError;
 
@@ -41,6 +41,9 @@ pub struct DataConfig {
     pub batch_size: usize,
     /// Side of the square model input in pixels.
     pub image_size: u32,
+    /// How evaluation fits an image to the square, and the statistics pixels are normalised
+    /// with: the vision tower's own (stage 2 takes them from its source).
+    pub image_norm: ImageNorm,
     /// Text tokens per caption, start and end tokens included.
     pub context_length: usize,
     /// Shard reader threads per rank.
@@ -89,6 +92,7 @@ impl Default for DataConfig {
             special_tokens: Default::default(),
             batch_size: 64,
             image_size: 64,
+            image_norm: ImageNorm::default(),
             context_length: 32,
             workers: 2,
             decode_threads: 0,
@@ -109,6 +113,49 @@ impl Default for DataConfig {
             interleaved: SequenceConfig::default(),
         }
     }
+}
+
+/// `[data.image_norm]`: what a vision tower was trained to see.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageNorm {
+    /// Per-channel mean and standard deviation of pixels in [0, 1] (OpenAI CLIP's by default;
+    /// SigLIP: 0.5 and 0.5).
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Evaluation: `center_crop` (resize the short side, crop the middle: CLIP) or `squash`
+    /// (resize the whole image to the square: SigLIP's processor).
+    pub eval_resize: EvalResize,
+}
+
+impl Default for ImageNorm {
+    fn default() -> Self {
+        ImageNorm {
+            mean: crate::transform::CLIP_MEAN,
+            std: crate::transform::CLIP_STD,
+            eval_resize: EvalResize::CenterCrop,
+        }
+    }
+}
+
+impl ImageNorm {
+    /// SigLIP's processor: the whole image squashed, mean and std 0.5.
+    pub fn siglip() -> Self {
+        ImageNorm {
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            eval_resize: EvalResize::Squash,
+        }
+    }
+}
+
+/// `[data.image_norm] eval_resize`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalResize {
+    #[default]
+    CenterCrop,
+    Squash,
 }
 
 /// Bad-sample accounting, part of the position so that resumed counts continue exactly.
@@ -576,15 +623,65 @@ pub fn load_image(
                 &mut rng,
             )
         }
-        Mode::Eval => center_square(img.width, img.height),
+        Mode::Eval => match cfg.image_norm.eval_resize {
+            EvalResize::CenterCrop => center_square(img.width, img.height),
+            EvalResize::Squash => whole(img.width, img.height),
+        },
+    };
+    let norm = Norm {
+        mean: cfg.image_norm.mean,
+        std: cfg.image_norm.std,
     };
     let mut image = vec![0f32; 3 * (size * size) as usize];
     RESIZER
-        .with(|r| crop_resize_normalize(&img, crop, size, &mut r.borrow_mut(), &mut image))
+        .with(|r| crop_resize_normalize(&img, crop, size, norm, &mut r.borrow_mut(), &mut image))
         .map_err(|e| format!("resize: {e}"))?;
     Ok(image)
 }
 
 thread_local! {
     static RESIZER: std::cell::RefCell<Resizer> = std::cell::RefCell::new(Resizer::new());
+}
+
+#[cfg(test)]
+mod image_norm_tests {
+    use super::*;
+
+    /// A 16x4 PNG: 12 red columns, then 4 blue ones.
+    fn red_then_blue() -> Vec<u8> {
+        let img = image::RgbImage::from_fn(16, 4, |x, _| match x < 12 {
+            true => image::Rgb([255, 0, 0]),
+            false => image::Rgb([0, 0, 255]),
+        });
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    /// CLIP's evaluation crops the middle square (all red here), SigLIP's squashes the whole
+    /// image (blue on the right), each with its own statistics.
+    #[test]
+    fn evaluation_fits_and_normalises_images_as_the_tower_was_trained() {
+        let png = red_then_blue();
+        let mut cfg = DataConfig {
+            image_size: 4,
+            ..Default::default()
+        };
+        let clip = load_image(&cfg, Mode::Eval, "png", &png, &[]).unwrap();
+        let blue = |img: &[f32]| img[2 * 16 + 3]; // channel 2, row 0, last column
+        let (m, s) = (
+            crate::transform::CLIP_MEAN[2],
+            crate::transform::CLIP_STD[2],
+        );
+        assert!(
+            (blue(&clip) - (0.0 - m) / s).abs() < 1e-5,
+            "center crop: red"
+        );
+        cfg.image_norm = ImageNorm::siglip();
+        let siglip = load_image(&cfg, Mode::Eval, "png", &png, &[]).unwrap();
+        // Squashed: the last column is the blue quarter ((1 - 0.5) / 0.5 = 1; the resampling
+        // kernel reaches a little into the red), the first the red ((1 - 0.5) / 0.5 in red).
+        assert!(blue(&siglip) > 0.8, "squashed: blue, not {}", blue(&siglip));
+        assert!((siglip[0] - 1.0).abs() < 1e-5, "red on the left");
+    }
 }

@@ -78,12 +78,36 @@ pub fn center_square(w: u32, h: u32) -> CropBox {
     }
 }
 
-/// Resizes `crop` of `img` to `size`x`size` and writes normalised CHW f32 into `out`
-/// (length `3 * size * size`). `resizer` is reused across calls to keep its buffers.
+/// The whole image: resizing it to a square squashes it (SigLIP's processor resizes so).
+pub fn whole(w: u32, h: u32) -> CropBox {
+    CropBox {
+        left: 0.0,
+        top: 0.0,
+        width: w as f64,
+        height: h as f64,
+    }
+}
+
+/// Per-channel mean and standard deviation images are normalised with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Norm {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// OpenAI CLIP's statistics (CLIP, open_clip, OpenFlamingo).
+pub const CLIP_NORM: Norm = Norm {
+    mean: CLIP_MEAN,
+    std: CLIP_STD,
+};
+
+/// Resizes `crop` of `img` to `size`x`size` and writes CHW f32 normalised by `norm` into
+/// `out` (length `3 * size * size`). `resizer` is reused across calls to keep its buffers.
 pub fn crop_resize_normalize(
     img: &RgbImage,
     crop: CropBox,
     size: u32,
+    norm: Norm,
     resizer: &mut Resizer,
     out: &mut [f32],
 ) -> Result<(), String> {
@@ -101,10 +125,11 @@ pub fn crop_resize_normalize(
     let px = dst.buffer();
     let (r, rest) = out.split_at_mut(n);
     let (g, b) = rest.split_at_mut(n);
+    let (m, sd) = (norm.mean, norm.std);
     for (i, p) in px.chunks_exact(3).enumerate() {
-        r[i] = (p[0] as f32 / 255.0 - CLIP_MEAN[0]) / CLIP_STD[0];
-        g[i] = (p[1] as f32 / 255.0 - CLIP_MEAN[1]) / CLIP_STD[1];
-        b[i] = (p[2] as f32 / 255.0 - CLIP_MEAN[2]) / CLIP_STD[2];
+        r[i] = (p[0] as f32 / 255.0 - m[0]) / sd[0];
+        g[i] = (p[1] as f32 / 255.0 - m[1]) / sd[1];
+        b[i] = (p[2] as f32 / 255.0 - m[2]) / sd[2];
     }
     Ok(())
 }
@@ -161,8 +186,15 @@ mod tests {
             data: [255u8, 0, 128].repeat(70),
         };
         let mut out = vec![0f32; 3 * 16];
-        crop_resize_normalize(&img, center_square(10, 7), 4, &mut Resizer::new(), &mut out)
-            .unwrap();
+        crop_resize_normalize(
+            &img,
+            center_square(10, 7),
+            4,
+            CLIP_NORM,
+            &mut Resizer::new(),
+            &mut out,
+        )
+        .unwrap();
         let want = [
             (1.0 - CLIP_MEAN[0]) / CLIP_STD[0],
             -CLIP_MEAN[1] / CLIP_STD[1],
@@ -199,7 +231,7 @@ mod tests {
                 width: 10.0,
                 height: 10.0,
             };
-            crop_resize_normalize(&img, crop, 2, &mut Resizer::new(), &mut out).unwrap();
+            crop_resize_normalize(&img, crop, 2, CLIP_NORM, &mut Resizer::new(), &mut out).unwrap();
             for v in &out[..4] {
                 assert!(
                     (v - (want - CLIP_MEAN[0]) / CLIP_STD[0]).abs() < 1e-5,

@@ -131,6 +131,10 @@ impl RunConfig {
         if !(0.0..=1.0).contains(&d.max_bad_fraction) {
             return err("data.max_bad_fraction", "must be in [0, 1]");
         }
+        let n = &d.image_norm;
+        if !n.std.iter().chain(&n.mean).all(|x| x.is_finite()) || n.std.iter().any(|&x| x <= 0.0) {
+            return err("data.image_norm", "mean must be finite and std > 0");
+        }
         if !(d.crop_scale[0] > 0.0 && d.crop_scale[0] <= d.crop_scale[1] && d.crop_scale[1] <= 1.0)
         {
             return err("data.crop_scale", "must satisfy 0 < lo <= hi <= 1");

@@ -109,6 +109,11 @@ fn stage_two_on_an_hf_clip_and_an_hf_llama_trains_resumes_and_exports_open_flami
     let m = &resolved.flamingo.model;
     assert_eq!((m.eoc_token, m.image_token), (80, 81));
     assert_eq!(m.lm.vocab_size, 128);
+    assert_eq!(
+        resolved.data.image_norm,
+        Default::default(),
+        "CLIP's statistics"
+    );
     assert!(m.lm.tie_embeddings);
     use sha2::Digest;
     let sha = |p: &Path| format!("{:x}", sha2::Sha256::digest(std::fs::read(p).unwrap()));
@@ -253,6 +258,9 @@ fn stage_two_trains_on_an_hf_siglip_vision_tower() {
         .as_ref()
         .expect("a SigLIP tower");
     assert_eq!((siglip.vision.width, siglip.vision.eps), (48, 1e-6));
+    // Images prepared as SigLIP's processor prepares them.
+    let norm = rookery_data::loader::ImageNorm::siglip();
+    assert_eq!(resolved.data.image_norm, norm);
     let dev = Default::default();
     let (_, _, model) = open_flamingo::<IB>(&run, &dev).unwrap();
     let vision = load_vision::<IB>(&fixture("hf_siglip_vision"), &dev).unwrap();

@@ -265,6 +265,11 @@ pub fn resolve(
         }
         VisionSource::Siglip(c) => f.model.siglip = Some(c),
     }
+    // The tower sees images prepared as it was trained on them.
+    cfg.data.image_norm = match f.model.siglip {
+        Some(_) => rookery_data::loader::ImageNorm::siglip(),
+        None => Default::default(),
+    };
     f.model.lm = lm;
     (f.model.image_token, f.model.eoc_token) = tokens;
     if cfg.data.image_size as usize != f.model.image_size() {
