@@ -168,6 +168,28 @@ impl PromptTokenizer {
         Ok(PromptTokenizer { inner })
     }
 
+    /// Every encoding exactly `len` ids, as HF's `padding="max_length", truncation=True`:
+    /// longer texts are cut before the post-processor adds its tokens (so an end token stays),
+    /// shorter ones padded with `pad` (SigLIP's text tower reads the last position).
+    pub fn fixed_length(mut self, len: usize, pad: u32) -> Result<Self, String> {
+        use tokenizers::{PaddingParams, PaddingStrategy, TruncationParams};
+        let trunc = TruncationParams {
+            max_length: len,
+            ..Default::default()
+        };
+        self.inner
+            .with_truncation(Some(trunc))
+            .map_err(|e| e.to_string())?;
+        let pad_token = self.inner.id_to_token(pad).unwrap_or_default();
+        self.inner.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::Fixed(len),
+            pad_id: pad,
+            pad_token,
+            ..Default::default()
+        }));
+        Ok(self)
+    }
+
     /// The ids of `text` with the special tokens the tokenizer's post-processor adds.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
         let enc = self.inner.encode(text, true).map_err(|e| e.to_string())?;

@@ -90,6 +90,7 @@ pub fn config(dir: &Path) -> Result<SiglipConfig> {
                 projection: t["projection_size"]
                     .as_u64()
                     .map_or(tt.width, |p| p as usize),
+                pad_token: t["pad_token_id"].as_u64().unwrap_or(1) as usize,
                 tower: tt,
             })
         }

@@ -55,6 +55,8 @@ pub struct SiglipText {
     pub tower: SiglipTower,
     /// Output width of `head` (HF `projection_size`).
     pub projection: usize,
+    /// The id texts are padded with to `context_length` (HF `pad_token_id`).
+    pub pad_token: usize,
 }
 
 impl SiglipConfig {

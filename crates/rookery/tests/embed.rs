@@ -127,3 +127,51 @@ fn embeddings_of_a_run_are_unit_rows_and_agree_between_files_and_shards() {
         "{err}"
     );
 }
+
+/// `rookery embed` on an HF SigLIP (rookery-interop's `hf_siglip` fixture): texts through a
+/// tokenizer.json that appends `</s>`, padded with `</s>` to the trained length and cut with the
+/// end token kept, give transformers' text embeddings; images squashed and normalised with 0.5
+/// as `SiglipImageProcessor` does give its image embeddings up to the two resizers' difference
+/// (PIL's bicubic against fast_image_resize's Catmull-Rom). Expected values: `siglip_embed` in
+/// rookery-interop's fixtures, from `generate.py`.
+#[test]
+fn siglip_embeddings_match_transformers() {
+    let fx = root().join("crates/rookery-interop/fixtures");
+    let want = fx.join("siglip_embed");
+    let listed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(want.join("texts.json")).unwrap()).unwrap();
+    let texts: Vec<&str> = listed["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("e.safetensors");
+    let (weights, tokenizer) = (fx.join("hf_siglip"), want.join("tokenizer.json"));
+    let (image0, image1) = (want.join("image0.png"), want.join("image1.png"));
+    let mut args = vec![
+        "embed",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--images",
+        image0.to_str().unwrap(),
+        image1.to_str().unwrap(),
+        "--texts",
+    ];
+    args.extend(&texts);
+    check(rookery(&args, &[]).output().unwrap());
+    let expected = want.join("expected.safetensors");
+    for (name, tol) in [("text", 1e-5), ("image", 5e-3)] {
+        let (got, exp) = (rows(&out, name), rows(&expected, name));
+        assert_eq!(got.len(), exp.len(), "{name}");
+        for (g, e) in got.iter().zip(&exp) {
+            let diff = g.iter().zip(e).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff < tol, "{name}: differs by {diff}");
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! `rookery embed`: L2-normalised image and text embeddings from any CLIP rookery loads (a
-//! rookery checkpoint or run directory, `rookery export` output, open_clip or HF CLIP), written
-//! as safetensors with the tensors `image` `[N, E]` and `text` `[M, E]`: what search, labelling
-//! and parity checks use a CLIP for.
+//! rookery checkpoint or run directory, `rookery export` output, open_clip or HF CLIP) or an HF
+//! SigLIP, written as safetensors with the tensors `image` `[N, E]` and `text` `[M, E]`: what
+//! search, labelling and parity checks use a CLIP for.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -68,10 +68,109 @@ fn progress(n: usize, what: &str) -> ProgressBar {
     bar
 }
 
+/// Image files as one batch of model inputs `[N, 3, S, S]`, prepared as `data_cfg` says.
+fn image_batch(paths: &[PathBuf], data_cfg: &DataConfig) -> Result<Tensor<Inner, 4>> {
+    let s = data_cfg.image_size as usize;
+    let mut pixels = Vec::with_capacity(paths.len() * 3 * s * s);
+    for p in paths {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        let ext = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_lowercase();
+        let img = load_image(data_cfg, Mode::Eval, &ext, &bytes, &[])
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        pixels.extend(img);
+    }
+    let data = TensorData::new(pixels, [paths.len(), 3, s, s]);
+    Ok(Tensor::from_data(data, &backend::device()))
+}
+
+/// `x / |x|` per row.
+fn l2_normalise(x: Tensor<Inner, 2>) -> Tensor<Inner, 2> {
+    let n = x.clone().powi_scalar(2).sum_dim(1).sqrt();
+    x / n
+}
+
+/// `rookery embed` with an HF SigLIP: images squashed to the square and normalised with 0.5 as
+/// its processor does, texts padded with the pad token to the trained length (an end token
+/// kept when cut) and read at the last position.
+fn run_siglip(args: &EmbedArgs) -> Result<()> {
+    let w = &args.weights;
+    if args.data.is_some() {
+        bail!(
+            "{}: --data with a SigLIP is not supported yet; give --images and --texts",
+            w.display()
+        );
+    }
+    let cfg = rookery_interop::hf_siglip::config(w)?;
+    let dev = backend::device();
+    let model = rookery_interop::hf_siglip::load(cfg.init::<Inner>(&dev), w, &cfg)?;
+    let batch = args.batch.max(1);
+    let data_cfg = DataConfig {
+        image_size: cfg.image_size as u32,
+        image_norm: rookery_data::loader::ImageNorm::siglip(),
+        ..Default::default()
+    };
+    let mut out: HashMap<&str, Vec<Tensor<Inner, 2>>> = HashMap::new();
+    let bar = progress(args.images.len(), "images");
+    for chunk in args.images.chunks(batch) {
+        let pooled = model.vision.forward(image_batch(chunk, &data_cfg)?);
+        out.entry("image").or_default().push(l2_normalise(pooled));
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish();
+    if !args.texts.is_empty() {
+        let (Some(text), own) = (&model.text, w.join("tokenizer.json")) else {
+            bail!(
+                "{}: a SigLIP vision tower alone embeds no text",
+                w.display()
+            );
+        };
+        let tc = cfg.text.as_ref().expect("a text tower has its config");
+        let path = args.tokenizer.clone().unwrap_or(own);
+        let tk = rookery_data::PromptTokenizer::from_file(&path)
+            .with_context(|| format!("{}: give --tokenizer", w.display()))?
+            .fixed_length(tc.context_length, tc.pad_token as u32)
+            .map_err(anyhow::Error::msg)?;
+        let bar = progress(args.texts.len(), "texts");
+        for chunk in args.texts.chunks(batch) {
+            let mut ids = Vec::with_capacity(chunk.len() * tc.context_length);
+            for t in chunk {
+                let row = tk
+                    .encode(t)
+                    .map_err(|e| anyhow::anyhow!("text {t:?}: {e}"))?;
+                if let Some(bad) = row.iter().find(|&&i| i as usize >= tc.vocab_size) {
+                    bail!(
+                        "{}: id {bad} for a vocabulary of {}: not this model's tokenizer",
+                        path.display(),
+                        tc.vocab_size
+                    );
+                }
+                ids.extend(row.into_iter().map(i64::from));
+            }
+            let shape = [chunk.len(), tc.context_length];
+            let tokens = Tensor::from_data(TensorData::new(ids, shape), &dev);
+            out.entry("text")
+                .or_default()
+                .push(l2_normalise(text.forward(tokens)));
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish();
+    }
+    write(&args.out, out)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
 /// Runs `rookery embed`.
 pub fn run(args: &EmbedArgs) -> Result<()> {
     if args.images.is_empty() && args.texts.is_empty() && args.data.is_none() {
         bail!("nothing to embed: give --images, --texts or --data");
+    }
+    if rookery_interop::is_siglip(&args.weights) {
+        return run_siglip(args);
     }
     let (model, cfg, tk_path) = open(args)?;
     let dev = backend::device();
@@ -105,20 +204,7 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     if !args.images.is_empty() {
         let bar = progress(args.images.len(), "images");
         for chunk in args.images.chunks(batch) {
-            let mut pixels = Vec::with_capacity(chunk.len() * 3 * image_size * image_size);
-            for p in chunk {
-                let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-                let ext = p
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .unwrap_or("")
-                    .to_lowercase();
-                let img = load_image(&data_cfg, Mode::Eval, &ext, &bytes, &[])
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-                pixels.extend(img);
-            }
-            let shape = [chunk.len(), 3, image_size, image_size];
-            let t = Tensor::from_data(TensorData::new(pixels, shape), &dev);
+            let t = image_batch(chunk, &data_cfg)?;
             out.entry("image").or_default().push(model.encode_image(t));
             bar.inc(chunk.len() as u64);
         }
