@@ -159,10 +159,11 @@ pub fn select_rows<B: Backend>(x: Tensor<B, 3>, rows: Tensor<B, 2, Int>) -> Tens
 }
 
 /// Whether attention takes [`Attention::forward_fused`]: on burn-flex (the CPU backend, alone
-/// or under autodiff); elsewhere (CUDA) the split form's one fused attention kernel.
+/// or under autodiff) with the kernels on ([`crate::cpu::kernels_on`]); elsewhere (CUDA) the
+/// split form.
 fn fused_on_cpu<B: Backend>(device: &B::Device) -> bool {
     let name = B::name(device);
-    name == "flex" || name.ends_with("<flex>")
+    crate::cpu::kernels_on() && (name == "flex" || name.ends_with("<flex>"))
 }
 
 #[derive(Module, Debug)]

@@ -340,3 +340,92 @@ fn accumulation_equals_the_full_batch_on_one_rank() {
         );
     }
 }
+
+/// The generic path (burn's own ops: what CUDA and every backend but flex run, switched on
+/// with `rookery_model::cpu::generic_kernels`) gives the flex kernels' losses (1e-5) and
+/// gradients (1e-4) at every step, and the same weights after SGD, from the same weights and
+/// batches: InfoNCE and SigLIP, one and two micro-batches, hard negatives, patch dropout, the
+/// patch stem; and the two data-parallel ranks over it equal one rank with twice the batch.
+#[test]
+fn the_generic_path_gives_the_flex_kernels_losses_and_gradients() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let data = batches(8);
+    let one = Single::new(Default::default());
+    let cases = [
+        ("infonce", 1, Variant::default(), false),
+        ("infonce", 2, Variant::default(), false),
+        ("siglip", 2, Variant::default(), false),
+        (
+            "infonce",
+            1,
+            Variant {
+                hard: true,
+                ..Default::default()
+            },
+            false,
+        ),
+        (
+            "infonce",
+            2,
+            Variant {
+                patches: true,
+                ..Default::default()
+            },
+            false,
+        ),
+        ("infonce", 1, Variant::default(), true),
+    ];
+    for (loss, accum, v, stem) in cases {
+        let mut c = config(loss);
+        if stem {
+            (c.vision.stem_patch, c.vision.stem_width) = (4, 8);
+        }
+        let model = init(&c);
+        let flex = run(&model, &data, &one, accum, Negatives::Global, v);
+        let generic = rookery_model::cpu::generic_kernels(|| {
+            run(&model, &data, &one, accum, Negatives::Global, v)
+        });
+        let [l, g, w] = trace_diff(&generic, &flex);
+        let what = format!("{loss} accum {accum} {v:?} stem {stem}");
+        eprintln!("{what}: generic vs flex: loss {l:e}, gradients {g:e}, weights {w:e}");
+        assert!(
+            l < 1e-5 && g < 1e-4 && w < 1e-4,
+            "{what}: loss {l:e}, gradients {g:e}, weights {w:e}"
+        );
+        assert!(
+            l > 0.0 || g > 0.0,
+            "{what}: bit-identical: the switch changed nothing"
+        );
+    }
+    // Data-parallel over the generic path: each rank's thread switches on its own.
+    let model = init(&config("infonce"));
+    let single = rookery_model::cpu::generic_kernels(|| {
+        run(
+            &model,
+            &data,
+            &one,
+            1,
+            Negatives::Global,
+            Variant::default(),
+        )
+    });
+    let out = LocalGroup::run::<IB, _, String, _>(
+        2,
+        |_| Default::default(),
+        Duration::from_secs(120),
+        |comm| {
+            Ok(rookery_model::cpu::generic_kernels(|| {
+                run(
+                    &model,
+                    &data,
+                    comm,
+                    1,
+                    Negatives::Global,
+                    Variant::default(),
+                )
+            }))
+        },
+    );
+    let dp: Vec<Trace> = out.into_iter().map(|r| r.unwrap()).collect();
+    assert_same(&dp[0], &single, "generic path: 2 ranks vs 1 rank");
+}

@@ -192,15 +192,44 @@ pub fn attention_composed<B: Backend>(qkv: Tensor<B, 2>, spec: &AttentionSpec) -
         .reshape([b * tq, d])
 }
 
+thread_local! {
+    static GENERIC_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the flex kernels are used: the one switch every kernel choice reads (the functions
+/// here, attention's fused form, the Adam step). Off with `ROOKERY_GENERIC_KERNELS=1` (read
+/// once; the whole process then runs burn's generic ops, the code every other backend runs)
+/// or on this thread inside [`generic_kernels`].
+pub fn kernels_on() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| {
+        std::env::var("ROOKERY_GENERIC_KERNELS").is_ok_and(|v| !v.is_empty() && v != "0")
+    });
+    !off && !GENERIC_HERE.with(|g| g.get())
+}
+
+/// Runs `f` on this thread with burn's generic ops in place of the flex kernels (forward and
+/// the backward it records), so that tests compare the two paths in one process.
+pub fn generic_kernels<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GENERIC_HERE.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GENERIC_HERE.with(|g| g.replace(true)));
+    f()
+}
+
 /// `autodiff(x)` when `x` is an f32 tensor of `Autodiff<Flex>`, `plain(x)` when it is one of
-/// `Flex`, `other(x)` on any other backend or dtype.
+/// `Flex`, `other(x)` on any other backend or dtype, or with the kernels off ([`kernels_on`]).
 fn on_flex<B: Backend, const D: usize, const E: usize>(
     x: Tensor<B, D>,
     autodiff: impl FnOnce(ADFlexTensor) -> ADFlexTensor,
     plain: impl FnOnce(FlexTensor) -> FlexTensor,
     other: impl FnOnce(Tensor<B, D>) -> Tensor<B, E>,
 ) -> Tensor<B, E> {
-    if x.dtype() != DType::F32 {
+    if x.dtype() != DType::F32 || !kernels_on() {
         return other(x);
     }
     let p = x.into_primitive().tensor();
@@ -217,7 +246,8 @@ fn on_flex<B: Backend, const D: usize, const E: usize>(
 
 /// Whether `t` is an f32 tensor of the flex backend (not autodiff), which [`adam_step`] takes.
 pub fn is_flex_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
-    t.dtype() == DType::F32
+    kernels_on()
+        && t.dtype() == DType::F32
         && std::any::TypeId::of::<B::FloatTensorPrimitive>() == std::any::TypeId::of::<FlexTensor>()
 }
 

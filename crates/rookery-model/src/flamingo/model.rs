@@ -422,6 +422,49 @@ mod tests {
         assert!(model.resampler.latents.val().grad(&grads).is_some());
     }
 
+    /// A Flamingo step on burn's generic ops (what every backend but flex runs) gives the flex
+    /// kernels' loss and gradients, from the same weights.
+    #[test]
+    fn the_generic_path_gives_the_flex_kernels_loss_and_gradients() {
+        type A = Autodiff<Flex>;
+        let dev = Default::default();
+        A::seed(&dev, 5);
+        let mut model = tiny().init::<A>(&dev);
+        // Open the gates, so that the image path reaches the loss.
+        for x in model.xattn.iter_mut() {
+            x.attn_gate = Param::from_tensor(Tensor::ones([1], &dev).mul_scalar(0.7));
+            x.ff_gate = Param::from_tensor(Tensor::ones([1], &dev).mul_scalar(0.5));
+        }
+        let images =
+            Tensor::<A, 5>::random([1, 3, 3, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
+        let step = |m: &Flamingo<A>| {
+            let logits = m.forward(tokens(&dev), images.clone());
+            let loss = crate::cpu::softmax(logits, 2).log().mean().neg();
+            let grads = loss.backward();
+            let loss: f32 = loss.into_scalar();
+            let g = |p: &Param<Tensor<A, 2>>| -> Vec<f32> {
+                p.grad(&grads).unwrap().into_data().to_vec().unwrap()
+            };
+            let mut all = g(&m.new_tokens);
+            all.extend(g(&m.resampler.latents));
+            all.extend(g(&m.xattn[1].to_kv.weight));
+            all.extend(g(&m.resampler.layers[0].ff_in.weight));
+            (loss, all)
+        };
+        let (loss, grads) = step(&model);
+        let (g_loss, g_grads) = crate::cpu::generic_kernels(|| step(&model));
+        let rel = |a: &[f32], b: &[f32]| {
+            let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+            (num / b.iter().map(|y| y * y).sum::<f32>()).sqrt()
+        };
+        let (dl, dg) = (((loss - g_loss) / loss).abs(), rel(&g_grads, &grads));
+        assert!(dl < 1e-5 && dg < 1e-4, "loss {dl:e}, gradients {dg:e}");
+        assert!(
+            dl > 0.0 || dg > 0.0,
+            "bit-identical: the switch changed nothing"
+        );
+    }
+
     /// `vision_tokens = "after_ln_post"` feeds the resampler the tower's `ln_post` of every
     /// patch token; the default feeds them before it.
     #[test]
