@@ -151,6 +151,9 @@ enum Command {
         #[command(subcommand)]
         command: cmd::data::DataCommand,
     },
+    /// What a run here will use and what is missing: build, CPU, memory, GPUs and driver,
+    /// NVRTC and CUDA headers, NCCL, MPI.
+    Doctor,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -216,6 +219,7 @@ fn main() -> anyhow::Result<()> {
         } => cmd::train::bench(&config, &set, batch, steps, ranks, vocab),
         Command::Launch(args) => cmd::launch::run(&args),
         Command::Data { command } => cmd::data::run(command),
+        Command::Doctor => cmd::doctor::run(),
     }
 }
 

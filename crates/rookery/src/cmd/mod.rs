@@ -1,6 +1,7 @@
 //! One module per subcommand family.
 
 pub mod data;
+pub mod doctor;
 pub mod embed;
 pub mod launch;
 pub mod train;
