@@ -66,10 +66,29 @@ impl RankEnv {
     }
 }
 
+/// The GPU a rank with `local_rank` uses when the process sees `visible` GPUs: its local rank,
+/// wrapped, so that a scheduler that shows each task only its own GPU (Slurm's
+/// `--gpus-per-task=1`, `CUDA_VISIBLE_DEVICES` of one) gives every rank GPU 0 instead of an
+/// index that does not exist. `visible` 0 (unknown): the local rank.
+pub fn gpu_index(local_rank: usize, visible: usize) -> usize {
+    match visible {
+        0 => local_rank,
+        n => local_rank % n,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn ranks_map_onto_the_gpus_they_see() {
+        assert_eq!(gpu_index(3, 8), 3, "one process per GPU of a node");
+        assert_eq!(gpu_index(3, 1), 0, "each task sees only its own GPU");
+        assert_eq!(gpu_index(5, 4), 1);
+        assert_eq!(gpu_index(2, 0), 2, "count unknown");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Result<Option<RankEnv>, String> {
         let m: HashMap<String, String> = pairs

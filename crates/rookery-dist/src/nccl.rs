@@ -40,6 +40,12 @@ struct Watchdog {
     stop: AtomicBool,
 }
 
+/// How many GPUs this process sees (after `CUDA_VISIBLE_DEVICES`); 0 when the driver cannot
+/// say.
+pub fn visible_gpus() -> usize {
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
 impl<B: Backend> NcclComm<B> {
     /// Joins the job as `rank` of `world` on GPU `ordinal`; `master` is rank 0's
     /// `MASTER_ADDR:MASTER_PORT`.

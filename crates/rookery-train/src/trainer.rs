@@ -252,10 +252,12 @@ fn train_nccl<B: AutodiffBackend>(
         env.master_addr.as_deref().unwrap_or("127.0.0.1"),
         env.master_port.unwrap_or(29500)
     );
-    let dev = device(env.local_rank);
+    let ordinal =
+        rookery_dist::launch::gpu_index(env.local_rank, rookery_dist::nccl::visible_gpus());
+    let dev = device(ordinal);
     let comm = rookery_dist::nccl::NcclComm::<B::InnerBackend>::init(
         dev.clone(),
-        env.local_rank,
+        ordinal,
         env.rank,
         env.world_size,
         &master,

@@ -26,9 +26,11 @@ pub(crate) mod backend {
     pub fn device() -> burn::prelude::Device<Train> {
         device_of(0)
     }
-    /// One GPU per rank on a node.
+    /// One GPU per rank on a node; wrapped to the GPUs this process sees
+    /// ([`rookery_dist::launch::gpu_index`]).
     pub fn device_of(local_rank: usize) -> burn::prelude::Device<Train> {
-        burn::backend::cuda::CudaDevice::new(local_rank)
+        let visible = rookery_dist::nccl::visible_gpus();
+        burn::backend::cuda::CudaDevice::new(rookery_dist::launch::gpu_index(local_rank, visible))
     }
 }
 
