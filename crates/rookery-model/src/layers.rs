@@ -82,7 +82,8 @@ impl<B: Backend> Attention<B> {
     }
 
     /// The textbook form: one projection to `[B, T, 3D]`, split into q, k, v of `[B, H, T, Dh]`,
-    /// burn's scaled dot-product attention (one fused kernel on GPU backends).
+    /// burn's scaled dot-product attention. Under autodiff burn 0.21 composes it from matmul,
+    /// softmax and matmul (`attention_fallback`), on GPU too: the scores are materialised.
     pub fn forward_split(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let h = self.n_heads;
