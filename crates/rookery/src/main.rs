@@ -65,6 +65,11 @@ enum Command {
         /// and metrics first (same as train.overwrite = true).
         #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
+        /// Resolve and check the config (stage 2: against its sources' configs, no weights
+        /// read), print the parameter counts and the memory a rank needs at least, and stop
+        /// before any work.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Evaluate a checkpoint: CLIP's held-out recall@1/5/10 and zero-shot accuracy; a
     /// language model's or Flamingo's held-out perplexity and k-shot question accuracy.
@@ -172,8 +177,15 @@ fn main() -> anyhow::Result<()> {
         Command::Train {
             config,
             set,
+            dry_run: true,
+            ..
+        } => cmd::train::dry_run(&config, &set),
+        Command::Train {
+            config,
+            set,
             resume,
             overwrite,
+            ..
         } => cmd::train::run(&config, &set, resume, overwrite),
         Command::Eval { checkpoint, data } => cmd::train::eval(&checkpoint, data),
         Command::Export {

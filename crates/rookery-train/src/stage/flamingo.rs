@@ -295,6 +295,40 @@ pub fn resolve(
     Ok((cfg, sources))
 }
 
+/// `cfg` with stage 2's shapes resolved as a run would resolve them, writing nothing: the
+/// tokenizer a run would use (an HF LM's own, extended in memory; without its tokenizer.json,
+/// OpenFlamingo's three tokens are assumed after the LM's vocabulary, and the returned note
+/// says so). For `rookery train --dry-run` and memory estimates before any download is
+/// complete.
+pub fn resolve_dry(cfg: &RunConfig) -> Result<(RunConfig, Option<String>)> {
+    let path = &cfg.flamingo.lm_from;
+    if is_rookery_run(path) {
+        let tk = TextTokenizer::of(&cfg.data)?;
+        let sp = rookery_data::interleaved::Specials::of(&tk).map_err(anyhow::Error::msg)?;
+        let (r, _) = resolve(cfg, tk.vocab_size, (sp.image as usize, sp.eoc as usize))?;
+        return Ok((r, None));
+    }
+    let lm = rookery_interop::lm_config(path)
+        .with_context(|| format!("flamingo.lm_from = {}", path.display()))?;
+    if !path.join("tokenizer.json").is_file() {
+        let v = lm.vocab_size;
+        let (r, _) = resolve(cfg, v + 3, (v + 1, v))?;
+        let note = format!(
+            "{}: no tokenizer.json; assumed <|endofchunk|>, <image>, <PAD> after its {v} tokens",
+            path.display()
+        );
+        return Ok((r, Some(note)));
+    }
+    let tmp = std::env::temp_dir().join(format!("rookery-dry-run-{}.json", std::process::id()));
+    let e = rookery_interop::open_flamingo::extend_tokenizer(path, &tmp);
+    let tk = e.and_then(|_| Ok(TextTokenizer::from_file(&tmp)?));
+    let _ = std::fs::remove_file(&tmp);
+    let tk = tk?;
+    let sp = rookery_data::interleaved::Specials::of(&tk).map_err(anyhow::Error::msg)?;
+    let (r, _) = resolve(cfg, tk.vocab_size, (sp.image as usize, sp.eoc as usize))?;
+    Ok((r, None))
+}
+
 fn sha256_all(paths: &[PathBuf]) -> Result<String> {
     match paths {
         [one] => sha256(one),

@@ -99,6 +99,44 @@ pub fn run(config: &Path, overrides: &[String], resume: bool, overwrite: bool) -
     Ok(())
 }
 
+/// `rookery train --dry-run`: the resolved shapes' parameter counts and the memory a rank
+/// needs at least ([`rookery_train::memory`]), without touching the run directory.
+pub fn dry_run(config: &Path, overrides: &[String]) -> Result<()> {
+    let cfg = RunConfig::load(config, overrides)?;
+    let (cfg, note) = match cfg.train.stage.as_str() {
+        "flamingo" => rookery_train::stage::flamingo::resolve_dry(&cfg)?,
+        _ => (cfg, None),
+    };
+    if let Some(n) = note {
+        println!("note: {n}");
+    }
+    let e = rookery_train::memory::estimate(&cfg);
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    println!(
+        "{}: stage {:?}, config valid",
+        config.display(),
+        cfg.train.stage
+    );
+    println!(
+        "parameters        {:.3e} ({:.3e} trained)",
+        e.params,
+        e.optimizer / 12.0
+    );
+    println!("weights           {:.1} GiB (f32)", gib(e.weights));
+    println!("gradients + Adam  {:.1} GiB", gib(e.optimizer));
+    println!(
+        "activations       {:.1} GiB (data.batch_size = {} per rank)",
+        gib(e.activations),
+        cfg.data.batch_size
+    );
+    println!("decoded batches   {:.1} GiB", gib(e.batches));
+    println!(
+        "at least          {:.1} GiB per process (attention maps and allocator slack not counted)",
+        gib(e.total())
+    );
+    Ok(())
+}
+
 /// SIGTERM, SIGINT and SIGUSR1 (what Slurm sends before a time limit or preemption with
 /// `--signal`) ask the trainer to checkpoint after the current step and stop; a second one
 /// ends the process at once (exit status 130).
