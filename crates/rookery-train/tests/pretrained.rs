@@ -8,7 +8,7 @@
 //! for a fixed page, for `fixtures/check_open_flamingo.py` (not part of CI).
 
 mod common;
-use common::{copy_dir, floats};
+use common::{floats, resume_from_step_2};
 
 use std::path::{Path, PathBuf};
 
@@ -149,15 +149,7 @@ fn stage_two_on_an_hf_clip_and_an_hf_llama_trains_resumes_and_exports_open_flami
 
     // Stopped at the step-2 checkpoint and resumed: the unbroken run's weights.
     let run2 = dir.path().join("resumed");
-    let mut rest = flamingo_cfg(&s, &run2, 4);
-    rest.train.resume = "auto".into();
-    let ck = run2.join("checkpoints");
-    copy_dir(
-        &run.join("checkpoints/step-00000002"),
-        &ck.join("step-00000002"),
-    );
-    std::fs::write(ck.join("latest"), "step-00000002").unwrap();
-    train::<B>(&rest, &Default::default()).unwrap();
+    resume_from_step_2(&run, flamingo_cfg(&s, &run2, 4));
     let (_, _, resumed) = open_flamingo::<IB>(&run2, &dev).unwrap();
     assert!(floats(&resumed) == floats(&model), "resumed run differs");
 

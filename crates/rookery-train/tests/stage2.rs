@@ -4,7 +4,7 @@
 //! the next-token loss over 2 ranks (and over micro-batches) equals one rank's full batch.
 
 mod common;
-use common::{copy_dir, floats};
+use common::{floats, resume_from_step_2};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -266,15 +266,7 @@ fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
 
     // A run stopped at the step-2 checkpoint and resumed ends where the unbroken run did.
     let run2 = dir.path().join("flamingo-resumed");
-    let mut rest = flamingo_cfg(&s, &run2, &clip, &lm, 4);
-    rest.train.resume = "auto".into();
-    let ck = run2.join("checkpoints");
-    copy_dir(
-        &run.join("checkpoints/step-00000002"),
-        &ck.join("step-00000002"),
-    );
-    std::fs::write(ck.join("latest"), "step-00000002").unwrap();
-    train::<B>(&rest, &Default::default()).unwrap();
+    resume_from_step_2(&run, flamingo_cfg(&s, &run2, &clip, &lm, 4));
     let (_, _, resumed) = open_flamingo::<IB>(&run2, &dev).unwrap();
     assert!(floats(&resumed) == floats(&model), "resumed run differs");
 

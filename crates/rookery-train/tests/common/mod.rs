@@ -18,6 +18,19 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Copies `run`'s step-2 checkpoint into `rest`'s run directory as its latest and resumes
+/// `rest` from it (a run stopped at step 2, then continued).
+pub fn resume_from_step_2(run: &Path, mut rest: RunConfig) {
+    rest.train.resume = "auto".into();
+    let ck = rest.run_dir().join("checkpoints");
+    copy_dir(
+        &run.join("checkpoints/step-00000002"),
+        &ck.join("step-00000002"),
+    );
+    std::fs::write(ck.join("latest"), "step-00000002").unwrap();
+    rookery_train::train::<burn::backend::Autodiff<Flex>>(&rest, &Default::default()).unwrap();
+}
+
 /// A tiny CLIP run on a tiny synthetic set under `dir` (written once), run directory
 /// `dir/run`, with `extra` overrides.
 pub fn tiny(dir: &Path, run: &str, extra: &[&str]) -> RunConfig {
