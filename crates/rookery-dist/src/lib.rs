@@ -15,6 +15,7 @@
 pub mod comm;
 pub mod flat;
 pub mod launch;
+pub mod libs;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;

@@ -40,6 +40,14 @@ struct Watchdog {
     stop: AtomicBool,
 }
 
+/// Whether cudarc can open the NCCL library (under one of the names it tries).
+#[allow(unsafe_code)]
+pub fn library_loadable() -> bool {
+    // SAFETY: only tries to dlopen the library under cudarc's candidate names; nothing is
+    // called in it.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
 /// How many GPUs this process sees (after `CUDA_VISIBLE_DEVICES`); 0 when the driver cannot
 /// say.
 pub fn visible_gpus() -> usize {

@@ -4,7 +4,7 @@
 //! Nothing is loaded or initialised: libraries are looked for where the dynamic loader and
 //! Python's NVIDIA wheels put them, tools are asked for their versions.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::Result;
@@ -54,7 +54,7 @@ pub fn run() -> Result<()> {
     ];
     let lib = |name: &str, what: &'static str, hint: &str| Line {
         what,
-        found: match find_library(name) {
+        found: match rookery_dist::libs::find_library(name) {
             Some(p) => p.display().to_string(),
             None => format!("not found ({name}; {hint})"),
         },
@@ -195,63 +195,6 @@ fn cuda_headers() -> String {
                 .join(" or ")
         ),
     }
-}
-
-/// The first file whose name starts with `name` (`libnccl.so` also finds `libnccl.so.2`) in the
-/// dynamic loader's directories: `LD_LIBRARY_PATH`, the system's library directories, CUDA's,
-/// and the `nvidia/*/lib` directories of Python's site-packages.
-fn find_library(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var("LD_LIBRARY_PATH")
-        .unwrap_or_default()
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .collect();
-    for d in [
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/lib64",
-        "/usr/lib",
-        "/usr/local/lib",
-        "/usr/local/cuda/lib64",
-        "/usr/lib/wsl/lib",
-    ] {
-        dirs.push(PathBuf::from(d));
-    }
-    dirs.extend(python_nvidia_dirs());
-    dirs.iter().find_map(|d| in_dir(d, name))
-}
-
-fn in_dir(dir: &Path, name: &str) -> Option<PathBuf> {
-    let mut hits: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|f| f.to_str())
-                .is_some_and(|f| f.starts_with(name))
-        })
-        .collect();
-    hits.sort();
-    hits.into_iter().next()
-}
-
-/// `site-packages/nvidia/<pkg>/lib` of the `python3` on the PATH, where pip's CUDA wheels put
-/// their libraries.
-fn python_nvidia_dirs() -> Vec<PathBuf> {
-    let Some(site) = first_line(
-        "python3",
-        &[
-            "-c",
-            "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-        ],
-    ) else {
-        return vec![];
-    };
-    let root = Path::new(&site).join("nvidia");
-    std::fs::read_dir(root)
-        .map(|r| r.flatten().map(|e| e.path().join("lib")).collect())
-        .unwrap_or_default()
 }
 
 /// The first line `program args` prints (stdout, else stderr), if it runs.

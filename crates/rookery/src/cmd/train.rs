@@ -48,6 +48,8 @@ pub fn run(config: &Path, overrides: &[String], resume: bool, overwrite: bool) -
     }
     cfg.check_shards()
         .map_err(|(key, msg)| anyhow::anyhow!("{}: key `{key}`: {msg}", config.display()))?;
+    #[cfg(feature = "cuda")]
+    ensure_nccl(&cfg)?;
     stop_on_signals()?;
     let summary = rookery_train::train_on::<backend::Train>(&cfg, backend::device_of)?;
     if summary.rank != 0 {
@@ -97,6 +99,45 @@ pub fn run(config: &Path, overrides: &[String], resume: bool, overwrite: bool) -
     }
     println!("checkpoint: {}", summary.model_dir.display());
     Ok(())
+}
+
+/// Makes NCCL loadable before any rank starts ([`rookery_dist::libs`]): when cudarc cannot
+/// open it but it is there under its versioned name (`libnccl.so.2`), this process starts
+/// again (same pid, same arguments) with a directory holding a `libnccl.so` link first on
+/// `LD_LIBRARY_PATH`, which the loader reads only at start; when it is nowhere, an error that
+/// says where it was looked for and where it comes from.
+#[cfg(feature = "cuda")]
+fn ensure_nccl(cfg: &RunConfig) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    const AGAIN: &str = "ROOKERY_NCCL_LINKED";
+    if cfg.dist.backend != "nccl" || rookery_dist::nccl::library_loadable() {
+        return Ok(());
+    }
+    let Some(found) = rookery_dist::libs::find_library("libnccl.so") else {
+        let dirs: Vec<String> = rookery_dist::libs::search_dirs()
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        anyhow::bail!("dist.backend = \"nccl\": no NCCL library (libnccl.so*) in {}: install Debian's libnccl2 or pip's nvidia-nccl-cu12, or put its directory on LD_LIBRARY_PATH", dirs.join(":"));
+    };
+    if std::env::var_os(AGAIN).is_some() {
+        anyhow::bail!("dist.backend = \"nccl\": {} was found but does not load (built for another CUDA or machine?)", found.display());
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("rookery");
+    let dir = rookery_dist::libs::nccl_link_dir(&found, &cache)
+        .with_context(|| format!("linking {} under {}", found.display(), cache.display()))?;
+    tracing::info!(nccl = %found.display(), link = %dir.display(), "cudarc opens libnccl.so only: starting again with a link to it on LD_LIBRARY_PATH");
+    let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    let err = std::process::Command::new(std::env::current_exe()?)
+        .args(std::env::args_os().skip(1))
+        .env("LD_LIBRARY_PATH", format!("{}:{path}", dir.display()))
+        .env(AGAIN, "1")
+        .exec();
+    Err(err).context("starting again with NCCL on LD_LIBRARY_PATH")
 }
 
 /// `rookery train --dry-run`: the resolved shapes' parameter counts and the memory a rank
