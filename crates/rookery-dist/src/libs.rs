@@ -72,6 +72,47 @@ fn python_nvidia_dirs() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// The CUDA headers NVRTC compiles cubecl's kernels against: `include/cuda.h` under
+/// `cuda_path` (`$CUDA_PATH`), else under `/usr/local/cuda`; `Err` says where it looked.
+pub fn cuda_headers(cuda_path: Option<&Path>) -> Result<PathBuf, String> {
+    let candidates: Vec<PathBuf> = cuda_path
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain([PathBuf::from("/usr/local/cuda")])
+        .map(|p| p.join("include"))
+        .collect();
+    match candidates.iter().find(|p| p.join("cuda.h").is_file()) {
+        Some(p) => Ok(p.clone()),
+        None => Err(format!(
+            "cuda.h not in {} (set CUDA_PATH to the CUDA toolkit)",
+            candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )),
+    }
+}
+
+/// What a CUDA run needs at run time that this machine lacks: the driver (`libcuda.so.1`),
+/// NVRTC (cubecl compiles every kernel with it) and the CUDA headers. Empty when all are here.
+pub fn cuda_runtime_missing() -> Vec<String> {
+    let mut missing = vec![];
+    if find_library("libcuda.so").is_none() {
+        missing.push("the CUDA driver (libcuda.so.1; the NVIDIA driver installs it)".to_string());
+    }
+    if find_library("libnvrtc.so").is_none() {
+        missing.push(
+            "NVRTC (libnvrtc.so*; the CUDA toolkit or pip's nvidia-cuda-nvrtc-cu12)".to_string(),
+        );
+    }
+    let cuda_path = std::env::var_os("CUDA_PATH").map(PathBuf::from);
+    if let Err(e) = cuda_headers(cuda_path.as_deref()) {
+        missing.push(format!("the CUDA headers: {e}"));
+    }
+    missing
+}
+
 /// A directory under `cache` holding `libnccl.so`, a link to the NCCL library `found`
 /// (made once per library; an existing link is kept).
 pub fn nccl_link_dir(found: &Path, cache: &Path) -> std::io::Result<PathBuf> {
@@ -91,6 +132,23 @@ pub fn nccl_link_dir(found: &Path, cache: &Path) -> std::io::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The headers are found under `CUDA_PATH`; without them the message says where it looked.
+    #[test]
+    fn cuda_headers_are_looked_for_under_cuda_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = cuda_headers(Some(dir.path())).err();
+        if !Path::new("/usr/local/cuda/include/cuda.h").is_file() {
+            let err = err.expect("no headers here");
+            assert!(err.contains(&dir.path().display().to_string()), "{err}");
+        }
+        std::fs::create_dir_all(dir.path().join("include")).unwrap();
+        std::fs::write(dir.path().join("include/cuda.h"), b"").unwrap();
+        assert_eq!(
+            cuda_headers(Some(dir.path())).unwrap(),
+            dir.path().join("include")
+        );
+    }
 
     /// A versioned library on `LD_LIBRARY_PATH` is found by its base name, and the link
     /// directory names it `libnccl.so`.

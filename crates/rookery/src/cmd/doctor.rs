@@ -71,7 +71,13 @@ pub fn run() -> Result<()> {
     ));
     lines.push(Line {
         what: "CUDA headers",
-        found: cuda_headers(),
+        found: {
+            let cuda_path = std::env::var_os("CUDA_PATH").map(PathBuf::from);
+            match rookery_dist::libs::cuda_headers(cuda_path.as_deref()) {
+                Ok(p) => p.display().to_string(),
+                Err(e) => format!("not found ({e})"),
+            }
+        },
     });
     lines.push(lib(
         "libnccl.so",
@@ -174,27 +180,6 @@ fn gpus() -> Result<String, String> {
         list.join("; "),
         visible.map_or(String::new(), |v| format!(" (CUDA_VISIBLE_DEVICES={v})"))
     ))
-}
-
-/// Where the CUDA headers NVRTC needs are: `$CUDA_PATH/include`, else `/usr/local/cuda/include`.
-fn cuda_headers() -> String {
-    let candidates: Vec<PathBuf> = std::env::var_os("CUDA_PATH")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([PathBuf::from("/usr/local/cuda")])
-        .map(|p| p.join("include"))
-        .collect();
-    match candidates.iter().find(|p| p.join("cuda.h").is_file()) {
-        Some(p) => p.display().to_string(),
-        None => format!(
-            "not found (cuda.h in {}; set CUDA_PATH to the CUDA toolkit)",
-            candidates
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(" or ")
-        ),
-    }
 }
 
 /// The first line `program args` prints (stdout, else stderr), if it runs.

@@ -49,7 +49,13 @@ pub fn run(config: &Path, overrides: &[String], resume: bool, overwrite: bool) -
     cfg.check_shards()
         .map_err(|(key, msg)| anyhow::anyhow!("{}: key `{key}`: {msg}", config.display()))?;
     #[cfg(feature = "cuda")]
-    ensure_nccl(&cfg)?;
+    {
+        let missing = rookery_dist::libs::cuda_runtime_missing();
+        if !missing.is_empty() {
+            anyhow::bail!("this is a CUDA build (it trains on GPUs only) and this machine lacks: {}. `rookery doctor` lists what is here", missing.join("; "));
+        }
+        ensure_nccl(&cfg)?;
+    }
     stop_on_signals()?;
     let summary = rookery_train::train_on::<backend::Train>(&cfg, backend::device_of)?;
     if summary.rank != 0 {
