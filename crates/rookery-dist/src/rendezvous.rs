@@ -1,15 +1,40 @@
-//! The launcher's TCP rendezvous: rank 0 listens on MASTER_ADDR:MASTER_PORT and hands the same
-//! opaque bytes (NCCL's `ncclUniqueId`) to every other rank, which connects and reads them.
-//! Bounded by a deadline on both sides, so a missing rank is an error, not a hang.
+//! The launcher's TCP rendezvous: rank 0 listens on every interface at a port of rookery's own
+//! ([`port`]) and hands the same opaque bytes (NCCL's `ncclUniqueId`) to every other rank,
+//! which connects to MASTER_ADDR at that port and reads them. Bounded by a deadline on both
+//! sides, so a missing rank is an error, not a hang.
+//!
+//! Every interface, because MASTER_ADDR is the name the *other* ranks reach rank 0 by: on hosts
+//! whose own name maps to 127.0.1.1 (Debian's /etc/hosts), binding it literally listens on
+//! loopback only. A port of its own, because under torchrun MASTER_PORT is torchrun's store.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-/// Rank 0: serves `payload` to `world - 1` peers, then returns.
+/// The rendezvous port: `ROOKERY_RDZV_PORT`, else MASTER_PORT + 1 (MASTER_PORT is the
+/// launcher's; 29500 when unset, torchrun's default).
+pub fn port(master_port: Option<u16>, rdzv_port: Option<&str>) -> Result<u16, String> {
+    match rdzv_port {
+        Some(p) => p
+            .trim()
+            .parse()
+            .map_err(|_| format!("ROOKERY_RDZV_PORT={p:?} is not a port")),
+        None => master_port
+            .unwrap_or(29500)
+            .checked_add(1)
+            .ok_or_else(|| "MASTER_PORT is 65535: set ROOKERY_RDZV_PORT".to_string()),
+    }
+}
+
+/// Rank 0: serves `payload` to `world - 1` peers on every interface at `addr`'s port, then
+/// returns.
 pub fn serve(addr: &str, world: usize, payload: &[u8], timeout: Duration) -> Result<(), String> {
-    let listener =
-        TcpListener::bind(addr).map_err(|e| format!("rendezvous: binding {addr}: {e}"))?;
+    let port = addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .ok_or_else(|| format!("rendezvous: {addr} has no port"))?;
+    let any = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    let listener = TcpListener::bind(any).map_err(|e| format!("rendezvous: binding {any}: {e}"))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("rendezvous: {e}"))?;
@@ -87,6 +112,25 @@ mod tests {
         for p in peers {
             assert_eq!(p.join().unwrap().unwrap(), b"unique-id");
         }
+    }
+
+    /// Rank 0 listens on every interface: a peer reaching it by another of its addresses
+    /// (here 127.0.0.2; on a cluster, the address MASTER_ADDR resolves to elsewhere) connects.
+    #[test]
+    fn rank_zero_listens_on_every_interface() {
+        let t = Duration::from_secs(10);
+        let peer = std::thread::spawn(move || fetch("127.0.0.2:29734", t));
+        serve("127.0.0.1:29734", 2, b"id", t).unwrap();
+        assert_eq!(peer.join().unwrap().unwrap(), b"id");
+    }
+
+    #[test]
+    fn the_port_is_rookerys_own() {
+        assert_eq!(port(Some(29500), None), Ok(29501), "not torchrun's store");
+        assert_eq!(port(None, None), Ok(29501));
+        assert_eq!(port(Some(29500), Some("40000")), Ok(40000));
+        assert!(port(Some(29500), Some("x")).is_err());
+        assert!(port(Some(65535), None).is_err());
     }
 
     #[test]

@@ -247,10 +247,12 @@ fn train_nccl<B: AutodiffBackend>(
     let env = RankEnv::detect()
         .map_err(anyhow::Error::msg)?
         .context("dist.backend = \"nccl\" needs a launcher: rookery launch, torchrun-style variables, Slurm or mpirun")?;
+    let rdzv = std::env::var("ROOKERY_RDZV_PORT").ok();
+    let port = rookery_dist::rendezvous::port(env.master_port, rdzv.as_deref())
+        .map_err(anyhow::Error::msg)?;
     let master = format!(
-        "{}:{}",
-        env.master_addr.as_deref().unwrap_or("127.0.0.1"),
-        env.master_port.unwrap_or(29500)
+        "{}:{port}",
+        env.master_addr.as_deref().unwrap_or("127.0.0.1")
     );
     let ordinal =
         rookery_dist::launch::gpu_index(env.local_rank, rookery_dist::nccl::visible_gpus());
