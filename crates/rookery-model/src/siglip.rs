@@ -17,7 +17,7 @@ use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, L
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::cpu::softmax;
+use crate::flamingo::resampler::multi_head;
 use crate::layers::{linear_3d, Act, Attention, Mlp};
 
 /// One tower's transformer shape.
@@ -80,7 +80,6 @@ impl SiglipConfig {
                 attention: attention(v, device),
                 layernorm: ln(v, device),
                 mlp: mlp(v, device),
-                heads: v.heads,
             }),
         }
     }
@@ -162,16 +161,13 @@ pub struct MapHead<B: Backend> {
     pub attention: Attention<B>,
     pub layernorm: LayerNorm<B>,
     pub mlp: Mlp<B>,
-    #[module(skip)]
-    pub heads: usize,
 }
 
 impl<B: Backend> MapHead<B> {
     /// `[B, N, W]` tokens -> `[B, W]`.
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
         let [b, _, w] = x.dims();
-        let (h, dh) = (self.heads, w / self.heads);
-        let wt = self.attention.in_proj.weight.val(); // [W, 3W]
+        let wt = self.attention.in_proj.weight.val(); // [W, 3W]: q, k, v columns
         let bias = self.attention.in_proj.bias.as_ref().expect("bias").val();
         let part = |i: usize, x: Tensor<B, 3>| {
             let [b, t, _] = x.dims();
@@ -179,15 +175,11 @@ impl<B: Backend> MapHead<B> {
                 .reshape([b * t, w])
                 .matmul(wt.clone().slice(s![.., i * w..(i + 1) * w]))
                 + bias.clone().slice(s![i * w..(i + 1) * w]).unsqueeze();
-            y.reshape([b, t, h, dh]).swap_dims(1, 2) // [B, H, T, Dh]
+            y.reshape([b, t, w])
         };
         let probe = self.probe.val().unsqueeze::<3>().expand([b, 1, w]);
         let (q, k, v) = (part(0, probe), part(1, x.clone()), part(2, x));
-        let scores = q.matmul(k.swap_dims(2, 3)) / (dh as f32).sqrt(); // [B, H, 1, N]
-        let a = softmax(scores, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b, 1, w]);
+        let a = multi_head(q, k, v, self.attention.n_heads, None); // [B, 1, W]
         let a = linear_3d(&self.attention.out_proj, a);
         let h = linear_3d(&self.mlp.c_fc, self.layernorm.forward(a.clone()));
         let out = a + linear_3d(&self.mlp.c_proj, self.mlp.act.forward(h));

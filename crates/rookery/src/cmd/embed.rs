@@ -87,12 +87,6 @@ fn image_batch(paths: &[PathBuf], data_cfg: &DataConfig) -> Result<Tensor<Inner,
     Ok(Tensor::from_data(data, &backend::device()))
 }
 
-/// `x / |x|` per row.
-fn l2_normalise(x: Tensor<Inner, 2>) -> Tensor<Inner, 2> {
-    let n = x.clone().powi_scalar(2).sum_dim(1).sqrt();
-    x / n
-}
-
 /// `rookery embed` with an HF SigLIP: images squashed to the square and normalised with 0.5 as
 /// its processor does, texts padded with the pad token to the trained length (an end token
 /// kept when cut) and read at the last position.
@@ -117,7 +111,9 @@ fn run_siglip(args: &EmbedArgs) -> Result<()> {
     let bar = progress(args.images.len(), "images");
     for chunk in args.images.chunks(batch) {
         let pooled = model.vision.forward(image_batch(chunk, &data_cfg)?);
-        out.entry("image").or_default().push(l2_normalise(pooled));
+        out.entry("image")
+            .or_default()
+            .push(rookery_model::clip::l2_normalize(pooled));
         bar.inc(chunk.len() as u64);
     }
     bar.finish();
@@ -154,7 +150,7 @@ fn run_siglip(args: &EmbedArgs) -> Result<()> {
             let tokens = Tensor::from_data(TensorData::new(ids, shape), &dev);
             out.entry("text")
                 .or_default()
-                .push(l2_normalise(text.forward(tokens)));
+                .push(rookery_model::clip::l2_normalize(text.forward(tokens)));
             bar.inc(chunk.len() as u64);
         }
         bar.finish();
