@@ -19,11 +19,10 @@ pub const ADDED: [&str; 2] = ["<|endofchunk|>", "<image>"];
 /// The padding token added to a tokenizer without one.
 pub const PAD: &str = "<PAD>";
 
-/// What [`extend_tokenizer`] wrote: the tokenizer's length and the names of its start, end
-/// and padding tokens (for `[data.special_tokens]`).
+/// The names of the start, end and padding tokens of what [`extend_tokenizer`] wrote (for
+/// `[data.special_tokens]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Extended {
-    pub len: usize,
     pub bos: String,
     pub eos: String,
     pub pad: String,
@@ -108,7 +107,6 @@ pub fn extend_tokenizer(dir: &Path, out: &Path) -> Result<Extended> {
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
     Ok(Extended {
-        len: tk.get_vocab_size(true),
         bos,
         eos,
         pad: pad.unwrap_or_else(|| PAD.into()),
