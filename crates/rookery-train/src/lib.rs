@@ -18,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
+pub mod parity;
 pub mod plot;
 pub mod stage;
 pub mod step;

@@ -34,9 +34,18 @@ use burn::tensor::{DType, TensorData, TensorMetadata, TensorPrimitive};
 pub use adam::AdamStep;
 
 /// Exact GELU, `x * Phi(x)`: on flex through [`math::gelu`] (8 or 16 lanes at a time) with a
-/// backward of its own; elsewhere burn's `activation::gelu`.
+/// backward of its own; elsewhere [`gelu_by_erf`].
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    on_flex(x, gelu::autodiff, gelu::forward, activation::gelu)
+    on_flex(x, gelu::autodiff, gelu::forward, gelu_by_erf)
+}
+
+/// `x * (1 + erf(x / sqrt 2)) / 2` in burn's ops, so that autodiff differentiates it exactly.
+/// Not burn's `activation::gelu`: its forward is exact, but the backward burn 0.21 gives every
+/// backend that does not override it (burn-ndarray, burn-cubecl: CUDA) is the derivative of the
+/// tanh approximation, 3e-4 off in a CLIP step's gradients (tests/backends.rs in rookery-train).
+pub fn gelu_by_erf<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let phi = (x.clone() * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0;
+    x * phi * 0.5
 }
 
 /// Softmax along `dim`: on flex, when `dim` is the last, one pass per row forward and one

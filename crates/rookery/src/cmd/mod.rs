@@ -4,4 +4,5 @@ pub mod data;
 pub mod doctor;
 pub mod embed;
 pub mod launch;
+pub mod parity;
 pub mod train;

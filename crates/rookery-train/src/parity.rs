@@ -1,0 +1,289 @@
+//! One CLIP training step (forward, global-negatives backward, clipping, AdamW) run on two
+//! backends from the same weights and the same batch, and the differences of the loss, every
+//! gradient and every updated weight. This is how a backend nobody has run yet is trusted:
+//! `rookery doctor --parity` runs the build's backend (CUDA) against the CPU reference (flex),
+//! and the tests run burn-ndarray and the generic path against the flex kernels.
+
+use anyhow::Result;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use rookery_dist::Communicator;
+use rookery_model::{Clip, ClipConfig};
+use serde::Serialize;
+
+use crate::optim::{OptimConfig, Updater};
+use crate::stage::clip::kept_patches;
+use crate::step::{contrastive_grads, Micro, Negatives};
+
+/// A batch held on the host, so that every backend gets the same numbers.
+#[derive(Clone, Debug)]
+pub struct HostBatch {
+    /// `[batch, 3, size, size]`, f32.
+    pub images: TensorData,
+    /// `[batch, context]`, i64, the end token at varied places.
+    pub tokens: TensorData,
+    /// `[batch, kept]` patch indices when the config drops patches.
+    pub patches: Option<TensorData>,
+}
+
+/// A deterministic batch for `cfg` from `seed` (its own generator: a backend's RNG differs by
+/// backend): uniform pixels in [-1.7, 1.7], tokens above the special ids with the end token
+/// at a place that varies by row.
+pub fn host_batch(cfg: &ClipConfig, batch: usize, seed: u64) -> HostBatch {
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        (state >> 33) as u32
+    };
+    let s = cfg.vision.image_size;
+    let pixels: Vec<f32> = (0..batch * 3 * s * s)
+        .map(|_| (next() as f32 / u32::MAX as f32 - 0.5) * 3.4)
+        .collect();
+    let (ctx, vocab, eot) = (
+        cfg.text.context_length,
+        cfg.text.vocab_size,
+        cfg.text.eot_token,
+    );
+    let low = 4.min(vocab - 1);
+    let mut ids: Vec<i64> = (0..batch * ctx)
+        .map(|_| (low + next() as usize % (vocab - low)) as i64)
+        .collect();
+    for (i, row) in ids.chunks_mut(ctx).enumerate() {
+        // Never the end token by chance before its place: pooling takes the first.
+        row.iter_mut()
+            .filter(|t| **t == eot as i64)
+            .for_each(|t| *t = low as i64);
+        row[2.min(ctx - 1) + i % (ctx - 2).max(1)] = eot as i64;
+    }
+    let keys: Vec<String> = (0..batch).map(|j| format!("parity-{j}")).collect();
+    let patches = kept_patches(&keys, &vec![seed; batch], &cfg.vision, seed).map(|p| {
+        let k = p.len() / batch;
+        TensorData::new(p, [batch, k])
+    });
+    HostBatch {
+        images: TensorData::new(pixels, [batch, 3, s, s]),
+        tokens: TensorData::new(ids, [batch, ctx]),
+        patches,
+    }
+}
+
+/// What one step gave: the loss, and every gradient and weight by parameter path.
+#[derive(Clone, Debug)]
+pub struct StepTrace {
+    pub loss: f32,
+    pub grads: Vec<(String, Vec<f32>)>,
+    /// The weights before the step and after it.
+    pub before: Vec<(String, Vec<f32>)>,
+    pub weights: Vec<(String, Vec<f32>)>,
+}
+
+/// The optimizer of the parity step: the trainer's (clipping at 1, decay 0.1, AdamW) at a
+/// learning rate that moves the weights visibly in one step.
+fn optim() -> OptimConfig {
+    OptimConfig {
+        lr: 1e-3,
+        warmup_steps: 0,
+        grad_clip_norm: 1.0,
+        weight_decay: 0.1,
+        ..Default::default()
+    }
+}
+
+/// One training step of `model` on this rank's rows of `batch` (all of them with one rank):
+/// the loss over the global batch, the all-reduced gradients, the weights after AdamW.
+pub fn clip_step<B: AutodiffBackend>(
+    model: Clip<B>,
+    batch: &HostBatch,
+    comm: &dyn Communicator<B::InnerBackend>,
+    device: &B::Device,
+) -> Result<StepTrace> {
+    let n = batch.images.shape[0];
+    let (w, r) = (comm.world_size(), comm.rank());
+    let rows = r * n / w..(r + 1) * n / w;
+    let images = Tensor::<B, 4>::from_data(batch.images.clone(), device);
+    let tokens = Tensor::<B, 2, Int>::from_data(batch.tokens.clone(), device);
+    let patches = batch
+        .patches
+        .clone()
+        .map(|p| Tensor::<B, 2, Int>::from_data(p, device).slice(s![rows.clone(), ..]));
+    let micro = vec![Micro {
+        images: images.slice(s![rows.clone(), .., .., ..]),
+        tokens: tokens.slice(s![rows, ..]),
+        neg_tokens: None,
+        patches,
+    }];
+    let before = named_weights(&model);
+    let g = contrastive_grads(&model, micro, comm, Negatives::Global, 1 << 20)?;
+    let grads = named_grads(&model, &g.grads);
+    let o = optim();
+    let mut up = Updater::new(&o, o.adamw::<B, _>(), &model);
+    let (model, _, _) = up.apply(model, g.grads, 1, 10);
+    Ok(StepTrace {
+        loss: g.loss,
+        grads,
+        before,
+        weights: named_weights(&model),
+    })
+}
+
+/// Every float parameter's values by dotted path, in module order.
+fn named_weights<B: Backend, M: Module<B>>(model: &M) -> Vec<(String, Vec<f32>)> {
+    #[derive(Default)]
+    struct Weights {
+        stack: Vec<String>,
+        out: Vec<(String, Vec<f32>)>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Weights {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let v = p.val().into_data().convert::<f32>().to_vec::<f32>();
+            self.out.push((self.stack.join("."), v.expect("f32")));
+        }
+    }
+    let mut v = Weights::default();
+    model.visit(&mut v);
+    v.out
+}
+
+/// Every gradient by path (a parameter without one is left out: frozen ones have none).
+fn named_grads<B: AutodiffBackend, M: Module<B>>(
+    model: &M,
+    grads: &GradientsParams,
+) -> Vec<(String, Vec<f32>)> {
+    struct Grads<'a> {
+        stack: Vec<String>,
+        grads: &'a GradientsParams,
+        out: Vec<(String, Vec<f32>)>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) {
+                let v = g.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+                self.out.push((self.stack.join("."), v));
+            }
+        }
+    }
+    let mut v = Grads {
+        stack: vec![],
+        grads,
+        out: vec![],
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+/// `to` with every float parameter's values taken from `from` (the same module on another
+/// backend: parameters match by order), keeping `to`'s ids and whether each trains.
+pub fn copy_weights<A: Backend, B: Backend, M: Module<A>, N: Module<B>>(from: &M, to: N) -> N {
+    struct Take(std::vec::IntoIter<(String, Vec<f32>)>);
+    impl<B: Backend> ModuleMapper<B> for Take {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (path, values) = self.0.next().expect("the same module on both backends");
+            let require_grad = p.is_require_grad();
+            let (id, t, _) = p.consume();
+            let dims = t.dims();
+            assert_eq!(values.len(), dims.iter().product::<usize>(), "{path}");
+            let t = Tensor::from_data(TensorData::new(values, dims), &t.device());
+            Param::initialized(id, t).set_require_grad(require_grad)
+        }
+    }
+    to.map(&mut Take(named_weights(from).into_iter()))
+}
+
+/// How far `target` is from `reference`: the loss's relative difference; the relative L2
+/// difference of all gradients together, and of all weight updates (after minus before)
+/// together; and the single tensor that differs most in each, to say where to look. Per
+/// tensor, a small gradient (a LayerNorm bias's) or Adam's step on a near-zero gradient
+/// (about `lr * sign(g)`) differs far more than the step as a whole.
+#[derive(Clone, Debug, Serialize)]
+pub struct ParityDiff {
+    pub loss_reference: f32,
+    pub loss_target: f32,
+    pub loss: f64,
+    pub grads: f64,
+    pub updates: f64,
+    pub worst_grad: (String, f64),
+    pub worst_update: (String, f64),
+    pub tensors: usize,
+}
+
+impl ParityDiff {
+    pub fn within(&self, tol: f64) -> bool {
+        self.loss <= tol && self.grads <= tol && self.updates <= tol
+    }
+}
+
+pub fn compare(target: &StepTrace, reference: &StepTrace) -> Result<ParityDiff> {
+    let updates = |t: &StepTrace| -> Vec<(String, Vec<f32>)> {
+        t.weights
+            .iter()
+            .zip(&t.before)
+            .map(|((p, after), (_, before))| {
+                let d = after.iter().zip(before).map(|(a, b)| a - b).collect();
+                (p.clone(), d)
+            })
+            .collect()
+    };
+    let (grads, worst_grad) = differences(&target.grads, &reference.grads)?;
+    let (upd, worst_update) = differences(&updates(target), &updates(reference))?;
+    Ok(ParityDiff {
+        loss_reference: reference.loss,
+        loss_target: target.loss,
+        loss: ((target.loss - reference.loss) / reference.loss).abs() as f64,
+        grads,
+        updates: upd,
+        worst_grad,
+        worst_update,
+        tensors: reference.grads.len(),
+    })
+}
+
+/// The relative L2 difference of all tensors together, and the tensor with the largest one.
+fn differences(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> Result<(f64, (String, f64))> {
+    anyhow::ensure!(
+        a.len() == b.len(),
+        "{} tensors against {}",
+        a.len(),
+        b.len()
+    );
+    let mut worst = (String::new(), 0.0);
+    for ((pa, va), (pb, vb)) in a.iter().zip(b) {
+        anyhow::ensure!(pa == pb && va.len() == vb.len(), "{pa} against {pb}");
+        let d = rel_l2(va, vb);
+        if d > worst.1 || d.is_nan() {
+            worst = (pa.clone(), d);
+        }
+    }
+    let all = |x: &[(String, Vec<f32>)]| -> Vec<f32> {
+        x.iter().flat_map(|(_, v)| v.iter().copied()).collect()
+    };
+    Ok((rel_l2(&all(a), &all(b)), worst))
+}
+
+/// `|a - b| / |b|` in f64 (0 when both are zero; NaN anywhere stays NaN).
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        d += (*x as f64 - *y as f64).powi(2);
+        n += (*y as f64).powi(2);
+    }
+    match (d, n) {
+        (0.0, _) => 0.0,
+        _ => (d / n).sqrt(),
+    }
+}

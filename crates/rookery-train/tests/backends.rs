@@ -1,0 +1,120 @@
+//! The generic path on a second CPU backend: burn-ndarray runs burn's own ops everywhere (no
+//! flex kernel can be chosen there, no switch needed), as CUDA does. One whole CLIP step
+//! (InfoNCE and SigLIP over the global batch, patch dropout, clipping, AdamW) from the same
+//! weights and batch gives the flex kernels' loss (1e-5, measured ~2e-7), gradients (1e-5
+//! relative L2 over all of them, measured ~1e-6) and weight updates (1e-4, measured ~1e-5:
+//! Adam's step on a near-zero gradient is ~`lr * sign(g)`), and two ndarray ranks give one
+//! flex rank's step on twice their batch. This found burn's GELU backward on non-flex backends
+//! (the tanh approximation's derivative: 4e-4). `rookery doctor --parity` runs the same
+//! comparison against CUDA.
+
+use std::time::Duration;
+
+use burn::backend::{Autodiff, Flex, NdArray};
+use rookery_dist::{LocalGroup, Single};
+use rookery_model::ClipConfig;
+use rookery_train::parity::{clip_step, compare, copy_weights, host_batch, ParityDiff, StepTrace};
+
+type F = Autodiff<Flex>;
+type N = Autodiff<NdArray>;
+
+fn config(loss: &str, patch_dropout: f64) -> ClipConfig {
+    let mut c = ClipConfig {
+        embed_dim: 16,
+        loss: loss.into(),
+        ..Default::default()
+    };
+    (c.vision.image_size, c.vision.patch_size, c.vision.width) = (16, 4, 32);
+    (c.vision.layers, c.vision.heads) = (2, 2);
+    c.vision.patch_dropout = patch_dropout;
+    (c.text.context_length, c.text.vocab_size, c.text.width) = (8, 40, 32);
+    (c.text.layers, c.text.heads, c.text.eot_token) = (2, 2, 3);
+    c
+}
+
+/// The flex reference step and the same step on ndarray, one rank each.
+fn both(cfg: &ClipConfig, batch: usize) -> (StepTrace, StepTrace) {
+    let data = host_batch(cfg, batch, 7);
+    let model = cfg.init::<F>(&Default::default());
+    let on_ndarray = copy_weights(&model, cfg.init::<N>(&Default::default()));
+    let flex = clip_step(
+        model,
+        &data,
+        &Single::new(Default::default()),
+        &Default::default(),
+    );
+    let nd = clip_step(
+        on_ndarray,
+        &data,
+        &Single::new(Default::default()),
+        &Default::default(),
+    );
+    (nd.unwrap(), flex.unwrap())
+}
+
+fn check(d: &ParityDiff, what: &str) {
+    eprintln!("{what}: {d:?}");
+    assert!(
+        d.loss < 1e-5 && d.grads < 1e-5 && d.updates < 1e-4,
+        "{what}: ndarray vs flex: {d:?}"
+    );
+    assert!(
+        d.loss > 0.0 || d.grads > 0.0,
+        "{what}: bit-identical: the same path ran twice"
+    );
+    assert!(
+        d.tensors > 20,
+        "{what}: only {} gradients compared",
+        d.tensors
+    );
+}
+
+#[test]
+fn an_ndarray_clip_step_gives_the_flex_kernels_loss_gradients_and_weights() {
+    for (loss, dropout) in [("infonce", 0.0), ("siglip", 0.0), ("infonce", 0.5)] {
+        let (nd, flex) = both(&config(loss, dropout), 8);
+        check(
+            &compare(&nd, &flex).unwrap(),
+            &format!("{loss}, patch dropout {dropout}"),
+        );
+    }
+}
+
+#[test]
+fn two_ndarray_ranks_give_one_flex_rank_on_twice_the_batch() {
+    let cfg = config("infonce", 0.0);
+    let data = host_batch(&cfg, 8, 11);
+    let model = cfg.init::<F>(&Default::default());
+    let nd = copy_weights(&model, cfg.init::<N>(&Default::default()));
+    let flex = clip_step(
+        model,
+        &data,
+        &Single::new(Default::default()),
+        &Default::default(),
+    )
+    .unwrap();
+    let ranks = LocalGroup::run::<NdArray, _, String, _>(
+        2,
+        |_| Default::default(),
+        Duration::from_secs(120),
+        |comm| clip_step(nd.clone(), &data, comm, &Default::default()).map_err(|e| e.to_string()),
+    );
+    for (r, trace) in ranks.into_iter().enumerate() {
+        check(
+            &compare(&trace.unwrap(), &flex).unwrap(),
+            &format!("ndarray rank {r} of 2"),
+        );
+    }
+}
+
+/// The comparison sees a gradient-scale error (what a sum over ranks instead of a mean
+/// gives), which AdamW's weights alone would hide.
+#[test]
+fn a_doubled_gradient_is_reported() {
+    let (mut nd, flex) = both(&config("infonce", 0.0), 4);
+    for (_, g) in &mut nd.grads {
+        g.iter_mut().for_each(|x| *x *= 2.0);
+    }
+    let d = compare(&nd, &flex).unwrap();
+    assert!(d.grads > 0.9 && !d.within(2e-2), "{d:?}");
+}
