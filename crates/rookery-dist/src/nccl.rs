@@ -8,23 +8,27 @@
 //! needs cubecl's raw allocation handles and an `unsafe` pointer wrap, which was not written
 //! without a GPU at hand to check it on.
 //!
-//! NCCL calls cannot be bounded from outside; a watchdog thread ends the process with an
-//! error naming the rank and call when one outlives the timeout, so the launcher (which stops
-//! the other ranks when one fails) never waits on a hang.
+//! NCCL calls cannot be bounded from outside; a watchdog thread bounds `ncclCommInitRank` and
+//! every collective: when one outlives its timeout it calls `ncclCommAbort` on the
+//! communicator (through [`raw`], which keeps the handle cudarc's safe `Comm` hides) and ends
+//! the process with an error naming the rank and call, so the launcher (which stops the other
+//! ranks when one fails) never waits on a hang.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
-use cudarc::driver::{CudaContext, CudaStream};
-use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 use crate::comm::{to_f32, Communicator, DistError};
 
+mod raw;
+use raw::{Op, RawComm};
+
 /// This process's NCCL communicator.
 pub struct NcclComm<B: Backend> {
-    comm: Comm,
+    comm: Arc<RawComm>,
     stream: Arc<CudaStream>,
     device: B::Device,
     watchdog: Arc<Watchdog>,
@@ -32,12 +36,21 @@ pub struct NcclComm<B: Backend> {
     timeout: Duration,
 }
 
-/// The collective in flight: its name, when it started and how long it may take.
+/// The call in flight: its name, when it started and how long it may take.
 type Pending = Option<(&'static str, Instant, Duration)>;
 
+/// What the watchdog thread watches: the call in flight, and the communicator it aborts
+/// (once made: `ncclCommInitRank` is watched before it exists).
 struct Watchdog {
     pending: Mutex<Pending>,
+    comm: OnceLock<Arc<RawComm>>,
     stop: AtomicBool,
+}
+
+impl Watchdog {
+    fn watch(&self, call: Pending) {
+        *self.pending.lock().expect("watchdog lock") = call;
+    }
 }
 
 /// Whether cudarc can open the NCCL library (under one of the names it tries).
@@ -55,8 +68,9 @@ pub fn visible_gpus() -> usize {
 }
 
 impl<B: Backend> NcclComm<B> {
-    /// Joins the job as `rank` of `world` on GPU `ordinal`; `master` is rank 0's
-    /// `MASTER_ADDR:MASTER_PORT`.
+    /// Joins the job as `rank` of `world` on GPU `ordinal`; `master` is rank 0's rendezvous
+    /// address. The rendezvous and `ncclCommInitRank` (which waits for every rank) are
+    /// bounded by `timeout` like the collectives.
     pub fn init(
         device: B::Device,
         ordinal: usize,
@@ -67,35 +81,30 @@ impl<B: Backend> NcclComm<B> {
     ) -> Result<Self, DistError> {
         let err = |op, msg: String| DistError::Backend { rank, op, msg };
         let id = if rank == 0 {
-            let id = Id::new().map_err(|e| err("ncclGetUniqueId", format!("{e:?}")))?;
-            let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
-            crate::rendezvous::serve(master, world, &bytes, timeout)
+            let id = raw::unique_id().map_err(|e| err("ncclGetUniqueId", format!("{e:?}")))?;
+            crate::rendezvous::serve(master, world, &raw::id_bytes(&id), timeout)
                 .map_err(|m| err("rendezvous", m))?;
             id
         } else {
             let bytes =
                 crate::rendezvous::fetch(master, timeout).map_err(|m| err("rendezvous", m))?;
-            let mut raw = [0 as std::ffi::c_char; 128];
-            if bytes.len() != raw.len() {
-                return Err(err(
-                    "rendezvous",
-                    format!("got {} bytes, not an ncclUniqueId", bytes.len()),
-                ));
-            }
-            for (r, b) in raw.iter_mut().zip(bytes) {
-                *r = b as std::ffi::c_char;
-            }
-            Id::uninit(raw)
+            raw::id_from_bytes(&bytes).map_err(|m| err("rendezvous", m))?
         };
         let ctx = CudaContext::new(ordinal).map_err(|e| err("cuInit", format!("{e:?}")))?;
+        ctx.bind_to_thread()
+            .map_err(|e| err("cuCtxSetCurrent", format!("{e:?}")))?;
         let stream = ctx.default_stream();
-        let comm = Comm::from_rank(stream.clone(), rank, world, id)
-            .map_err(|e| err("ncclCommInitRank", format!("{e:?}")))?;
         let watchdog = Arc::new(Watchdog {
             pending: Mutex::new(None),
+            comm: OnceLock::new(),
             stop: AtomicBool::new(false),
         });
         spawn_watchdog(watchdog.clone(), rank);
+        watchdog.watch(Some(("ncclCommInitRank", Instant::now(), timeout)));
+        let comm = RawComm::init(world, id, rank);
+        watchdog.watch(None);
+        let comm = Arc::new(comm.map_err(|e| err("ncclCommInitRank", format!("{e:?}")))?);
+        let _ = watchdog.comm.set(comm.clone());
         Ok(NcclComm {
             comm,
             stream,
@@ -105,18 +114,15 @@ impl<B: Backend> NcclComm<B> {
         })
     }
 
-    /// Runs one staged collective: `t` to the GPU, `op` on it, the result back.
+    /// Runs one staged collective: `t` to the GPU, `op` on it, the result back (the copy back
+    /// waits for the collective: that wait is what the watchdog bounds).
     fn staged(
         &self,
         name: &'static str,
         t: Tensor<B, 1>,
         out_len: usize,
         timeout: Duration,
-        op: impl FnOnce(
-            &Comm,
-            &cudarc::driver::CudaSlice<f32>,
-            &mut cudarc::driver::CudaSlice<f32>,
-        ) -> Result<(), String>,
+        op: Op,
     ) -> Result<Tensor<B, 1>, DistError> {
         let rank = self.rank();
         let err = |msg: String| DistError::Backend {
@@ -124,10 +130,9 @@ impl<B: Backend> NcclComm<B> {
             op: name,
             msg,
         };
-        *self.watchdog.pending.lock().expect("watchdog lock") =
-            Some((name, Instant::now(), timeout));
+        self.watchdog.watch(Some((name, Instant::now(), timeout)));
         let run = || -> Result<Vec<f32>, DistError> {
-            let send = self
+            let send: CudaSlice<f32> = self
                 .stream
                 .clone_htod(&to_f32(t))
                 .map_err(|e| err(format!("{e:?}")))?;
@@ -135,13 +140,15 @@ impl<B: Backend> NcclComm<B> {
                 .stream
                 .alloc_zeros::<f32>(out_len)
                 .map_err(|e| err(format!("{e:?}")))?;
-            op(&self.comm, &send, &mut recv).map_err(err)?;
+            self.comm
+                .launch(op, &send, &mut recv, &self.stream)
+                .map_err(|e| err(format!("{e:?}")))?;
             self.stream
                 .clone_dtoh(&recv)
                 .map_err(|e| err(format!("{e:?}")))
         };
         let back = run();
-        *self.watchdog.pending.lock().expect("watchdog lock") = None;
+        self.watchdog.watch(None);
         let back = back?;
         Ok(Tensor::from_floats(back.as_slice(), &self.device))
     }
@@ -153,6 +160,10 @@ impl<B: Backend> Drop for NcclComm<B> {
     }
 }
 
+/// Every 200 ms: when the call in flight has outlived its timeout, aborts the communicator
+/// (`ncclCommAbort`: the blocked call returns, NCCL's own threads stop, its connections close
+/// so peers see an error instead of waiting) and ends the process with an error naming the
+/// rank and call. The launcher then stops the other ranks.
 fn spawn_watchdog(w: Arc<Watchdog>, rank: usize) {
     std::thread::spawn(move || {
         while !w.stop.load(Ordering::Relaxed) {
@@ -170,8 +181,11 @@ fn spawn_watchdog(w: Arc<Watchdog>, rank: usize) {
                     secs: timeout.as_secs_f64(),
                     waiting_for: vec![],
                 };
-                tracing::error!("{e}; exiting");
+                tracing::error!("{e}; aborting the NCCL communicator and exiting");
                 eprintln!("error: {e}; exiting");
+                if let Some(c) = w.comm.get() {
+                    c.abort();
+                }
                 std::process::exit(3);
             }
         }
@@ -180,10 +194,10 @@ fn spawn_watchdog(w: Arc<Watchdog>, rank: usize) {
 
 impl<B: Backend> Communicator<B> for NcclComm<B> {
     fn rank(&self) -> usize {
-        self.comm.rank()
+        self.comm.rank
     }
     fn world_size(&self) -> usize {
-        self.comm.world_size()
+        self.comm.world
     }
     fn device(&self) -> &B::Device {
         &self.device
@@ -191,37 +205,22 @@ impl<B: Backend> Communicator<B> for NcclComm<B> {
 
     fn all_reduce_sum(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>, DistError> {
         let n = t.dims()[0];
-        self.staged("all_reduce", t, n, self.timeout, |c, s, r| {
-            c.all_reduce(s, r, &ReduceOp::Sum)
-                .map(|_| ())
-                .map_err(|e| format!("{e:?}"))
-        })
+        self.staged("all_reduce", t, n, self.timeout, Op::AllReduceSum)
     }
 
     fn all_gather(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>, DistError> {
         let n = t.dims()[0] * self.world_size();
-        self.staged("all_gather", t, n, self.timeout, |c, s, r| {
-            c.all_gather(s, r).map(|_| ()).map_err(|e| format!("{e:?}"))
-        })
+        self.staged("all_gather", t, n, self.timeout, Op::AllGather)
     }
 
     fn reduce_scatter_sum(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>, DistError> {
         let n = t.dims()[0] / self.world_size();
-        self.staged("reduce_scatter", t, n, self.timeout, |c, s, r| {
-            c.reduce_scatter(s, r, &ReduceOp::Sum)
-                .map(|_| ())
-                .map_err(|e| format!("{e:?}"))
-        })
+        self.staged("reduce_scatter", t, n, self.timeout, Op::ReduceScatterSum)
     }
 
     fn broadcast(&self, t: Tensor<B, 1>, root: usize) -> Result<Tensor<B, 1>, DistError> {
         let n = t.dims()[0];
-        self.staged("broadcast", t, n, self.timeout, |c, s, r| {
-            let src = (c.rank() == root).then_some(s);
-            c.broadcast(src, r, root as i32)
-                .map(|_| ())
-                .map_err(|e| format!("{e:?}"))
-        })
+        self.staged("broadcast", t, n, self.timeout, Op::Broadcast { root })
     }
 
     /// A barrier that may take `timeout` (rank 0 evaluating or saving while the others wait,
@@ -229,11 +228,7 @@ impl<B: Backend> Communicator<B> for NcclComm<B> {
     /// the watchdog end every waiting rank.
     fn barrier_timeout(&self, timeout: Duration) -> Result<(), DistError> {
         let ones = Tensor::ones([1], &self.device);
-        self.staged("barrier", ones, 1, timeout, |c, s, r| {
-            c.all_reduce(s, r, &ReduceOp::Sum)
-                .map(|_| ())
-                .map_err(|e| format!("{e:?}"))
-        })
-        .map(|_| ())
+        self.staged("barrier", ones, 1, timeout, Op::AllReduceSum)
+            .map(|_| ())
     }
 }
