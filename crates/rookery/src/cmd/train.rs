@@ -41,6 +41,9 @@ pub fn run(config: &Path, overrides: &[String], resume: bool, overwrite: bool) -
         cfg.train.resume = "auto".into();
     }
     cfg.train.overwrite |= overwrite;
+    if cfg.dist.backend == "nccl" && !cfg!(feature = "cuda") {
+        anyhow::bail!("{}: dist.backend = \"nccl\" needs a build with the `cuda` feature (cargo build --release --features cuda)", config.display());
+    }
     let env = rookery_dist::launch::RankEnv::detect().map_err(anyhow::Error::msg)?;
     match env.as_ref().filter(|e| e.rank > 0) {
         None => ensure_data(&cfg)?,
