@@ -204,3 +204,19 @@ fn the_vitl14_llama_recipe_resolves_against_the_published_shapes() {
         .unwrap();
     assert!(err.to_string().contains("takes 224"), "{err}");
 }
+
+/// The default recipe trains CLIP's own tower, so its run exports under HF transformers'
+/// names (`rookery export --format hf`), which refuse rookery's patch stem.
+#[test]
+fn the_default_recipe_exports_to_hf_transformers() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/clip-tiny.toml");
+    let mut cfg = RunConfig::load(&path, &[]).unwrap();
+    assert_eq!(cfg.model.vision.stem_patch, 0, "clip-tiny has a patch stem");
+    (cfg.model.text.vocab_size, cfg.model.text.eot_token) = (64, 63);
+    let model = cfg
+        .model
+        .init::<burn::backend::Flex>(&Default::default());
+    let out = tempfile::tempdir().unwrap();
+    rookery_interop::hf_clip_export::export_hf(&model, &cfg.model, out.path(), false).unwrap();
+    assert!(out.path().join("model.safetensors").is_file());
+}
