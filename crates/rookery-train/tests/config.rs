@@ -213,9 +213,7 @@ fn the_default_recipe_exports_to_hf_transformers() {
     let mut cfg = RunConfig::load(&path, &[]).unwrap();
     assert_eq!(cfg.model.vision.stem_patch, 0, "clip-tiny has a patch stem");
     (cfg.model.text.vocab_size, cfg.model.text.eot_token) = (64, 63);
-    let model = cfg
-        .model
-        .init::<burn::backend::Flex>(&Default::default());
+    let model = cfg.model.init::<burn::backend::Flex>(&Default::default());
     let out = tempfile::tempdir().unwrap();
     rookery_interop::hf_clip_export::export_hf(&model, &cfg.model, out.path(), false).unwrap();
     assert!(out.path().join("model.safetensors").is_file());
