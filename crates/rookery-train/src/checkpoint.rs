@@ -304,7 +304,7 @@ where
         .with_context(|| format!("{}: config.toml", dir.display()))?;
     if saved.train.stage != cfg.train.stage {
         bail!(
-            "checkpoint {} is of stage {:?}, the config's train.stage is {:?}",
+            "checkpoint {} is of stage \"{}\", the config's train.stage is \"{}\"",
             dir.display(),
             saved.train.stage,
             cfg.train.stage

@@ -6,6 +6,7 @@
 //! refused with the key and the file named; [`RunConfig::validate`] refuses bad values before
 //! any work starts.
 
+use crate::trainer::TrainStage;
 use std::path::{Path, PathBuf};
 
 use rookery_data::DataConfig;
@@ -107,7 +108,7 @@ impl RunConfig {
         if !(d.crop_ratio[0] > 0.0 && d.crop_ratio[0] <= d.crop_ratio[1]) {
             return err("data.crop_ratio", "must satisfy 0 < lo <= hi");
         }
-        if self.train.stage != "clip" {
+        if self.train.stage != TrainStage::Clip {
             return self.validate_text_stage();
         }
         if d.image_size != self.model.vision.image_size as u32 {
@@ -174,7 +175,7 @@ impl RunConfig {
                 "must be >= 0".into(),
             ));
         }
-        if self.train.stage == "lm" {
+        if self.train.stage == TrainStage::Lm {
             self.lm
                 .validate()
                 .map_err(|m| (m.split('`').nth(1).unwrap_or("lm").to_string(), m))?;
@@ -189,13 +190,13 @@ impl RunConfig {
             }
         }
         let mult = self.flamingo.gate_lr_mult;
-        if self.train.stage == "flamingo" && !(mult.is_finite() && mult > 0.0) {
+        if self.train.stage == TrainStage::Flamingo && !(mult.is_finite() && mult > 0.0) {
             return Err((
                 "flamingo.gate_lr_mult".into(),
                 format!("must be a number > 0, not {mult}"),
             ));
         }
-        if self.train.stage == "flamingo" {
+        if self.train.stage == TrainStage::Flamingo {
             let (f, r) = (&self.flamingo.model, &self.flamingo.model.resampler);
             let sizes = [
                 ("cross_attn_every_n_layers", f.cross_attn_every_n_layers),

@@ -7,6 +7,7 @@
 //! module paths (`resampler.layers.0…`, `xattn.3.attn_gate`); `config.json` describes shapes
 //! and sources, `config.toml` is the run's config, `tokenizer.json` its tokenizer.
 
+use crate::trainer::TrainStage;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -117,9 +118,9 @@ pub fn open_flamingo<B: Backend>(
         checkpoint_dir(path)?
     };
     let cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
-    if cfg.train.stage != "flamingo" {
+    if cfg.train.stage != TrainStage::Flamingo {
         bail!(
-            "{}: a checkpoint of stage {:?}, not \"flamingo\"",
+            "{}: a checkpoint of stage \"{}\", not \"flamingo\"",
             dir.display(),
             cfg.train.stage
         );
@@ -263,7 +264,7 @@ pub fn evaluate_text_checkpoint<B: Backend>(
     let tk = Arc::new(TextTokenizer::load(&tk, &cfg.data.special_tokens)?);
     let mut prep = Pages::new(&cfg.data, tk.clone(), Mode::Eval).map_err(anyhow::Error::msg)?;
     let e = cfg.eval.clone();
-    if cfg.train.stage == "lm" {
+    if cfg.train.stage == TrainStage::Lm {
         let lm = load_lm::<B>(&dir, device)?;
         prep.decode_images = false;
         return crate::fewshot::perplexity(&cfg, prep, e.pages, device, |t, _| lm.forward(t));
@@ -280,7 +281,7 @@ pub fn evaluate_text_checkpoint<B: Backend>(
 }
 
 /// The stage a checkpoint (or run directory, or Flamingo export) was trained in.
-pub fn stage_of(path: &Path) -> Result<String> {
+pub fn stage_of(path: &Path) -> Result<TrainStage> {
     let dir = if path.join(TRAINED).exists() {
         path.to_path_buf()
     } else {

@@ -8,6 +8,8 @@
 //! recompute), and the loader's decoded batches. A run under this bound may still not fit; a
 //! run over it cannot.
 
+use crate::parallel::DistBackend;
+use crate::trainer::TrainStage;
 use anyhow::{bail, Result};
 
 use crate::config::RunConfig;
@@ -50,22 +52,23 @@ fn kept_per_token(w: f64, ratio: f64) -> f64 {
 /// The lower bound for `cfg` (a resolved config: stage 2's shapes filled in).
 pub fn estimate(cfg: &RunConfig) -> Estimate {
     let m = cfg.data.batch_size as f64;
-    let ranks = match cfg.dist.backend.as_str() {
-        "local" => cfg.dist.world_size.max(1) as f64,
-        _ => 1.0,
+    // Thread ranks share this process's memory; other ranks have processes of their own.
+    let ranks = match cfg.dist.backend {
+        DistBackend::Local => cfg.dist.world_size.max(1) as f64,
+        DistBackend::Mpi | DistBackend::Nccl => 1.0,
     };
     let s = cfg.data.image_size as f64;
-    let batch_floats = match cfg.train.stage.as_str() {
-        "lm" => 0.0,
-        _ => 3.0 * s * s,
+    let batch_floats = match cfg.train.stage {
+        TrainStage::Lm => 0.0,
+        TrainStage::Clip | TrainStage::Flamingo => 3.0 * s * s,
     };
-    let (params, trained, per_sample) = match cfg.train.stage.as_str() {
-        "lm" => {
+    let (params, trained, per_sample) = match cfg.train.stage {
+        TrainStage::Lm => {
             let l = &cfg.lm;
             let (p, kept) = lm_shapes(l, seq(cfg, l));
             (p, p, kept)
         }
-        "flamingo" => {
+        TrainStage::Flamingo => {
             let f = &cfg.flamingo.model;
             let (lm, kept) = lm_shapes(&f.lm, seq(cfg, &f.lm));
             let vision = match &f.siglip {
@@ -75,7 +78,7 @@ pub fn estimate(cfg: &RunConfig) -> Estimate {
             let new = flamingo_new(f);
             (lm + vision + new, new, kept)
         }
-        _ => {
+        TrainStage::Clip => {
             let c = &cfg.model;
             let (vision, v_kept) = vit_shapes(&c.vision, c.embed_dim);
             let t = &c.text;

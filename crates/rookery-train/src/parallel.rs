@@ -21,7 +21,7 @@ pub struct DistConfig {
     pub world_size: usize,
     /// "local" (threads, burn-collective), "mpi" (processes, `mpi` build feature) or "nccl"
     /// (GPU processes started by `rookery launch`/Slurm, `cuda` build feature).
-    pub backend: String,
+    pub backend: DistBackend,
     /// Gradients cross ranks in flat buckets of this many MiB.
     pub bucket_mb: f64,
     /// Seconds any collective may wait for a peer before the run fails naming it.
@@ -30,11 +30,23 @@ pub struct DistConfig {
     pub eval_timeout_s: f64,
 }
 
+/// What carries the collectives between ranks (`dist.backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DistBackend {
+    /// Ranks as threads of one process (burn-collective).
+    Local,
+    /// Ranks as MPI processes (rsmpi; the `mpi` build feature).
+    Mpi,
+    /// One process per GPU (NCCL; the `cuda` build feature).
+    Nccl,
+}
+
 impl Default for DistConfig {
     fn default() -> Self {
         DistConfig {
             world_size: 1,
-            backend: "local".into(),
+            backend: DistBackend::Local,
             bucket_mb: 25.0,
             timeout_s: 300.0,
             eval_timeout_s: 3600.0,
@@ -51,11 +63,6 @@ impl DistConfig {
                 self.world_size == 0,
                 "dist.world_size",
                 "must be at least 1",
-            ),
-            (
-                !["local", "mpi", "nccl"].contains(&self.backend.as_str()),
-                "dist.backend",
-                "must be \"local\", \"mpi\" or \"nccl\"",
             ),
             (bad(self.bucket_mb), "dist.bucket_mb", "must be > 0"),
             (bad(self.timeout_s), "dist.timeout_s", "must be > 0"),

@@ -78,8 +78,9 @@ fn split_texts<B: Backend>(blocks: Vec<Tensor<B, 2>>, sizes: &[usize], k: usize)
     Tensor::cat((0..k).flat_map(pick).collect(), 0)
 }
 
-/// Which pairs are negatives of each other.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which pairs are negatives of each other (`train.negatives`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Negatives {
     /// Everything in the global batch (all ranks, all micro-batches).
     Global,

@@ -29,11 +29,12 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::metrics::MetricsWriter;
 use crate::optim::{AdamWOf, PathIds, Updater};
-use crate::parallel::broadcast_weights;
+use crate::parallel::{broadcast_weights, DistBackend};
 use crate::stage::clip::ClipStage;
 use crate::stage::flamingo::FlamingoStage;
 use crate::stage::lm::LmStage;
 use crate::stage::{Report, Stage};
+use crate::step::Negatives;
 
 /// `[train]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,15 +51,15 @@ pub struct TrainConfig {
     /// Seed of the weight initialisation.
     pub seed: u64,
     /// Continue from the run directory's latest checkpoint: "never", "auto" (when one exists).
-    pub resume: String,
+    pub resume: Resume,
     /// Training stage: "clip" (stage 1), "lm" (a language model on the pages' text) or
     /// "flamingo" (stage 2).
-    pub stage: String,
+    pub stage: TrainStage,
     /// Evaluate once before the first step too (stage 2: the frozen-LM baseline).
     pub eval_at_start: bool,
     /// Negatives of each pair: "global" (every rank's and every micro-batch's samples, exact
     /// full-batch gradients) or "local" (only its own micro-batch on its own rank; cheaper).
-    pub negatives: String,
+    pub negatives: Negatives,
     /// Start over in a run directory that holds an earlier run: delete its checkpoints,
     /// metrics, plot and config first (`rookery train --overwrite`). Without it (or a resume),
     /// such a directory is refused.
@@ -66,6 +67,38 @@ pub struct TrainConfig {
     /// A step whose loss or gradients hold a NaN or infinity updates nothing and is counted
     /// (`skipped_steps` in metrics.jsonl); this many such steps in a row stop the run.
     pub max_bad_steps: usize,
+}
+
+/// Which model a run trains (`train.stage`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainStage {
+    /// Stage 1: a CLIP (or SigLIP-loss) model on image-text pairs.
+    Clip,
+    /// A causal language model on the pages' text (the LM stage 2 freezes).
+    Lm,
+    /// Stage 2: the Perceiver Resampler and gated cross-attention over frozen towers.
+    Flamingo,
+}
+
+impl std::fmt::Display for TrainStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrainStage::Clip => "clip",
+            TrainStage::Lm => "lm",
+            TrainStage::Flamingo => "flamingo",
+        })
+    }
+}
+
+/// Whether a run continues from its directory's latest checkpoint (`train.resume`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resume {
+    /// Start from the initial weights; a directory with checkpoints is refused.
+    Never,
+    /// Continue from the newest checkpoint that verifies, if there is one (`--resume`).
+    Auto,
 }
 
 impl Default for TrainConfig {
@@ -76,10 +109,10 @@ impl Default for TrainConfig {
             eval_every: 250,
             run_dir: PathBuf::from("runs/clip-tiny"),
             seed: 0,
-            resume: "never".into(),
-            stage: "clip".into(),
+            resume: Resume::Never,
+            stage: TrainStage::Clip,
             eval_at_start: false,
-            negatives: "global".into(),
+            negatives: Negatives::Global,
             overwrite: false,
             max_bad_steps: 10,
         }
@@ -100,20 +133,7 @@ impl TrainConfig {
                 "train.max_bad_steps",
                 "must be at least 1",
             ),
-            (
-                !["never", "auto"].contains(&self.resume.as_str()),
-                "train.resume",
-                "must be \"never\" or \"auto\"",
-            ),
-            (
-                !["global", "local"].contains(&self.negatives.as_str()),
-                "train.negatives",
-                "must be \"global\" or \"local\"",
-            ),
         ];
-        if let Err(m) = crate::stage::check_stage(&self.stage) {
-            return Err(("train.stage".into(), m));
-        }
         match checks.iter().find(|c| c.0) {
             Some((_, k, m)) => Err((k.to_string(), m.to_string())),
             None => Ok(()),
@@ -165,11 +185,11 @@ pub fn train_on<B: AutodiffBackend>(
     device: impl Fn(usize) -> B::Device + Sync,
 ) -> Result<TrainSummary> {
     let d = &cfg.dist;
-    if d.backend == "mpi" {
+    if d.backend == DistBackend::Mpi {
         let env = RankEnv::detect().map_err(anyhow::Error::msg)?;
         return train_mpi::<B>(cfg, device(env.map_or(0, |e| e.local_rank)));
     }
-    if d.backend == "nccl" {
+    if d.backend == DistBackend::Nccl {
         return train_nccl::<B>(cfg, &device);
     }
     if let Some(env) = RankEnv::detect().map_err(anyhow::Error::msg)? {
@@ -282,10 +302,10 @@ fn run_rank<B: AutodiffBackend>(
     device: &B::Device,
     comm: &dyn Communicator<B::InnerBackend>,
 ) -> Result<TrainSummary> {
-    match cfg.train.stage.as_str() {
-        "lm" => train_rank::<B, LmStage>(cfg, device, comm),
-        "flamingo" => train_rank::<B, FlamingoStage>(cfg, device, comm),
-        _ => train_rank::<B, ClipStage>(cfg, device, comm),
+    match cfg.train.stage {
+        TrainStage::Clip => train_rank::<B, ClipStage>(cfg, device, comm),
+        TrainStage::Lm => train_rank::<B, LmStage>(cfg, device, comm),
+        TrainStage::Flamingo => train_rank::<B, FlamingoStage>(cfg, device, comm),
     }
 }
 
@@ -310,7 +330,11 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
     check_same(comm, "the resolved config", hash_str(&resolved.to_toml()))?;
     let ready = match lead {
         true => host_memory_fits(&resolved).and_then(|_| {
-            checkpoint::prepare_run_dir(&run_dir, cfg.train.resume == "auto", cfg.train.overwrite)
+            checkpoint::prepare_run_dir(
+                &run_dir,
+                cfg.train.resume == Resume::Auto,
+                cfg.train.overwrite,
+            )
         }),
         false => Ok(()),
     };
@@ -476,7 +500,7 @@ fn build<B: AutodiffBackend, S: Stage<B>>(
     let model = broadcast_weights(model, comm, cfg.dist.bucket_elems())?;
     let optim = cfg.optim.adamw::<B, S::Model>();
     let fresh = TrainState::default();
-    let latest = match cfg.train.resume == "auto" {
+    let latest = match cfg.train.resume == Resume::Auto {
         true => checkpoint::newest_verified(&cfg.run_dir())?,
         false => None,
     };

@@ -218,3 +218,40 @@ fn the_default_recipe_exports_to_hf_transformers() {
     rookery_interop::hf_clip_export::export_hf(&model, &cfg.model, out.path(), false).unwrap();
     assert!(out.path().join("model.safetensors").is_file());
 }
+
+/// A setting with a fixed set of values is an enum: an unknown value is refused with its key
+/// and the values it takes, before any work (nothing falls back to a default).
+#[test]
+fn unknown_enum_values_are_refused_with_the_allowed_ones() {
+    for (set, key, allowed) in [
+        (
+            "train.stage=\"story\"",
+            "train.stage",
+            ["clip", "lm", "flamingo"],
+        ),
+        (
+            "dist.backend=\"gloo\"",
+            "dist.backend",
+            ["local", "mpi", "nccl"],
+        ),
+        (
+            "train.resume=\"yes\"",
+            "train.resume",
+            ["never", "auto", "auto"],
+        ),
+        (
+            "train.negatives=\"all\"",
+            "train.negatives",
+            ["global", "local", "local"],
+        ),
+    ] {
+        let err = load("", &[set]).expect_err(set);
+        assert!(err.contains(key), "{set}: key not named: {err}");
+        for a in allowed {
+            assert!(
+                err.contains(&format!("`{a}`")),
+                "{set}: `{a}` not listed: {err}"
+            );
+        }
+    }
+}

@@ -18,7 +18,7 @@ use serde_json::json;
 use super::{Report, Stage};
 use crate::config::RunConfig;
 use crate::eval::{evaluate, image_tensor, token_tensor};
-use crate::step::{contrastive_grads, Micro, Negatives, StepGrads};
+use crate::step::{contrastive_grads, Micro, StepGrads};
 
 /// Random stream of patch dropout, apart from the loader's (crop) and the synthetic set's.
 const PATCH_STREAM: u64 = 0x7061_7463_6864_726f;
@@ -189,15 +189,11 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
                 }
             })
             .collect();
-        let negatives = match self.cfg.train.negatives.as_str() {
-            "local" => Negatives::Local,
-            _ => Negatives::Global,
-        };
         Ok(contrastive_grads(
             model,
             micro,
             comm,
-            negatives,
+            self.cfg.train.negatives,
             self.cfg.dist.bucket_elems(),
         )?)
     }

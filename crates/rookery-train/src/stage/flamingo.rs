@@ -4,6 +4,7 @@
 //! Perceiver Resampler, the gated cross-attention blocks and the `<image>`/`<|endofchunk|>`
 //! embeddings train.
 
+use crate::trainer::TrainStage;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -76,13 +77,13 @@ pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
 }
 
 /// A source checkpoint's directory and resolved config, refusing one of another stage.
-fn source(path: &Path, key: &str, stage: &str) -> Result<(PathBuf, RunConfig)> {
+fn source(path: &Path, key: &str, stage: TrainStage) -> Result<(PathBuf, RunConfig)> {
     let dir = checkpoint_dir(path).with_context(|| format!("flamingo.{key}"))?;
     let cfg = RunConfig::load(&dir.join("config.toml"), &[])
         .with_context(|| format!("flamingo.{key}: {}", dir.display()))?;
     if cfg.train.stage != stage {
         bail!(
-            "flamingo.{key} = {}: that checkpoint is of stage {:?}, not {stage:?}",
+            "flamingo.{key} = {}: that checkpoint is of stage \"{}\", not \"{stage}\"",
             path.display(),
             cfg.train.stage
         );
@@ -118,7 +119,7 @@ enum VisionSource {
 /// [`rookery_interop::detect_clip`]), or an HF SigLIP (`SiglipModel` or `SiglipVisionModel`).
 fn vision_source(path: &Path) -> Result<(PathBuf, VisionSource)> {
     if is_rookery_run(path) {
-        let (dir, cfg) = source(path, "vision_from", "clip")?;
+        let (dir, cfg) = source(path, "vision_from", TrainStage::Clip)?;
         return Ok((dir, VisionSource::Clip(cfg.model)));
     }
     let key = || format!("flamingo.vision_from = {}", path.display());
@@ -197,7 +198,7 @@ pub fn load_source_lm<B: Backend>(
 fn lm_source(cfg: &RunConfig) -> Result<(PathBuf, LmConfig)> {
     let path = &cfg.flamingo.lm_from;
     if is_rookery_run(path) {
-        let (dir, lcfg) = source(path, "lm_from", "lm")?;
+        let (dir, lcfg) = source(path, "lm_from", TrainStage::Lm)?;
         let ours = std::fs::read(&cfg.data.tokenizer)
             .with_context(|| format!("data.tokenizer = {}", cfg.data.tokenizer.display()))?;
         let lm_tokenizer = crate::checkpoint::tokenizer_of(&dir, &lcfg);
@@ -218,7 +219,7 @@ fn lm_source(cfg: &RunConfig) -> Result<(PathBuf, LmConfig)> {
 pub fn with_lm_tokenizer(cfg: &RunConfig) -> Result<RunConfig> {
     let mut cfg = cfg.clone();
     let path = cfg.flamingo.lm_from.clone();
-    if cfg.train.stage != "flamingo" || is_rookery_run(&path) {
+    if cfg.train.stage != TrainStage::Flamingo || is_rookery_run(&path) {
         return Ok(cfg);
     }
     let run_dir = cfg.run_dir();

@@ -89,11 +89,3 @@ pub enum Report {
     Clip(EvalReport),
     Text(TextReport),
 }
-
-/// The text of a config's stage, checked.
-pub fn check_stage(stage: &str) -> Result<(), String> {
-    match stage {
-        "clip" | "lm" | "flamingo" => Ok(()),
-        _ => Err("must be \"clip\", \"lm\" or \"flamingo\"".into()),
-    }
-}

@@ -21,7 +21,7 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// Copies `run`'s step-2 checkpoint into `rest`'s run directory as its latest and resumes
 /// `rest` from it (a run stopped at step 2, then continued).
 pub fn resume_from_step_2(run: &Path, mut rest: RunConfig) {
-    rest.train.resume = "auto".into();
+    rest.train.resume = rookery_train::trainer::Resume::Auto;
     let ck = rest.run_dir().join("checkpoints");
     copy_dir(
         &run.join("checkpoints/step-00000002"),

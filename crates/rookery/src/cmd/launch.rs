@@ -11,6 +11,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use rookery_train::parallel::DistBackend;
 use rookery_train::RunConfig;
 
 #[derive(clap::Args)]
@@ -44,16 +45,16 @@ pub fn run(a: &LaunchArgs) -> Result<()> {
         bail!("launch: need --nproc-per-node >= 1 and --node-rank below --nnodes");
     }
     let exe = std::env::current_exe().context("locating the rookery binary")?;
-    if backend_of(&a.args)? == "mpi" {
+    if backend_of(&a.args)? == Some(DistBackend::Mpi) {
         return via_mpirun(a, &exe);
     }
     spawn_ranks(a, &exe)
 }
 
-/// The `[dist] backend` the ranks' `train` command will use ("" for other commands).
-fn backend_of(args: &[String]) -> Result<String> {
+/// The `[dist] backend` the ranks' `train` command will use (`None` for other commands).
+fn backend_of(args: &[String]) -> Result<Option<DistBackend>> {
     if args.first().map(String::as_str) != Some("train") {
-        return Ok(String::new());
+        return Ok(None);
     }
     let config = args.get(1).context("launch: `train` needs a config file")?;
     let sets: Vec<String> = args
@@ -65,7 +66,9 @@ fn backend_of(args: &[String]) -> Result<String> {
                 .filter_map(|s| s.strip_prefix("--set=").map(String::from)),
         )
         .collect();
-    Ok(RunConfig::load(Path::new(config), &sets)?.dist.backend)
+    Ok(Some(
+        RunConfig::load(Path::new(config), &sets)?.dist.backend,
+    ))
 }
 
 fn via_mpirun(a: &LaunchArgs, exe: &Path) -> Result<()> {

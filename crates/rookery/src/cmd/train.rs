@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use rookery_train::flamingo_io;
+use rookery_train::parallel::DistBackend;
 use rookery_train::stage::Report;
+use rookery_train::trainer::{Resume, TrainStage};
 use rookery_train::RunConfig;
 
 #[cfg(not(feature = "cuda"))]
@@ -38,10 +40,10 @@ pub(crate) mod backend {
 pub fn run(config: &Path, overrides: &[String], resume: bool, overwrite: bool) -> Result<()> {
     let mut cfg = RunConfig::load(config, overrides)?;
     if resume {
-        cfg.train.resume = "auto".into();
+        cfg.train.resume = Resume::Auto;
     }
     cfg.train.overwrite |= overwrite;
-    if cfg.dist.backend == "nccl" && !cfg!(feature = "cuda") {
+    if cfg.dist.backend == DistBackend::Nccl && !cfg!(feature = "cuda") {
         anyhow::bail!("{}: dist.backend = \"nccl\" needs a build with the `cuda` feature (cargo build --release --features cuda)", config.display());
     }
     let env = rookery_dist::launch::RankEnv::detect().map_err(anyhow::Error::msg)?;
@@ -119,7 +121,7 @@ pub fn run(config: &Path, overrides: &[String], resume: bool, overwrite: bool) -
 fn ensure_nccl(cfg: &RunConfig) -> Result<()> {
     use std::os::unix::process::CommandExt;
     const AGAIN: &str = "ROOKERY_NCCL_LINKED";
-    if cfg.dist.backend != "nccl" || rookery_dist::nccl::library_loadable() {
+    if cfg.dist.backend != DistBackend::Nccl || rookery_dist::nccl::library_loadable() {
         return Ok(());
     }
     let Some(found) = rookery_dist::libs::find_library("libnccl.so") else {
@@ -153,9 +155,9 @@ fn ensure_nccl(cfg: &RunConfig) -> Result<()> {
 /// needs at least ([`rookery_train::memory`]), without touching the run directory.
 pub fn dry_run(config: &Path, overrides: &[String]) -> Result<()> {
     let cfg = RunConfig::load(config, overrides)?;
-    let (cfg, note) = match cfg.train.stage.as_str() {
-        "flamingo" => rookery_train::stage::flamingo::resolve_dry(&cfg)?,
-        _ => (cfg, None),
+    let (cfg, note) = match cfg.train.stage {
+        TrainStage::Flamingo => rookery_train::stage::flamingo::resolve_dry(&cfg)?,
+        TrainStage::Clip | TrainStage::Lm => (cfg, None),
     };
     if let Some(n) = note {
         println!("note: {n}");
@@ -163,7 +165,7 @@ pub fn dry_run(config: &Path, overrides: &[String]) -> Result<()> {
     let e = rookery_train::memory::estimate(&cfg);
     let gib = |b: f64| b / (1u64 << 30) as f64;
     println!(
-        "{}: stage {:?}, config valid",
+        "{}: stage \"{}\", config valid",
         config.display(),
         cfg.train.stage
     );
@@ -271,7 +273,7 @@ pub(crate) fn open_checkpoint(
 
 /// `rookery export`; `format` is `open_clip`, `hf` or `open_flamingo`.
 pub fn export(path: &Path, out: &Path, bf16: bool, format: &str, full: bool) -> Result<()> {
-    let flamingo = flamingo_io::stage_of(path)? == "flamingo";
+    let flamingo = flamingo_io::stage_of(path)? == TrainStage::Flamingo;
     match (flamingo, format) {
         (true, "open_flamingo") => flamingo_io::export_open_flamingo(path, out, bf16)?,
         (true, "hf") => anyhow::bail!("{}: a Flamingo checkpoint exports with --format open_flamingo (OpenFlamingo's names) or open_clip (rookery's names, the default)", path.display()),
@@ -309,7 +311,7 @@ pub fn export(path: &Path, out: &Path, bf16: bool, format: &str, full: bool) -> 
 
 /// Evaluates a checkpoint (or a run directory's latest one).
 pub fn eval(path: &Path, data: Option<String>) -> Result<()> {
-    if flamingo_io::stage_of(path)? != "clip" {
+    if flamingo_io::stage_of(path)? != TrainStage::Clip {
         let r = flamingo_io::evaluate_text_checkpoint::<Inner>(path, data, &backend::device())?;
         print_text_report(&r);
         println!("{}", serde_json::to_string_pretty(&r)?);
