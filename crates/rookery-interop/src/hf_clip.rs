@@ -75,7 +75,7 @@ pub fn config(dir: &Path) -> Result<ClipConfig> {
     c.vision.mlp_ratio = num(vis, "intermediate_size", Some(3072))? as f64 / width as f64;
     c.vision.act = act(vis, "vision_config")?;
     c.vision.stem_patch = 0;
-    c.vision.pool_type = "tok".into();
+    c.vision.pool_type = rookery_model::vit::Pool::Tok;
     let tw = num(t, "hidden_size", Some(512))?;
     c.text.width = tw;
     c.text.layers = num(t, "num_hidden_layers", Some(12))?;

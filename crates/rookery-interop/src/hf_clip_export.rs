@@ -177,7 +177,7 @@ pub fn export_hf<B: Backend>(
     bf16: bool,
 ) -> Result<()> {
     anyhow::ensure!(
-        cfg.vision.pool_type == "tok",
+        cfg.vision.pool_type == rookery_model::vit::Pool::Tok,
         "model.vision.pool_type = {:?}: HF CLIPVisionModel reads the class token only, so its features would differ; export with --format open_clip",
         cfg.vision.pool_type
     );

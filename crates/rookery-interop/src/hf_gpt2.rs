@@ -63,7 +63,7 @@ pub fn config(dir: &Path) -> Result<LmConfig> {
         layers: num("n_layer", 12),
         heads: num("n_head", 12),
         mlp_ratio: hidden as f64 / width as f64,
-        style: "gpt2".into(),
+        style: rookery_model::flamingo::LmStyle::Gpt2,
         act,
         tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(true),
         ..Default::default()

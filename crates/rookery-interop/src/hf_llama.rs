@@ -130,7 +130,7 @@ pub fn config(dir: &Path) -> Result<LmConfig> {
         layers: num("num_hidden_layers")?,
         heads,
         mlp_ratio: num("intermediate_size")? as f64 / width as f64,
-        style: "llama".into(),
+        style: rookery_model::flamingo::LmStyle::Llama,
         kv_heads: v["num_key_value_heads"].as_u64().unwrap_or(heads as u64) as usize,
         head_dim: v["head_dim"].as_u64().map_or(width / heads, |d| d as usize),
         hidden: num("intermediate_size")?,

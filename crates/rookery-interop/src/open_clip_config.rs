@@ -2,6 +2,7 @@
 //! model under `model_cfg`, or a bare `model_configs/*.json`) mapped to a [`ClipConfig`], and
 //! the options rookery's CLIP does not have refused by name.
 
+use rookery_model::vit::Pool;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -87,7 +88,14 @@ pub fn config(path: &Path) -> Result<ClipConfig> {
     v.layers = int(vis, "layers", 12)?;
     v.heads = v.width / int(vis, "head_width", 64)?.max(1);
     v.mlp_ratio = vis["mlp_ratio"].as_f64().unwrap_or(4.0);
-    v.pool_type = vis["pool_type"].as_str().unwrap_or("tok").to_string();
+    v.pool_type = match vis["pool_type"].as_str().unwrap_or("tok") {
+        "tok" => Pool::Tok,
+        "avg" => Pool::Avg,
+        other => bail!(
+            "{}: vision_cfg.pool_type = {other:?}: rookery reads \"tok\" (class token) or \"avg\"",
+            path.display()
+        ),
+    };
     v.stem_patch = 0;
     v.act = match m["quick_gelu"].as_bool().unwrap_or(false) {
         true => Act::QuickGelu,

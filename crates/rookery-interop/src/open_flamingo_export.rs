@@ -19,6 +19,7 @@
 //! `transformer.h` / `transformer.wte` for GPT-2. Linear weights are written `[out, in]`, as
 //! PyTorch holds them; LayerNorm's `gamma`/`beta` as `weight`/`bias`.
 
+use rookery_model::flamingo::LmStyle;
 use std::path::Path;
 
 use anyhow::{bail, Result};
@@ -61,9 +62,9 @@ impl Out {
 
 /// The decoder-layer and embedding paths of the LM inside `lang_encoder`.
 fn lm_paths(cfg: &FlamingoConfig) -> (&'static str, &'static str) {
-    match cfg.lm.style.as_str() {
-        "gpt2" => ("transformer.h", "transformer.wte"),
-        _ => ("model.layers", "model.embed_tokens"),
+    match cfg.lm.style {
+        LmStyle::Gpt2 => ("transformer.h", "transformer.wte"),
+        LmStyle::Llama => ("model.layers", "model.embed_tokens"),
     }
 }
 

@@ -74,8 +74,11 @@ fn other_architectures_and_options_are_refused_by_name() {
 fn gpt2_with_conv1d_weights_and_a_tied_head_matches_transformers() {
     let cfg = rookery_interop::lm_config(&fixtures().join("hf_gpt2")).unwrap();
     assert_eq!(
-        (cfg.style.as_str(), cfg.act),
-        ("gpt2", rookery_model::layers::Act::GeluTanh)
+        (cfg.style, cfg.act),
+        (
+            rookery_model::flamingo::LmStyle::Gpt2,
+            rookery_model::layers::Act::GeluTanh
+        )
     );
     assert!(check("gpt2") < 1e-4);
 }

@@ -18,7 +18,7 @@ pub const MAX_LOGIT_SCALE: f32 = 4.605_170_2;
 pub struct ClipConfig {
     pub embed_dim: usize,
     /// Contrastive objective: "infonce" (CLIP's softmax) or "siglip" (pairwise sigmoid).
-    pub loss: String,
+    pub loss: ContrastiveLoss,
     /// Initial `logit_scale` (ln(1/0.07) for InfoNCE; SigLIP uses ln 10).
     pub init_logit_scale: f32,
     /// Initial `logit_bias`, SigLIP only (the paper's -10).
@@ -29,11 +29,21 @@ pub struct ClipConfig {
     pub init_from: String,
 }
 
+/// The contrastive objective (`model.loss`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContrastiveLoss {
+    /// CLIP's symmetric softmax cross-entropy over the global batch.
+    Infonce,
+    /// SigLIP's pairwise sigmoid, with a learned `logit_bias`.
+    Siglip,
+}
+
 impl Default for ClipConfig {
     fn default() -> Self {
         ClipConfig {
             embed_dim: 128,
-            loss: "infonce".into(),
+            loss: ContrastiveLoss::Infonce,
             init_logit_scale: (1.0f32 / 0.07).ln(),
             init_logit_bias: -10.0,
             vision: VitConfig::default(),
@@ -49,7 +59,7 @@ impl ClipConfig {
             visual: self.vision.init(self.embed_dim, device),
             text: self.text.init(self.embed_dim, device),
             logit_scale: Param::from_data([self.init_logit_scale], device),
-            logit_bias: (self.loss == "siglip")
+            logit_bias: (self.loss == ContrastiveLoss::Siglip)
                 .then(|| Param::from_data([self.init_logit_bias], device)),
         }
     }
@@ -73,11 +83,6 @@ impl ClipConfig {
                 "must be a number > 0",
             ),
             (
-                !["infonce", "siglip"].contains(&self.loss.as_str()),
-                "model.loss",
-                "must be \"infonce\" or \"siglip\"",
-            ),
-            (
                 v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size),
                 "model.vision.patch_size",
                 "must divide model.vision.image_size",
@@ -98,11 +103,6 @@ impl ClipConfig {
                 "must be > 0",
             ),
             (v.layers == 0, "model.vision.layers", "must be > 0"),
-            (
-                !["tok", "avg"].contains(&v.pool_type.as_str()),
-                "model.vision.pool_type",
-                "must be \"tok\" (class token) or \"avg\" (mean of the patch tokens)",
-            ),
             (
                 !(0.0..1.0).contains(&v.patch_dropout),
                 "model.vision.patch_dropout",

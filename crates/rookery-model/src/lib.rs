@@ -15,4 +15,4 @@ pub mod siglip;
 pub mod text;
 pub mod vit;
 
-pub use clip::{Clip, ClipConfig};
+pub use clip::{Clip, ClipConfig, ContrastiveLoss};

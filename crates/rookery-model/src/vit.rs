@@ -30,7 +30,7 @@ pub struct VitConfig {
     pub patch_dropout: f64,
     /// What the image features are read from (open_clip's `pool_type`): `"tok"` the class
     /// token (CLIP), `"avg"` the mean of the patch tokens after `ln_post`.
-    pub pool_type: String,
+    pub pool_type: Pool,
     /// Sub-patch size of a two-level patch embedding (0 = CLIP's single `conv1`). With `s`,
     /// `stem` embeds each `s x s` sub-patch on its own (a conv with kernel = stride = `s`, then
     /// LayerNorm and the activation), and `conv1` embeds each patch from its `(p/s)^2`
@@ -48,6 +48,16 @@ pub struct VitConfig {
     pub locked: bool,
 }
 
+/// What a ViT's image features are read from (`model.vision.pool_type`, open_clip's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    /// The class token (CLIP).
+    Tok,
+    /// The mean of the patch tokens after `ln_post`.
+    Avg,
+}
+
 impl Default for VitConfig {
     fn default() -> Self {
         VitConfig {
@@ -59,7 +69,7 @@ impl Default for VitConfig {
             mlp_ratio: 4.0,
             act: Act::Gelu,
             patch_dropout: 0.0,
-            pool_type: "tok".into(),
+            pool_type: Pool::Tok,
             stem_patch: 0,
             stem_width: 64,
             locked: false,
@@ -119,7 +129,7 @@ impl VitConfig {
             ),
             ln_post: layer_norm(w, device),
             proj: normal.init([w, embed_dim], device),
-            avg_pool: self.pool_type == "avg",
+            avg_pool: self.pool_type == Pool::Avg,
         }
     }
 }
@@ -395,7 +405,7 @@ mod tests {
             width: 16,
             layers: 1,
             heads: 2,
-            pool_type: "avg".into(),
+            pool_type: Pool::Avg,
             ..Default::default()
         };
         let v = cfg.init::<Flex>(8, &device);

@@ -140,7 +140,9 @@ impl RunConfig {
         {
             return err("data.crop_scale", "must satisfy 0 < lo <= hi <= 1");
         }
-        if !d.hard_negative_ext.is_empty() && self.model.loss != "infonce" {
+        if !d.hard_negative_ext.is_empty()
+            && self.model.loss != rookery_model::ContrastiveLoss::Infonce
+        {
             return err(
                 "data.hard_negative_ext",
                 &format!(

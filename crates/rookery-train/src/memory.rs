@@ -11,6 +11,7 @@
 use crate::parallel::DistBackend;
 use crate::trainer::TrainStage;
 use anyhow::{bail, Result};
+use rookery_model::flamingo::LmStyle;
 
 use crate::config::RunConfig;
 
@@ -146,19 +147,19 @@ fn seq(cfg: &RunConfig, l: &rookery_model::flamingo::LmConfig) -> f64 {
 /// not) and the floats one sequence of `seq` tokens keeps, logits included.
 fn lm_shapes(l: &rookery_model::flamingo::LmConfig, seq: f64) -> (f64, f64) {
     let (w, vocab) = (l.width as f64, l.vocab_size as f64);
-    let per_layer = match l.style.as_str() {
-        "llama" => {
+    let per_layer = match l.style {
+        LmStyle::Llama => {
             let (q, kv) = (
                 (l.heads * l.head_dim()) as f64,
                 (l.kv() * l.head_dim()) as f64,
             );
             w * (q + 2.0 * kv) + q * w + 3.0 * w * l.hidden() as f64
         }
-        _ => block(w, l.mlp_ratio),
+        LmStyle::Gpt2 => block(w, l.mlp_ratio),
     };
-    let positions = match l.style.as_str() {
-        "llama" => 0.0,
-        _ => l.context_length as f64 * w,
+    let positions = match l.style {
+        LmStyle::Llama => 0.0,
+        LmStyle::Gpt2 => l.context_length as f64 * w,
     };
     let params = 2.0 * vocab * w + positions + l.layers as f64 * per_layer;
     let ratio = l.hidden() as f64 / w;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use burn::backend::{Autodiff, Flex, NdArray};
 use rookery_dist::{LocalGroup, Single};
 use rookery_model::ClipConfig;
+use rookery_model::ContrastiveLoss::{self, Infonce, Siglip};
 use rookery_train::parity::{
     clip_step, compare, copy_weights, host_batch, HostBatch, ParityDiff, StepTrace,
 };
@@ -21,10 +22,10 @@ use rookery_train::parity::{
 type F = Autodiff<Flex>;
 type N = Autodiff<NdArray>;
 
-fn config(loss: &str, patch_dropout: f64) -> ClipConfig {
+fn config(loss: ContrastiveLoss, patch_dropout: f64) -> ClipConfig {
     let mut c = ClipConfig {
         embed_dim: 16,
-        loss: loss.into(),
+        loss,
         ..Default::default()
     };
     (c.vision.image_size, c.vision.patch_size, c.vision.width) = (16, 4, 32);
@@ -72,18 +73,18 @@ fn check(d: &ParityDiff, what: &str) {
 
 #[test]
 fn an_ndarray_clip_step_gives_the_flex_kernels_loss_gradients_and_weights() {
-    for (loss, dropout) in [("infonce", 0.0), ("siglip", 0.0), ("infonce", 0.5)] {
+    for (loss, dropout) in [(Infonce, 0.0), (Siglip, 0.0), (Infonce, 0.5)] {
         let (nd, flex) = both(&config(loss, dropout), 8);
         check(
             &compare(&nd, &flex).unwrap(),
-            &format!("{loss}, patch dropout {dropout}"),
+            &format!("{loss:?}, patch dropout {dropout}"),
         );
     }
 }
 
 #[test]
 fn two_ndarray_ranks_give_one_flex_rank_on_twice_the_batch() {
-    let cfg = config("infonce", 0.0);
+    let cfg = config(Infonce, 0.0);
     let data = host_batch(&cfg, 8, 11);
     let model = cfg.init::<F>(&Default::default());
     let nd = copy_weights(&model, cfg.init::<N>(&Default::default()));
@@ -106,7 +107,7 @@ fn two_ndarray_ranks_give_one_flex_rank_on_twice_the_batch() {
 /// gives), which AdamW's weights alone would hide.
 #[test]
 fn a_doubled_gradient_is_reported() {
-    let (mut nd, flex) = both(&config("infonce", 0.0), 4);
+    let (mut nd, flex) = both(&config(Infonce, 0.0), 4);
     for (_, g) in &mut nd.grads {
         g.iter_mut().for_each(|x| *x *= 2.0);
     }
@@ -123,7 +124,7 @@ fn a_doubled_gradient_is_reported() {
 fn a_wgpu_clip_step_gives_the_flex_kernels_loss_gradients_and_weights() {
     use burn::backend::Wgpu;
     type W = Autodiff<Wgpu>;
-    let cfg = config("infonce", 0.5);
+    let cfg = config(Infonce, 0.5);
     let data = host_batch(&cfg, 8, 7);
     let model = cfg.init::<F>(&Default::default());
     let device = burn::backend::wgpu::WgpuDevice::default();

@@ -244,6 +244,17 @@ fn unknown_enum_values_are_refused_with_the_allowed_ones() {
             "train.negatives",
             ["global", "local", "local"],
         ),
+        (
+            "model.loss=\"clip\"",
+            "model.loss",
+            ["infonce", "siglip", "siglip"],
+        ),
+        (
+            "model.vision.pool_type=\"max\"",
+            "model.vision.pool_type",
+            ["tok", "avg", "avg"],
+        ),
+        ("lm.style=\"mpt\"", "lm.style", ["gpt2", "llama", "llama"]),
     ] {
         let err = load("", &[set]).expect_err(set);
         assert!(err.contains(key), "{set}: key not named: {err}");

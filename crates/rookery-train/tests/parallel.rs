@@ -14,6 +14,7 @@ use burn::optim::{GradientsParams, Optimizer, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use rookery_dist::{Communicator, LocalGroup, Single};
+use rookery_model::ContrastiveLoss::{self, Infonce, Siglip};
 use rookery_model::{Clip, ClipConfig};
 use rookery_train::optim::PathIds;
 use rookery_train::step::{contrastive_grads, Micro, Negatives};
@@ -28,13 +29,13 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const VOCAB: usize = 40;
 const CTX: usize = 8;
 
-fn config(loss: &str) -> ClipConfig {
+fn config(loss: ContrastiveLoss) -> ClipConfig {
     let mut c = ClipConfig {
         embed_dim: 16,
-        loss: loss.into(),
+        loss,
         ..Default::default()
     };
-    if loss == "siglip" {
+    if loss == Siglip {
         // The paper's bias of -10 makes negatives' gradients tiny at first (sigmoid(-10) is
         // 5e-5): a milder start lets the test see what dropping negatives does in 3 steps.
         (c.init_logit_scale, c.init_logit_bias) = (10f32.ln(), -1.0);
@@ -257,7 +258,7 @@ fn two_ranks(
     out.remove(0)
 }
 
-fn check(loss: &str, v: Variant) {
+fn check(loss: ContrastiveLoss, v: Variant) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let cfg = init(&config(loss));
     let data = batches(8);
@@ -277,28 +278,28 @@ fn check(loss: &str, v: Variant) {
         assert_same(
             &dp,
             &single,
-            &format!("{loss} {v:?}, accum {accum}: 2 ranks vs 1 rank"),
+            &format!("{loss:?} {v:?}, accum {accum}: 2 ranks vs 1 rank"),
         );
     }
     let local = two_ranks(&cfg, &data, 2, Negatives::Local, v);
     let d = rel_diff(&local.weights, &single.weights);
-    eprintln!("{loss}: local negatives vs 1 rank: relative difference {d:e}");
+    eprintln!("{loss:?}: local negatives vs 1 rank: relative difference {d:e}");
     assert!(
         d > 1e-4,
-        "{loss}: local negatives should differ from the global batch, {d:e}"
+        "{loss:?}: local negatives should differ from the global batch, {d:e}"
     );
 }
 
 #[test]
 fn two_ranks_equal_one_rank_with_twice_the_batch_infonce() {
-    check("infonce", Variant::default());
+    check(Infonce, Variant::default());
 }
 
 /// NegCLIP's hard-negative captions travel with the captions through gather and scatter.
 #[test]
 fn two_ranks_equal_one_rank_with_twice_the_batch_hard_negatives() {
     check(
-        "infonce",
+        Infonce,
         Variant {
             hard: true,
             ..Default::default()
@@ -310,7 +311,7 @@ fn two_ranks_equal_one_rank_with_twice_the_batch_hard_negatives() {
 #[test]
 fn two_ranks_equal_one_rank_with_twice_the_batch_patch_dropout() {
     check(
-        "infonce",
+        Infonce,
         Variant {
             patches: true,
             ..Default::default()
@@ -320,13 +321,13 @@ fn two_ranks_equal_one_rank_with_twice_the_batch_patch_dropout() {
 
 #[test]
 fn two_ranks_equal_one_rank_with_twice_the_batch_siglip() {
-    check("siglip", Variant::default());
+    check(Siglip, Variant::default());
 }
 
 #[test]
 fn accumulation_equals_the_full_batch_on_one_rank() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let cfg = init(&config("infonce"));
+    let cfg = init(&config(Infonce));
     let data = batches(8);
     let one = Single::new(Default::default());
     for (hard, patches) in [(false, false), (true, false), (false, true)] {
@@ -352,11 +353,11 @@ fn the_generic_path_gives_the_flex_kernels_losses_and_gradients() {
     let data = batches(8);
     let one = Single::new(Default::default());
     let cases = [
-        ("infonce", 1, Variant::default(), false),
-        ("infonce", 2, Variant::default(), false),
-        ("siglip", 2, Variant::default(), false),
+        (Infonce, 1, Variant::default(), false),
+        (Infonce, 2, Variant::default(), false),
+        (Siglip, 2, Variant::default(), false),
         (
-            "infonce",
+            Infonce,
             1,
             Variant {
                 hard: true,
@@ -365,7 +366,7 @@ fn the_generic_path_gives_the_flex_kernels_losses_and_gradients() {
             false,
         ),
         (
-            "infonce",
+            Infonce,
             2,
             Variant {
                 patches: true,
@@ -373,7 +374,7 @@ fn the_generic_path_gives_the_flex_kernels_losses_and_gradients() {
             },
             false,
         ),
-        ("infonce", 1, Variant::default(), true),
+        (Infonce, 1, Variant::default(), true),
     ];
     for (loss, accum, v, stem) in cases {
         let mut c = config(loss);
@@ -386,7 +387,7 @@ fn the_generic_path_gives_the_flex_kernels_losses_and_gradients() {
             run(&model, &data, &one, accum, Negatives::Global, v)
         });
         let [l, g, w] = trace_diff(&generic, &flex);
-        let what = format!("{loss} accum {accum} {v:?} stem {stem}");
+        let what = format!("{loss:?} accum {accum} {v:?} stem {stem}");
         eprintln!("{what}: generic vs flex: loss {l:e}, gradients {g:e}, weights {w:e}");
         assert!(
             l < 1e-5 && g < 1e-4 && w < 1e-4,
@@ -398,7 +399,7 @@ fn the_generic_path_gives_the_flex_kernels_losses_and_gradients() {
         );
     }
     // Data-parallel over the generic path: each rank's thread switches on its own.
-    let model = init(&config("infonce"));
+    let model = init(&config(Infonce));
     let single = rookery_model::cpu::generic_kernels(|| {
         run(
             &model,

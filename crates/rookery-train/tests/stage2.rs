@@ -496,7 +496,7 @@ fn next_token_loss_two_ranks_equal_one_rank_with_twice_the_batch() {
         width: 32,
         layers: 2,
         heads: 2,
-        style: "llama".into(),
+        style: rookery_model::flamingo::LmStyle::Llama,
         ..Default::default()
     };
     let dev = Default::default();
@@ -528,7 +528,7 @@ fn the_new_layers_learn_a_task_only_the_image_can_answer() {
     (c.vision.image_size, c.vision.patch_size, c.vision.width) = (16, 8, 32);
     (c.vision.layers, c.vision.heads) = (1, 2);
     (c.lm.vocab_size, c.lm.context_length, c.lm.width) = (10, 8, 32);
-    (c.lm.layers, c.lm.heads, c.lm.style) = (2, 2, "llama".into());
+    (c.lm.layers, c.lm.heads, c.lm.style) = (2, 2, rookery_model::flamingo::LmStyle::Llama);
     (
         c.resampler.latents,
         c.resampler.depth,

@@ -19,6 +19,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::layers::{linear_3d, Act, ResidualAttentionBlock, Transformer};
 
+/// The layout of a causal LM (`lm.style`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LmStyle {
+    /// GPT-2: learned positions, LayerNorm, GELU MLP, fused q/k/v.
+    Gpt2,
+    /// Llama (and Mistral, Qwen2, SmolLM, TinyLlama): RoPE, RMSNorm, SwiGLU, grouped-query
+    /// attention.
+    Llama,
+}
+
 /// `[lm]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -31,7 +42,7 @@ pub struct LmConfig {
     pub heads: usize,
     pub mlp_ratio: f64,
     /// "gpt2" or "llama".
-    pub style: String,
+    pub style: LmStyle,
     /// llama: key/value heads (grouped-query attention; 0: `heads`).
     pub kv_heads: usize,
     /// llama: width of a head (0: `width / heads`).
@@ -94,7 +105,7 @@ impl Default for LmConfig {
             layers: 4,
             heads: 4,
             mlp_ratio: 4.0,
-            style: "gpt2".into(),
+            style: LmStyle::Gpt2,
             kv_heads: 0,
             head_dim: 0,
             hidden: 0,
@@ -110,9 +121,6 @@ impl Default for LmConfig {
 
 impl LmConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if !["gpt2", "llama"].contains(&self.style.as_str()) {
-            return Err("`lm.style` must be \"gpt2\" or \"llama\"".into());
-        }
         let checks = [
             (self.width == 0, "`lm.width` must be > 0"),
             (
@@ -187,7 +195,7 @@ impl LmConfig {
     }
 
     pub fn init<B: Backend>(&self, device: &B::Device) -> LanguageModel<B> {
-        let (w, llama) = (self.width, self.style == "llama");
+        let (w, llama) = (self.width, self.style == LmStyle::Llama);
         let blocks = if llama {
             (0..self.layers)
                 .map(|_| LmBlock::Llama(self.llama_block(device)))
@@ -383,7 +391,7 @@ mod tests {
     #[test]
     fn both_styles_are_causal() {
         let dev = Default::default();
-        for style in ["gpt2", "llama"] {
+        for style in [LmStyle::Gpt2, LmStyle::Llama] {
             Flex::seed(&dev, 3);
             let cfg = LmConfig {
                 vocab_size: 16,
@@ -391,7 +399,7 @@ mod tests {
                 width: 16,
                 layers: 2,
                 heads: 2,
-                style: style.into(),
+                style,
                 ..Default::default()
             };
             cfg.validate().unwrap();
@@ -407,12 +415,12 @@ mod tests {
             assert_eq!(
                 a[..5 * 16],
                 b[..5 * 16],
-                "{style}: earlier positions saw a later token"
+                "{style:?}: earlier positions saw a later token"
             );
             assert_ne!(
                 a[5 * 16..],
                 b[5 * 16..],
-                "{style}: the last position ignores its token"
+                "{style:?}: the last position ignores its token"
             );
         }
     }

@@ -7,7 +7,7 @@ pub mod model;
 pub mod resampler;
 pub mod xattn;
 
-pub use lm::{LanguageModel, LmConfig, RopeScaling};
+pub use lm::{LanguageModel, LmConfig, LmStyle, RopeScaling};
 pub use model::{Flamingo, FlamingoConfig, VisionTokens, VisionTower};
 pub use resampler::{PerceiverResampler, ResamplerConfig};
 pub use xattn::{media_mask, GatedCrossAttention};

@@ -64,7 +64,7 @@ fn pretrained_shapes(cfg: &RunConfig, tokenizer: &TextTokenizer) -> Result<ClipC
     let mine = &cfg.model;
     let mut m = src.clone();
     m.init_from = from.clone();
-    (m.loss, m.init_logit_bias) = (mine.loss.clone(), mine.init_logit_bias);
+    (m.loss, m.init_logit_bias) = (mine.loss, mine.init_logit_bias);
     m.vision.patch_dropout = mine.vision.patch_dropout;
     m.text.length_buckets = mine.text.length_buckets;
     (m.vision.locked, m.text.locked) = (mine.vision.locked, mine.text.locked);
