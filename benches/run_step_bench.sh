@@ -13,7 +13,9 @@ key() { sed -n "/^\[$1\]/,/^\[/s/^$2 *= *\([0-9]*\).*/\1/p" configs/clip-tiny.to
 SHAPE="--patch $(key model.vision patch_size) --layers $(key model.vision layers) --text-layers $(key model.text layers)"
 SHAPE="$SHAPE --heads $(key model.vision heads) --text-heads $(key model.text heads)"
 SHAPE="$SHAPE --width $(key model.vision width) --text-width $(key model.text width)"
-SHAPE="$SHAPE --stem $(key model.vision stem_patch) --stem-width $(key model.vision stem_width)"
+# stem_width may be left at its default (64) when the stem is off.
+SW=$(key model.vision stem_width)
+SHAPE="$SHAPE --stem $(key model.vision stem_patch) --stem-width ${SW:-64}"
 echo "reference shape: $SHAPE"
 grep -m1 "model name" /proc/cpuinfo; cat /proc/loadavg
 for batch in 64 128; do
