@@ -37,18 +37,13 @@ pub fn step_times<B: AutodiffBackend>(
             "--batch {global_batch} does not split evenly over {ranks} ranks"
         ));
     }
-    let threads = (rayon::current_num_threads() / ranks).max(1);
     let timeout = std::time::Duration::from_secs(600);
     let results = LocalGroup::run::<B::InnerBackend, _, _, _>(
         ranks,
         |_| device.clone(),
         timeout,
         |comm| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .map_err(|e| anyhow!("rank compute pool: {e}"))?;
-            pool.install(|| {
+            crate::trainer::on_rank_pool(ranks, || {
                 let b = global_batch / ranks;
                 rank_step_times::<B>(model_cfg, b, comm, device, warmup, steps)
             })

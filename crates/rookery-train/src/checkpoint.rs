@@ -268,6 +268,11 @@ pub fn newest_verified(run_dir: &Path) -> Result<Option<PathBuf>> {
     }
 }
 
+/// Whether `path` is a rookery checkpoint or run directory (else another project's files).
+pub fn is_rookery_run(path: &Path) -> bool {
+    path.join("manifest.json").exists() || checkpoints_dir(path).is_dir()
+}
+
 /// The checkpoint a user names: `path` itself when it is one, else the run directory `path`'s
 /// latest; verified against its manifest, so nothing reads a corrupt checkpoint.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
@@ -389,7 +394,8 @@ fn verify(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn sha256(path: &Path) -> Result<String> {
+/// The SHA-256 of a file, in hex (manifests, and the hashes of stage 2's sources).
+pub fn sha256(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(format!("{:x}", Sha256::digest(&bytes)))
 }

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::config::RunConfig;
 use crate::fewshot::{generate, greedy};
-use crate::stage::flamingo::{checkpoint_dir, load_lm, load_source_lm, load_vision};
+use crate::stage::flamingo::{load_lm, load_source_lm, load_vision};
 use rookery_interop::cast::Cast;
 
 /// The trained parts of stage 2.
@@ -115,7 +115,7 @@ pub fn open_flamingo<B: Backend>(
     let dir = if path.join(TRAINED).exists() {
         path.to_path_buf()
     } else {
-        checkpoint_dir(path)?
+        crate::checkpoint::resolve(path)?
     };
     let cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
     if cfg.train.stage != TrainStage::Flamingo {
@@ -255,7 +255,7 @@ pub fn evaluate_text_checkpoint<B: Backend>(
 ) -> Result<crate::fewshot::TextReport> {
     use rookery_data::pages::Pages;
     use std::sync::Arc;
-    let dir = checkpoint_dir(path)?;
+    let dir = crate::checkpoint::resolve(path)?;
     let mut cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
     if let Some(d) = data_val {
         cfg.data.val = d;
@@ -285,7 +285,7 @@ pub fn stage_of(path: &Path) -> Result<TrainStage> {
     let dir = if path.join(TRAINED).exists() {
         path.to_path_buf()
     } else {
-        checkpoint_dir(path)?
+        crate::checkpoint::resolve(path)?
     };
     Ok(RunConfig::load(&dir.join("config.toml"), &[])?.train.stage)
 }

@@ -203,18 +203,28 @@ pub fn train_on<B: AutodiffBackend>(
     }
     let results =
         LocalGroup::run::<B::InnerBackend, _, _, _>(d.world_size, &device, d.timeout(), |comm| {
-            // Each rank computes on a rayon pool of its own (the CPU backend's parallel kernels
-            // run on the current pool): ranks sharing one pool steal each other's work, which
-            // changes float reduction splits, so runs would not be bit-reproducible.
-            let threads = (rayon::current_num_threads() / d.world_size).max(1);
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(move |i| format!("rank-compute-{i}"))
-                .build()
-                .map_err(|e| anyhow::anyhow!("rank compute pool: {e}"))?;
-            pool.install(|| run_rank::<B>(cfg, &device(comm.rank()), comm))
+            on_rank_pool(d.world_size, || {
+                run_rank::<B>(cfg, &device(comm.rank()), comm)
+            })
         });
     collect_ranks(results)
+}
+
+/// Runs `f` on a rayon pool of this thread rank's own, its share of the current pool's threads
+/// (of `ranks`). The CPU backend's parallel kernels run on the current pool: ranks sharing one
+/// steal each other's work, which changes float reduction splits, so runs would not be
+/// bit-reproducible.
+pub fn on_rank_pool<T>(ranks: usize, f: impl FnOnce() -> Result<T> + Send) -> Result<T>
+where
+    T: Send,
+{
+    let threads = (rayon::current_num_threads() / ranks.max(1)).max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("rank-compute-{i}"))
+        .build()
+        .map_err(|e| anyhow::anyhow!("rank compute pool: {e}"))?;
+    pool.install(f)
 }
 
 /// Rank 0's summary, or every failed rank's error (the rank that failed first is named by the

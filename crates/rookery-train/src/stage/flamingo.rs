@@ -70,15 +70,9 @@ pub struct FlamingoStage {
     questions: OnceLock<Vec<Question>>,
 }
 
-/// A checkpoint directory: `path` itself, or the latest checkpoint of the run directory `path`;
-/// verified against its manifest ([`checkpoint::resolve`]).
-pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
-    checkpoint::resolve(path)
-}
-
 /// A source checkpoint's directory and resolved config, refusing one of another stage.
 fn source(path: &Path, key: &str, stage: TrainStage) -> Result<(PathBuf, RunConfig)> {
-    let dir = checkpoint_dir(path).with_context(|| format!("flamingo.{key}"))?;
+    let dir = checkpoint::resolve(path).with_context(|| format!("flamingo.{key}"))?;
     let cfg = RunConfig::load(&dir.join("config.toml"), &[])
         .with_context(|| format!("flamingo.{key}: {}", dir.display()))?;
     if cfg.train.stage != stage {
@@ -91,21 +85,10 @@ fn source(path: &Path, key: &str, stage: TrainStage) -> Result<(PathBuf, RunConf
     Ok((dir, cfg))
 }
 
-fn sha256(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
-}
-
 impl FlamingoStage {
     fn model_config(&self) -> &FlamingoConfig {
         &self.cfg.flamingo.model
     }
-}
-
-/// Whether `path` is a rookery checkpoint or run directory (else another project's files).
-fn is_rookery_run(path: &Path) -> bool {
-    path.join("manifest.json").exists() || path.join("checkpoints").is_dir()
 }
 
 /// What `[flamingo] vision_from` holds: a CLIP (its vision tower is used) or a SigLIP.
@@ -118,7 +101,7 @@ enum VisionSource {
 /// CLIP checkpoint or run directory, a CLIP in another format (`rookery export`, open_clip, HF;
 /// [`rookery_interop::detect_clip`]), or an HF SigLIP (`SiglipModel` or `SiglipVisionModel`).
 fn vision_source(path: &Path) -> Result<(PathBuf, VisionSource)> {
-    if is_rookery_run(path) {
+    if checkpoint::is_rookery_run(path) {
         let (dir, cfg) = source(path, "vision_from", TrainStage::Clip)?;
         return Ok((dir, VisionSource::Clip(cfg.model)));
     }
@@ -133,7 +116,7 @@ fn vision_source(path: &Path) -> Result<(PathBuf, VisionSource)> {
 
 /// The weight files of a source directory [`resolve`] found, in the order they are hashed.
 fn weight_files(dir: &Path, vision: bool) -> Result<Vec<PathBuf>> {
-    if is_rookery_run(dir) {
+    if checkpoint::is_rookery_run(dir) {
         return Ok(vec![dir.join("model.safetensors")]);
     }
     if !vision || rookery_interop::is_siglip(dir) {
@@ -154,8 +137,8 @@ fn weight_files(dir: &Path, vision: bool) -> Result<Vec<PathBuf>> {
 /// The frozen vision tower of the CLIP at `path`: a rookery checkpoint or run directory, or a
 /// CLIP directory of another format.
 pub fn load_vision<B: Backend>(path: &Path, device: &B::Device) -> Result<VisionTower<B>> {
-    if is_rookery_run(path) {
-        let dir = checkpoint_dir(path)?;
+    if checkpoint::is_rookery_run(path) {
+        let dir = checkpoint::resolve(path)?;
         let cfg = RunConfig::load(&dir.join("config.toml"), &[])?;
         let clip = cfg.model.init::<B>(device);
         let clip = checkpoint::load_weights(clip, &dir.join("model.safetensors"))?;
@@ -186,8 +169,8 @@ pub fn load_source_lm<B: Backend>(
     cfg: &LmConfig,
     device: &B::Device,
 ) -> Result<LanguageModel<B>> {
-    if is_rookery_run(path) {
-        return load_lm(&checkpoint_dir(path)?, device);
+    if checkpoint::is_rookery_run(path) {
+        return load_lm(&checkpoint::resolve(path)?, device);
     }
     rookery_interop::load_lm(cfg.init::<B>(device), path, cfg)
         .with_context(|| format!("flamingo.lm_from = {}", path.display()))
@@ -197,7 +180,7 @@ pub fn load_source_lm<B: Backend>(
 /// hashed into the resolved config.
 fn lm_source(cfg: &RunConfig) -> Result<(PathBuf, LmConfig)> {
     let path = &cfg.flamingo.lm_from;
-    if is_rookery_run(path) {
+    if checkpoint::is_rookery_run(path) {
         let (dir, lcfg) = source(path, "lm_from", TrainStage::Lm)?;
         let ours = std::fs::read(&cfg.data.tokenizer)
             .with_context(|| format!("data.tokenizer = {}", cfg.data.tokenizer.display()))?;
@@ -219,7 +202,7 @@ fn lm_source(cfg: &RunConfig) -> Result<(PathBuf, LmConfig)> {
 pub fn with_lm_tokenizer(cfg: &RunConfig) -> Result<RunConfig> {
     let mut cfg = cfg.clone();
     let path = cfg.flamingo.lm_from.clone();
-    if cfg.train.stage != TrainStage::Flamingo || is_rookery_run(&path) {
+    if cfg.train.stage != TrainStage::Flamingo || checkpoint::is_rookery_run(&path) {
         return Ok(cfg);
     }
     let run_dir = cfg.run_dir();
@@ -303,7 +286,7 @@ pub fn resolve(
 /// complete.
 pub fn resolve_dry(cfg: &RunConfig) -> Result<(RunConfig, Option<String>)> {
     let path = &cfg.flamingo.lm_from;
-    if is_rookery_run(path) {
+    if checkpoint::is_rookery_run(path) {
         let tk = TextTokenizer::of(&cfg.data)?;
         let sp = rookery_data::interleaved::Specials::of(&tk).map_err(anyhow::Error::msg)?;
         let (r, _) = resolve(cfg, tk.vocab_size, (sp.image as usize, sp.eoc as usize))?;
@@ -332,12 +315,12 @@ pub fn resolve_dry(cfg: &RunConfig) -> Result<(RunConfig, Option<String>)> {
 
 fn sha256_all(paths: &[PathBuf]) -> Result<String> {
     match paths {
-        [one] => sha256(one),
+        [one] => checkpoint::sha256(one),
         many => {
             use sha2::{Digest, Sha256};
             let mut h = Sha256::new();
             for p in many {
-                h.update(sha256(p)?.as_bytes());
+                h.update(checkpoint::sha256(p)?.as_bytes());
             }
             Ok(format!("{:x}", h.finalize()))
         }

@@ -45,7 +45,7 @@ pub struct EmbedArgs {
 fn open(args: &EmbedArgs) -> Result<(Clip<Inner>, ClipConfig, Option<PathBuf>)> {
     let dev = backend::device();
     let w = &args.weights;
-    if w.join("manifest.json").exists() || w.join("checkpoints").is_dir() {
+    if rookery_train::checkpoint::is_rookery_run(w) {
         let (_, cfg, model) = open_checkpoint(w)?;
         let tk = args.tokenizer.clone().or(Some(cfg.data.tokenizer));
         return Ok((model, cfg.model, tk));
