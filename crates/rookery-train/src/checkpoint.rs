@@ -5,6 +5,7 @@
 //! only after that, so a crash never leaves a broken `latest`. The last `keep` are kept, and
 //! never the one `latest` names. Every reader ([`resolve`], [`load`]) verifies the manifest.
 
+use crate::trainer::TrainStage;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -325,11 +326,30 @@ where
         (m.vision.locked, m.text.locked) = (false, false);
         m
     };
-    if shape(&saved.model) != shape(&cfg.model)
-        || saved.lm != cfg.lm
-        || saved.flamingo != cfg.flamingo
-    {
-        bail!("checkpoint {} was trained with a different model: checkpoint [model] {:?} [lm] {:?} [flamingo] {:?}, config [model] {:?} [lm] {:?} [flamingo] {:?}", dir.display(), saved.model, saved.lm, saved.flamingo, cfg.model, cfg.lm, cfg.flamingo);
+    // Only the section the stage trains is compared: another default in a section it does
+    // not use must not stop a resume.
+    let (differs, section, was, is) = match cfg.train.stage {
+        TrainStage::Clip => (
+            shape(&saved.model) != shape(&cfg.model),
+            "model",
+            format!("{:?}", saved.model),
+            format!("{:?}", cfg.model),
+        ),
+        TrainStage::Lm => (
+            saved.lm != cfg.lm,
+            "lm",
+            format!("{:?}", saved.lm),
+            format!("{:?}", cfg.lm),
+        ),
+        TrainStage::Flamingo => (
+            saved.flamingo != cfg.flamingo,
+            "flamingo",
+            format!("{:?}", saved.flamingo),
+            format!("{:?}", cfg.flamingo),
+        ),
+    };
+    if differs {
+        bail!("checkpoint {} was trained with a different model: checkpoint [{section}] {was}, config [{section}] {is}", dir.display());
     }
     if saved.data.train != cfg.data.train || saved.data.seed != cfg.data.seed {
         bail!(

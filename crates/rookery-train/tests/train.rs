@@ -141,6 +141,15 @@ fn resume_is_exact_and_bad_checkpoints_are_refused() {
         "{err}"
     );
 
+    // a section the stage does not train is not compared: a CLIP run resumes under another [lm]
+    let mut unrelated = RunConfig::load(&src.join("config.toml"), &[]).unwrap();
+    (unrelated.lm.width, unrelated.lm.layers) = (64, 3);
+    let model = unrelated.model.init::<B>(&Default::default());
+    let optim = burn::optim::AdamWConfig::new().init::<B, rookery_model::Clip<B>>();
+    if let Err(e) = checkpoint::load(&src, &unrelated, model, optim, &Default::default()) {
+        panic!("a CLIP checkpoint refused for another [lm]: {e}");
+    }
+
     // the checkpoint keeps the tokenizer it was trained with; another one is refused
     assert_eq!(
         std::fs::read(src.join("tokenizer.json")).unwrap(),
