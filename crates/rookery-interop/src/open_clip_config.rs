@@ -2,11 +2,11 @@
 //! model under `model_cfg`, or a bare `model_configs/*.json`) mapped to a [`ClipConfig`], and
 //! the options rookery's CLIP does not have refused by name.
 
-use rookery_model::vit::Pool;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use rookery_model::layers::Act;
+use rookery_model::vit::Pool;
 use rookery_model::ClipConfig;
 use serde_json::Value;
 

@@ -19,13 +19,13 @@
 //! `transformer.h` / `transformer.wte` for GPT-2. Linear weights are written `[out, in]`, as
 //! PyTorch holds them; LayerNorm's `gamma`/`beta` as `weight`/`bias`.
 
-use rookery_model::flamingo::LmStyle;
 use std::path::Path;
 
 use anyhow::{bail, Result};
 use burn::module::Param;
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
+use rookery_model::flamingo::LmStyle;
 use rookery_model::flamingo::{Flamingo, FlamingoConfig};
 
 use crate::tensors::{transpose, Tensors};

@@ -5,7 +5,6 @@
 //! only after that, so a crash never leaves a broken `latest`. The last `keep` are kept, and
 //! never the one `latest` names. Every reader ([`resolve`], [`load`]) verifies the manifest.
 
-use crate::trainer::TrainStage;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::RunConfig;
 use crate::optim::PathIds;
+use crate::trainer::TrainStage;
 
 /// `[checkpoint]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

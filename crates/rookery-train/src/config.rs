@@ -6,7 +6,6 @@
 //! refused with the key and the file named; [`RunConfig::validate`] refuses bad values before
 //! any work starts.
 
-use crate::trainer::TrainStage;
 use std::path::{Path, PathBuf};
 
 use rookery_data::DataConfig;
@@ -21,6 +20,7 @@ use crate::optim::OptimConfig;
 use crate::parallel::DistConfig;
 use crate::stage::flamingo::FlamingoRunConfig;
 use crate::trainer::TrainConfig;
+use crate::trainer::TrainStage;
 
 /// The whole configuration of a run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,6 @@
 //! module paths (`resampler.layers.0…`, `xattn.3.attn_gate`); `config.json` describes shapes
 //! and sources, `config.toml` is the run's config, `tokenizer.json` its tokenizer.
 
-use crate::trainer::TrainStage;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -24,6 +23,7 @@ use serde_json::json;
 use crate::config::RunConfig;
 use crate::fewshot::{generate, greedy};
 use crate::stage::flamingo::{load_lm, load_source_lm, load_vision};
+use crate::trainer::TrainStage;
 use rookery_interop::cast::Cast;
 
 /// The trained parts of stage 2.

@@ -8,12 +8,12 @@
 //! recompute), and the loader's decoded batches. A run under this bound may still not fit; a
 //! run over it cannot.
 
-use crate::parallel::DistBackend;
-use crate::trainer::TrainStage;
 use anyhow::{bail, Result};
 use rookery_model::flamingo::LmStyle;
 
 use crate::config::RunConfig;
+use crate::parallel::DistBackend;
+use crate::trainer::TrainStage;
 
 const F32: f64 = 4.0;
 const GIB: f64 = (1u64 << 30) as f64;

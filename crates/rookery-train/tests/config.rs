@@ -196,6 +196,23 @@ fn the_vitl14_llama_recipe_resolves_against_the_published_shapes() {
     assert!((2.25..2.28).contains(&params), "{params}B parameters");
     let trained = e.optimizer / 12.0 / 1e9;
     assert!((0.86..0.88).contains(&trained), "{trained}B trained");
+    // A resolved config resolves to itself; a shape or token set by hand to another value is
+    // refused, naming the key, not replaced without a word.
+    let (again, _) = rookery_train::stage::flamingo::resolve(&r, 32003, (32001, 32000)).unwrap();
+    assert_eq!(again.flamingo, r.flamingo);
+    for (key, change) in [
+        ("flamingo.model.lm", "flamingo.model.lm.width=4096"),
+        ("flamingo.model.vision", "flamingo.model.vision.layers=12"),
+        ("flamingo.model.image_token", "flamingo.model.image_token=7"),
+    ] {
+        let sets = [&sources[..], &[change.to_string()]].concat();
+        let hand = RunConfig::load(&root.join("flamingo-vitl14-llama.toml"), &sets).unwrap();
+        let err = rookery_train::stage::flamingo::resolve(&hand, 32003, (32001, 32000))
+            .map(|_| ())
+            .expect_err(change)
+            .to_string();
+        assert!(err.contains(key), "{change}: {err}");
+    }
     // Refused where its images do not fit the tower.
     let mut small = cfg.clone();
     small.data.image_size = 336;

@@ -4,7 +4,6 @@
 //! Perceiver Resampler, the gated cross-attention blocks and the `<image>`/`<|endofchunk|>`
 //! embeddings train.
 
-use crate::trainer::TrainStage;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -12,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use burn::module::{Module, ParamId};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use rookery_data::loader::Mode;
+use rookery_data::loader::{ImageNorm, Mode};
 use rookery_data::pages::{PageBatch, Pages};
 use rookery_data::TextTokenizer;
 use rookery_dist::Communicator;
@@ -27,6 +26,7 @@ use crate::config::RunConfig;
 use crate::fewshot::{few_shot, load_questions, perplexity, Question};
 use crate::optim::PathIds;
 use crate::step::StepGrads;
+use crate::trainer::TrainStage;
 
 /// `[flamingo]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -236,6 +236,7 @@ pub fn resolve(
     tokens: (usize, usize),
 ) -> Result<(RunConfig, Sources)> {
     let mut cfg = cfg.clone();
+    let (set_model, set_norm) = (cfg.flamingo.model.clone(), cfg.data.image_norm.clone());
     let (vdir, vcfg) = vision_source(&cfg.flamingo.vision_from)?;
     let (ldir, mut lm) = lm_source(&cfg)?;
     // Tokens added to the LM's tokenizer get rows of their own.
@@ -272,11 +273,66 @@ pub fn resolve(
             f.model.lm.context_length
         );
     }
+    refuse_set_by_hand(
+        &set_model,
+        &cfg.flamingo.model,
+        &set_norm,
+        &cfg.data.image_norm,
+    )?;
     let sources = Sources {
         vision: vdir,
         lm: ldir,
     };
     Ok((cfg, sources))
+}
+
+/// Refuses a key stage 2 fills in from its sources (the towers' shapes, the token ids, the
+/// image normalisation) that the config set by hand to another value: it would be replaced
+/// without a word. A value equal to the source's (a resolved config.toml) is accepted.
+fn refuse_set_by_hand(
+    set: &FlamingoConfig,
+    resolved: &FlamingoConfig,
+    set_norm: &ImageNorm,
+    norm: &ImageNorm,
+) -> Result<()> {
+    let d = FlamingoConfig::default();
+    let by_hand = |eq_default: bool, eq_source: bool| !eq_default && !eq_source;
+    let keys = [
+        (
+            by_hand(set.vision == d.vision, set.vision == resolved.vision),
+            "flamingo.model.vision",
+        ),
+        (
+            by_hand(set.siglip == d.siglip, set.siglip == resolved.siglip),
+            "flamingo.model.siglip",
+        ),
+        (
+            by_hand(
+                set.vision_embed_dim == d.vision_embed_dim,
+                set.vision_embed_dim == resolved.vision_embed_dim,
+            ),
+            "flamingo.model.vision_embed_dim",
+        ),
+        (
+            by_hand(set.lm == d.lm, set.lm == resolved.lm),
+            "flamingo.model.lm",
+        ),
+        (
+            by_hand(
+                (set.image_token, set.eoc_token) == (d.image_token, d.eoc_token),
+                (set.image_token, set.eoc_token) == (resolved.image_token, resolved.eoc_token),
+            ),
+            "flamingo.model.image_token / eoc_token",
+        ),
+        (
+            by_hand(*set_norm == ImageNorm::default(), set_norm == norm),
+            "data.image_norm",
+        ),
+    ];
+    match keys.iter().find(|(hand, _)| *hand) {
+        Some((_, key)) => bail!("{key} is filled in from flamingo.vision_from, flamingo.lm_from and the tokenizer, but the config sets it to something else: remove it from the config"),
+        None => Ok(()),
+    }
 }
 
 /// `cfg` with stage 2's shapes resolved as a run would resolve them, writing nothing: the
