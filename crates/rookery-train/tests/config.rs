@@ -283,3 +283,34 @@ fn unknown_enum_values_are_refused_with_the_allowed_ones() {
         }
     }
 }
+
+/// docs/config.md names every key of every section (checked against the structs, so the
+/// reference cannot drift from the code): each leaf key of the default config appears there
+/// in backticks, under its own name.
+#[test]
+fn config_md_names_every_key() {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/config.md"))
+            .unwrap();
+    let table: toml::Table = RunConfig::default().to_toml().parse().unwrap();
+    fn leaves(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
+        for (k, v) in t {
+            let path = format!("{prefix}{k}");
+            match v {
+                toml::Value::Table(inner) => leaves(&format!("{path}."), inner, out),
+                _ => out.push(path),
+            }
+        }
+    }
+    let mut keys = Vec::new();
+    leaves("", &table, &mut keys);
+    assert!(keys.len() > 80, "{} keys", keys.len());
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            let name = k.rsplit('.').next().unwrap();
+            !doc.contains(&format!("`{name}`")) && !doc.contains(&format!("`{k}`"))
+        })
+        .collect();
+    assert!(missing.is_empty(), "docs/config.md lacks {missing:?}");
+}
