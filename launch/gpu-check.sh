@@ -9,7 +9,7 @@
 # Steps (each bounded by `timeout`, each recorded whatever happens):
 #   doctor       rookery doctor: driver, NVRTC, headers, NCCL as the binary sees them
 #   parity       one CLIP step on CUDA and on the CPU reference from the same weights: loss,
-#                gradients and weight updates within 2e-2 (TF32 matmuls)
+#                gradients and updated weights within 2e-2 (TF32 matmuls)
 #   bench_tiny   rookery bench, clip-tiny's model at batch 256 (samples/s, peak memory)
 #   bench_b32    rookery bench, clip-vit-b32's model at batch 256
 #   nccl_train   20 steps of clip-tiny through the NCCL backend, world size 1 (real NCCL calls,

@@ -206,16 +206,19 @@ pub fn copy_weights<A: Backend, B: Backend, M: Module<A>, N: Module<B>>(from: &M
 }
 
 /// How far `target` is from `reference`: the loss's relative difference; the relative L2
-/// difference of all gradients together, and of all weight updates (after minus before)
-/// together; and the single tensor that differs most in each, to say where to look. Per
-/// tensor, a small gradient (a LayerNorm bias's) or Adam's step on a near-zero gradient
-/// (about `lr * sign(g)`) differs far more than the step as a whole.
+/// difference of all gradients together, of all updated weights together, and of all weight
+/// updates (after minus before) together; and the single tensor that differs most in
+/// gradient and update, to say where to look. Per tensor, a small gradient (a LayerNorm
+/// bias's) or Adam's step on a near-zero gradient (about `lr * sign(g)`) differs far more
+/// than the step as a whole. [`ParityDiff::within`] judges loss, gradients and updated
+/// weights; the updates, far stricter (a weight moves by about `lr`), are for tests on CPU.
 #[derive(Clone, Debug, Serialize)]
 pub struct ParityDiff {
     pub loss_reference: f32,
     pub loss_target: f32,
     pub loss: f64,
     pub grads: f64,
+    pub weights: f64,
     pub updates: f64,
     pub worst_grad: (String, f64),
     pub worst_update: (String, f64),
@@ -224,7 +227,7 @@ pub struct ParityDiff {
 
 impl ParityDiff {
     pub fn within(&self, tol: f64) -> bool {
-        self.loss <= tol && self.grads <= tol && self.updates <= tol
+        self.loss <= tol && self.grads <= tol && self.weights <= tol
     }
 }
 
@@ -241,11 +244,13 @@ pub fn compare(target: &StepTrace, reference: &StepTrace) -> Result<ParityDiff> 
     };
     let (grads, worst_grad) = differences(&target.grads, &reference.grads)?;
     let (upd, worst_update) = differences(&updates(target), &updates(reference))?;
+    let (weights, _) = differences(&target.weights, &reference.weights)?;
     Ok(ParityDiff {
         loss_reference: reference.loss,
         loss_target: target.loss,
         loss: ((target.loss - reference.loss) / reference.loss).abs() as f64,
         grads,
+        weights,
         updates: upd,
         worst_grad,
         worst_update,

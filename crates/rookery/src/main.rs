@@ -160,7 +160,7 @@ enum Command {
     /// NVRTC and CUDA headers, NCCL, MPI.
     Doctor {
         /// Also run one CLIP step of this config's model on this build's backend and on the
-        /// CPU reference from the same weights, and compare loss, gradients and updates
+        /// CPU reference from the same weights, and compare loss, gradients and updated weights
         /// (exit status 1 past the tolerance: 2e-2 on CUDA, 1e-4 on the CPU's generic path).
         #[arg(long, value_name = "CONFIG")]
         parity: Option<PathBuf>,

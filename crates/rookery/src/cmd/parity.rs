@@ -67,9 +67,9 @@ pub fn run(config: &Path, overrides: &[String], batch: usize, json: Option<&Path
         diff,
     };
     println!(
-        "parity {} at batch {batch}: {} vs {}: loss {:.3e}, gradients {:.3e} (worst {} {:.3e}), updates {:.3e} over {} tensors: {}",
+        "parity {} at batch {batch}: {} vs {}: loss {:.3e}, gradients {:.3e} (worst {} {:.3e}), updated weights {:.3e} (updates {:.3e}) over {} tensors: {}",
         p.config, p.target, p.reference, p.diff.loss, p.diff.grads, p.diff.worst_grad.0,
-        p.diff.worst_grad.1, p.diff.updates, p.diff.tensors,
+        p.diff.worst_grad.1, p.diff.weights, p.diff.updates, p.diff.tensors,
         if p.passed { format!("within {tol:e}") } else { format!("NOT within {tol:e}") }
     );
     if let Some(path) = json {
