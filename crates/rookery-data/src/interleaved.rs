@@ -46,6 +46,25 @@ impl Default for SequenceConfig {
     }
 }
 
+impl SequenceConfig {
+    /// The checks of `[data.interleaved]` (`(key, reason)`), for the stages that read pages.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.max_tokens < 2 {
+            return Err((
+                "data.interleaved.max_tokens".into(),
+                "must be at least 2".into(),
+            ));
+        }
+        if self.pairs_weight.is_nan() || self.pairs_weight < 0.0 {
+            return Err((
+                "data.interleaved.pairs_weight".into(),
+                "must be >= 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Where an image's bytes are.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ImageRef {

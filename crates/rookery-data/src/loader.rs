@@ -115,6 +115,53 @@ impl Default for DataConfig {
     }
 }
 
+impl DataConfig {
+    /// The checks of `[data]` on its own (`(key, reason)`); how it fits the model is the run
+    /// config's to check.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let n = &self.image_norm;
+        let (scale, ratio) = (self.crop_scale, self.crop_ratio);
+        let checks = [
+            (
+                self.batch_size == 0,
+                "data.batch_size",
+                "must be at least 1",
+            ),
+            (
+                self.train.trim().is_empty(),
+                "data.train",
+                "names no shards",
+            ),
+            (self.image_size == 0, "data.image_size", "must be > 0"),
+            (
+                !(ratio[0] > 0.0 && ratio[0] <= ratio[1]),
+                "data.crop_ratio",
+                "must satisfy 0 < lo <= hi",
+            ),
+            (
+                !(scale[0] > 0.0 && scale[0] <= scale[1] && scale[1] <= 1.0),
+                "data.crop_scale",
+                "must satisfy 0 < lo <= hi <= 1",
+            ),
+            (
+                !(0.0..=1.0).contains(&self.max_bad_fraction),
+                "data.max_bad_fraction",
+                "must be in [0, 1]",
+            ),
+            (
+                !n.std.iter().chain(&n.mean).all(|x| x.is_finite())
+                    || n.std.iter().any(|&x| x <= 0.0),
+                "data.image_norm",
+                "mean must be finite and std > 0",
+            ),
+        ];
+        match checks.iter().find(|c| c.0) {
+            Some((_, k, m)) => Err((k.to_string(), m.to_string())),
+            None => Ok(()),
+        }
+    }
+}
+
 /// `[data.image_norm]`: what a vision tower was trained to see.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -94,135 +94,60 @@ impl RunConfig {
 
     /// Value checks serde cannot express. Returns (key, reason).
     pub fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
-        let d = &self.data;
-        if d.batch_size == 0 {
-            return err("data.batch_size", "must be at least 1");
+        self.data.validate()?;
+        match self.train.stage {
+            TrainStage::Clip => self.validate_clip()?,
+            TrainStage::Lm => {
+                self.data.interleaved.validate()?;
+                self.lm
+                    .validate()
+                    .map_err(|m| (m.split('`').nth(1).unwrap_or("lm").to_string(), m))?;
+                let (max, ctx) = (self.data.interleaved.max_tokens, self.lm.context_length);
+                if max > ctx {
+                    return Err((
+                        "data.interleaved.max_tokens".into(),
+                        format!("is {max} but lm.context_length is {ctx}"),
+                    ));
+                }
+                self.eval.validate()?;
+            }
+            TrainStage::Flamingo => {
+                self.data.interleaved.validate()?;
+                self.flamingo.validate()?;
+                self.eval.validate()?;
+            }
         }
-        if d.train.trim().is_empty() {
-            return err("data.train", "names no shards");
-        }
-        if d.image_size == 0 {
-            return err("data.image_size", "must be > 0");
-        }
-        if !(d.crop_ratio[0] > 0.0 && d.crop_ratio[0] <= d.crop_ratio[1]) {
-            return err("data.crop_ratio", "must satisfy 0 < lo <= hi");
-        }
-        if self.train.stage != TrainStage::Clip {
-            return self.validate_text_stage();
-        }
-        if d.image_size != self.model.vision.image_size as u32 {
-            return err(
-                "data.image_size",
-                &format!(
-                    "is {} but model.vision.image_size is {}",
-                    d.image_size, self.model.vision.image_size
-                ),
-            );
-        }
-        if d.context_length != self.model.text.context_length {
-            return err(
-                "data.context_length",
-                &format!(
-                    "is {} but model.text.context_length is {}",
-                    d.context_length, self.model.text.context_length
-                ),
-            );
-        }
-        if !(0.0..=1.0).contains(&d.max_bad_fraction) {
-            return err("data.max_bad_fraction", "must be in [0, 1]");
-        }
-        let n = &d.image_norm;
-        if !n.std.iter().chain(&n.mean).all(|x| x.is_finite()) || n.std.iter().any(|&x| x <= 0.0) {
-            return err("data.image_norm", "mean must be finite and std > 0");
-        }
-        if !(d.crop_scale[0] > 0.0 && d.crop_scale[0] <= d.crop_scale[1] && d.crop_scale[1] <= 1.0)
-        {
-            return err("data.crop_scale", "must satisfy 0 < lo <= hi <= 1");
-        }
-        if !d.hard_negative_ext.is_empty()
-            && self.model.loss != rookery_model::ContrastiveLoss::Infonce
-        {
-            return err(
-                "data.hard_negative_ext",
-                &format!(
-                    "hard-negative captions need model.loss = \"infonce\", not {:?}",
-                    self.model.loss
-                ),
-            );
-        }
-        self.model.validate().map_err(|m| {
-            let key = m.split('`').nth(1).unwrap_or("model").to_string();
-            (key, m)
-        })?;
         self.optim.validate()?;
         self.train.validate()?;
-        self.dist.validate()?;
-        Ok(())
+        self.dist.validate()
     }
 
-    /// The checks of stages "lm" and "flamingo" (their model shapes partly come from
-    /// checkpoints, checked when the run starts).
-    fn validate_text_stage(&self) -> Result<(), (String, String)> {
-        let seq = &self.data.interleaved;
-        if seq.max_tokens < 2 {
-            return Err((
-                "data.interleaved.max_tokens".into(),
-                "must be at least 2".into(),
-            ));
+    /// Stage "clip": `[model]`, and how `[data]` fits it.
+    fn validate_clip(&self) -> Result<(), (String, String)> {
+        let (d, m) = (&self.data, &self.model);
+        if d.image_size != m.vision.image_size as u32 {
+            let msg = format!(
+                "is {} but model.vision.image_size is {}",
+                d.image_size, m.vision.image_size
+            );
+            return Err(("data.image_size".into(), msg));
         }
-        if seq.pairs_weight.is_nan() || seq.pairs_weight < 0.0 {
-            return Err((
-                "data.interleaved.pairs_weight".into(),
-                "must be >= 0".into(),
-            ));
+        if d.context_length != m.text.context_length {
+            let msg = format!(
+                "is {} but model.text.context_length is {}",
+                d.context_length, m.text.context_length
+            );
+            return Err(("data.context_length".into(), msg));
         }
-        if self.train.stage == TrainStage::Lm {
-            self.lm
-                .validate()
-                .map_err(|m| (m.split('`').nth(1).unwrap_or("lm").to_string(), m))?;
-            if seq.max_tokens > self.lm.context_length {
-                return Err((
-                    "data.interleaved.max_tokens".into(),
-                    format!(
-                        "is {} but lm.context_length is {}",
-                        seq.max_tokens, self.lm.context_length
-                    ),
-                ));
-            }
+        if !d.hard_negative_ext.is_empty() && m.loss != rookery_model::ContrastiveLoss::Infonce {
+            let msg = format!(
+                "hard-negative captions need model.loss = \"infonce\", not {:?}",
+                m.loss
+            );
+            return Err(("data.hard_negative_ext".into(), msg));
         }
-        let mult = self.flamingo.gate_lr_mult;
-        if self.train.stage == TrainStage::Flamingo && !(mult.is_finite() && mult > 0.0) {
-            return Err((
-                "flamingo.gate_lr_mult".into(),
-                format!("must be a number > 0, not {mult}"),
-            ));
-        }
-        if self.train.stage == TrainStage::Flamingo {
-            let (f, r) = (&self.flamingo.model, &self.flamingo.model.resampler);
-            let sizes = [
-                ("cross_attn_every_n_layers", f.cross_attn_every_n_layers),
-                ("xattn_heads", f.xattn_heads),
-                ("xattn_dim_head", f.xattn_dim_head),
-                ("xattn_ff_mult", f.xattn_ff_mult),
-                ("resampler.latents", r.latents),
-                ("resampler.depth", r.depth),
-                ("resampler.heads", r.heads),
-                ("resampler.dim_head", r.dim_head),
-                ("resampler.ff_mult", r.ff_mult),
-                ("resampler.max_frames", r.max_frames),
-            ];
-            if let Some((k, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-                return Err((format!("flamingo.model.{k}"), "must be at least 1".into()));
-            }
-        }
-        if self.eval.batch == 0 {
-            return Err(("eval.batch".into(), "must be at least 1".into()));
-        }
-        self.optim.validate()?;
-        self.train.validate()?;
-        self.dist.validate()?;
-        Ok(())
+        m.validate()
+            .map_err(|msg| (msg.split('`').nth(1).unwrap_or("model").to_string(), msg))
     }
 
     /// Checks that the shard patterns match files (after any synthesis), naming the key.

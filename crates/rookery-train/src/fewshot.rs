@@ -49,6 +49,16 @@ impl Default for EvalConfig {
     }
 }
 
+impl EvalConfig {
+    /// The checks of `[eval]` (`(key, reason)`), for the stages that evaluate on pages.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        match self.batch {
+            0 => Err(("eval.batch".into(), "must be at least 1".into())),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What a text-stage evaluation measured.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct TextReport {

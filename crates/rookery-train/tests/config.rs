@@ -314,3 +314,15 @@ fn config_md_names_every_key() {
         .collect();
     assert!(missing.is_empty(), "docs/config.md lacks {missing:?}");
 }
+
+/// A stage validates the sections it uses and no other: a bad `[eval]` (read by the text
+/// stages only) does not stop a CLIP run, and stops an LM run naming the key.
+#[test]
+fn a_stage_validates_only_its_own_sections() {
+    load("", &["eval.batch=0"]).expect("stage clip does not read [eval]");
+    let lm = ["train.stage=\"lm\"", "data.interleaved.max_tokens=128"];
+    refused("", &[&lm[..], &["eval.batch=0"]].concat(), "eval.batch");
+    load("", &[&lm[..], &["model.vision.heads=5"]].concat())
+        .expect("stage lm does not read [model]");
+    refused("", &["model.vision.heads=5"], "model.vision.heads");
+}

@@ -64,6 +64,37 @@ impl Default for FlamingoRunConfig {
     }
 }
 
+impl FlamingoRunConfig {
+    /// The checks of `[flamingo]` that need no source (`(key, reason)`); the shapes the
+    /// sources give are checked when the run resolves them.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let mult = self.gate_lr_mult;
+        if !(mult.is_finite() && mult > 0.0) {
+            return Err((
+                "flamingo.gate_lr_mult".into(),
+                format!("must be a number > 0, not {mult}"),
+            ));
+        }
+        let (f, r) = (&self.model, &self.model.resampler);
+        let sizes = [
+            ("cross_attn_every_n_layers", f.cross_attn_every_n_layers),
+            ("xattn_heads", f.xattn_heads),
+            ("xattn_dim_head", f.xattn_dim_head),
+            ("xattn_ff_mult", f.xattn_ff_mult),
+            ("resampler.latents", r.latents),
+            ("resampler.depth", r.depth),
+            ("resampler.heads", r.heads),
+            ("resampler.dim_head", r.dim_head),
+            ("resampler.ff_mult", r.ff_mult),
+            ("resampler.max_frames", r.max_frames),
+        ];
+        match sizes.iter().find(|(_, v)| *v == 0) {
+            Some((k, _)) => Err((format!("flamingo.model.{k}"), "must be at least 1".into())),
+            None => Ok(()),
+        }
+    }
+}
+
 pub struct FlamingoStage {
     cfg: RunConfig,
     tokenizer: Arc<TextTokenizer>,
