@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use burn::module::{ModuleVisitor, Param};
 use burn::prelude::*;
 use rookery_model::layers::Act;
 use rookery_model::{Clip, ClipConfig};
@@ -17,30 +16,6 @@ use serde_json::json;
 type Values = (Vec<f32>, Vec<usize>);
 /// Tensors by name.
 type Tensors = BTreeMap<String, Values>;
-
-struct Collect {
-    stack: Vec<String>,
-    out: Tensors,
-}
-
-impl<B: Backend> ModuleVisitor<B> for Collect {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.stack.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.stack.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-        let t = p.val();
-        let shape = t.dims().to_vec();
-        let data = t
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32 data");
-        self.out.insert(self.stack.join("."), (data, shape));
-    }
-}
 
 fn transpose((v, s): &Values) -> Values {
     let (r, c) = (s[0], s[1]);
@@ -185,12 +160,11 @@ pub fn export_hf<B: Backend>(
         anyhow::bail!("cannot export for HF transformers: {why}");
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut c = Collect {
-        stack: vec![],
-        out: Tensors::new(),
-    };
-    model.visit(&mut c);
-    let tensors = hf_tensors(&c.out)?;
+    let own: Tensors = crate::tensors::of_module(model)
+        .into_iter()
+        .map(|(k, (s, v))| (k, (v, s)))
+        .collect();
+    let tensors = hf_tensors(&own)?;
     let tensors: crate::tensors::Tensors =
         tensors.into_iter().map(|(k, (v, s))| (k, (s, v))).collect();
     crate::tensors::write(&tensors, &out.join("model.safetensors"), bf16)?;

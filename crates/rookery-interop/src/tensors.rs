@@ -11,6 +11,35 @@ use safetensors::SafeTensors;
 /// Name -> (shape, row-major values).
 pub type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
+/// Every float parameter of `model` as f32 under its dotted module path (`visual.conv1.weight`).
+pub fn of_module<B: burn::prelude::Backend, M: burn::module::Module<B>>(model: &M) -> Tensors {
+    use burn::module::{ModuleVisitor, Param};
+    use burn::prelude::Tensor;
+    #[derive(Default)]
+    struct Collect {
+        stack: Vec<String>,
+        out: Tensors,
+    }
+    impl<B: burn::prelude::Backend> ModuleVisitor<B> for Collect {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let t = p.val();
+            let shape = t.dims().to_vec();
+            let data = t.into_data().convert::<f32>().to_vec::<f32>();
+            let path = self.stack.join(".");
+            self.out.insert(path, (shape, data.expect("f32 data")));
+        }
+    }
+    let mut c = Collect::default();
+    model.visit(&mut c);
+    c.out
+}
+
 /// Every tensor of the safetensors file `path` as f32 (F16 and BF16 are widened, saying so),
 /// except the stale `position_ids` buffers older transformers saved. Other dtypes are refused
 /// naming the tensor.

@@ -130,28 +130,12 @@ pub fn clip_step<B: AutodiffBackend>(
     })
 }
 
-/// Every float parameter's values by dotted path, in module order.
+/// Every float parameter's values by dotted path, sorted by path.
 fn named_weights<B: Backend, M: Module<B>>(model: &M) -> Vec<(String, Vec<f32>)> {
-    #[derive(Default)]
-    struct Weights {
-        stack: Vec<String>,
-        out: Vec<(String, Vec<f32>)>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Weights {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            let v = p.val().into_data().convert::<f32>().to_vec::<f32>();
-            self.out.push((self.stack.join("."), v.expect("f32")));
-        }
-    }
-    let mut v = Weights::default();
-    model.visit(&mut v);
-    v.out
+    rookery_interop::tensors::of_module(model)
+        .into_iter()
+        .map(|(path, (_, values))| (path, values))
+        .collect()
 }
 
 /// Every gradient by path (a parameter without one is left out: frozen ones have none).
@@ -184,25 +168,39 @@ fn named_grads<B: AutodiffBackend, M: Module<B>>(
         out: vec![],
     };
     model.visit(&mut v);
+    v.out.sort_by(|a, b| a.0.cmp(&b.0));
     v.out
 }
 
 /// `to` with every float parameter's values taken from `from` (the same module on another
-/// backend: parameters match by order), keeping `to`'s ids and whether each trains.
+/// backend: parameters match by path), keeping `to`'s ids and whether each trains.
 pub fn copy_weights<A: Backend, B: Backend, M: Module<A>, N: Module<B>>(from: &M, to: N) -> N {
-    struct Take(std::vec::IntoIter<(String, Vec<f32>)>);
+    struct Take {
+        stack: Vec<String>,
+        from: rookery_interop::tensors::Tensors,
+    }
     impl<B: Backend> ModuleMapper<B> for Take {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
         fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let (path, values) = self.0.next().expect("the same module on both backends");
+            let path = self.stack.join(".");
+            let (shape, values) = self.from.remove(&path).expect("the same module on both");
             let require_grad = p.is_require_grad();
             let (id, t, _) = p.consume();
-            let dims = t.dims();
-            assert_eq!(values.len(), dims.iter().product::<usize>(), "{path}");
-            let t = Tensor::from_data(TensorData::new(values, dims), &t.device());
+            assert_eq!(shape, t.dims(), "{path}");
+            let t = Tensor::from_data(TensorData::new(values, shape), &t.device());
             Param::initialized(id, t).set_require_grad(require_grad)
         }
     }
-    to.map(&mut Take(named_weights(from).into_iter()))
+    let from = rookery_interop::tensors::of_module(from);
+    to.map(&mut Take {
+        stack: vec![],
+        from,
+    })
 }
 
 /// How far `target` is from `reference`: the loss's relative difference; the relative L2
