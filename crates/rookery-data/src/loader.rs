@@ -686,6 +686,15 @@ pub fn load_image(
     Ok(image)
 }
 
+/// An image file prepared for evaluation as `cfg` says (`rookery embed`, `rookery generate`);
+/// JPEG by its extension, anything else by its bytes. Errors name the file.
+pub fn load_image_file(cfg: &DataConfig, path: &std::path::Path) -> Result<Vec<f32>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    load_image(cfg, Mode::Eval, &ext.to_ascii_lowercase(), &bytes, &[])
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 thread_local! {
     static RESIZER: std::cell::RefCell<Resizer> = std::cell::RefCell::new(Resizer::new());
 }

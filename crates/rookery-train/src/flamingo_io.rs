@@ -14,7 +14,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
 use rookery_data::interleaved::Specials;
-use rookery_data::loader::{load_image, Mode};
+use rookery_data::loader::{load_image_file, Mode};
 use rookery_data::rng::Rng;
 use rookery_data::TextTokenizer;
 use rookery_model::flamingo::Flamingo;
@@ -189,15 +189,8 @@ pub fn generate_text<B: Backend>(
     }
     let s = cfg.data.image_size as usize;
     let mut pixels = Vec::with_capacity(n.max(1) * 3 * s * s);
-    for (k, p) in args.images.iter().enumerate() {
-        let bytes = std::fs::read(p).with_context(|| format!("reading image {}", p.display()))?;
-        let kind = p
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("png")
-            .to_ascii_lowercase();
-        let img = load_image(&cfg.data, Mode::Eval, &kind, &bytes, &[0, k as u64])
-            .map_err(|e| anyhow::anyhow!("image {}: {e}", p.display()))?;
+    for p in &args.images {
+        let img = load_image_file(&cfg.data, p).map_err(anyhow::Error::msg)?;
         pixels.extend(img);
     }
     if n == 0 {

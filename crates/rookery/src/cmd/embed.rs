@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
-use rookery_data::loader::{load_image, Mode};
+use rookery_data::loader::{load_image_file, Mode};
 use rookery_data::{DataConfig, Loader, TextTokenizer};
 use rookery_model::{Clip, ClipConfig};
 use safetensors::tensor::{Dtype, TensorView};
@@ -73,14 +73,7 @@ fn image_batch(paths: &[PathBuf], data_cfg: &DataConfig) -> Result<Tensor<Inner,
     let s = data_cfg.image_size as usize;
     let mut pixels = Vec::with_capacity(paths.len() * 3 * s * s);
     for p in paths {
-        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-        let ext = p
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("")
-            .to_lowercase();
-        let img = load_image(data_cfg, Mode::Eval, &ext, &bytes, &[])
-            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        let img = load_image_file(data_cfg, p).map_err(anyhow::Error::msg)?;
         pixels.extend(img);
     }
     let data = TensorData::new(pixels, [paths.len(), 3, s, s]);
