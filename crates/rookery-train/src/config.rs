@@ -14,13 +14,13 @@ use rookery_model::ClipConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::CheckpointConfig;
-use crate::fewshot::EvalConfig;
 use crate::metrics::LogConfig;
 use crate::optim::OptimConfig;
 use crate::parallel::DistConfig;
 use crate::stage::flamingo::FlamingoRunConfig;
 use crate::trainer::TrainConfig;
 use crate::trainer::TrainStage;
+use rookery_eval::fewshot::EvalConfig;
 
 /// The whole configuration of a run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

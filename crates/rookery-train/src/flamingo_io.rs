@@ -21,9 +21,9 @@ use rookery_model::flamingo::Flamingo;
 use serde_json::json;
 
 use crate::config::RunConfig;
-use crate::fewshot::{generate, greedy};
 use crate::stage::flamingo::{load_lm, load_source_lm, load_vision};
 use crate::trainer::TrainStage;
+use rookery_eval::fewshot::{generate, greedy};
 use rookery_interop::cast::Cast;
 
 /// The trained parts of stage 2.
@@ -245,7 +245,7 @@ pub fn evaluate_text_checkpoint<B: Backend>(
     path: &Path,
     data_val: Option<String>,
     device: &B::Device,
-) -> Result<crate::fewshot::TextReport> {
+) -> Result<rookery_eval::fewshot::TextReport> {
     use rookery_data::pages::Pages;
     use std::sync::Arc;
     let dir = crate::checkpoint::resolve(path)?;
@@ -260,15 +260,19 @@ pub fn evaluate_text_checkpoint<B: Backend>(
     if cfg.train.stage == TrainStage::Lm {
         let lm = load_lm::<B>(&dir, device)?;
         prep.decode_images = false;
-        return crate::fewshot::perplexity(&cfg, prep, e.pages, device, |t, _| lm.forward(t));
+        return rookery_eval::fewshot::perplexity(&cfg.data, prep, e.pages, device, |t, _| {
+            lm.forward(t)
+        });
     }
     let (cfg, _, model) = open_flamingo::<B>(&dir, device)?;
-    let mut report = crate::fewshot::perplexity(&cfg, prep, e.pages, device, |t, b| {
-        model.forward(t, crate::causal::page_images(b, device))
-    })?;
-    let qs = crate::fewshot::load_questions(&cfg.data, e.questions)?;
+    let mut report =
+        rookery_eval::fewshot::perplexity(&cfg.data, prep, e.pages, device, |t, b| {
+            model.forward(t, rookery_eval::input::page_images(b, device))
+        })?;
+    let qs = rookery_eval::fewshot::load_questions(&cfg.data, e.questions)?;
     let size = cfg.data.image_size as usize;
-    report.acc = crate::fewshot::few_shot(&model, &tk, &qs, &e.shots, e.batch, size, device)?;
+    report.acc =
+        rookery_eval::fewshot::few_shot(&model, &tk, &qs, &e.shots, e.batch, size, device)?;
     report.questions = qs.len();
     Ok(report)
 }

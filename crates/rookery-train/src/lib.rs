@@ -1,16 +1,12 @@
 //! rookery-train: the run configuration ([`config`]), the training loop ([`trainer`]), the
 //! optimizer pieces ([`optim`]), fresh parameter leaves for accumulation ([`leaves`]),
-//! checkpoints ([`checkpoint`]), evaluation ([`eval`]), metrics ([`metrics`]) and plots
+//! checkpoints ([`checkpoint`]), metrics ([`metrics`]) and plots
 //! ([`plot`]).
 
 pub mod adam;
-pub mod bench;
 pub mod causal;
 pub mod checkpoint;
 pub mod config;
-pub mod confusion;
-pub mod eval;
-pub mod fewshot;
 pub mod flamingo_io;
 pub mod leaves;
 pub mod lm_io;
@@ -23,7 +19,6 @@ pub mod plot;
 pub mod stage;
 pub mod step;
 pub mod trainer;
-pub mod zero_shot;
 
 pub use config::RunConfig;
 pub use trainer::{train, train_on, TrainSummary};

@@ -12,8 +12,8 @@ use rookery_data::rng::Rng;
 use rookery_data::PromptTokenizer;
 use rookery_interop::hf_llama;
 
-use crate::fewshot::greedy;
 use crate::flamingo_io::{sample_top_k, GenerateArgs};
+use rookery_eval::fewshot::greedy;
 
 /// Whether `dir` holds a language model [`generate_lm`] reads.
 pub fn is_hf_lm(dir: &Path) -> bool {

@@ -21,9 +21,9 @@ use rookery_data::pages::{PageBatch, Pages};
 use rookery_data::synth::{generate, SynthConfig};
 use rookery_data::{Loader, TextTokenizer};
 use rookery_dist::{Communicator, LocalGroup, Single};
+use rookery_eval::fewshot::{few_shot, load_questions};
 use rookery_model::flamingo::{Flamingo, LanguageModel, LmConfig};
 use rookery_train::causal::causal_grads;
-use rookery_train::fewshot::{few_shot, load_questions};
 use rookery_train::flamingo_io::{export_flamingo, generate_text, open_flamingo, GenerateArgs};
 use rookery_train::optim::{AdamWOf, OptimConfig, PathIds, Updater};
 use rookery_train::stage::flamingo::{load_lm, load_vision};
@@ -564,8 +564,8 @@ fn the_new_layers_learn_a_task_only_the_image_can_answer() {
     for step in 0..150 {
         let (tokens, images) = batch(step);
         let logits = model.forward(tokens.clone(), images);
-        let loss =
-            rookery_train::causal::next_token_loss_sum(logits, tokens, weights.clone()) / n as f32;
+        let loss = rookery_model::next_token::next_token_loss_sum(logits, tokens, weights.clone())
+            / n as f32;
         losses.push(loss.clone().into_scalar());
         let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
         model = up.apply(model, grads, step + 1, 150).0;

@@ -243,7 +243,7 @@ fn main() -> anyhow::Result<()> {
             steps,
             ranks,
             vocab,
-        } => cmd::train::bench(&config, &set, batch, steps, ranks, vocab),
+        } => cmd::bench::bench(&config, &set, batch, steps, ranks, vocab),
         Command::Launch(args) => cmd::launch::run(&args),
         Command::Data { command } => cmd::data::run(command),
         Command::Doctor {

@@ -17,8 +17,9 @@ use serde_json::json;
 
 use super::{Report, Stage};
 use crate::config::RunConfig;
-use crate::eval::{evaluate, image_tensor, token_tensor};
 use crate::step::{contrastive_grads, Micro, StepGrads};
+use rookery_eval::clip::evaluate;
+use rookery_eval::input::{image_tensor, token_tensor};
 
 /// Random stream of patch dropout, apart from the loader's (crop) and the synthetic set's.
 const PATCH_STREAM: u64 = 0x7061_7463_6864_726f;

@@ -20,13 +20,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{Report, Stage};
-use crate::causal::{causal_grads, page_images};
+use crate::causal::causal_grads;
 use crate::checkpoint;
 use crate::config::RunConfig;
-use crate::fewshot::{few_shot, load_questions, perplexity, Question};
 use crate::optim::PathIds;
 use crate::step::StepGrads;
 use crate::trainer::TrainStage;
+use rookery_eval::fewshot::{few_shot, load_questions, perplexity, Question};
+use rookery_eval::input::page_images;
 
 /// `[flamingo]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -495,7 +496,7 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
     fn evaluate(&self, model: &Flamingo<B::InnerBackend>, device: &B::Device) -> Result<Report> {
         let e = &self.cfg.eval;
         let prep = <Self as Stage<B>>::prepare(self, Mode::Eval)?;
-        let mut report = perplexity(&self.cfg, prep, e.pages, device, |tokens, b| {
+        let mut report = perplexity(&self.cfg.data, prep, e.pages, device, |tokens, b| {
             model.forward(tokens, page_images(b, device))
         })?;
         if !e.shots.is_empty() && e.questions > 0 {

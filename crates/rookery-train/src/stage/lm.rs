@@ -15,8 +15,8 @@ use rookery_model::flamingo::LanguageModel;
 use super::{Report, Stage};
 use crate::causal::causal_grads;
 use crate::config::RunConfig;
-use crate::fewshot::perplexity;
 use crate::step::StepGrads;
+use rookery_eval::fewshot::perplexity;
 
 pub struct LmStage {
     cfg: RunConfig,
@@ -83,9 +83,13 @@ impl<B: AutodiffBackend> Stage<B> for LmStage {
         device: &B::Device,
     ) -> Result<Report> {
         let prep = <Self as Stage<B>>::prepare(self, Mode::Eval)?;
-        let report = perplexity(&self.cfg, prep, self.cfg.eval.pages, device, |tokens, _| {
-            model.forward(tokens)
-        })?;
+        let report = perplexity(
+            &self.cfg.data,
+            prep,
+            self.cfg.eval.pages,
+            device,
+            |tokens, _| model.forward(tokens),
+        )?;
         tracing::info!(
             perplexity = report.perplexity,
             tokens = report.tokens,

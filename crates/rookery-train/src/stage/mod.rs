@@ -23,9 +23,9 @@ use rookery_dist::Communicator;
 use serde::Serialize;
 
 use crate::config::RunConfig;
-use crate::eval::EvalReport;
-use crate::fewshot::TextReport;
 use crate::step::StepGrads;
+use rookery_eval::clip::EvalReport;
+use rookery_eval::fewshot::TextReport;
 
 /// A stage's batches.
 pub type BatchOf<P> = <P as Prepare>::Batch;

@@ -229,7 +229,7 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         for b in loader {
             let b = b?;
             let (images, tokens) =
-                rookery_train::eval::batch_tensors::<Inner>(&b, tk.eot as usize, &dev);
+                rookery_eval::input::batch_tensors::<Inner>(&b, tk.eot as usize, &dev);
             out.entry("image")
                 .or_default()
                 .push(model.encode_image(images));
@@ -256,7 +256,7 @@ fn write(path: &Path, parts: HashMap<&str, Vec<Tensor<Inner, 2>>>) -> Result<()>
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, chunks) in parts {
         let t = Tensor::cat(chunks, 0);
-        rookery_train::eval::ensure_finite(&t, &format!("{name} embeddings"))?;
+        rookery_eval::clip::ensure_finite(&t, &format!("{name} embeddings"))?;
         let shape = t.dims().to_vec();
         let values: Vec<f32> = t
             .into_data()

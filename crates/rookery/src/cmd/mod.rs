@@ -1,5 +1,6 @@
 //! One module per subcommand family.
 
+pub mod bench;
 pub mod data;
 pub mod doctor;
 pub mod embed;

@@ -203,7 +203,7 @@ fn stop_on_signals() -> Result<()> {
     Ok(())
 }
 
-pub fn print_text_report(t: &rookery_train::fewshot::TextReport) {
+pub fn print_text_report(t: &rookery_eval::fewshot::TextReport) {
     println!(
         "held-out perplexity {:.3} over {} tokens",
         t.perplexity, t.tokens
@@ -322,7 +322,7 @@ pub fn eval(path: &Path, data: Option<String>) -> Result<()> {
         cfg.data.val = d;
     }
     let tokenizer = Arc::new(rookery_data::TextTokenizer::of(&cfg.data)?);
-    let r = rookery_train::eval::evaluate(&model, &cfg.data, tokenizer, &backend::device())?;
+    let r = rookery_eval::clip::evaluate(&model, &cfg.data, tokenizer, &backend::device())?;
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }
@@ -337,44 +337,5 @@ pub fn generate(weights: &Path, args: &flamingo_io::GenerateArgs) -> Result<()> 
     }
     let text = flamingo_io::generate_text::<Inner>(weights, args, &backend::device())?;
     println!("{text}");
-    Ok(())
-}
-
-/// `rookery bench`: training-step time on random inputs, with machine and load recorded.
-pub fn bench(
-    config: &Path,
-    overrides: &[String],
-    batch: usize,
-    steps: usize,
-    ranks: usize,
-    vocab: usize,
-) -> Result<()> {
-    let cfg = RunConfig::load(config, overrides)?;
-    let mut model = cfg.model.clone();
-    model.text.vocab_size = vocab;
-    let threads = rayon::current_num_threads();
-    let times = rookery_train::bench::step_times::<backend::Train>(
-        &model,
-        batch,
-        ranks,
-        2,
-        steps,
-        &backend::device(),
-    )?;
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "rookery clip step: batch {batch} over {ranks} rank(s), {threads} threads: median {:.3} s, min {:.3} s over {steps} steps; cpu {cpu}; loadavg {}",
-        sorted[sorted.len() / 2], sorted[0], load.trim()
-    );
     Ok(())
 }

@@ -20,7 +20,7 @@ use rookery_model::clip::l2_normalize;
 use rookery_model::Clip;
 use serde_json::Value;
 
-use crate::eval::indices;
+use crate::clip::indices;
 
 /// Prompt templates, in the captions' own words (they carry no final period).
 const TEMPLATES: [&str; 3] = ["a photo of {}", "an image with {}", "{}"];

@@ -21,8 +21,9 @@ use rookery_data::{DataConfig, Loader, TextTokenizer};
 use rookery_model::flamingo::Flamingo;
 use serde::{Deserialize, Serialize};
 
-use crate::causal::next_token_loss_sum;
-use crate::config::RunConfig;
+use rookery_model::next_token::next_token_loss_sum;
+
+use crate::input::page_tensors;
 
 /// `[eval]`: held-out evaluation of the text stages ("lm", "flamingo").
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -75,18 +76,18 @@ pub struct TextReport {
 
 /// Perplexity over at most `max_pages` held-out pages; `logits(tokens, batch)` runs the model.
 pub fn perplexity<B: Backend>(
-    cfg: &RunConfig,
+    data: &DataConfig,
     prep: Pages,
     max_pages: usize,
     device: &B::Device,
     logits: impl Fn(Tensor<B, 2, Int>, &PageBatch) -> Tensor<B, 3>,
 ) -> Result<TextReport> {
-    let shards = rookery_data::expand_shards(&cfg.data.val)?;
-    let loader = Loader::start(&cfg.data, prep, shards, 0, 1, Mode::Eval, None)?;
+    let shards = rookery_data::expand_shards(&data.val)?;
+    let loader = Loader::start(data, prep, shards, 0, 1, Mode::Eval, None)?;
     let (mut sum, mut n, mut pages) = (0.0f64, 0.0f64, 0);
     for batch in loader {
         let b = batch?;
-        let (tokens, weights) = crate::causal::page_tensors::<B>(&b, device);
+        let (tokens, weights) = page_tensors::<B>(&b, device);
         let out = logits(tokens.clone(), &b);
         sum += next_token_loss_sum(out, tokens, weights)
             .into_scalar()
@@ -100,7 +101,7 @@ pub fn perplexity<B: Backend>(
     anyhow::ensure!(
         sum.is_finite(),
         "held-out next-token loss on {} is {sum} (diverged weights?); refusing to score it",
-        cfg.data.val
+        data.val
     );
     Ok(TextReport {
         perplexity: (sum / n.max(1.0)).exp(),

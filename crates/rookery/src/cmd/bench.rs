@@ -4,6 +4,7 @@
 //! model). With several ranks the global batch is split across thread ranks exactly as
 //! `[dist] world_size` does in training, each on a rayon pool of its own.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
@@ -13,9 +14,44 @@ use burn::tensor::Distribution;
 use rookery_dist::{Communicator, LocalGroup, Single};
 use rookery_model::ClipConfig;
 
-use crate::optim::{OptimConfig, Updater};
-use crate::stage::clip::kept_patches;
-use crate::step::{contrastive_grads, Micro, Negatives};
+use rookery_train::optim::{OptimConfig, Updater};
+use rookery_train::stage::clip::kept_patches;
+use rookery_train::step::{contrastive_grads, Micro, Negatives};
+use rookery_train::RunConfig;
+
+use crate::cmd::train::backend;
+
+/// `rookery bench`: training-step time on random inputs, with machine and load recorded.
+pub fn bench(
+    config: &Path,
+    overrides: &[String],
+    batch: usize,
+    steps: usize,
+    ranks: usize,
+    vocab: usize,
+) -> Result<()> {
+    let cfg = RunConfig::load(config, overrides)?;
+    let mut model = cfg.model.clone();
+    model.text.vocab_size = vocab;
+    let threads = rayon::current_num_threads();
+    let times = step_times::<backend::Train>(&model, batch, ranks, 2, steps, &backend::device())?;
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "rookery clip step: batch {batch} over {ranks} rank(s), {threads} threads: median {:.3} s, min {:.3} s over {steps} steps; cpu {cpu}; loadavg {}",
+        sorted[sorted.len() / 2], sorted[0], load.trim()
+    );
+    Ok(())
+}
 
 /// Seconds per step (as rank 0 saw it: the collectives keep ranks in step) for `steps` timed
 /// steps after `warmup` untimed ones, at `global_batch` split over `ranks` thread ranks that
@@ -43,7 +79,7 @@ pub fn step_times<B: AutodiffBackend>(
         |_| device.clone(),
         timeout,
         |comm| {
-            crate::trainer::on_rank_pool(ranks, || {
+            rookery_train::trainer::on_rank_pool(ranks, || {
                 let b = global_batch / ranks;
                 rank_step_times::<B>(model_cfg, b, comm, device, warmup, steps)
             })

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use anyhow::Result;
 use burn::prelude::*;
 use rookery_data::loader::Mode;
-use rookery_data::{DataConfig, ImageTextBatch, Loader, TextTokenizer};
-use rookery_model::text::{trim_context, used_context};
+use rookery_data::{DataConfig, Loader, TextTokenizer};
 use rookery_model::Clip;
 use serde::Serialize;
+
+use crate::input::batch_tensors;
 
 /// Recall figures over `n` held-out pairs.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -38,38 +39,6 @@ pub struct EvalReport {
     /// count, size, relation; [`crate::confusion`]); empty without scene labels.
     #[serde(default)]
     pub i2t_confusions: BTreeMap<String, usize>,
-}
-
-/// The batch as tensors, its tokens cut to the positions the text tower uses.
-pub fn batch_tensors<B: Backend>(
-    b: &ImageTextBatch,
-    eot_token: usize,
-    device: &B::Device,
-) -> (Tensor<B, 4>, Tensor<B, 2, Int>) {
-    let images = image_tensor(b, device);
-    let keep = used_context(&b.tokens, b.context_length, eot_token);
-    let tokens = token_tensor(&b.tokens, b.batch_size, b.context_length, keep, device);
-    (images, tokens)
-}
-
-/// The batch's images `[N, 3, S, S]`.
-pub fn image_tensor<B: Backend>(b: &ImageTextBatch, device: &B::Device) -> Tensor<B, 4> {
-    let s = b.image_size;
-    let data = TensorData::new(b.images.clone(), [b.batch_size, 3, s, s]);
-    Tensor::from_data(data, device)
-}
-
-/// `[rows, ctx]` token ids as a tensor of their first `keep` positions: from
-/// [`used_context`], this is exact (see there).
-pub fn token_tensor<B: Backend>(
-    ids: &[i64],
-    rows: usize,
-    ctx: usize,
-    keep: usize,
-    device: &B::Device,
-) -> Tensor<B, 2, Int> {
-    let ids = trim_context(ids, ctx, keep);
-    Tensor::from_data(TensorData::new(ids, [rows, keep]), device)
 }
 
 /// Evaluates `model` on the `data.val` shards (one pass, center crops, no shuffle).
