@@ -39,6 +39,9 @@ pub struct EvalReport {
     /// count, size, relation; [`crate::confusion`]); empty without scene labels.
     #[serde(default)]
     pub i2t_confusions: BTreeMap<String, usize>,
+    /// `[[eval.tasks]]` figures, `NAME/METRIC` (e.g. `cifar10/acc1`), filled in by the caller.
+    #[serde(flatten)]
+    pub benchmarks: BTreeMap<String, f64>,
 }
 
 /// Evaluates `model` on the `data.val` shards (one pass, center crops, no shuffle).
@@ -84,6 +87,7 @@ pub fn evaluate<B: Backend>(
         zero_shot_given_rest: BTreeMap::new(),
         zero_shot_images: 0,
         i2t_confusions: BTreeMap::new(),
+        benchmarks: BTreeMap::new(),
     };
     let top1: Vec<usize> = argmax_rows(sim.clone());
     report.i2t_confusions = crate::confusion::top1_confusions(&labels, &top1);

@@ -19,46 +19,11 @@ use rookery_data::rng::{hash_str, Rng};
 use rookery_data::wds::{read_shard, ShardItem};
 use rookery_data::{DataConfig, Loader, TextTokenizer};
 use rookery_model::flamingo::Flamingo;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use rookery_model::next_token::next_token_loss_sum;
 
 use crate::input::page_tensors;
-
-/// `[eval]`: held-out evaluation of the text stages ("lm", "flamingo").
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EvalConfig {
-    /// Held-out pages scored for perplexity.
-    pub pages: usize,
-    /// Held-out questions asked per shot count (stage 2).
-    pub questions: usize,
-    /// Demonstrations per prompt, one evaluation each.
-    pub shots: Vec<usize>,
-    /// Prompts per forward pass.
-    pub batch: usize,
-}
-
-impl Default for EvalConfig {
-    fn default() -> Self {
-        EvalConfig {
-            pages: 256,
-            questions: 240,
-            shots: vec![0, 4, 8],
-            batch: 16,
-        }
-    }
-}
-
-impl EvalConfig {
-    /// The checks of `[eval]` (`(key, reason)`), for the stages that evaluate on pages.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        match self.batch {
-            0 => Err(("eval.batch".into(), "must be at least 1".into())),
-            _ => Ok(()),
-        }
-    }
-}
 
 /// What a text-stage evaluation measured.
 #[derive(Clone, Debug, Default, Serialize)]

@@ -21,12 +21,10 @@ use rookery_model::Clip;
 use serde_json::Value;
 
 use crate::clip::indices;
+use crate::embed::TextEncoder;
 
 /// Prompt templates, in the captions' own words (they carry no final period).
 const TEMPLATES: [&str; 3] = ["a photo of {}", "an image with {}", "{}"];
-
-/// Text-tower rows per call when embedding the prompts of every image.
-const CHUNK: usize = 1024;
 
 /// What [`evaluate`] measures.
 pub struct ZeroShot {
@@ -48,7 +46,7 @@ pub fn evaluate<B: Backend>(
     labels: &[Option<Value>],
     device: &B::Device,
 ) -> Result<ZeroShot> {
-    let text = TextSide {
+    let text = TextEncoder {
         model,
         tokenizer,
         ctx,
@@ -67,7 +65,7 @@ pub fn evaluate<B: Backend>(
         }
         out.images = out.images.max(scored);
         let prompts: Vec<Vec<String>> = classes.iter().map(|c| class_prompts(label, c)).collect();
-        let class_emb = class_embeddings(&text, &prompts)?;
+        let class_emb = text.class_embeddings(&prompts)?;
         if let Some(acc) = accuracy(img, class_emb, &truth) {
             let chance = 1.0 / classes.len() as f64;
             out.accuracy.insert(label.to_string(), (acc, chance));
@@ -124,19 +122,6 @@ fn phrase(size: &str, color: &str, shape: &str, count: u8) -> String {
     group_words(n, size, color, shape, count)
 }
 
-/// One unit-length embedding per class: the mean of its prompts' text embeddings, `[C, E]`.
-fn class_embeddings<B: Backend>(
-    text: &TextSide<B>,
-    prompts: &[Vec<String>],
-) -> Result<Tensor<B, 2>> {
-    let mut class_emb = Vec::new();
-    for class in prompts {
-        let class: Vec<&String> = class.iter().collect();
-        class_emb.push(text.embed(&class)?.mean_dim(0));
-    }
-    Ok(l2_normalize(Tensor::cat(class_emb, 0)))
-}
-
 /// Accuracy of predicting each image's class by its nearest class embedding, over the images
 /// that have a class; `None` when none has.
 fn accuracy<B: Backend>(
@@ -177,7 +162,7 @@ fn rest_prompts(j: &Value, label: &str) -> Option<Vec<String>> {
 /// Accuracy of picking each scored image's class among its [`rest_prompts`] (the bare phrase);
 /// `None` when no scored image has all the labels.
 fn given_rest<B: Backend>(
-    text: &TextSide<B>,
+    text: &TextEncoder<B>,
     img: &Tensor<B, 2>,
     labels: &[Option<Value>],
     truth: &[Option<usize>],
@@ -209,32 +194,6 @@ fn best_of_own<B: Backend>(img: Tensor<B, 2>, prompts: Tensor<B, 2>, classes: us
     let [r, e] = img.dims();
     let scores = (prompts.reshape([r, classes, e]) * img.reshape([r, 1, e])).sum_dim(2);
     indices(scores.reshape([r, classes]).argmax(1))
-}
-
-/// The text tower and what it needs to embed prompts.
-struct TextSide<'a, B: Backend> {
-    model: &'a Clip<B>,
-    tokenizer: &'a TextTokenizer,
-    ctx: usize,
-    device: &'a B::Device,
-}
-
-impl<B: Backend> TextSide<'_, B> {
-    /// Text embeddings `[P, E]` of `prompts` (not normalised), at most [`CHUNK`] rows a call.
-    fn embed(&self, prompts: &[&String]) -> Result<Tensor<B, 2>> {
-        let mut emb = Vec::new();
-        for chunk in prompts.chunks(CHUNK) {
-            let mut ids = vec![0i64; chunk.len() * self.ctx];
-            for (p, row) in chunk.iter().zip(ids.chunks_mut(self.ctx)) {
-                self.tokenizer
-                    .encode_into(p, row)
-                    .map_err(anyhow::Error::msg)?;
-            }
-            let ids = TensorData::new(ids, [chunk.len(), self.ctx]);
-            emb.push(self.model.encode_text(Tensor::from_data(ids, self.device)));
-        }
-        Ok(Tensor::cat(emb, 0))
-    }
 }
 
 #[cfg(test)]

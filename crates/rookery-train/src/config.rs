@@ -20,7 +20,7 @@ use crate::parallel::DistConfig;
 use crate::stage::flamingo::FlamingoRunConfig;
 use crate::trainer::TrainConfig;
 use crate::trainer::TrainStage;
-use rookery_eval::fewshot::EvalConfig;
+use rookery_eval::config::EvalConfig;
 
 /// The whole configuration of a run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -98,6 +98,7 @@ impl RunConfig {
         match self.train.stage {
             TrainStage::Clip => self.validate_clip()?,
             TrainStage::Lm => {
+                self.no_benchmark_tasks()?;
                 self.data.interleaved.validate()?;
                 self.lm
                     .validate()
@@ -112,6 +113,7 @@ impl RunConfig {
                 self.eval.validate()?;
             }
             TrainStage::Flamingo => {
+                self.no_benchmark_tasks()?;
                 self.data.interleaved.validate()?;
                 self.flamingo.validate()?;
                 self.eval.validate()?;
@@ -150,7 +152,22 @@ impl RunConfig {
             .map_err(|msg| (msg.split('`').nth(1).unwrap_or("model").to_string(), msg))
     }
 
-    /// Checks that the shard patterns match files (after any synthesis), naming the key.
+    /// `[[eval.tasks]]` scores a CLIP; the text stages refuse it rather than ignore it.
+    fn no_benchmark_tasks(&self) -> Result<(), (String, String)> {
+        match self.eval.tasks.is_empty() {
+            true => Ok(()),
+            false => Err((
+                "eval.tasks".into(),
+                format!(
+                    "scores a CLIP (train.stage = \"clip\"), not stage {:?}",
+                    self.train.stage
+                ),
+            )),
+        }
+    }
+
+    /// Checks that the shard patterns match files (after any synthesis) and that every
+    /// `[[eval.tasks]]` set opens, naming the key.
     pub fn check_shards(&self) -> Result<(), (String, String)> {
         rookery_data::expand_shards(&self.data.train)
             .map_err(|e| ("data.train".to_string(), e.to_string()))?;
@@ -158,7 +175,13 @@ impl RunConfig {
             rookery_data::expand_shards(&self.data.val)
                 .map_err(|e| ("data.val".to_string(), e.to_string()))?;
         }
+        self.eval.open_tasks()?;
         Ok(())
+    }
+
+    /// Whether evaluations have anything to score: held-out data or `[[eval.tasks]]`.
+    pub fn evaluates(&self) -> bool {
+        !self.data.val.is_empty() || !self.eval.tasks.is_empty()
     }
 
     pub fn to_toml(&self) -> String {

@@ -1,5 +1,6 @@
 //! `rookery plot`: draws a run's curves from `metrics.jsonl` (loss, lr, logit scale, recall,
-//! samples/s, data-wait share; perplexity and k-shot accuracy for the text stages) into one PNG (or SVG, by the file extension).
+//! samples/s, data-wait share, the first `[[eval.tasks]]` figures; perplexity and k-shot
+//! accuracy for the text stages) into one PNG (or SVG, by the file extension).
 
 use std::path::Path;
 
@@ -29,6 +30,23 @@ const TEXT_PANELS: [Panel; 6] = [
     ("train", "samples_per_s", "samples/s"),
 ];
 
+/// The headline figure of each `[[eval.tasks]]` set in the evaluations (`NAME/acc1`,
+/// `NAME/image_retrieval_recall@1`), at most two: one panel each.
+fn benchmark_keys(records: &[serde_json::Value]) -> Vec<String> {
+    let mut keys: Vec<String> = records
+        .iter()
+        .filter(|r| r["kind"] == "eval")
+        .filter_map(|r| r.as_object())
+        .flat_map(|o| o.keys())
+        .filter(|k| k.ends_with("/acc1") || k.ends_with("/image_retrieval_recall@1"))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys.truncate(2);
+    keys
+}
+
 /// Draws the curves of the run in `run_dir` into `out`.
 pub fn plot_run(run_dir: &Path, out: &Path) -> Result<()> {
     let records = read_metrics(run_dir)
@@ -55,12 +73,22 @@ where
 {
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let text = records.iter().any(|r| r.get("perplexity").is_some());
-    let panels = if text { TEXT_PANELS } else { CLIP_PANELS };
-    for ((kind, key, title), area) in panels.iter().zip(root.split_evenly((2, 3))) {
+    let mut panels: Vec<(&str, String, String)> = if text { TEXT_PANELS } else { CLIP_PANELS }
+        .iter()
+        .map(|(kind, key, title)| (*kind, key.to_string(), title.to_string()))
+        .collect();
+    panels.extend(
+        benchmark_keys(records)
+            .into_iter()
+            .map(|k| ("eval", k.clone(), k)),
+    );
+    let cols = panels.len().div_ceil(2);
+    for ((kind, key, title), area) in panels.iter().zip(root.split_evenly((2, cols))) {
+        let (kind, key) = (*kind, key.as_str());
         let pts: Vec<(f64, f64)> = records
             .iter()
-            .filter(|r| r["kind"] == *kind)
-            .filter_map(|r| Some((r["step"].as_f64()?, r[*key].as_f64()?)))
+            .filter(|r| r["kind"] == kind)
+            .filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?)))
             .filter(|p| p.1.is_finite())
             .collect();
         let (x1, y0, y1) = pts
@@ -76,7 +104,7 @@ where
             (y0 - 0.5, y1 + 0.5)
         };
         let mut chart = ChartBuilder::on(&area)
-            .caption(*title, ("sans-serif", 18))
+            .caption(title, ("sans-serif", 18))
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(60)
@@ -90,7 +118,7 @@ where
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), &BLUE))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        if *kind == "eval" {
+        if kind == "eval" {
             chart
                 .draw_series(pts.iter().map(|p| Circle::new(*p, 3, BLUE.filled())))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -375,7 +375,7 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
     };
     let (start, total) = (Instant::now(), cfg.train.steps);
     let (mut last_loss, mut last_eval) = (f32::NAN, None);
-    if lead && cfg.train.eval_at_start && state.step == 0 && !cfg.data.val.is_empty() {
+    if lead && cfg.train.eval_at_start && state.step == 0 && cfg.evaluates() {
         let report = stage.evaluate(&model.valid(), device)?;
         log_eval(metrics.as_mut().expect("rank 0 logs"), 0, &report)?;
     }
@@ -443,8 +443,7 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
             log_train(m, &bar, cfg, &state, line, &mut win)?;
         }
         let due = |every: usize| every > 0 && state.step.is_multiple_of(every);
-        let eval_due =
-            !cfg.data.val.is_empty() && (due(cfg.train.eval_every) || state.step == total);
+        let eval_due = cfg.evaluates() && (due(cfg.train.eval_every) || state.step == total);
         let ckpt_due = due(cfg.checkpoint.every) || state.step == total;
         if ckpt_due {
             save_checkpoint(comm, &resolved, &model, &updater.optim, &state)?;

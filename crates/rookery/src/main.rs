@@ -71,15 +71,10 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Evaluate a checkpoint: CLIP's held-out recall@1/5/10 and zero-shot accuracy; a
-    /// language model's or Flamingo's held-out perplexity and k-shot question accuracy.
-    Eval {
-        /// Checkpoint directory (or a run directory, meaning its latest checkpoint).
-        checkpoint: PathBuf,
-        /// Held-out shards (default: the checkpoint config's data.val).
-        #[arg(long)]
-        data: Option<String>,
-    },
+    /// Evaluate a checkpoint on its held-out data (CLIP: recall@1/5/10 and zero-shot on the
+    /// synthetic labels; text stages: perplexity and k-shot accuracy), or any CLIP on a set in
+    /// CLIP_benchmark's layouts: --task zeroshot|retrieval --data DIR.
+    Eval(cmd::eval::EvalArgs),
     /// Export a checkpoint's weights as safetensors plus config.json: CLIP with open_clip (or
     /// HF) key names; Flamingo's trained parts (`--full`: the whole model too).
     Export {
@@ -202,7 +197,7 @@ fn main() -> anyhow::Result<()> {
             overwrite,
             ..
         } => cmd::train::run(&config, &set, resume, overwrite),
-        Command::Eval { checkpoint, data } => cmd::train::eval(&checkpoint, data),
+        Command::Eval(args) => cmd::eval::run(&args),
         Command::Export {
             checkpoint,
             out,

@@ -1,5 +1,6 @@
 //! Stage 1: CLIP on image-text pairs, with the contrastive loss over the global batch.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use serde_json::json;
 use super::{Report, Stage};
 use crate::config::RunConfig;
 use crate::step::{contrastive_grads, Micro, StepGrads};
+use rookery_eval::benchmark::Runner;
 use rookery_eval::clip::evaluate;
 use rookery_eval::input::{image_tensor, token_tensor};
 
@@ -211,7 +213,11 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
     }
 
     fn evaluate(&self, model: &Clip<B::InnerBackend>, device: &B::Device) -> Result<Report> {
-        let r = evaluate(model, &self.cfg.data, self.tokenizer.clone(), device)?;
+        let mut r = match self.cfg.data.val.is_empty() {
+            true => Default::default(), // [[eval.tasks]] only
+            false => evaluate(model, &self.cfg.data, self.tokenizer.clone(), device)?,
+        };
+        r.benchmarks = self.benchmarks(model, device)?;
         // The whole report (confusions included) goes to metrics.jsonl; the log gets the gist.
         let zero_shot: Vec<String> = r
             .zero_shot
@@ -227,6 +233,37 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
             "eval"
         );
         Ok(Report::Clip(r))
+    }
+}
+
+impl ClipStage {
+    /// The `[[eval.tasks]]` figures, `NAME/METRIC` (each set also logged as one line).
+    fn benchmarks<B: Backend>(
+        &self,
+        model: &Clip<B>,
+        device: &B::Device,
+    ) -> Result<BTreeMap<String, f64>> {
+        let runner = Runner {
+            model,
+            tokenizer: &self.tokenizer,
+            data: &self.cfg.data,
+            batch: self.cfg.data.batch_size,
+            device,
+        };
+        let mut out = BTreeMap::new();
+        let sets = self
+            .cfg
+            .eval
+            .open_tasks()
+            .map_err(|(key, msg)| anyhow::anyhow!("{key}: {msg}"))?;
+        for (task, set) in sets {
+            let report = runner.run(task.task, &set, &task.recall_k)?;
+            tracing::info!("eval {}", report.line());
+            for (k, v) in report.metrics {
+                out.insert(format!("{}/{k}", set.name), v);
+            }
+        }
+        Ok(out)
     }
 }
 

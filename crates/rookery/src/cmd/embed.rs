@@ -40,21 +40,69 @@ pub struct EmbedArgs {
     pub batch: usize,
 }
 
-/// A CLIP and the tokenizer that goes with it, from a rookery run or any directory
-/// `rookery_interop` reads.
-fn open(args: &EmbedArgs) -> Result<(Clip<Inner>, ClipConfig, Option<PathBuf>)> {
+/// A CLIP loaded for inference, with its tokenizer and how its images are prepared.
+pub(crate) struct LoadedClip {
+    pub model: Clip<Inner>,
+    pub cfg: ClipConfig,
+    /// The tokenizer: given, beside the weights, or the run's; `None` when not asked for.
+    pub tokenizer: Option<TextTokenizer>,
+    /// Image size, normalisation and context length for this model (the run's own for a
+    /// rookery run; CLIP's defaults for imported weights).
+    pub data: DataConfig,
+}
+
+/// A CLIP from a rookery run or any directory `rookery_interop` reads, and (when `text`) the
+/// tokenizer that goes with it, refused when it cannot be this model's.
+pub(crate) fn open_clip(
+    weights: &Path,
+    tokenizer: Option<&Path>,
+    text: bool,
+) -> Result<LoadedClip> {
     let dev = backend::device();
-    let w = &args.weights;
-    if rookery_train::checkpoint::is_rookery_run(w) {
-        let (_, cfg, model) = open_checkpoint(w)?;
-        let tk = args.tokenizer.clone().or(Some(cfg.data.tokenizer));
-        return Ok((model, cfg.model, tk));
+    let (model, cfg, tk_path, data) = if rookery_train::checkpoint::is_rookery_run(weights) {
+        let (_, run, model) = open_checkpoint(weights)?;
+        let tk = tokenizer
+            .map(Path::to_path_buf)
+            .or(Some(run.data.tokenizer.clone()));
+        (model, run.model, tk, run.data)
+    } else {
+        let cfg = rookery_interop::clip_config(weights)?;
+        let model = rookery_interop::load_clip(cfg.init::<Inner>(&dev), weights)?;
+        let own = weights.join("tokenizer.json");
+        let tk = tokenizer
+            .map(Path::to_path_buf)
+            .or(own.is_file().then_some(own));
+        (model, cfg, tk, DataConfig::default())
+    };
+    let data = DataConfig {
+        image_size: cfg.vision.image_size as u32,
+        context_length: cfg.text.context_length,
+        ..data
+    };
+    let tokenizer = match (&tk_path, text) {
+        (_, false) => None,
+        (Some(p), true) => Some(TextTokenizer::from_file(p)?),
+        (None, true) => bail!(
+            "{}: no tokenizer.json beside the weights (save_pretrained of a model alone leaves none): give --tokenizer",
+            weights.display()
+        ),
+    };
+    if let Some(tk) = &tokenizer {
+        let t = &cfg.text;
+        if tk.vocab_size > t.vocab_size || tk.eot as usize != t.eot_token {
+            bail!(
+                "{}: {} tokens (end of text {}) for a text tower of {} (end of text {}): not the tokenizer this model was trained with",
+                tk_path.as_deref().unwrap_or(Path::new("?")).display(),
+                tk.vocab_size, tk.eot, t.vocab_size, t.eot_token
+            );
+        }
     }
-    let cfg = rookery_interop::clip_config(w)?;
-    let model = rookery_interop::load_clip(cfg.init::<Inner>(&dev), w)?;
-    let own = w.join("tokenizer.json");
-    let tk = args.tokenizer.clone().or(own.is_file().then_some(own));
-    Ok((model, cfg, tk))
+    Ok(LoadedClip {
+        model,
+        cfg,
+        tokenizer,
+        data,
+    })
 }
 
 fn progress(n: usize, what: &str) -> ProgressBar {
@@ -161,32 +209,18 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     if rookery_interop::is_siglip(&args.weights) {
         return run_siglip(args);
     }
-    let (model, cfg, tk_path) = open(args)?;
+    let text = !(args.texts.is_empty() && args.data.is_none());
+    let LoadedClip {
+        model,
+        cfg,
+        tokenizer,
+        data,
+    } = open_clip(&args.weights, args.tokenizer.as_deref(), text)?;
     let dev = backend::device();
-    let (image_size, ctx) = (cfg.vision.image_size, cfg.text.context_length);
-    let tokenizer = match (&tk_path, args.texts.is_empty() && args.data.is_none()) {
-        (_, true) => None,
-        (Some(p), false) => Some(TextTokenizer::from_file(p)?),
-        (None, false) => bail!(
-            "{}: no tokenizer.json beside the weights (save_pretrained of a model alone leaves none): give --tokenizer",
-            args.weights.display()
-        ),
-    };
-    if let Some(tk) = &tokenizer {
-        let t = &cfg.text;
-        if tk.vocab_size > t.vocab_size || tk.eot as usize != t.eot_token {
-            bail!(
-                "{}: {} tokens (end of text {}) for a text tower of {} (end of text {}): not the tokenizer this model was trained with",
-                tk_path.as_deref().unwrap_or(Path::new("?")).display(),
-                tk.vocab_size, tk.eot, t.vocab_size, t.eot_token
-            );
-        }
-    }
+    let ctx = cfg.text.context_length;
     let data_cfg = DataConfig {
-        image_size: image_size as u32,
-        context_length: ctx,
         batch_size: args.batch.max(1),
-        ..Default::default()
+        ..data
     };
     let batch = args.batch.max(1);
     let mut out: HashMap<&str, Vec<Tensor<Inner, 2>>> = HashMap::new();

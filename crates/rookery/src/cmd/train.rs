@@ -1,7 +1,6 @@
-//! `rookery train` and `rookery eval`: pick the backend, prepare data, run.
+//! `rookery train`, `export` and `generate`: pick the backend, prepare data, run.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use rookery_train::flamingo_io;
@@ -82,29 +81,7 @@ pub fn run(config: &Path, overrides: &[String], resume: bool, overwrite: bool) -
         summary.steps, summary.wall_s, summary.final_loss
     );
     match &summary.eval {
-        Some(Report::Clip(e)) => {
-            println!(
-                "held-out ({} pairs): image->text R@1 {:.3} R@5 {:.3} R@10 {:.3}; text->image R@1 {:.3}; chance R@1 {:.4}",
-                e.n, e.i2t_r1, e.i2t_r5, e.i2t_r10, e.t2i_r1, e.chance_r1
-            );
-            for (label, (acc, chance)) in &e.zero_shot {
-                let rest = e
-                    .zero_shot_given_rest
-                    .get(label)
-                    .copied()
-                    .unwrap_or(f64::NAN);
-                println!(
-                    "zero-shot {label}: {acc:.3}, {rest:.3} given the rest (chance {chance:.3}; {} single-group images)",
-                    e.zero_shot_images
-                );
-            }
-            if !e.i2t_confusions.is_empty() {
-                println!(
-                    "image->text top-1 mistakes by what differs: {:?}",
-                    e.i2t_confusions
-                );
-            }
-        }
+        Some(Report::Clip(e)) => print_clip_report(e),
         Some(Report::Text(t)) => print_text_report(t),
         None => {}
     }
@@ -191,6 +168,37 @@ pub fn dry_run(config: &Path, overrides: &[String]) -> Result<()> {
 
 /// SIGTERM, SIGINT and SIGUSR1 (what Slurm sends before a time limit or preemption with
 /// `--signal`) ask the trainer to checkpoint after the current step and stop; a second one
+/// CLIP's final evaluation: `[[eval.tasks]]` figures, then the held-out ones.
+fn print_clip_report(e: &rookery_eval::clip::EvalReport) {
+    for (k, v) in &e.benchmarks {
+        println!("{k}: {v:.4}");
+    }
+    if e.n == 0 {
+        return; // no held-out data: [[eval.tasks]] only
+    }
+    println!(
+        "held-out ({} pairs): image->text R@1 {:.3} R@5 {:.3} R@10 {:.3}; text->image R@1 {:.3}; chance R@1 {:.4}",
+        e.n, e.i2t_r1, e.i2t_r5, e.i2t_r10, e.t2i_r1, e.chance_r1
+    );
+    for (label, (acc, chance)) in &e.zero_shot {
+        let rest = e
+            .zero_shot_given_rest
+            .get(label)
+            .copied()
+            .unwrap_or(f64::NAN);
+        println!(
+            "zero-shot {label}: {acc:.3}, {rest:.3} given the rest (chance {chance:.3}; {} single-group images)",
+            e.zero_shot_images
+        );
+    }
+    if !e.i2t_confusions.is_empty() {
+        println!(
+            "image->text top-1 mistakes by what differs: {:?}",
+            e.i2t_confusions
+        );
+    }
+}
+
 /// ends the process at once (exit status 130).
 fn stop_on_signals() -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
@@ -306,24 +314,6 @@ pub fn export(path: &Path, out: &Path, bf16: bool, format: &str, full: bool) -> 
         out.display(),
         if bf16 { "bf16" } else { "f32" }
     );
-    Ok(())
-}
-
-/// Evaluates a checkpoint (or a run directory's latest one).
-pub fn eval(path: &Path, data: Option<String>) -> Result<()> {
-    if flamingo_io::stage_of(path)? != TrainStage::Clip {
-        let r = flamingo_io::evaluate_text_checkpoint::<Inner>(path, data, &backend::device())?;
-        print_text_report(&r);
-        println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(());
-    }
-    let (_, mut cfg, model) = open_checkpoint(path)?;
-    if let Some(d) = data {
-        cfg.data.val = d;
-    }
-    let tokenizer = Arc::new(rookery_data::TextTokenizer::of(&cfg.data)?);
-    let r = rookery_eval::clip::evaluate(&model, &cfg.data, tokenizer, &backend::device())?;
-    println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }
 
