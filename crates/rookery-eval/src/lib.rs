@@ -9,6 +9,7 @@
 //! - [`fewshot`]: perplexity of the text stages and k-shot question answering of stage 2.
 
 pub mod benchmark;
+pub mod cider;
 pub mod clip;
 pub mod config;
 pub mod confusion;
@@ -16,4 +17,5 @@ pub mod embed;
 pub mod fewshot;
 pub mod input;
 pub mod metrics;
+pub mod vqa;
 pub mod zero_shot;

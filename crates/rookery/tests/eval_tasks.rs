@@ -27,10 +27,7 @@ fn zero_shot_set(val_shard: &Path, out: &Path) {
                 .iter()
                 .find_map(|e| s.get(e).map(|b| (e.to_string(), b.to_vec())))
                 .unwrap();
-            let members = vec![
-                (ext, img),
-                ("cls".into(), cls.to_string().into()),
-            ];
+            let members = vec![(ext, img), ("cls".into(), cls.to_string().into())];
             samples.push((s.key.clone(), members));
         }
         true
