@@ -17,5 +17,6 @@ pub mod embed;
 pub mod fewshot;
 pub mod input;
 pub mod metrics;
+pub mod openflamingo;
 pub mod vqa;
 pub mod zero_shot;
