@@ -6,6 +6,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::benchmark::{BenchmarkSet, Task};
+use crate::openflamingo::Prompts;
 
 /// `[eval]`: what each evaluation runs besides the held-out data's own figures.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -19,6 +20,11 @@ pub struct EvalConfig {
     pub shots: Vec<usize>,
     /// Prompts per forward pass.
     pub batch: usize,
+    /// Stage 2's question prompt, `{question}` and `{answer}` filled in; a demonstration adds
+    /// `<|endofchunk|>` (default: OpenFlamingo's VQA prompt).
+    pub vqa_prompt: String,
+    /// New tokens at most per answer (OpenFlamingo: 5).
+    pub max_new_tokens: usize,
     /// Stage "clip": sets in CLIP_benchmark's layouts scored at every evaluation
     /// (`[[eval.tasks]]`), their figures in metrics.jsonl as `NAME/METRIC`.
     pub tasks: Vec<BenchmarkTask>,
@@ -31,6 +37,8 @@ impl Default for EvalConfig {
             questions: 240,
             shots: vec![0, 4, 8],
             batch: 16,
+            vqa_prompt: Prompts::default().vqa,
+            max_new_tokens: 5,
             tasks: Vec::new(),
         }
     }
@@ -39,10 +47,17 @@ impl Default for EvalConfig {
 impl EvalConfig {
     /// The checks of `[eval]` (`(key, reason)`), for the stages that evaluate on pages.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        match self.batch {
-            0 => Err(("eval.batch".into(), "must be at least 1".into())),
-            _ => Ok(()),
+        if self.batch == 0 {
+            return Err(("eval.batch".into(), "must be at least 1".into()));
         }
+        if !self.vqa_prompt.contains("{question}") || !self.vqa_prompt.contains("{answer}") {
+            let msg = format!(
+                "{:?} needs both {{question}} and {{answer}}",
+                self.vqa_prompt
+            );
+            return Err(("eval.vqa_prompt".into(), msg));
+        }
+        Ok(())
     }
 
     /// Stage "clip": every `[[eval.tasks]]` set opens (its files read, its shards found).

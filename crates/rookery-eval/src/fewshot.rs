@@ -1,29 +1,28 @@
 //! Held-out evaluation of the text stages: perplexity on the held-out pages, and (stage 2)
-//! k-shot question answering on their images, scored per question kind.
-//!
-//! A k-shot prompt is the pages' own format: `<sot> intro`, then k demonstrations
-//! `<image> q: … a: answer <|endofchunk|>` drawn from the other held-out questions, then
-//! `<image> q: … a:` for the query image. The model answers greedily; an answer is right when
-//! its tokens equal the reference's (`two .`). Questions comparing several images ("which image
-//! has more shapes?") follow an `<|endofchunk|>` in the pages, where no loss falls, so they are
-//! not asked.
+//! the pages' single-image questions written in the VQA layout ([`write_vqa_layout`]) for the
+//! k-shot evaluation every Flamingo gets ([`crate::openflamingo`]). Greedy decoding
+//! ([`generate`]) is shared with `rookery generate`.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use burn::prelude::*;
-use rookery_data::interleaved::Specials;
-use rookery_data::loader::{load_image, Mode};
+use rookery_data::loader::Mode;
 use rookery_data::pages::{PageBatch, Pages};
-use rookery_data::rng::{hash_str, Rng};
 use rookery_data::wds::{read_shard, ShardItem};
 use rookery_data::{DataConfig, Loader, TextTokenizer};
 use rookery_model::flamingo::Flamingo;
 use serde::Serialize;
+use serde_json::json;
 
 use rookery_model::next_token::next_token_loss_sum;
 
+use crate::config::EvalConfig;
 use crate::input::page_tensors;
+use crate::openflamingo::data::load_vqa;
+use crate::openflamingo::model::FlamingoGenerator;
+use crate::openflamingo::{evaluate, Example, FewShotConfig, FewShotTask, Prompts};
 
 /// What a text-stage evaluation measured.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -34,7 +33,8 @@ pub struct TextReport {
     pub tokens: usize,
     /// Questions asked per shot count (0 without few-shot evaluation).
     pub questions: usize,
-    /// `acc_{k}shot` over all questions and `acc_{k}shot_{kind}` per kind.
+    /// `vqa_accuracy_{k}shot` over all questions and `vqa_accuracy_{k}shot_{kind}` per kind
+    /// ([`crate::openflamingo`]).
     #[serde(flatten)]
     pub acc: BTreeMap<String, f64>,
 }
@@ -75,19 +75,23 @@ pub fn perplexity<B: Backend>(
     })
 }
 
-/// One held-out question about one image.
+/// Where [`write_vqa_layout`] put the held-out questions.
 #[derive(Clone, Debug)]
-pub struct Question {
-    /// `[3, S, S]`, center-cropped and normalised like training images.
-    pub image: Vec<f32>,
-    pub kind: String,
-    pub question: String,
-    pub answer: String,
+pub struct VqaFiles {
+    pub questions: PathBuf,
+    pub annotations: PathBuf,
+    pub images: PathBuf,
 }
 
-/// The first `max` single-image questions of the held-out pages (`data.val`).
-pub fn load_questions(data: &DataConfig, max: usize) -> Result<Vec<Question>> {
-    let mut out = Vec::new();
+/// Writes the first `max` single-image questions of the held-out pages (`data.val`) in the
+/// VQA layout ([`crate::openflamingo::data`]) under `out`: `questions.json`,
+/// `annotations.json` (the page's answer as all ten human answers, so VQA accuracy is exact
+/// match after VQA's normalisation; the question kind as `answer_type`) and `images/`. The
+/// k-shot evaluation of stage 2 then reads them as it reads VQAv2.
+pub fn write_vqa_layout(data: &DataConfig, max: usize, out: &Path) -> Result<VqaFiles> {
+    let images = out.join("images");
+    std::fs::create_dir_all(&images).with_context(|| format!("creating {}", images.display()))?;
+    let (mut questions, mut annotations) = (Vec::new(), Vec::new());
     for shard in rookery_data::expand_shards(&data.val)? {
         let mut err = None;
         read_shard(&shard, |item| {
@@ -104,129 +108,63 @@ pub fn load_questions(data: &DataConfig, max: usize) -> Result<Vec<Question>> {
                 let (Some(kind), Some(i)) = (qa["kind"].as_str(), qa["image"].as_u64()) else {
                     continue;
                 };
-                let name = doc["image_info"][i as usize]["image_name"].as_str();
-                let Some(bytes) = name.and_then(|n| s.get(n)) else {
+                let name = doc["image_info"][i as usize]["image_name"]
+                    .as_str()
+                    .unwrap_or("");
+                let Some(bytes) = s.get(name) else {
                     continue;
                 };
-                if kind == "compare" || out.len() >= max {
+                // "Which image has more shapes?" compares images: not a one-image question.
+                if kind == "compare" || questions.len() >= max {
                     continue;
                 }
-                let seed = [data.seed, hash_str(&s.key), i];
-                match load_image(data, Mode::Eval, "jpg", bytes, &seed) {
-                    Ok(image) => out.push(Question {
-                        image,
-                        kind: kind.into(),
-                        question: qa["question"].as_str().unwrap_or_default().into(),
-                        answer: qa["answer"].as_str().unwrap_or_default().into(),
-                    }),
-                    Err(e) => err = Some(format!("{shard}: {}: {e}", s.key)),
+                let id = questions.len() as u64;
+                let ext = Path::new(name)
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .unwrap_or("jpg");
+                let file = images.join(format!("{id:012}.{ext}"));
+                if let Err(e) = std::fs::write(&file, bytes) {
+                    err = Some(format!("writing {}: {e}", file.display()));
+                    return false;
                 }
+                let answer = qa["answer"].as_str().unwrap_or_default();
+                questions.push(json!({"image_id": id, "question_id": id,
+                    "question": qa["question"].as_str().unwrap_or_default()}));
+                let answers: Vec<_> = (1..=10)
+                    .map(|a| json!({"answer": answer, "answer_id": a}))
+                    .collect();
+                annotations.push(
+                    json!({"question_id": id, "image_id": id, "answers": answers,
+                    "answer_type": kind, "question_type": kind}),
+                );
             }
-            out.len() < max
+            questions.len() < max
         });
         if let Some(e) = err {
-            tracing::warn!(error = %e, "held-out question skipped");
+            anyhow::bail!(e);
         }
-        if out.len() >= max {
+        if questions.len() >= max {
             break;
         }
     }
-    if out.is_empty() {
+    if questions.is_empty() {
         anyhow::bail!(
             "data.val = {:?} holds no page with questions (`qa` in the document JSON)",
             data.val
         );
     }
-    Ok(out)
-}
-
-/// k-shot accuracy for each k of `shots`, overall and per kind, `batch` prompts at a time.
-pub fn few_shot<B: Backend>(
-    model: &Flamingo<B>,
-    tk: &TextTokenizer,
-    questions: &[Question],
-    shots: &[usize],
-    batch: usize,
-    image_size: usize,
-    device: &B::Device,
-) -> Result<BTreeMap<String, f64>> {
-    let sp = Specials::of(tk).map_err(anyhow::Error::msg)?;
-    let ids = |t: &str| -> Result<Vec<i64>> {
-        Ok(tk
-            .ids(t)
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("tokenizing {t:?}"))?
-            .into_iter()
-            .map(i64::from)
-            .collect())
+    let files = VqaFiles {
+        questions: out.join("questions.json"),
+        annotations: out.join("annotations.json"),
+        images,
     };
-    let intro = ids("here are some pictures.")?;
-    let mut acc = BTreeMap::new();
-    for &k in shots {
-        let k = k.min(questions.len() - 1);
-        let mut right: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
-        let order: Vec<usize> = (0..questions.len()).collect();
-        for chunk in order.chunks(batch.max(1)) {
-            let (mut rows, mut imgs, mut answers) = (Vec::new(), Vec::new(), Vec::new());
-            for &j in chunk {
-                let mut rng = Rng::derive(&[17, k as u64, j as u64]);
-                let mut demos = Vec::with_capacity(k);
-                while demos.len() < k {
-                    let d = rng.below(questions.len());
-                    if d != j && !demos.contains(&d) {
-                        demos.push(d);
-                    }
-                }
-                let mut row = vec![sp.sot];
-                row.extend(&intro);
-                for &d in &demos {
-                    let q = &questions[d];
-                    row.push(sp.image);
-                    row.extend(ids(&format!("{} a: {}", q.question, q.answer))?);
-                    row.push(sp.eoc);
-                    imgs.extend_from_slice(&q.image);
-                }
-                let q = &questions[j];
-                row.push(sp.image);
-                row.extend(ids(&format!("{} a:", q.question))?);
-                imgs.extend_from_slice(&q.image);
-                rows.push(row);
-                answers.push(ids(&q.answer)?);
-            }
-            let n = rows.len();
-            let images = Tensor::<B, 5>::from_data(
-                TensorData::new(imgs, [n, k + 1, 3, image_size, image_size]),
-                device,
-            );
-            let longest = answers.iter().map(Vec::len).max().unwrap_or(1);
-            let need = rows.iter().map(Vec::len).max().unwrap_or(0) + longest - 1;
-            let ctx = model.lm.context_length;
-            if need > ctx {
-                anyhow::bail!("{k}-shot prompts and their answers need {need} positions but the language model's context is {ctx}: lower eval.shots");
-            }
-            let got = generate(
-                model,
-                rows,
-                images,
-                longest,
-                &mut greedy,
-                &[],
-                sp.pad,
-                device,
-            )?;
-            for ((&j, g), want) in chunk.iter().zip(&got).zip(&answers) {
-                let e = right.entry(questions[j].kind.as_str()).or_default();
-                e.0 += usize::from(g.len() >= want.len() && &g[..want.len()] == want);
-                e.1 += 1;
-            }
-        }
-        let (all_right, all) = right.values().fold((0, 0), |(a, b), (r, n)| (a + r, b + n));
-        acc.insert(format!("acc_{k}shot"), all_right as f64 / all as f64);
-        for (kind, (r, n)) in right {
-            acc.insert(format!("acc_{k}shot_{kind}"), r as f64 / n as f64);
-        }
-    }
-    Ok(acc)
+    let write = |p: &Path, v: serde_json::Value| {
+        std::fs::write(p, v.to_string()).with_context(|| format!("writing {}", p.display()))
+    };
+    write(&files.questions, json!({"questions": questions}))?;
+    write(&files.annotations, json!({"annotations": annotations}))?;
+    Ok(files)
 }
 
 /// The highest-scoring token.
@@ -297,4 +235,42 @@ pub fn generate<B: Backend>(
         }
     }
     Ok(new)
+}
+
+/// The held-out questions of the pages, written in the VQA layout under `dir` and read back as
+/// any VQA set is.
+pub fn held_out_questions(data: &DataConfig, max: usize, dir: &Path) -> Result<Vec<Example>> {
+    let f = write_vqa_layout(data, max, dir)?;
+    load_vqa(&f.questions, &f.annotations, &f.images)
+}
+
+/// Stage 2's k-shot question answering on `questions` as `[eval]` says (shots, batch, prompt,
+/// answer length), demonstrations drawn from the same questions: `vqa_accuracy_{k}shot` and
+/// per kind.
+pub fn question_answering<B: Backend>(
+    model: &Flamingo<B>,
+    tokenizer: &TextTokenizer,
+    data: &DataConfig,
+    eval: &EvalConfig,
+    questions: &[Example],
+    device: &B::Device,
+) -> Result<BTreeMap<String, f64>> {
+    let mut generator = FlamingoGenerator {
+        model,
+        tokenizer,
+        data,
+        max_new: eval.max_new_tokens,
+        device,
+    };
+    let run = FewShotConfig {
+        task: FewShotTask::Vqa,
+        shots: eval.shots.clone(),
+        seed: data.seed,
+        batch: eval.batch,
+        prompts: Prompts {
+            vqa: eval.vqa_prompt.clone(),
+            ..Default::default()
+        },
+    };
+    Ok(evaluate(&run, questions, questions, &mut generator)?.scores)
 }

@@ -104,7 +104,7 @@ fn vqa_prompts_demos_and_scores_are_open_flamingos() {
         batch: 4,
         prompts: Prompts::default(),
     };
-    let report = evaluate(&cfg, &set, &set, true, &mut oracle).unwrap();
+    let report = evaluate(&cfg, &set, &set, &mut oracle).unwrap();
     // "2": matches 7 of the annotators ("two" normalised), min(1, 7/3) or 6/3 when one of them
     // is left out: 1. "three": 0. "2 cats": 3 of them, 2 when one of those is left out:
     // (7 * 1 + 3 * 2/3) / 10 = 0.9.
@@ -139,7 +139,9 @@ fn vqa_prompts_demos_and_scores_are_open_flamingos() {
             p.contains(" Short answer:two<|endofchunk|><image>Question:"),
             "{p}"
         );
-        let demos = rookery_eval::openflamingo::draw_demos(6, 2, Some(i), &[7, 2, i as u64]);
+        let demos =
+            rookery_eval::openflamingo::draw_demos(&set, 2, &set[i].image, &[7, 2, i as u64])
+                .unwrap();
         let want: Vec<PathBuf> = demos.iter().map(|&d| set[d].image.clone()).collect();
         assert_eq!(files[..2], want[..]);
     }
@@ -205,7 +207,7 @@ fn captions_in_karpathys_and_cocos_layouts_score_cider() {
         batch: 2,
         prompts: Prompts::default(),
     };
-    let report = evaluate(&cfg, &all, &all, true, &mut oracle).unwrap();
+    let report = evaluate(&cfg, &all, &all, &mut oracle).unwrap();
     let cands: Vec<String> = all
         .iter()
         .map(|e| rookery_eval::cider::tokenize(&e.answers[0]))

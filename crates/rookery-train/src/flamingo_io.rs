@@ -269,10 +269,17 @@ pub fn evaluate_text_checkpoint<B: Backend>(
         rookery_eval::fewshot::perplexity(&cfg.data, prep, e.pages, device, |t, b| {
             model.forward(t, rookery_eval::input::page_images(b, device))
         })?;
-    let qs = rookery_eval::fewshot::load_questions(&cfg.data, e.questions)?;
-    let size = cfg.data.image_size as usize;
-    report.acc =
-        rookery_eval::fewshot::few_shot(&model, &tk, &qs, &e.shots, e.batch, size, device)?;
+    // The questions in the VQA layout, in a scratch directory for as long as they are asked.
+    let scratch = std::env::temp_dir().join(format!("rookery-eval-vqa-{}", std::process::id()));
+    let asked = rookery_eval::fewshot::held_out_questions(&cfg.data, e.questions, &scratch)
+        .and_then(|qs| {
+            let acc =
+                rookery_eval::fewshot::question_answering(&model, &tk, &cfg.data, &e, &qs, device)?;
+            Ok((qs, acc))
+        });
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (qs, acc) = asked?;
+    report.acc = acc;
     report.questions = qs.len();
     Ok(report)
 }

@@ -26,7 +26,7 @@ const TEXT_PANELS: [Panel; 6] = [
     ("train", "lr", "learning rate"),
     ("train", "grad_norm", "gradient norm"),
     ("eval", "perplexity", "held-out perplexity"),
-    ("eval", "acc_4shot", "held-out 4-shot accuracy"),
+    ("eval", "vqa_accuracy_4shot", "held-out 4-shot VQA accuracy"),
     ("train", "samples_per_s", "samples/s"),
 ];
 

@@ -21,7 +21,7 @@ use rookery_data::pages::{PageBatch, Pages};
 use rookery_data::synth::{generate, SynthConfig};
 use rookery_data::{Loader, TextTokenizer};
 use rookery_dist::{Communicator, LocalGroup, Single};
-use rookery_eval::fewshot::{few_shot, load_questions};
+use rookery_eval::fewshot::{held_out_questions, question_answering};
 use rookery_model::flamingo::{Flamingo, LanguageModel, LmConfig};
 use rookery_train::causal::causal_grads;
 use rookery_train::flamingo_io::{export_flamingo, generate_text, open_flamingo, GenerateArgs};
@@ -146,6 +146,7 @@ fn flamingo_cfg(s: &SynthConfig, run: &Path, clip: &Path, lm: &Path, steps: usiz
         "eval.questions=6".into(),
         "eval.shots=[0, 2]".into(),
         "eval.batch=4".into(),
+        "eval.vqa_prompt=\"<image>{question} a: {answer}\"".into(),
     ]);
     load(sets)
 }
@@ -191,10 +192,10 @@ fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
     assert!(r.perplexity.is_finite() && r.perplexity > 1.0);
     assert_eq!(r.questions, 6);
     for key in [
-        "acc_0shot",
-        "acc_2shot",
-        "acc_0shot_color",
-        "acc_2shot_shape",
+        "vqa_accuracy_0shot",
+        "vqa_accuracy_2shot",
+        "vqa_accuracy_0shot_color",
+        "vqa_accuracy_2shot_shape",
     ] {
         let a = r.acc.get(key).copied().unwrap_or(-1.0);
         assert!((0.0..=1.0).contains(&a), "{key}: {a} in {:?}", r.acc);
@@ -312,11 +313,16 @@ fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
         "{e}"
     );
     // So is a k-shot evaluation whose prompts would not fit, naming k.
-    let qs = load_questions(&cfg.data, 6).unwrap();
+    let qs = held_out_questions(&cfg.data, 6, &dir.path().join("vqa")).unwrap();
     let tk = TextTokenizer::from_file(&cfg.data.tokenizer).unwrap();
-    let size = cfg.data.image_size as usize;
-    let e = few_shot(&back, &tk, &qs, &[5], 2, size, &dev).unwrap_err();
-    assert!(e.to_string().contains("5-shot prompts"), "{e}");
+    let mut e = cfg.eval.clone();
+    (e.shots, e.batch) = (vec![5], 2);
+    let err = question_answering(&back, &tk, &cfg.data, &e, &qs, &dev).unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("5-shot prompts") && err.contains("context of 64"),
+        "{err}"
+    );
 }
 
 /// The first image of the first held-out page, as a file.

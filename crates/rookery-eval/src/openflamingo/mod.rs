@@ -15,10 +15,10 @@ pub mod data;
 pub mod model;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rookery_data::rng::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -114,13 +114,12 @@ pub struct FewShotReport {
     pub samples: BTreeMap<String, Vec<(String, String)>>,
 }
 
-/// Scores `queries` with demonstrations from `support` (the same set: the query is never its
-/// own demonstration).
+/// Scores `queries` with demonstrations from `support` (which may be the same set: a
+/// demonstration never shows the query's own image).
 pub fn evaluate(
     cfg: &FewShotConfig,
     queries: &[Example],
     support: &[Example],
-    same_set: bool,
     model: &mut dyn Generate,
 ) -> Result<FewShotReport> {
     let mut report = FewShotReport {
@@ -129,11 +128,6 @@ pub fn evaluate(
     };
     for &k in &cfg.shots {
         let shown = if k == 0 { 2 } else { k };
-        anyhow::ensure!(
-            support.len() > shown,
-            "{k} shots need more than {shown} support examples; there are {}",
-            support.len()
-        );
         let mut predictions = Vec::with_capacity(queries.len());
         for (start, chunk) in queries
             .chunks(cfg.batch.max(1))
@@ -142,13 +136,8 @@ pub fn evaluate(
         {
             let (mut prompts, mut images) = (Vec::new(), Vec::new());
             for (j, q) in chunk.iter().enumerate() {
-                let own = same_set.then_some(start + j);
-                let demos = draw_demos(
-                    support.len(),
-                    shown,
-                    own,
-                    &[cfg.seed, k as u64, (start + j) as u64],
-                );
+                let seed = [cfg.seed, k as u64, (start + j) as u64];
+                let demos = draw_demos(support, shown, &q.image, &seed)?;
                 let mut text = String::new();
                 let mut files = Vec::new();
                 for &d in &demos {
@@ -166,24 +155,32 @@ pub fn evaluate(
                 prompts.push(text);
                 images.push(files);
             }
-            predictions.extend(model.generate(&prompts, &images)?);
+            let out = model
+                .generate(&prompts, &images)
+                .with_context(|| format!("{k}-shot prompts"))?;
+            predictions.extend(out);
         }
         score(cfg.task, k, queries, &predictions, &mut report);
     }
     Ok(report)
 }
 
-/// `n` distinct support indices for one query, drawn from the seeds, never `own`.
-pub fn draw_demos(support: usize, n: usize, own: Option<usize>, seed: &[u64]) -> Vec<usize> {
+/// `n` distinct support indices for one query, drawn from the seeds, none showing `image`.
+pub fn draw_demos(support: &[Example], n: usize, image: &Path, seed: &[u64]) -> Result<Vec<usize>> {
+    let eligible = support.iter().filter(|e| e.image != image).count();
+    anyhow::ensure!(
+        eligible >= n,
+        "{n} demonstrations needed, but the support set has {eligible} examples of other images"
+    );
     let mut rng = Rng::derive(seed);
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let d = rng.below(support);
-        if Some(d) != own && !out.contains(&d) {
+        let d = rng.below(support.len());
+        if support[d].image != image && !out.contains(&d) {
             out.push(d);
         }
     }
-    out
+    Ok(out)
 }
 
 /// A continuation as OpenFlamingo cuts it before scoring.

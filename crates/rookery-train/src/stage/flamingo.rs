@@ -26,8 +26,9 @@ use crate::config::RunConfig;
 use crate::optim::PathIds;
 use crate::step::StepGrads;
 use crate::trainer::TrainStage;
-use rookery_eval::fewshot::{few_shot, load_questions, perplexity, Question};
+use rookery_eval::fewshot::{held_out_questions, perplexity, question_answering};
 use rookery_eval::input::page_images;
+use rookery_eval::openflamingo::Example;
 
 /// `[flamingo]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -99,7 +100,7 @@ impl FlamingoRunConfig {
 pub struct FlamingoStage {
     cfg: RunConfig,
     tokenizer: Arc<TextTokenizer>,
-    questions: OnceLock<Vec<Question>>,
+    questions: OnceLock<Vec<Example>>,
 }
 
 /// A source checkpoint's directory and resolved config, refusing one of another stage.
@@ -503,12 +504,13 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
             let qs = match self.questions.get() {
                 Some(q) => q,
                 None => {
-                    let q = load_questions(&self.cfg.data, e.questions)?;
+                    let dir = self.cfg.run_dir().join("eval-vqa");
+                    let q = held_out_questions(&self.cfg.data, e.questions, &dir)?;
                     self.questions.get_or_init(|| q)
                 }
             };
-            let size = self.cfg.data.image_size as usize;
-            report.acc = few_shot(model, &self.tokenizer, qs, &e.shots, e.batch, size, device)?;
+            let (tk, data) = (&self.tokenizer, &self.cfg.data);
+            report.acc = question_answering(model, tk, data, e, qs, device)?;
             report.questions = qs.len();
         }
         tracing::info!(perplexity = report.perplexity, acc = ?report.acc, "eval");

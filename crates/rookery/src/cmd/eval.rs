@@ -1,12 +1,16 @@
 //! `rookery eval`: a checkpoint on its own held-out data (CLIP recall and the synthetic
-//! labels; a text stage's perplexity and k-shot answers), or any CLIP rookery loads on a set
-//! in CLIP_benchmark's layouts (`--task zeroshot|retrieval`).
+//! labels; a text stage's perplexity and k-shot answers), any CLIP rookery loads on a set in
+//! CLIP_benchmark's layouts (`--task zeroshot|retrieval`), or a Flamingo few-shot on a set in
+//! OpenFlamingo's layouts (`--task vqa|captioning`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use rookery_eval::benchmark::{BenchmarkSet, Runner, Task};
+use rookery_eval::openflamingo::data::{load_captions, load_vqa};
+use rookery_eval::openflamingo::model::FlamingoGenerator;
+use rookery_eval::openflamingo::{FewShotConfig, FewShotTask, Prompts};
 use rookery_train::flamingo_io;
 use rookery_train::trainer::TrainStage;
 
@@ -23,10 +27,11 @@ pub struct EvalArgs {
     /// CLIP_benchmark's export directory, shards, or an image folder (class_name/*.jpg).
     #[arg(long)]
     pub data: Option<String>,
-    /// zeroshot (classification: acc1, acc5, mean_per_class_recall) or retrieval
+    /// CLIP: zeroshot (acc1, acc5, mean_per_class_recall) or retrieval
     /// (image_retrieval_recall@k, text_retrieval_recall@k), as CLIP_benchmark scores them.
+    /// Flamingo: vqa (VQA accuracy) or captioning (CIDEr-D), k-shot as OpenFlamingo runs them.
     #[arg(long)]
-    pub task: Option<Task>,
+    pub task: Option<EvalTask>,
     /// Class names, one a line (default: classnames.txt beside the data).
     #[arg(long, requires = "task")]
     pub classnames: Option<PathBuf>,
@@ -48,12 +53,68 @@ pub struct EvalArgs {
     /// Also write the result here as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub few_shot: FewShotArgs,
+}
+
+/// `--task vqa|captioning`: the set (`--data`: questions or captions JSON) and its support set.
+#[derive(clap::Args)]
+pub struct FewShotArgs {
+    /// VQA: the annotations JSON of --data's questions.
+    #[arg(long)]
+    pub annotations: Option<PathBuf>,
+    /// The directory of --data's images.
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// Where demonstrations come from (default: --data itself, never the query).
+    #[arg(long)]
+    pub support_data: Option<PathBuf>,
+    #[arg(long)]
+    pub support_annotations: Option<PathBuf>,
+    #[arg(long)]
+    pub support_images: Option<PathBuf>,
+    /// Karpathy's split for demonstrations (queries: --split).
+    #[arg(long, default_value = "train")]
+    pub support_split: String,
+    /// Demonstrations per prompt, one evaluation each.
+    #[arg(long, num_args = 1.., default_values_t = [0, 4])]
+    pub shots: Vec<usize>,
+    /// Seed of the demonstrations drawn.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// New tokens at most (default: 5 for vqa, 20 for captioning, as OpenFlamingo).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Score the first N queries only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+/// Every task `rookery eval --task` runs.
+#[derive(Clone, Copy, Debug)]
+pub enum EvalTask {
+    Clip(Task),
+    Flamingo(FewShotTask),
+}
+
+impl std::str::FromStr for EvalTask {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match (s.parse::<Task>(), s.parse::<FewShotTask>()) {
+            (Ok(t), _) => Ok(EvalTask::Clip(t)),
+            (_, Ok(t)) => Ok(EvalTask::Flamingo(t)),
+            _ => Err(format!(
+                "unknown task {s:?}: expected zeroshot, retrieval, vqa or captioning"
+            )),
+        }
+    }
 }
 
 /// Runs `rookery eval`.
 pub fn run(args: &EvalArgs) -> Result<()> {
     match args.task {
-        Some(task) => benchmark(args, task),
+        Some(EvalTask::Clip(task)) => benchmark(args, task),
+        Some(EvalTask::Flamingo(task)) => few_shot(args, task),
         None => held_out(&args.checkpoint, args.data.clone(), args.json.as_deref()),
     }
 }
@@ -88,6 +149,66 @@ fn benchmark(args: &EvalArgs, task: Task) -> Result<()> {
     println!("{}", report.line());
     let json = serde_json::json!({
         "model": args.checkpoint.display().to_string(),
+        "report": report,
+    });
+    write_json(args.json.as_deref(), &json)
+}
+
+/// A Flamingo few-shot on a set in OpenFlamingo's layouts.
+fn few_shot(args: &EvalArgs, task: FewShotTask) -> Result<()> {
+    let f = &args.few_shot;
+    let (Some(data), Some(images)) = (&args.data, &f.images) else {
+        bail!("--task {task:?} needs --data (the questions or captions JSON) and --images");
+    };
+    let load = |data: &Path, ann: Option<&PathBuf>, images: &Path, split: &str| match task {
+        FewShotTask::Vqa => {
+            let Some(ann) = ann else {
+                bail!("--task vqa needs the annotations of {} (--annotations / --support-annotations)", data.display());
+            };
+            load_vqa(data, ann, images)
+        }
+        FewShotTask::Captioning => load_captions(data, images, split),
+    };
+    let mut queries = load(Path::new(data), f.annotations.as_ref(), images, &args.split)?;
+    queries.truncate(f.limit.unwrap_or(usize::MAX));
+    let support = match &f.support_data {
+        None if task == FewShotTask::Captioning => {
+            load(Path::new(data), None, images, &f.support_split)?
+        }
+        None => queries.clone(),
+        Some(s) => {
+            let imgs = f.support_images.as_deref().unwrap_or(images);
+            load(s, f.support_annotations.as_ref(), imgs, &f.support_split)?
+        }
+    };
+    let device = backend::device();
+    let (cfg, tk_path, model) = flamingo_io::open_flamingo::<Inner>(&args.checkpoint, &device)?;
+    let tokenizer = rookery_data::TextTokenizer::load(&tk_path, &cfg.data.special_tokens)?;
+    let max_new = f.max_new_tokens.unwrap_or(match task {
+        FewShotTask::Vqa => 5,
+        FewShotTask::Captioning => 20,
+    });
+    let mut generator = FlamingoGenerator::<Inner> {
+        model: &model,
+        tokenizer: &tokenizer,
+        data: &cfg.data,
+        max_new,
+        device: &device,
+    };
+    let run = FewShotConfig {
+        task,
+        shots: f.shots.clone(),
+        seed: f.seed,
+        batch: args.batch.max(1),
+        prompts: Prompts::default(),
+    };
+    let report = rookery_eval::openflamingo::evaluate(&run, &queries, &support, &mut generator)?;
+    for (k, v) in &report.scores {
+        println!("{k}: {v:.4}");
+    }
+    let json = serde_json::json!({
+        "model": args.checkpoint.display().to_string(),
+        "task": task,
         "report": report,
     });
     write_json(args.json.as_deref(), &json)
