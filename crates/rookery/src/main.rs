@@ -74,7 +74,7 @@ enum Command {
     /// Evaluate a checkpoint on its held-out data (CLIP: recall@1/5/10 and zero-shot on the
     /// synthetic labels; text stages: perplexity and k-shot accuracy), or any CLIP on a set in
     /// CLIP_benchmark's layouts: --task zeroshot|retrieval --data DIR.
-    Eval(cmd::eval::EvalArgs),
+    Eval(Box<cmd::eval::EvalArgs>),
     /// Export a checkpoint's weights as safetensors plus config.json: CLIP with open_clip (or
     /// HF) key names; Flamingo's trained parts (`--full`: the whole model too).
     Export {

@@ -79,9 +79,10 @@ pub struct FewShotArgs {
     /// Demonstrations per prompt, one evaluation each.
     #[arg(long, num_args = 1.., default_values_t = [0, 4])]
     pub shots: Vec<usize>,
-    /// Seed of the demonstrations drawn.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    /// Seed of the demonstrations drawn (default: the run's data.seed, as its training-time
+    /// evaluation draws them).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// New tokens at most (default: 5 for vqa, 20 for captioning, as OpenFlamingo).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
@@ -198,9 +199,13 @@ fn few_shot(args: &EvalArgs, task: FewShotTask) -> Result<()> {
     let run = FewShotConfig {
         task,
         shots: f.shots.clone(),
-        seed: f.seed,
+        seed: f.seed.unwrap_or(cfg.data.seed),
         batch: args.batch.max(1),
-        prompts: Prompts::default(),
+        // The run's own question prompt ([eval] vqa_prompt: OpenFlamingo's unless it says).
+        prompts: Prompts {
+            vqa: cfg.eval.vqa_prompt.clone(),
+            ..Default::default()
+        },
     };
     let report = rookery_eval::openflamingo::evaluate(&run, &queries, &support, &mut generator)?;
     for (k, v) in &report.scores {
