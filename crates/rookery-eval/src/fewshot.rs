@@ -271,6 +271,7 @@ pub fn question_answering<B: Backend>(
             vqa: eval.vqa_prompt.clone(),
             ..Default::default()
         },
+        rices: None,
     };
     Ok(evaluate(&run, questions, questions, &mut generator)?.scores)
 }

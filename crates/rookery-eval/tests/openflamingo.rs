@@ -103,6 +103,7 @@ fn vqa_prompts_demos_and_scores_are_open_flamingos() {
         seed: 7,
         batch: 4,
         prompts: Prompts::default(),
+        rices: None,
     };
     let report = evaluate(&cfg, &set, &set, &mut oracle).unwrap();
     // "2": matches 7 of the annotators ("two" normalised), min(1, 7/3) or 6/3 when one of them
@@ -206,6 +207,7 @@ fn captions_in_karpathys_and_cocos_layouts_score_cider() {
         seed: 0,
         batch: 2,
         prompts: Prompts::default(),
+        rices: None,
     };
     let report = evaluate(&cfg, &all, &all, &mut oracle).unwrap();
     let cands: Vec<String> = all
@@ -260,4 +262,38 @@ fn a_question_without_annotation_or_image_is_refused_by_name() {
     .unwrap();
     let e = format!("{:#}", load_vqa(&q, &a, &d.join("img")).unwrap_err());
     assert!(e.contains("image_id 5"), "{e}");
+}
+
+#[test]
+fn rices_shows_the_most_similar_images_last_never_the_query_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = vqa_set(dir.path()); // 6 examples, each its own image
+                                   // 2-d unit embeddings at angles: query 0 is example 0's image; by cosine to it, example 0
+                                   // (itself, excluded) > 3 > 5 > 1 > ...
+    let at = |deg: f32| vec![deg.to_radians().cos(), deg.to_radians().sin()];
+    let support: Vec<Vec<f32>> = [0.0, 80.0, 170.0, 10.0, 120.0, 40.0].map(at).to_vec();
+    let rices = rookery_eval::openflamingo::Rices::from_embeddings(support.clone(), support);
+    assert_eq!(rices.demos(0, 3, &set, &set[0].image), vec![1, 5, 3]);
+    let mut oracle = Oracle {
+        answers: HashMap::new(),
+        seen: Vec::new(),
+    };
+    let cfg = FewShotConfig {
+        task: FewShotTask::Vqa,
+        shots: vec![2],
+        seed: 0,
+        batch: 6,
+        prompts: Prompts::default(),
+        rices: Some(rices),
+    };
+    evaluate(&cfg, &set, &set, &mut oracle).unwrap();
+    let (_, files) = &oracle.seen[0];
+    assert_eq!(
+        files[..],
+        [
+            set[5].image.clone(),
+            set[3].image.clone(),
+            set[0].image.clone()
+        ]
+    );
 }

@@ -2,8 +2,8 @@
 //! ([`data`]), its prompts, its demonstration sampling and its metrics (VQA accuracy,
 //! CIDEr-D).
 //!
-//! A k-shot prompt is k demonstrations drawn from the support set with a seed (never the query
-//! itself), each `<image>Question:{question} Short answer:{answer}<|endofchunk|>` (captions:
+//! A k-shot prompt is k demonstrations drawn from the support set with a seed, or chosen by
+//! image similarity ([`rices`]) (never the query's own image), each `<image>Question:{question} Short answer:{answer}<|endofchunk|>` (captions:
 //! `<image>Output:{caption}<|endofchunk|>`, the first reference as the answer), then the query
 //! with an empty answer. With 0 shots OpenFlamingo still shows two demonstrations, text only
 //! (their `<image>` removed, their images not passed). The model continues greedily up to a
@@ -13,6 +13,7 @@
 
 pub mod data;
 pub mod model;
+pub mod rices;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::cider::{cider_d, tokenize};
 use crate::vqa;
 pub use data::Example;
+pub use rices::Rices;
 
 /// Which few-shot task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +104,8 @@ pub struct FewShotConfig {
     /// Prompts per forward pass.
     pub batch: usize,
     pub prompts: Prompts,
+    /// Demonstrations by image similarity ([`Rices`]) instead of drawn at random.
+    pub rices: Option<Rices>,
 }
 
 /// The scores per shot count: `vqa_accuracy_{k}shot` (and per answer type
@@ -136,8 +140,13 @@ pub fn evaluate(
         {
             let (mut prompts, mut images) = (Vec::new(), Vec::new());
             for (j, q) in chunk.iter().enumerate() {
-                let seed = [cfg.seed, k as u64, (start + j) as u64];
-                let demos = draw_demos(support, shown, &q.image, &seed)?;
+                let demos = match &cfg.rices {
+                    Some(r) => r.demos(start + j, shown, support, &q.image),
+                    None => {
+                        let seed = [cfg.seed, k as u64, (start + j) as u64];
+                        draw_demos(support, shown, &q.image, &seed)?
+                    }
+                };
                 let mut text = String::new();
                 let mut files = Vec::new();
                 for &d in &demos {

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use rookery_eval::benchmark::{BenchmarkSet, Runner, Task};
 use rookery_eval::openflamingo::data::{load_captions, load_vqa};
 use rookery_eval::openflamingo::model::FlamingoGenerator;
-use rookery_eval::openflamingo::{FewShotConfig, FewShotTask, Prompts};
+use rookery_eval::openflamingo::{FewShotConfig, FewShotTask, Prompts, Rices};
 use rookery_train::flamingo_io;
 use rookery_train::trainer::TrainStage;
 
@@ -89,6 +89,11 @@ pub struct FewShotArgs {
     /// Score the first N queries only.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Choose demonstrations by image similarity under this CLIP (RICES; any CLIP `rookery
+    /// eval --task zeroshot` reads, e.g. an open_clip ViT-B-32 as OpenFlamingo uses) instead of
+    /// at random.
+    #[arg(long, value_name = "CLIP")]
+    pub rices: Option<PathBuf>,
 }
 
 /// Every task `rookery eval --task` runs.
@@ -185,6 +190,16 @@ fn few_shot(args: &EvalArgs, task: FewShotTask) -> Result<()> {
     let device = backend::device();
     let (cfg, tk_path, model) = flamingo_io::open_flamingo::<Inner>(&args.checkpoint, &device)?;
     let tokenizer = rookery_data::TextTokenizer::load(&tk_path, &cfg.data.special_tokens)?;
+    let rices = match &f.rices {
+        None => None,
+        Some(clip) => {
+            let c = open_clip(clip, None, false)?;
+            let batch = args.batch.max(1);
+            Some(Rices::embed(
+                &c.model, &c.data, &queries, &support, batch, &device,
+            )?)
+        }
+    };
     let max_new = f.max_new_tokens.unwrap_or(match task {
         FewShotTask::Vqa => 5,
         FewShotTask::Captioning => 20,
@@ -206,6 +221,7 @@ fn few_shot(args: &EvalArgs, task: FewShotTask) -> Result<()> {
             vqa: cfg.eval.vqa_prompt.clone(),
             ..Default::default()
         },
+        rices,
     };
     let report = rookery_eval::openflamingo::evaluate(&run, &queries, &support, &mut generator)?;
     for (k, v) in &report.scores {
