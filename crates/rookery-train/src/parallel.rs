@@ -88,6 +88,105 @@ impl DistConfig {
     }
 }
 
+/// Checks once, before any collective on weights or gradients, that every rank holds the same
+/// parameters in the same order with the same shapes and trainability, and buckets them by the
+/// same size: what [`broadcast_weights`] and the gradient buckets pack. Ranks started from
+/// different configs (an MPI or NCCL job whose ranks got different `--set`s) would otherwise
+/// exchange unrelated tensors or hang on buckets of different lengths.
+pub fn check_same_layout<AB: AutodiffBackend, M: Module<AB>>(
+    model: &M,
+    comm: &dyn Communicator<AB::InnerBackend>,
+    bucket_elems: usize,
+) -> Result<(), DistError> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    let mut layout = Layout {
+        params: 0,
+        trainable: 0,
+        elems: 0,
+        hash: 0xcbf2_9ce4_8422_2325, // FNV-1a's offset basis
+    };
+    model.visit(&mut layout);
+    let mine = layout.encode(bucket_elems);
+    let width = mine.len();
+    let all: Vec<f32> = comm
+        .all_gather(Tensor::from_floats(mine.as_slice(), comm.device()))?
+        .into_data()
+        .to_vec()
+        .expect("f32 layout");
+    let rows: Vec<&[f32]> = all.chunks(width).collect();
+    match rows.iter().position(|r| *r != rows[0]) {
+        None => Ok(()),
+        Some(other) => Err(DistError::Mismatch {
+            rank: comm.rank(),
+            what: "the model's parameters (a rank built from another config?)".into(),
+            detail: format!(
+                "rank 0 has {}; rank {other} has {}",
+                Layout::describe(rows[0]),
+                Layout::describe(rows[other])
+            ),
+        }),
+    }
+}
+
+/// The parameters as a rank holds them: counts and a hash of every shape and trainability.
+struct Layout {
+    params: u64,
+    trainable: u64,
+    elems: u64,
+    hash: u64,
+}
+
+impl Layout {
+    /// As f32 values below 2^16 each, exact through a sum of zero-filled slots.
+    fn encode(&self, bucket_elems: usize) -> Vec<f32> {
+        let chunks = |x: u64| (0..4).map(move |i| ((x >> (16 * i)) & 0xffff) as f32);
+        [
+            self.params,
+            self.trainable,
+            self.elems,
+            bucket_elems as u64,
+            self.hash,
+        ]
+        .into_iter()
+        .flat_map(chunks)
+        .collect()
+    }
+
+    fn describe(row: &[f32]) -> String {
+        let v: Vec<u64> = row
+            .chunks(4)
+            .map(|c| c.iter().rev().fold(0u64, |acc, &x| (acc << 16) | x as u64))
+            .collect();
+        format!(
+            "{} parameter tensors ({} trainable) of {} values, buckets of {} values, shapes hash {:016x}",
+            v[0], v[1], v[2], v[3], v[4]
+        )
+    }
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for Layout {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AB, D>>) {
+        let dims = p.val().dims();
+        let trainable = p.is_require_grad();
+        self.params += 1;
+        self.trainable += u64::from(trainable);
+        self.elems += dims.iter().product::<usize>() as u64;
+        // FNV-1a over the rank, each dimension and the trainability, in module order.
+        let dims = dims.iter().map(|&d| d as u64);
+        for x in [D as u64]
+            .into_iter()
+            .chain(dims)
+            .chain([u64::from(trainable)])
+        {
+            for b in x.to_le_bytes() {
+                self.hash = (self.hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+}
+
 /// Sums `grads` over ranks, packed in buckets of `bucket_elems` in module order (the same on
 /// every rank, since every rank holds the same model).
 pub fn all_reduce_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(

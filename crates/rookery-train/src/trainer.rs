@@ -29,7 +29,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::metrics::MetricsWriter;
 use crate::optim::{AdamWOf, PathIds, Updater};
-use crate::parallel::{broadcast_weights, DistBackend};
+use crate::parallel::{broadcast_weights, check_same_layout, DistBackend};
 use crate::stage::clip::ClipStage;
 use crate::stage::flamingo::FlamingoStage;
 use crate::stage::lm::LmStage;
@@ -506,6 +506,7 @@ fn build<B: AutodiffBackend, S: Stage<B>>(
         stage.init(device).map(&mut PathIds::default())
     };
     let model = stage.load_start(model)?;
+    check_same_layout(&model, comm, cfg.dist.bucket_elems())?;
     let model = broadcast_weights(model, comm, cfg.dist.bucket_elems())?;
     let optim = cfg.optim.adamw::<B, S::Model>();
     let fresh = TrainState::default();

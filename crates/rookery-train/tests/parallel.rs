@@ -430,3 +430,37 @@ fn the_generic_path_gives_the_flex_kernels_losses_and_gradients() {
     let dp: Vec<Trace> = out.into_iter().map(|r| r.unwrap()).collect();
     assert_same(&dp[0], &single, "generic path: 2 ranks vs 1 rank");
 }
+
+/// Ranks whose models differ (another text depth, or the same shapes with a tower locked on one
+/// rank only) are refused before any weights or gradients cross, both ranks naming what differs;
+/// ranks with the same model pass.
+#[test]
+fn ranks_holding_different_models_are_refused_before_any_exchange() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let base = config(Infonce);
+    let mut deeper = base.clone();
+    deeper.text.layers = 2;
+    let locked = init(&base).no_grad();
+    let check = |other: Clip<B>| {
+        let models = [init(&base), other];
+        LocalGroup::run::<IB, _, String, _>(
+            2,
+            |_| Default::default(),
+            Duration::from_secs(60),
+            |comm| {
+                let m = &models[comm.rank()];
+                rookery_train::parallel::check_same_layout(m, comm, 1 << 20)
+                    .map_err(|e| e.to_string())
+            },
+        )
+    };
+    for r in check(init(&base)) {
+        r.unwrap();
+    }
+    for other in [init(&deeper), locked] {
+        for r in check(other) {
+            let e = r.unwrap_err();
+            assert!(e.contains("rank 1 has") && e.contains("parameters"), "{e}");
+        }
+    }
+}
