@@ -10,20 +10,30 @@
 //!   least one of its positives is among the top k (images have several captions), averaged
 //!   over queries.
 //!
-//! Ties: a candidate scoring exactly as much as the best positive does not push it down, where
-//! `torch.topk` breaks ties by position; with continuous embeddings ties do not occur (the
-//! committed fixture checks agreement with CLIP_benchmark's own code).
+//! Ties are broken by position, as `torch.argmax` and `topk` break them: a candidate scoring
+//! exactly as much as the best positive and standing before it ranks above it. So a degenerate
+//! model (every class or caption the same embedding) scores what position alone gives, never a
+//! perfect score (the committed fixture checks agreement with CLIP_benchmark's own code).
 
 use std::collections::BTreeMap;
 
-/// How many of `scores` are strictly greater than the best of `positives` (indices into
-/// `scores`); `None` without a positive.
+/// The rank of the best of `positives` (indices into `scores`) among all of `scores`: those
+/// strictly greater, and those equal standing before it (the first positive among equals is
+/// the best); `None` without a positive.
 pub fn rank_of_best(scores: &[f32], positives: &[usize]) -> Option<usize> {
-    let best = positives
+    let best = positives.iter().copied().reduce(|a, b| {
+        match scores[b] > scores[a] || (scores[b] == scores[a] && b < a) {
+            true => b,
+            false => a,
+        }
+    })?;
+    let s = scores[best];
+    let ahead = scores
         .iter()
-        .map(|&p| scores[p])
-        .fold(None, |m: Option<f32>, s| Some(m.map_or(s, |m| m.max(s))))?;
-    Some(scores.iter().filter(|&&s| s > best).count())
+        .enumerate()
+        .filter(|&(j, &x)| x > s || (x == s && j < best))
+        .count();
+    Some(ahead)
 }
 
 /// The fraction of `ranks` below `k`.
@@ -92,6 +102,18 @@ mod tests {
         // Two positives: the better one (0.7) counts; only 0.9 beats it.
         assert_eq!(rank_of_best(&s, &[2, 3]), Some(1));
         assert_eq!(rank_of_best(&s, &[]), None);
+    }
+
+    #[test]
+    fn ties_are_broken_by_position_so_a_degenerate_model_scores_no_better_than_position() {
+        let s = [0.5, 0.5, 0.5];
+        assert_eq!(rank_of_best(&s, &[0]), Some(0));
+        assert_eq!(rank_of_best(&s, &[2]), Some(2));
+        // Positives 1 and 2 tie: the first of them counts, behind candidate 0.
+        assert_eq!(rank_of_best(&s, &[2, 1]), Some(1));
+        // Every class the same score: top-1 only for class 0, as torch's argmax gives.
+        let ranks: Vec<usize> = (0..3).map(|t| rank_of_best(&s, &[t]).unwrap()).collect();
+        assert_eq!(classification(&ranks, &[0, 1, 2], 3)["acc1"], 1.0 / 3.0);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use rookery_data::loader::{load_image, Mode};
 use rookery_data::writer::write_shard;
 use rookery_data::{DataConfig, TextTokenizer};
 use rookery_eval::benchmark::{BenchmarkSet, Runner, Task};
+use rookery_eval::embed::TextEncoder;
 use rookery_eval::metrics::{classification, rank_of_best, retrieval};
 use rookery_model::{Clip, ClipConfig};
 use serde_json::Value;
@@ -219,9 +220,14 @@ fn zero_shot_on_clip_benchmarks_export_layout_scores_as_by_hand() {
     let set = BenchmarkSet::open(set_dir.to_str().unwrap(), "test", None, None).unwrap();
     let dev = Default::default();
     let data = data_cfg();
-    let runner = Runner::<B> {
+    let towers = TextEncoder {
         model: &m,
         tokenizer: &tk,
+        ctx: 16,
+        device: &dev,
+    };
+    let runner = Runner::<B> {
+        towers: &towers,
         data: &data,
         batch: 4,
         device: &dev,
@@ -300,8 +306,8 @@ fn retrieval_with_several_captions_scores_as_by_hand() {
     let dir = tempfile::tempdir().unwrap();
     let tk = tokenizer(dir.path());
     let m = model(&tk);
-    // Captions are all different: identical ones tie exactly, and ties are ordered differently
-    // here (sorting) than by ranks (see rookery_eval::metrics).
+    // Captions are all different, so no two score exactly the same (the stable sort below
+    // would order ties by position, as the ranks do).
     let words = ["one", "two", "three", "four", "five", "six", "seven"];
     let mut items = Vec::new();
     for i in 0..9usize {
@@ -331,9 +337,14 @@ fn retrieval_with_several_captions_scores_as_by_hand() {
     assert_eq!(set.dataset_type.as_deref(), Some("retrieval"));
     let dev = Default::default();
     let data = data_cfg();
-    let runner = Runner::<B> {
+    let towers = TextEncoder {
         model: &m,
         tokenizer: &tk,
+        ctx: 16,
+        device: &dev,
+    };
+    let runner = Runner::<B> {
+        towers: &towers,
         data: &data,
         batch: 4,
         device: &dev,

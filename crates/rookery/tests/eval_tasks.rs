@@ -145,3 +145,126 @@ fn eval_tasks_score_during_training_and_match_rookery_eval() {
         "no work before the refusal"
     );
 }
+
+fn rows(path: &Path, name: &str) -> Vec<Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    let v: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    v.chunks(t.shape()[1]).map(|r| r.to_vec()).collect()
+}
+
+/// `rookery eval --task zeroshot` on an HF SigLIP (rookery-eval's siglip_shared fixture) over an image
+/// folder: the same predictions as the class embeddings built by hand from `rookery embed`'s
+/// embeddings of the same images and prompts.
+#[test]
+fn zero_shot_of_an_hf_siglip_equals_its_embeddings_scored_by_hand() {
+    let fx = root().join("crates/rookery-interop/fixtures");
+    let weights = root().join("crates/rookery-eval/fixtures/siglip_shared");
+    let tokenizer = fx.join("siglip_embed/tokenizer.json");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Words of the fixture tokenizer's small vocabulary, so the classes embed differently.
+    let classes = ["red circle", "blue squares", "green triangle"];
+    let templates = ["a {c}", "two {c} above"];
+    let mut files = Vec::new();
+    for i in 0..9u32 {
+        let class = classes[i as usize % 3];
+        let img = image::RgbImage::from_fn(24, 20, |x, y| {
+            image::Rgb([
+                (i * 29 + x * 7) as u8,
+                (y * 11 + i * 3) as u8,
+                (x * y + i) as u8,
+            ])
+        });
+        let path = d.join("folder").join(class).join(format!("{i}.png"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        img.save(&path).unwrap();
+        files.push((path, classes.iter().position(|c| *c == class).unwrap()));
+    }
+    files.sort(); // the folder's order: classes sorted, then files
+    let tpl = d.join("templates.txt");
+    std::fs::write(&tpl, templates.join("\n")).unwrap();
+    let json = d.join("zs.json");
+    let args = [
+        "eval",
+        weights.to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+    ];
+    let folder = d.join("folder");
+    let more = [
+        "--task",
+        "zeroshot",
+        "--data",
+        folder.to_str().unwrap(),
+        "--templates",
+        tpl.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    check(
+        rookery(&[&args[..], &more[..]].concat(), &[])
+            .output()
+            .unwrap(),
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let got = report["report"]["metrics"]["acc1"].as_f64().unwrap();
+
+    // By hand from `rookery embed`: the sorted classes, their prompts; ties to the first class,
+    // as torch's argmax.
+    let mut sorted = classes;
+    sorted.sort();
+    let prompts: Vec<String> = sorted
+        .iter()
+        .flat_map(|c| templates.map(|t| t.replace("{c}", c)))
+        .collect();
+    let emb = d.join("e.safetensors");
+    let mut a = vec![
+        "embed",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--out",
+        emb.to_str().unwrap(),
+        "--images",
+    ];
+    let paths: Vec<String> = files.iter().map(|(p, _)| p.display().to_string()).collect();
+    a.extend(paths.iter().map(String::as_str));
+    a.push("--texts");
+    a.extend(prompts.iter().map(String::as_str));
+    check(rookery(&a, &[]).output().unwrap());
+    let (img, txt) = (rows(&emb, "image"), rows(&emb, "text"));
+    let class_emb: Vec<Vec<f32>> = txt
+        .chunks(2)
+        .map(|p| {
+            let m: Vec<f32> = (0..p[0].len()).map(|i| (p[0][i] + p[1][i]) / 2.0).collect();
+            let n = m.iter().map(|x| x * x).sum::<f32>().sqrt();
+            m.iter().map(|x| x / n).collect()
+        })
+        .collect();
+    let right = img
+        .iter()
+        .zip(&files)
+        .filter(|(e, (p, _))| {
+            let scores: Vec<f32> = class_emb
+                .iter()
+                .map(|c| c.iter().zip(*e).map(|(a, b)| a * b).sum())
+                .collect();
+            let best = (0..3)
+                .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+                .unwrap();
+            p.parent().unwrap().ends_with(sorted[best])
+        })
+        .count();
+    let want = right as f64 / 9.0;
+    assert!(
+        (got - want).abs() < 1e-12,
+        "rookery eval {got} vs by hand {want}"
+    );
+}

@@ -12,12 +12,11 @@ use std::str::FromStr;
 
 use anyhow::{bail, Result};
 use burn::prelude::*;
-use rookery_data::{DataConfig, TextTokenizer};
-use rookery_model::Clip;
+use rookery_data::DataConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::clip::ensure_finite;
-use crate::embed::TextEncoder;
+use crate::embed::{class_embeddings, Towers};
 use crate::metrics::{classification, rank_of_best, retrieval};
 pub use data::BenchmarkSet;
 use read::{for_each_batch, Want};
@@ -78,10 +77,10 @@ impl BenchmarkReport {
     }
 }
 
-/// How to run the model: its tokenizer, image preparation and batch size.
+/// How to run the model: its towers, image preparation and batch size.
 pub struct Runner<'a, B: Backend> {
-    pub model: &'a Clip<B>,
-    pub tokenizer: &'a TextTokenizer,
+    /// A CLIP ([`crate::embed::TextEncoder`]) or a SigLIP ([`crate::embed::SiglipTowers`]).
+    pub towers: &'a dyn Towers<B>,
     /// `image_size` and `image_norm` prepare the images (center crop, as for held-out data).
     pub data: &'a DataConfig,
     pub batch: usize,
@@ -106,15 +105,6 @@ impl<B: Backend> Runner<'_, B> {
         }
     }
 
-    fn text(&self) -> TextEncoder<'_, B> {
-        TextEncoder {
-            model: self.model,
-            tokenizer: self.tokenizer,
-            ctx: self.model.text.positional_embedding.val().dims()[0],
-            device: self.device,
-        }
-    }
-
     /// Zero-shot classification: each image's rank of its class among all classes.
     fn zero_shot(&self, set: &BenchmarkSet) -> Result<BenchmarkReport> {
         let (Some(classes), Some(templates)) = (&set.classnames, &set.templates) else {
@@ -127,12 +117,12 @@ impl<B: Backend> Runner<'_, B> {
             .iter()
             .map(|c| templates.iter().map(|t| data::fill(t, c)).collect())
             .collect();
-        let weights = self.text().class_embeddings(&prompts)?; // [C, E]
+        let weights = class_embeddings(self.towers, &prompts)?; // [C, E]
         ensure_finite(&weights, "class embeddings")?;
         let (mut ranks, mut targets) = (Vec::new(), Vec::new());
         let c = classes.len();
         let skipped = for_each_batch(set, Want::Class(c), self.data, self.batch, |batch| {
-            let img = self.model.encode_image(batch.images::<B>(self.device));
+            let img = self.towers.images(batch.images::<B>(self.device));
             ensure_finite(&img, "image embeddings")?;
             let scores = host(img.matmul(weights.clone().transpose()));
             for (row, &t) in scores.chunks(c).zip(&batch.classes) {
@@ -157,7 +147,7 @@ impl<B: Backend> Runner<'_, B> {
         let (mut img, mut captions, mut owner) = (Vec::new(), Vec::new(), Vec::new());
         let mut images = 0usize;
         let skipped = for_each_batch(set, Want::Captions, self.data, self.batch, |batch| {
-            let e = self.model.encode_image(batch.images::<B>(self.device));
+            let e = self.towers.images(batch.images::<B>(self.device));
             ensure_finite(&e, "image embeddings")?;
             for caps in batch.captions {
                 owner.extend(std::iter::repeat_n(images, caps.len()));
@@ -169,7 +159,7 @@ impl<B: Backend> Runner<'_, B> {
         })?;
         ensure_some(set, img.len())?;
         let img = Tensor::cat(img, 0); // [N, E]
-        let txt = self.text().embed(&captions)?; // [M, E]
+        let txt = self.towers.texts(&captions)?; // [M, E]
         ensure_finite(&txt, "caption embeddings")?;
         let n = img.dims()[0];
         let mut texts_of = vec![Vec::new(); n];

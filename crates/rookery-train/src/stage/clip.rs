@@ -21,6 +21,7 @@ use crate::config::RunConfig;
 use crate::step::{contrastive_grads, Micro, StepGrads};
 use rookery_eval::benchmark::Runner;
 use rookery_eval::clip::evaluate;
+use rookery_eval::embed::TextEncoder;
 use rookery_eval::input::{image_tensor, token_tensor};
 
 /// Random stream of patch dropout, apart from the loader's (crop) and the synthetic set's.
@@ -243,9 +244,14 @@ impl ClipStage {
         model: &Clip<B>,
         device: &B::Device,
     ) -> Result<BTreeMap<String, f64>> {
-        let runner = Runner {
+        let towers = TextEncoder {
             model,
             tokenizer: &self.tokenizer,
+            ctx: self.cfg.model.text.context_length,
+            device,
+        };
+        let runner = Runner {
+            towers: &towers,
             data: &self.cfg.data,
             batch: self.cfg.data.batch_size,
             device,

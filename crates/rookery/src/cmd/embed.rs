@@ -10,7 +10,9 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use rookery_data::loader::{load_image_file, Mode};
-use rookery_data::{DataConfig, Loader, TextTokenizer};
+use rookery_data::{DataConfig, Loader, PromptTokenizer, TextTokenizer};
+use rookery_eval::embed::{SiglipTowers, Towers};
+use rookery_model::siglip::Siglip;
 use rookery_model::{Clip, ClipConfig};
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -128,9 +130,51 @@ fn image_batch(paths: &[PathBuf], data_cfg: &DataConfig) -> Result<Tensor<Inner,
     Ok(Tensor::from_data(data, &backend::device()))
 }
 
-/// `rookery embed` with an HF SigLIP: images squashed to the square and normalised with 0.5 as
-/// its processor does, texts padded with the pad token to the trained length (an end token
-/// kept when cut) and read at the last position.
+/// An HF SigLIP loaded for inference, its tokenizer fixed to the trained text length (when
+/// `text`), and its image preparation (squashed to the square, normalised with 0.5, as its
+/// processor does).
+pub(crate) struct LoadedSiglip {
+    pub model: Siglip<Inner>,
+    pub tokenizer: Option<PromptTokenizer>,
+    pub data: DataConfig,
+}
+
+pub(crate) fn open_siglip(
+    weights: &Path,
+    tokenizer: Option<&Path>,
+    text: bool,
+) -> Result<LoadedSiglip> {
+    let cfg = rookery_interop::hf_siglip::config(weights)?;
+    let model =
+        rookery_interop::hf_siglip::load(cfg.init::<Inner>(&backend::device()), weights, &cfg)?;
+    let tokenizer = match (&cfg.text, text) {
+        (_, false) => None,
+        (None, true) => bail!(
+            "{}: a SigLIP vision tower alone embeds no text",
+            weights.display()
+        ),
+        (Some(tc), true) => {
+            let path = tokenizer.map_or(weights.join("tokenizer.json"), Path::to_path_buf);
+            let tk = PromptTokenizer::from_file(&path)
+                .with_context(|| format!("{}: give --tokenizer", weights.display()))?
+                .fixed_length(tc.context_length, tc.pad_token as u32)
+                .map_err(anyhow::Error::msg)?;
+            Some(tk)
+        }
+    };
+    let data = DataConfig {
+        image_size: cfg.image_size as u32,
+        image_norm: rookery_data::loader::ImageNorm::siglip(),
+        ..Default::default()
+    };
+    Ok(LoadedSiglip {
+        model,
+        tokenizer,
+        data,
+    })
+}
+
+/// `rookery embed` with an HF SigLIP ([`SiglipTowers`]).
 fn run_siglip(args: &EmbedArgs) -> Result<()> {
     let w = &args.weights;
     if args.data.is_some() {
@@ -139,63 +183,29 @@ fn run_siglip(args: &EmbedArgs) -> Result<()> {
             w.display()
         );
     }
-    let cfg = rookery_interop::hf_siglip::config(w)?;
     let dev = backend::device();
-    let model = rookery_interop::hf_siglip::load(cfg.init::<Inner>(&dev), w, &cfg)?;
-    let batch = args.batch.max(1);
-    let data_cfg = DataConfig {
-        image_size: cfg.image_size as u32,
-        image_norm: rookery_data::loader::ImageNorm::siglip(),
-        ..Default::default()
+    let s = open_siglip(w, args.tokenizer.as_deref(), !args.texts.is_empty())?;
+    let towers = SiglipTowers {
+        model: &s.model,
+        tokenizer: s.tokenizer.as_ref(),
+        device: &dev,
     };
+    let batch = args.batch.max(1);
     let mut out: HashMap<&str, Vec<Tensor<Inner, 2>>> = HashMap::new();
     let bar = progress(args.images.len(), "images");
     for chunk in args.images.chunks(batch) {
-        let pooled = model.vision.forward(image_batch(chunk, &data_cfg)?);
         out.entry("image")
             .or_default()
-            .push(rookery_model::clip::l2_normalize(pooled));
+            .push(towers.images(image_batch(chunk, &s.data)?));
         bar.inc(chunk.len() as u64);
     }
     bar.finish();
-    if !args.texts.is_empty() {
-        let (Some(text), own) = (&model.text, w.join("tokenizer.json")) else {
-            bail!(
-                "{}: a SigLIP vision tower alone embeds no text",
-                w.display()
-            );
-        };
-        let tc = cfg.text.as_ref().expect("a text tower has its config");
-        let path = args.tokenizer.clone().unwrap_or(own);
-        let tk = rookery_data::PromptTokenizer::from_file(&path)
-            .with_context(|| format!("{}: give --tokenizer", w.display()))?
-            .fixed_length(tc.context_length, tc.pad_token as u32)
-            .map_err(anyhow::Error::msg)?;
-        let bar = progress(args.texts.len(), "texts");
-        for chunk in args.texts.chunks(batch) {
-            let mut ids = Vec::with_capacity(chunk.len() * tc.context_length);
-            for t in chunk {
-                let row = tk
-                    .encode(t)
-                    .map_err(|e| anyhow::anyhow!("text {t:?}: {e}"))?;
-                if let Some(bad) = row.iter().find(|&&i| i as usize >= tc.vocab_size) {
-                    bail!(
-                        "{}: id {bad} for a vocabulary of {}: not this model's tokenizer",
-                        path.display(),
-                        tc.vocab_size
-                    );
-                }
-                ids.extend(row.into_iter().map(i64::from));
-            }
-            let shape = [chunk.len(), tc.context_length];
-            let tokens = Tensor::from_data(TensorData::new(ids, shape), &dev);
-            out.entry("text")
-                .or_default()
-                .push(rookery_model::clip::l2_normalize(text.forward(tokens)));
-            bar.inc(chunk.len() as u64);
-        }
-        bar.finish();
+    let bar = progress(args.texts.len(), "texts");
+    for chunk in args.texts.chunks(batch) {
+        out.entry("text").or_default().push(towers.texts(chunk)?);
+        bar.inc(chunk.len() as u64);
     }
+    bar.finish();
     write(&args.out, out)?;
     println!("wrote {}", args.out.display());
     Ok(())

@@ -8,20 +8,21 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use rookery_eval::benchmark::{BenchmarkSet, Runner, Task};
+use rookery_eval::embed::{SiglipTowers, TextEncoder};
 use rookery_eval::openflamingo::data::{load_captions, load_vqa};
 use rookery_eval::openflamingo::model::FlamingoGenerator;
 use rookery_eval::openflamingo::{FewShotConfig, FewShotTask, Prompts, Rices};
 use rookery_train::flamingo_io;
 use rookery_train::trainer::TrainStage;
 
-use super::embed::{open_clip, LoadedClip};
+use super::embed::{open_clip, open_siglip, LoadedClip};
 use super::train::{backend, open_checkpoint, print_text_report, Inner};
 
 /// What to evaluate, on what.
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// Checkpoint or run directory (its latest checkpoint); with --task also `rookery
-    /// export` output or an open_clip / HF CLIP directory.
+    /// Checkpoint or run directory (its latest checkpoint); with --task zeroshot|retrieval
+    /// also `rookery export` output, an open_clip, HF CLIP or HF SigLIP directory.
     pub checkpoint: PathBuf,
     /// Held-out shards (default: the checkpoint config's data.val); with --task the set:
     /// CLIP_benchmark's export directory, shards, or an image folder (class_name/*.jpg).
@@ -136,22 +137,45 @@ fn benchmark(args: &EvalArgs, task: Task) -> Result<()> {
         args.classnames.as_deref(),
         args.templates.as_deref(),
     )?;
-    let LoadedClip {
-        model,
-        tokenizer,
-        data: data_cfg,
-        ..
-    } = open_clip(&args.checkpoint, args.tokenizer.as_deref(), true)?;
-    let tokenizer = tokenizer.expect("asked for the tokenizer");
     let device = backend::device();
-    let runner = Runner::<Inner> {
-        model: &model,
-        tokenizer: &tokenizer,
-        data: &data_cfg,
-        batch: args.batch.max(1),
-        device: &device,
+    let batch = args.batch.max(1);
+    let w = &args.checkpoint;
+    let report = if rookery_interop::is_siglip(w) {
+        let s = open_siglip(w, args.tokenizer.as_deref(), true)?;
+        let towers = SiglipTowers {
+            model: &s.model,
+            tokenizer: s.tokenizer.as_ref(),
+            device: &device,
+        };
+        let data_cfg = s.data.clone();
+        let runner = Runner::<Inner> {
+            towers: &towers,
+            data: &data_cfg,
+            batch,
+            device: &device,
+        };
+        runner.run(task, &set, &args.recall_k)?
+    } else {
+        let LoadedClip {
+            model,
+            tokenizer,
+            data: data_cfg,
+            cfg,
+        } = open_clip(w, args.tokenizer.as_deref(), true)?;
+        let towers = TextEncoder {
+            model: &model,
+            tokenizer: &tokenizer.expect("asked for the tokenizer"),
+            ctx: cfg.text.context_length,
+            device: &device,
+        };
+        let runner = Runner::<Inner> {
+            towers: &towers,
+            data: &data_cfg,
+            batch,
+            device: &device,
+        };
+        runner.run(task, &set, &args.recall_k)?
     };
-    let report = runner.run(task, &set, &args.recall_k)?;
     println!("{}", report.line());
     let json = serde_json::json!({
         "model": args.checkpoint.display().to_string(),
