@@ -124,11 +124,17 @@ pub fn ensure_finite<B: Backend, const D: usize>(t: &Tensor<B, D>, what: &str) -
     Ok(())
 }
 
-/// For each row, the rank of its diagonal entry (0 = best): entries strictly greater than it.
+/// For each row, the rank of its diagonal entry (0 = best): entries greater than it, and
+/// entries equal to it in an earlier column (ties broken by position, as torch's argmax: a
+/// collapsed model whose embeddings are all alike must not score R@1 = 1).
 fn ranks<B: Backend>(sim: Tensor<B, 2>) -> Vec<usize> {
     let [n, _] = sim.dims();
-    let diag = sim.clone().mul(Tensor::eye(n, &sim.device())).sum_dim(1); // [N, 1]
-    indices(sim.greater(diag).int().sum_dim(1))
+    let device = sim.device();
+    let diag = sim.clone().mul(Tensor::eye(n, &device)).sum_dim(1); // [N, 1]
+    let col = Tensor::<B, 1, Int>::arange(0..n as i64, &device);
+    let before = col.clone().reshape([1, n]).lower(col.reshape([n, 1])); // column < row
+    let ties = sim.clone().equal(diag.clone()).bool_and(before);
+    indices(sim.greater(diag).int().add(ties.int()).sum_dim(1))
 }
 
 /// For each row, the column of its largest entry.
@@ -178,5 +184,13 @@ mod tests {
         );
         assert_eq!(ranks(sim.clone()), vec![1, 0, 1]);
         assert_eq!(ranks(sim.transpose()), vec![0, 1, 1]);
+    }
+
+    #[test]
+    fn a_collapsed_model_ranks_by_position_not_first() {
+        // Every image equally similar to every caption: row i's own caption has i ahead of it,
+        // so R@1 is 1/n (it was 1 when only strictly greater entries counted).
+        let sim = Tensor::<Flex, 2>::ones([4, 4], &Default::default());
+        assert_eq!(ranks(sim), vec![0, 1, 2, 3]);
     }
 }
