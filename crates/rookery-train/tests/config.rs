@@ -326,3 +326,92 @@ fn a_stage_validates_only_its_own_sections() {
         .expect("stage lm does not read [model]");
     refused("", &["model.vision.heads=5"], "model.vision.heads");
 }
+
+/// docs/config.md states each scalar key's default as the structs have it: within the key's
+/// section (the heading naming `[section]`), the value after `` `key` `` (table row, `key
+/// value` or `key (value)`) equals the default. A changed default without its doc fails here.
+#[test]
+fn config_md_states_the_defaults_the_structs_have() {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/config.md"))
+            .unwrap();
+    // Section name -> its text (up to the next heading).
+    let mut sections: Vec<(String, String)> = Vec::new();
+    for line in doc.lines() {
+        if line.starts_with('#') {
+            let name = line.split("`[").nth(1).and_then(|r| r.split("]`").next());
+            sections.push((name.unwrap_or("").to_string(), String::new()));
+        } else if let Some(last) = sections.last_mut() {
+            last.1.push_str(line);
+            last.1.push('\n');
+        }
+    }
+    let table: toml::Table = RunConfig::default().to_toml().parse().unwrap();
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    let mut visit = vec![(String::new(), &table)];
+    while let Some((prefix, t)) = visit.pop() {
+        for (k, v) in t {
+            if let toml::Value::Table(inner) = v {
+                visit.push((format!("{prefix}{k}."), inner));
+                continue;
+            }
+            let section = prefix.trim_end_matches('.');
+            let Some((_, text)) = sections.iter().find(|(s, _)| s == section) else {
+                continue;
+            };
+            let Some(stated) = stated_default(text, k) else {
+                continue;
+            };
+            checked += 1;
+            if !same_value(&stated, v) {
+                wrong.push(format!("{section}.{k}: docs say {stated}, default is {v}"));
+            }
+        }
+    }
+    assert!(
+        checked > 60,
+        "only {checked} defaults found in docs/config.md"
+    );
+    assert!(
+        wrong.is_empty(),
+        "docs/config.md disagrees:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// The value docs/config.md gives after `` `key` `` in a section: `| `key` | value |`,
+/// `` `key` value`` or `` `key` (value)``.
+fn stated_default(text: &str, key: &str) -> Option<String> {
+    let tag = format!("`{key}`");
+    let at = text.find(&tag)? + tag.len();
+    let rest = text[at..].trim_start_matches([' ', '|', '(']);
+    let rest = rest.trim_start();
+    // A value in backticks is whole (it may hold spaces: `"<image>Question:{question} ..."`).
+    if let Some(inner) = rest.strip_prefix('`') {
+        return inner.split('`').next().map(str::to_string);
+    }
+    let end = rest
+        .find(|c: char| c == '|' || c == ')' || c == ',' || c == ';' || c == '\n' || c == ' ')
+        .unwrap_or(rest.len());
+    let token = rest[..end].trim();
+    (!token.is_empty()).then(|| token.to_string())
+}
+
+/// Whether a stated default is the value: numbers by value, strings without their quotes,
+/// booleans as written; anything else (arrays, tables, prose) is not compared.
+fn same_value(stated: &str, v: &toml::Value) -> bool {
+    let num = |s: &str| s.replace('_', "").parse::<f64>().ok();
+    match v {
+        toml::Value::Integer(i) => num(stated).is_none_or(|x| x == *i as f64),
+        toml::Value::Float(f) => {
+            num(stated).is_none_or(|x| (x - f).abs() <= 1e-9 * f.abs().max(1.0))
+        }
+        toml::Value::Boolean(b) => !matches!(stated, "true" | "false") || stated == b.to_string(),
+        toml::Value::String(s) => {
+            let quoted = stated.starts_with('"');
+            !quoted || stated.trim_matches('"') == s
+        }
+        _ => true,
+    }
+}
