@@ -8,11 +8,14 @@
 //!   unique id handed out by [`rendezvous`];
 //! - [`single`]: the world of one rank, where every collective is the identity.
 //!
-//! Every call is bounded by a timeout, so a dead peer becomes an error naming it, never a hang.
+//! [`connect`] makes this process's communicator from `[dist]` ([`DistConfig`]) and the
+//! launcher's environment. Every call is bounded by a timeout, so a dead peer becomes an error naming it, never a hang.
 //! [`flat`] packs many tensors into a few flat buckets so gradients cross the wire in large
 //! messages; [`launch`] reads ranks from the environment (torchrun, Slurm, OpenMPI).
 
 pub mod comm;
+pub mod config;
+pub mod connect;
 pub mod flat;
 pub mod launch;
 pub mod libs;
@@ -25,5 +28,7 @@ pub mod rendezvous;
 pub mod single;
 
 pub use comm::{check_same, Communicator, DistError, Pending};
+pub use config::{DistBackend, DistConfig};
+pub use connect::connect;
 pub use local::LocalGroup;
 pub use single::Single;

@@ -185,12 +185,11 @@ pub fn train_on<B: AutodiffBackend>(
     device: impl Fn(usize) -> B::Device + Sync,
 ) -> Result<TrainSummary> {
     let d = &cfg.dist;
-    if d.backend == DistBackend::Mpi {
-        let env = RankEnv::detect().map_err(anyhow::Error::msg)?;
-        return train_mpi::<B>(cfg, device(env.map_or(0, |e| e.local_rank)));
-    }
-    if d.backend == DistBackend::Nccl {
-        return train_nccl::<B>(cfg, &device);
+    if d.backend != DistBackend::Local {
+        // One rank per process (MPI, NCCL): rookery-dist makes its communicator.
+        let (comm, dev) =
+            rookery_dist::connect::<B::InnerBackend>(d, &device).map_err(anyhow::Error::msg)?;
+        return run_rank::<B>(cfg, &dev, comm.as_ref());
     }
     if let Some(env) = RankEnv::detect().map_err(anyhow::Error::msg)? {
         if env.world_size > 1 {
@@ -247,63 +246,6 @@ fn collect_ranks(results: Vec<Result<TrainSummary, String>>) -> Result<TrainSumm
         .next()
         .expect("rank 0")
         .expect("no error"))
-}
-
-#[cfg(feature = "mpi")]
-fn train_mpi<B: AutodiffBackend>(cfg: &RunConfig, device: B::Device) -> Result<TrainSummary> {
-    // `device` is this process's: the caller maps the node-local rank to it.
-    let comm =
-        rookery_dist::mpi::MpiComm::<B::InnerBackend>::init(device.clone(), cfg.dist.timeout())?;
-    let w = rookery_dist::Communicator::world_size(&comm);
-    if cfg.dist.world_size != 1 && cfg.dist.world_size != w {
-        bail!(
-            "dist.world_size = {} but the MPI job has {w} ranks",
-            cfg.dist.world_size
-        );
-    }
-    run_rank::<B>(cfg, &device, &comm)
-}
-
-#[cfg(not(feature = "mpi"))]
-fn train_mpi<B: AutodiffBackend>(_: &RunConfig, _: B::Device) -> Result<TrainSummary> {
-    bail!("dist.backend = \"mpi\" needs a build with the `mpi` feature (cargo build --release --features mpi; OpenMPI and libclang installed)")
-}
-
-#[cfg(feature = "cuda")]
-fn train_nccl<B: AutodiffBackend>(
-    cfg: &RunConfig,
-    device: &impl Fn(usize) -> B::Device,
-) -> Result<TrainSummary> {
-    let env = RankEnv::detect()
-        .map_err(anyhow::Error::msg)?
-        .context("dist.backend = \"nccl\" needs a launcher: rookery launch, torchrun-style variables, Slurm or mpirun")?;
-    let rdzv = std::env::var("ROOKERY_RDZV_PORT").ok();
-    let port = rookery_dist::rendezvous::port(env.master_port, rdzv.as_deref())
-        .map_err(anyhow::Error::msg)?;
-    let master = format!(
-        "{}:{port}",
-        env.master_addr.as_deref().unwrap_or("127.0.0.1")
-    );
-    let ordinal =
-        rookery_dist::launch::gpu_index(env.local_rank, rookery_dist::nccl::visible_gpus());
-    let dev = device(ordinal);
-    let comm = rookery_dist::nccl::NcclComm::<B::InnerBackend>::init(
-        dev.clone(),
-        ordinal,
-        env.rank,
-        env.world_size,
-        &master,
-        cfg.dist.timeout(),
-    )?;
-    run_rank::<B>(cfg, &dev, &comm)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn train_nccl<B: AutodiffBackend>(
-    _: &RunConfig,
-    _: &impl Fn(usize) -> B::Device,
-) -> Result<TrainSummary> {
-    bail!("dist.backend = \"nccl\" needs a build with the `cuda` feature")
 }
 
 /// One rank's run of the configured stage.

@@ -392,7 +392,7 @@ fn stated_default(text: &str, key: &str) -> Option<String> {
         return inner.split('`').next().map(str::to_string);
     }
     let end = rest
-        .find(|c: char| c == '|' || c == ')' || c == ',' || c == ';' || c == '\n' || c == ' ')
+        .find(['|', ')', ',', ';', '\n', ' '])
         .unwrap_or(rest.len());
     let token = rest[..end].trim();
     (!token.is_empty()).then(|| token.to_string())

@@ -482,20 +482,11 @@ fn init_from_a_pretrained_hf_clip_takes_its_shapes_and_checks_the_tokenizer() {
 
 /// The tensors of one tower of the CLIP checkpoint `path`, in module order.
 fn tower(cfg: &RunConfig, path: &Path, image: bool) -> Vec<Vec<f32>> {
-    use burn::module::{Module, ModuleVisitor, Param};
-    struct Collect(Vec<Vec<f32>>);
-    impl ModuleVisitor<Flex> for Collect {
-        fn visit_float<const D: usize>(&mut self, p: &Param<burn::prelude::Tensor<Flex, D>>) {
-            self.0.push(p.val().into_data().to_vec().unwrap());
-        }
-    }
     let m = checkpoint::load_weights(cfg.model.init::<Flex>(&Default::default()), path).unwrap();
-    let mut c = Collect(vec![]);
     match image {
-        true => m.visual.visit(&mut c),
-        false => m.text.visit(&mut c),
+        true => common::floats(&m.visual),
+        false => common::floats(&m.text),
     }
-    c.0
 }
 
 /// LiT: with `[model.vision] locked`, two thread ranks with two micro-batches each train the

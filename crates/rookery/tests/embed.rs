@@ -3,26 +3,9 @@
 //! a tokenizer that does not fit the text tower refused.
 
 mod common;
-use common::{check, rookery, root, sets, BIN};
+use common::{check, rookery, root, rows, sets, BIN};
 
-use std::path::Path;
 use std::process::Command;
-
-use safetensors::SafeTensors;
-
-/// `name` of the safetensors file `path` as rows.
-fn rows(path: &Path, name: &str) -> Vec<Vec<f32>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap();
-    let width = t.shape()[1];
-    let v: Vec<f32> = t
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    v.chunks(width).map(|r| r.to_vec()).collect()
-}
 
 #[test]
 fn embeddings_of_a_run_are_unit_rows_and_agree_between_files_and_shards() {

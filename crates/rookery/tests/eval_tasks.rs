@@ -4,7 +4,7 @@
 //! does not open is refused before any work.
 
 mod common;
-use common::{check, rookery, root, sets, BIN};
+use common::{check, rookery, root, rows, sets, BIN};
 
 use std::path::Path;
 use std::process::Command;
@@ -144,18 +144,6 @@ fn eval_tasks_score_during_training_and_match_rookery_eval() {
         !d.join("run2/metrics.jsonl").exists(),
         "no work before the refusal"
     );
-}
-
-fn rows(path: &Path, name: &str) -> Vec<Vec<f32>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap();
-    let v: Vec<f32> = t
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    v.chunks(t.shape()[1]).map(|r| r.to_vec()).collect()
 }
 
 /// `rookery eval --task zeroshot` on an HF SigLIP (rookery-eval's siglip_shared fixture) over an image

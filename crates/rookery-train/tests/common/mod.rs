@@ -85,23 +85,13 @@ pub fn losses(run_dir: &Path) -> Vec<f64> {
         .collect()
 }
 
-/// Every parameter's values, in module order.
+/// Every parameter's values of the CLIP checkpoint `path`, in module order.
 pub fn weights(cfg: &RunConfig, path: &Path) -> Vec<Vec<f32>> {
-    struct Collect(Vec<Vec<f32>>);
-    impl ModuleVisitor<Flex> for Collect {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Flex, D>>) {
-            self.0.push(p.val().into_data().to_vec().unwrap());
-        }
-    }
-    let mut c = Collect(vec![]);
     let mut m = cfg.model.clone();
     m.text.vocab_size = rookery_data::TextTokenizer::from_file(&cfg.data.tokenizer)
         .unwrap()
         .vocab_size;
-    checkpoint::load_weights(m.init::<Flex>(&Default::default()), path)
-        .unwrap()
-        .visit(&mut c);
-    c.0
+    floats(&checkpoint::load_weights(m.init::<Flex>(&Default::default()), path).unwrap())
 }
 
 /// Every float parameter of `m`, in module order.

@@ -72,3 +72,16 @@ pub fn check(out: Output) -> Output {
 pub fn root() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
+
+/// The tensor `name` of the safetensors file `path` (f32, `[N, E]`) as rows.
+pub fn rows(path: &Path, name: &str) -> Vec<Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    let v: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    v.chunks(t.shape()[1]).map(|r| r.to_vec()).collect()
+}
