@@ -20,6 +20,19 @@ use rookery_train::parity::{
 };
 
 type F = Autodiff<Flex>;
+
+/// The backend's RNG is process-wide: tests seed and draw their weights one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Seeded weights (drawn now, not lazily at first use), the same on every run.
+fn init(cfg: &ClipConfig) -> rookery_model::Clip<F> {
+    use burn::module::Module;
+    use burn::tensor::backend::Backend;
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    F::seed(&Default::default(), 5);
+    cfg.init::<F>(&Default::default())
+        .map(&mut rookery_train::optim::PathIds::default())
+}
 type N = Autodiff<NdArray>;
 
 fn config(loss: ContrastiveLoss, patch_dropout: f64) -> ClipConfig {
@@ -48,7 +61,7 @@ fn alone<B: burn::tensor::backend::AutodiffBackend>(
 /// The flex reference step and the same step on ndarray, one rank each.
 fn both(cfg: &ClipConfig, batch: usize) -> (StepTrace, StepTrace) {
     let data = host_batch(cfg, batch, 7);
-    let model = cfg.init::<F>(&Default::default());
+    let model = init(cfg);
     let on_ndarray = copy_weights(&model, cfg.init::<N>(&Default::default()));
     let flex = alone(model, &data, &Default::default());
     (alone(on_ndarray, &data, &Default::default()), flex)
@@ -57,6 +70,9 @@ fn both(cfg: &ClipConfig, batch: usize) -> (StepTrace, StepTrace) {
 fn check(d: &ParityDiff, what: &str) {
     eprintln!("{what}: {d:?}");
     assert!(
+        // Adam's first update magnifies the gradients' ~1e-6 differences in their smallest
+        // entries: with unseeded weights about one draw in ten passed 1e-4 (1.2e-4); the seeded
+        // draws ([`init`]) give 0.6-1.5e-5.
         d.loss < 1e-5 && d.grads < 1e-5 && d.updates < 1e-4,
         "{what} vs flex: {d:?}"
     );
@@ -86,7 +102,7 @@ fn an_ndarray_clip_step_gives_the_flex_kernels_loss_gradients_and_weights() {
 fn two_ndarray_ranks_give_one_flex_rank_on_twice_the_batch() {
     let cfg = config(Infonce, 0.0);
     let data = host_batch(&cfg, 8, 11);
-    let model = cfg.init::<F>(&Default::default());
+    let model = init(&cfg);
     let nd = copy_weights(&model, cfg.init::<N>(&Default::default()));
     let flex = alone(model, &data, &Default::default());
     let ranks = LocalGroup::run::<NdArray, _, String, _>(
@@ -126,7 +142,7 @@ fn a_wgpu_clip_step_gives_the_flex_kernels_loss_gradients_and_weights() {
     type W = Autodiff<Wgpu>;
     let cfg = config(Infonce, 0.5);
     let data = host_batch(&cfg, 8, 7);
-    let model = cfg.init::<F>(&Default::default());
+    let model = init(&cfg);
     let device = burn::backend::wgpu::WgpuDevice::default();
     let on_wgpu = copy_weights(&model, cfg.init::<W>(&device));
     let flex = alone(model, &data, &Default::default());
