@@ -1,13 +1,15 @@
 //! The Adam part of [`crate::optim`]'s AdamW: burn's `AdamW` math with weight decay 0 (the
 //! [`crate::optim::Updater`] decays beside it), run on flex as one pass per parameter
-//! ([`rookery_model::cpu::adam_step`]) and as burn's own ops on every other backend. The state
+//! ([`crate::adam_kernel::adam_step`]) and as burn's own ops on every other backend. The state
 //! is burn's `AdamWState`, so checkpoints keep the same records and load either way.
 
 use burn::optim::{
     AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, LearningRate, SimpleOptimizer,
 };
 use burn::prelude::*;
-use rookery_model::cpu::{adam_step, is_flex_f32, AdamStep};
+use rookery_model::cpu::is_flex_f32;
+
+use crate::adam_kernel::{adam_step, AdamStep};
 
 /// Adam without weight decay, bit for bit burn's `AdamW` with `weight_decay = 0`.
 #[derive(Clone)]

@@ -4,6 +4,7 @@
 //! ([`plot`]).
 
 pub mod adam;
+pub mod adam_kernel;
 pub mod causal;
 pub mod checkpoint;
 pub mod config;

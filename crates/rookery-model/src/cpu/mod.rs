@@ -8,9 +8,9 @@
 //! - [`linear`]: `x W + b` as one GEMM into a buffer of its own, backward two GEMMs;
 //! - [`attention`]: multi-head attention over a packed q/k/v projection, one pass per sequence;
 //! - [`add_positions`], [`patchify`]: a broadcast add and the patch layout, as plain loops;
-//! - [`adam_step`]: Adam's update of one parameter in one pass (for the optimizer).
+//! - [`flex_primitive`], [`from_flex_primitive`], [`values`], [`contiguous`], [`writable`]: flex
+//!   tensors for kernels elsewhere (the optimizer's Adam, in rookery-train).
 
-mod adam;
 mod attention;
 mod gelu;
 mod layer_norm;
@@ -30,8 +30,6 @@ use burn::prelude::*;
 use burn::tensor::activation;
 use burn::tensor::backend::BackendTypes;
 use burn::tensor::{DType, TensorData, TensorMetadata, TensorPrimitive};
-
-pub use adam::AdamStep;
 
 /// Exact GELU, `x * Phi(x)`: on flex through [`math::gelu`] (8 or 16 lanes at a time) with a
 /// backward of its own; elsewhere [`gelu_by_erf`].
@@ -253,29 +251,24 @@ fn on_flex<B: Backend, const D: usize, const E: usize>(
     other(float::<B, D>(p))
 }
 
-/// Whether `t` is an f32 tensor of the flex backend (not autodiff), which [`adam_step`] takes.
+/// Whether `t` is an f32 tensor of the flex backend (not autodiff), which [`flex_primitive`]
+/// takes.
 pub fn is_flex_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
     kernels_on()
         && t.dtype() == DType::F32
         && std::any::TypeId::of::<B::FloatTensorPrimitive>() == std::any::TypeId::of::<FlexTensor>()
 }
 
-/// Adam's step for one parameter of a flex model (see [`is_flex_f32`]; panics on any other):
-/// `(param, moment_1, moment_2)` after it, with `moments` `None` on the first step. The same
-/// bits as burn's `AdamW` without weight decay, in one pass instead of a dozen ops.
-pub fn adam_step<B: Backend, const D: usize>(
-    param: Tensor<B, D>,
-    grad: Tensor<B, D>,
-    moments: Option<(Tensor<B, D>, Tensor<B, D>)>,
-    step: &AdamStep,
-) -> (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>) {
-    assert!(
-        is_flex_f32(&param),
-        "adam_step runs on flex f32 tensors only"
-    );
-    let moments = moments.map(|(m, v)| (prim::<B, FlexTensor, D>(m), prim(v)));
-    let (p, m, v) = adam::update(prim(param), prim(grad), moments, step);
-    (float(generic(p)), float(generic(m)), float(generic(v)))
+/// A flex f32 tensor's primitive (see [`is_flex_f32`]; panics on any other), for kernels
+/// outside this crate.
+pub fn flex_primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
+    assert!(is_flex_f32(&t), "a flex f32 tensor expected");
+    prim(t)
+}
+
+/// The inverse of [`flex_primitive`].
+pub fn from_flex_primitive<B: Backend, const D: usize>(p: FlexTensor) -> Tensor<B, D> {
+    float(generic(p))
 }
 
 /// Elements per rayon task: large enough that splitting costs nothing next to the work.
@@ -308,14 +301,19 @@ fn float<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D>
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
-/// The f32 values of a row-major flex tensor (one that went through [`contiguous`]).
+/// The f32 values of a row-major flex tensor (one that went through [`contiguous`]), for
+/// kernels outside this crate.
+pub fn values(t: &FlexTensor) -> &[f32] {
+    slice(t)
+}
+
 fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32")
 }
 
 /// The f32 values of a flex tensor in row-major order: borrowed when it is laid out that way
 /// already, copied otherwise.
-fn contiguous(t: FlexTensor) -> FlexTensor {
+pub fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() {
         t
     } else {
@@ -325,7 +323,7 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
 
 /// A gradient as a row-major tensor whose buffer nothing else holds, so a backward can
 /// overwrite it: itself when it is one already, else a copy.
-fn writable(t: FlexTensor) -> FlexTensor {
+pub fn writable(t: FlexTensor) -> FlexTensor {
     let t = contiguous(t);
     if t.layout().start_offset() == 0 && t.is_unique() {
         return t;

@@ -2,12 +2,16 @@
 //! burn's `AdamW` takes about a dozen element-wise ops per parameter, each a full-size buffer;
 //! this reads the parameter, gradient and both moments once and writes the three back in place.
 //! Every value goes through the same f32 operations in the same order as burn's, so the result
-//! is the same bits (the test in crates/rookery-train/src/adam.rs checks it).
+//! is the same bits (the test in [`crate::adam`] checks it). It lives beside the optimizer;
+//! the flex plumbing (primitives in and out, row-major and writable buffers) is
+//! [`rookery_model::cpu`]'s.
 
 use burn::backend::flex::FlexTensor;
+use burn::prelude::*;
 use burn::tensor::{TensorData, TensorMetadata};
-
-use super::{contiguous, slice, writable};
+use rookery_model::cpu::{
+    contiguous, flex_primitive, from_flex_primitive, is_flex_f32, values, writable,
+};
 
 /// One step's constants: `time` counts this step (1 on the first).
 #[derive(Clone, Copy, Debug)]
@@ -19,15 +23,37 @@ pub struct AdamStep {
     pub time: i32,
 }
 
+/// Adam's step for one parameter of a flex model (see [`is_flex_f32`]; panics on any other):
+/// `(param, moment_1, moment_2)` after it, with `moments` `None` on the first step. The same
+/// bits as burn's `AdamW` without weight decay, in one pass instead of a dozen ops.
+pub fn adam_step<B: Backend, const D: usize>(
+    param: Tensor<B, D>,
+    grad: Tensor<B, D>,
+    moments: Option<(Tensor<B, D>, Tensor<B, D>)>,
+    step: &AdamStep,
+) -> (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>) {
+    assert!(
+        is_flex_f32(&param),
+        "adam_step runs on flex f32 tensors only"
+    );
+    let moments = moments.map(|(m, v)| (flex_primitive(m), flex_primitive(v)));
+    let (p, m, v) = update(flex_primitive(param), flex_primitive(grad), moments, step);
+    (
+        from_flex_primitive(p),
+        from_flex_primitive(m),
+        from_flex_primitive(v),
+    )
+}
+
 /// `(param, moment_1, moment_2)` after one step; `moments` is `None` on the first step.
-pub(super) fn update(
+fn update(
     param: FlexTensor,
     grad: FlexTensor,
     moments: Option<(FlexTensor, FlexTensor)>,
     s: &AdamStep,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
     let grad = contiguous(grad);
-    let g = slice(&grad);
+    let g = values(&grad);
     let n = g.len();
     let mut param = writable(param);
     let (mut m, mut v) = match moments {
