@@ -136,6 +136,31 @@ fn model(tk: &TextTokenizer) -> Clip<B> {
     cfg.init::<B>(&Default::default())
 }
 
+/// `task` on `set` with the test's CLIP, 4 images a batch.
+fn run(
+    m: &Clip<B>,
+    tk: &TextTokenizer,
+    task: Task,
+    set: &BenchmarkSet,
+    ks: &[usize],
+) -> anyhow::Result<rookery_eval::benchmark::BenchmarkReport> {
+    let dev = Default::default();
+    let towers = TextEncoder {
+        model: m,
+        tokenizer: tk,
+        ctx: 16,
+        device: &dev,
+    };
+    let data = data_cfg();
+    let runner = Runner::<B> {
+        towers: &towers,
+        data: &data,
+        batch: 4,
+        device: &dev,
+    };
+    runner.run(task, set, ks)
+}
+
 fn data_cfg() -> DataConfig {
     DataConfig {
         image_size: 32,
@@ -218,21 +243,7 @@ fn zero_shot_on_clip_benchmarks_export_layout_scores_as_by_hand() {
     let set_dir = dir.path().join("toyset");
     write_export(&set_dir, &samples());
     let set = BenchmarkSet::open(set_dir.to_str().unwrap(), "test", None, None).unwrap();
-    let dev = Default::default();
-    let data = data_cfg();
-    let towers = TextEncoder {
-        model: &m,
-        tokenizer: &tk,
-        ctx: 16,
-        device: &dev,
-    };
-    let runner = Runner::<B> {
-        towers: &towers,
-        data: &data,
-        batch: 4,
-        device: &dev,
-    };
-    let report = runner.run(Task::Zeroshot, &set, &[1]).unwrap();
+    let report = run(&m, &tk, Task::Zeroshot, &set, &[1]).unwrap();
     assert_eq!(
         (report.images, report.skipped, report.dataset.as_str()),
         (13, 2, "toyset")
@@ -290,7 +301,7 @@ fn zero_shot_on_clip_benchmarks_export_layout_scores_as_by_hand() {
     std::fs::write(&names, CLASSES.join("\n")).unwrap();
     let tpl = set_dir.join("zeroshot_classification_templates.txt");
     let f = BenchmarkSet::open(folder.to_str().unwrap(), "test", Some(&names), Some(&tpl)).unwrap();
-    let r = runner.run(Task::Zeroshot, &f, &[1]).unwrap();
+    let r = run(&m, &tk, Task::Zeroshot, &f, &[1]).unwrap();
     assert_eq!((r.images, r.skipped), (13, 0));
     assert_eq!(r.metrics, report.metrics);
     // Without names, the sorted folder names are the classes.
@@ -335,27 +346,12 @@ fn retrieval_with_several_captions_scores_as_by_hand() {
     let spec = format!("{}/ret/test/{{0..1}}.tar", dir.path().display());
     let set = BenchmarkSet::open(&spec, "test", None, None).unwrap();
     assert_eq!(set.dataset_type.as_deref(), Some("retrieval"));
-    let dev = Default::default();
-    let data = data_cfg();
-    let towers = TextEncoder {
-        model: &m,
-        tokenizer: &tk,
-        ctx: 16,
-        device: &dev,
-    };
-    let runner = Runner::<B> {
-        towers: &towers,
-        data: &data,
-        batch: 4,
-        device: &dev,
-    };
-    let err = runner
-        .run(Task::Zeroshot, &set, &[1])
+    let err = run(&m, &tk, Task::Zeroshot, &set, &[1])
         .unwrap_err()
         .to_string();
     assert!(err.contains("retrieval"), "{err}");
     let ks = [1, 2, 5];
-    let report = runner.run(Task::Retrieval, &set, &ks).unwrap();
+    let report = run(&m, &tk, Task::Retrieval, &set, &ks).unwrap();
     assert_eq!((report.images, report.texts, report.skipped), (9, 18, 1));
 
     // By hand: sort every candidate list, find the first positive's position.

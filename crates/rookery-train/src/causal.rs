@@ -15,11 +15,12 @@ use rookery_eval::input::page_tensors;
 use rookery_model::next_token::next_token_loss_sum;
 
 use crate::leaves::fresh_leaves;
-use crate::parallel::all_reduce_grads;
-use crate::step::{StepGrads, Timed};
+use crate::parallel::GradSync;
+use crate::step::{LocalGrads, StepGrads, Timed};
 
-/// The gradients of one step of next-token training over this rank's `micro`-batches;
-/// `logits(model, batch)` runs the model.
+/// The gradients and loss of one step of next-token training over this rank's
+/// `micro`-batches, summed over ranks: [`causal_local`] finished by a [`GradSync`] of its own
+/// (what a loop does; for tests). `logits(model, batch)` runs the model.
 pub fn causal_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     micro: Vec<PageBatch>,
@@ -27,6 +28,19 @@ pub fn causal_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     bucket_elems: usize,
     logits: impl Fn(&M, &PageBatch, Tensor<B, 2, Int>) -> Tensor<B, 3>,
 ) -> Result<StepGrads, DistError> {
+    let sync = GradSync::new(comm, bucket_elems);
+    let local = causal_local(model, micro, comm, logits)?;
+    sync.finish(model, local)
+}
+
+/// This rank's part of one step of next-token training: the loss of its tokens over the
+/// global token count, and its gradients.
+pub fn causal_local<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    micro: Vec<PageBatch>,
+    comm: &dyn Communicator<B::InnerBackend>,
+    logits: impl Fn(&M, &PageBatch, Tensor<B, 2, Int>) -> Tensor<B, 3>,
+) -> Result<LocalGrads, DistError> {
     let comm = &Timed::new(comm);
     let device = comm.device().clone();
     let mine: f32 = micro.iter().flat_map(|b| b.targets.iter()).sum();
@@ -47,11 +61,9 @@ pub fn causal_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
         loss += l.clone().into_scalar().elem::<f32>();
         acc.accumulate(model, GradientsParams::from_grads(l.backward(), model));
     }
-    let grads = all_reduce_grads(model, acc.grads(), comm, bucket_elems)?;
-    let loss = comm.all_reduce_sum(Tensor::from_floats([loss], &device))?;
-    Ok(StepGrads {
-        grads,
-        loss: loss.into_scalar().elem(),
+    Ok(LocalGrads {
+        grads: acc.grads(),
+        loss_share: loss,
         comm_s: comm.secs(),
     })
 }

@@ -4,10 +4,12 @@
 use std::collections::VecDeque;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rookery_dist::flat::BucketLayout;
+
+use crate::step::{LocalGrads, StepGrads};
 use rookery_dist::{Communicator, DistError, Pending};
 
 pub use rookery_dist::config::{DistBackend, DistConfig};
@@ -108,6 +110,61 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for Layout {
                 self.hash = (self.hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
             }
         }
+    }
+}
+
+/// Data parallelism's part of one optimizer step: summing over ranks the gradients a stage
+/// computed on this rank. A stage hands over the gradients that are final before its backward
+/// ends ([`GradSync::start`]: their sums run while it goes on, e.g. the text tower's during the
+/// image tower's backward) and returns the rest; the loop finishes the sums
+/// ([`GradSync::finish`]). Stages never sum gradients themselves.
+pub struct GradSync<'a, IB: Backend> {
+    comm: &'a dyn Communicator<IB>,
+    bucket_elems: usize,
+    started: Vec<PendingGrads<IB>>,
+}
+
+impl<'a, IB: Backend> GradSync<'a, IB> {
+    pub fn new(comm: &'a dyn Communicator<IB>, bucket_elems: usize) -> Self {
+        GradSync {
+            comm,
+            bucket_elems,
+            started: Vec::new(),
+        }
+    }
+
+    /// Starts summing `grads` (final on this rank) over ranks; returns at once.
+    pub fn start<AB: AutodiffBackend<InnerBackend = IB>, M: AutodiffModule<AB>>(
+        &mut self,
+        model: &M,
+        grads: GradientsParams,
+    ) {
+        let pending = start_all_reduce_grads(model, grads, self.comm, self.bucket_elems);
+        self.started.push(pending);
+    }
+
+    /// The step's global gradients and loss from this rank's part: the started sums, waited for
+    /// in the order they started, then the sums of the remaining gradients and of the loss
+    /// shares. The time spent here is added to the step's collective time.
+    pub fn finish<AB: AutodiffBackend<InnerBackend = IB>, M: AutodiffModule<AB>>(
+        self,
+        model: &M,
+        local: LocalGrads,
+    ) -> Result<StepGrads, DistError> {
+        let t = std::time::Instant::now();
+        let mut all = GradientsAccumulator::<M>::new();
+        for pending in self.started {
+            all.accumulate(model, pending.wait(model)?);
+        }
+        let rest = all_reduce_grads(model, local.grads, self.comm, self.bucket_elems)?;
+        all.accumulate(model, rest);
+        let share = Tensor::from_floats([local.loss_share], self.comm.device());
+        let loss = self.comm.all_reduce_sum(share)?.into_scalar().elem();
+        Ok(StepGrads {
+            grads: all.grads(),
+            loss,
+            comm_s: local.comm_s + t.elapsed().as_secs_f64(),
+        })
     }
 }
 

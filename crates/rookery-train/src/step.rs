@@ -13,9 +13,9 @@
 //!    global loss with respect to its own embeddings;
 //! 5. push that gradient through the encoders with the surrogate `sum(z * dL/dz)`, micro-batch
 //!    by micro-batch, accumulating parameter gradients; the text tower goes first;
-//! 6. sum parameter gradients over ranks: the text tower's as soon as they are final (they
-//!    cross ranks while the image tower's backward runs, where the engine works in the
-//!    background), then the rest.
+//! 6. hand the text tower's gradients to the loop's [`GradSync`] as soon as they are final
+//!    (their sums cross ranks while the image tower's backward runs, where the engine works in
+//!    the background) and return the rest with this rank's loss share; the loop sums them.
 //!
 //! Hard-negative captions (`Micro::neg_tokens`, NegCLIP) go through the text tower with the
 //! captions and are gathered with them; they are extra image->text columns for every image of
@@ -41,7 +41,7 @@ use rookery_model::loss::{clip_loss_rows, siglip_loss_rows};
 use rookery_model::Clip;
 
 use crate::leaves::fresh_leaves;
-use crate::parallel::{all_reduce_grads, start_all_reduce_grads};
+use crate::parallel::GradSync;
 
 /// One micro-batch of this rank.
 pub struct Micro<B: Backend> {
@@ -88,6 +88,16 @@ pub enum Negatives {
     Local,
 }
 
+/// What a stage's step produced on this rank, before data parallelism sums it
+/// ([`GradSync::finish`]): its gradients not handed over early, and its share of the global
+/// batch's loss (the shares of all ranks add up to it).
+pub struct LocalGrads {
+    pub grads: GradientsParams,
+    pub loss_share: f32,
+    /// Seconds spent in the stage's own collectives (features gathered for the loss).
+    pub comm_s: f64,
+}
+
 /// What one step produced: gradients summed over ranks, and the global batch's loss.
 pub struct StepGrads {
     pub grads: GradientsParams,
@@ -98,7 +108,9 @@ pub struct StepGrads {
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
-/// The gradients of one optimizer step over `micro` (this rank's micro-batches).
+/// The gradients and loss of one optimizer step over `micro` (this rank's micro-batches),
+/// summed over ranks: [`contrastive_local`] finished by a [`GradSync`] of its own (what a loop
+/// does; for tests, benches and parity checks).
 pub fn contrastive_grads<B: AutodiffBackend>(
     model: &Clip<B>,
     micro: Vec<Micro<B>>,
@@ -106,19 +118,29 @@ pub fn contrastive_grads<B: AutodiffBackend>(
     negatives: Negatives,
     bucket_elems: usize,
 ) -> Result<StepGrads, DistError> {
+    let mut sync = GradSync::new(comm, bucket_elems);
+    let local = contrastive_local(model, micro, comm, negatives, &mut sync)?;
+    sync.finish(model, local)
+}
+
+/// This rank's part of one optimizer step over `micro`: the contrastive loss over the global
+/// batch (`negatives`), its gradients on this rank, the text tower's handed to `sync` early
+/// with global negatives so their sums overlap the image tower's backward.
+pub fn contrastive_local<B: AutodiffBackend>(
+    model: &Clip<B>,
+    micro: Vec<Micro<B>>,
+    comm: &dyn Communicator<Inner<B>>,
+    negatives: Negatives,
+    sync: &mut GradSync<'_, Inner<B>>,
+) -> Result<LocalGrads, DistError> {
     let comm = &Timed::new(comm);
-    let (grads, loss) = match negatives {
-        Negatives::Global => global_negatives(model, micro, comm, bucket_elems)?,
-        Negatives::Local => {
-            let (grads, loss) = local_negatives(model, micro, comm.world_size());
-            (all_reduce_grads(model, grads, comm, bucket_elems)?, loss)
-        }
+    let (grads, loss_share) = match negatives {
+        Negatives::Global => global_negatives(model, micro, comm, sync)?,
+        Negatives::Local => local_negatives(model, micro, comm.world_size()),
     };
-    let device = comm.device();
-    let loss = comm.all_reduce_sum(Tensor::from_floats([loss], device))?;
-    Ok(StepGrads {
+    Ok(LocalGrads {
         grads,
-        loss: loss.into_scalar().elem(),
+        loss_share,
         comm_s: comm.secs(),
     })
 }
@@ -224,7 +246,7 @@ fn global_negatives<B: AutodiffBackend>(
     model: &Clip<B>,
     micro: Vec<Micro<B>>,
     comm: &dyn Communicator<Inner<B>>,
-    bucket_elems: usize,
+    sync: &mut GradSync<'_, Inner<B>>,
 ) -> Result<(GradientsParams, f32), DistError> {
     let (w, r) = (comm.world_size(), comm.rank());
     let sizes: Vec<usize> = micro.iter().map(Micro::len).collect();
@@ -300,7 +322,6 @@ fn global_negatives<B: AutodiffBackend>(
     //    ranks (6.) while the image tower's backward runs.
     let mut acc_txt = GradientsAccumulator::<Clip<B>>::new();
     let trains = Trains::of(model);
-    let mut pending = None;
     let (mut tracked, last) = (tracked.into_iter(), micro.len() - 1);
     let mut at = 0;
     for (i, (mb, m)) in micro.into_iter().zip(sizes).enumerate() {
@@ -323,8 +344,8 @@ fn global_negatives<B: AutodiffBackend>(
             acc_txt.accumulate(model, GradientsParams::from_grads(text, owner));
         }
         if i == last {
-            let done = acc_txt.grads();
-            pending = Some(start_all_reduce_grads(model, done, comm, bucket_elems));
+            // The text tower's gradients are final: their sums run during the image backward.
+            sync.start(model, acc_txt.grads());
         }
         if trains.image {
             let image = (zi * gi).sum().backward();
@@ -332,13 +353,8 @@ fn global_negatives<B: AutodiffBackend>(
         }
         at += m;
     }
-    // 6. Sum over ranks: the text tower's sums (started above), then the rest.
-    let text = pending.expect("at least one micro-batch").wait(model)?;
-    let rest = all_reduce_grads(model, acc.grads(), comm, bucket_elems)?;
-    let mut all = GradientsAccumulator::<Clip<B>>::new();
-    all.accumulate(model, text);
-    all.accumulate(model, rest);
-    Ok((all.grads(), loss))
+    // 6. The rest (image tower, logit scale) for the loop to sum (crate::parallel::GradSync).
+    Ok((acc.grads(), loss))
 }
 
 /// Which towers have parameters to train: a locked one (LiT, `model.*.locked`) gets no

@@ -29,7 +29,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::metrics::MetricsWriter;
 use crate::optim::{AdamWOf, PathIds, Updater};
-use crate::parallel::{broadcast_weights, check_same_layout, DistBackend};
+use crate::parallel::{broadcast_weights, check_same_layout, DistBackend, GradSync};
 use crate::stage::clip::ClipStage;
 use crate::stage::flamingo::FlamingoStage;
 use crate::stage::lm::LmStage;
@@ -349,7 +349,10 @@ fn train_rank<B: AutodiffBackend, S: Stage<B>>(
             state.loader = Some(batch.position().clone());
             micro.push(batch);
         }
-        let mut step = stage.grads(&model, micro, comm, device)?;
+        // The stage computes this rank's part; data parallelism sums it over ranks.
+        let mut sync = GradSync::new(comm, cfg.dist.bucket_elems());
+        let local = stage.grads(&model, micro, comm, &mut sync, device)?;
+        let mut step = sync.finish(&model, local)?;
         state.step += 1;
         inject_non_finite(&mut step, state.step);
         inject_panic(rank, state.step);

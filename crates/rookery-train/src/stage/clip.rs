@@ -18,7 +18,8 @@ use serde_json::json;
 
 use super::{Report, Stage};
 use crate::config::RunConfig;
-use crate::step::{contrastive_grads, Micro, StepGrads};
+use crate::parallel::GradSync;
+use crate::step::{contrastive_local, LocalGrads, Micro};
 use rookery_eval::benchmark::Runner;
 use rookery_eval::clip::evaluate;
 use rookery_eval::embed::TextEncoder;
@@ -165,8 +166,9 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
         model: &Clip<B>,
         micro: Vec<ImageTextBatch>,
         comm: &dyn Communicator<B::InnerBackend>,
+        sync: &mut GradSync<'_, B::InnerBackend>,
         device: &B::Device,
-    ) -> Result<StepGrads> {
+    ) -> Result<LocalGrads> {
         let (eot, vision) = (model.text.eot_token, &self.cfg.model.vision);
         let micro = micro
             .iter()
@@ -193,13 +195,8 @@ impl<B: AutodiffBackend> Stage<B> for ClipStage {
                 }
             })
             .collect();
-        Ok(contrastive_grads(
-            model,
-            micro,
-            comm,
-            self.cfg.train.negatives,
-            self.cfg.dist.bucket_elems(),
-        )?)
+        let negatives = self.cfg.train.negatives;
+        Ok(contrastive_local(model, micro, comm, negatives, sync)?)
     }
 
     fn after_update(&self, model: Clip<B>) -> Clip<B> {

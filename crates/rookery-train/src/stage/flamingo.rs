@@ -20,11 +20,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{Report, Stage};
-use crate::causal::causal_grads;
+use crate::causal::causal_local;
 use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::optim::PathIds;
-use crate::step::StepGrads;
+use crate::parallel::GradSync;
+use crate::step::LocalGrads;
 use crate::trainer::TrainStage;
 use rookery_eval::fewshot::{held_out_questions, perplexity, question_answering};
 use rookery_eval::input::page_images;
@@ -462,10 +463,10 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
         model: &Flamingo<B>,
         micro: Vec<PageBatch>,
         comm: &dyn Communicator<B::InnerBackend>,
+        _sync: &mut GradSync<'_, B::InnerBackend>,
         device: &B::Device,
-    ) -> Result<StepGrads> {
-        let bucket = self.cfg.dist.bucket_elems();
-        Ok(causal_grads(model, micro, comm, bucket, |m, b, tokens| {
+    ) -> Result<LocalGrads> {
+        Ok(causal_local(model, micro, comm, |m, b, tokens| {
             m.forward(tokens, page_images::<B>(b, device))
         })?)
     }

@@ -13,9 +13,10 @@ use rookery_dist::Communicator;
 use rookery_model::flamingo::LanguageModel;
 
 use super::{Report, Stage};
-use crate::causal::causal_grads;
+use crate::causal::causal_local;
 use crate::config::RunConfig;
-use crate::step::StepGrads;
+use crate::parallel::GradSync;
+use crate::step::LocalGrads;
 use rookery_eval::fewshot::perplexity;
 
 pub struct LmStage {
@@ -69,10 +70,10 @@ impl<B: AutodiffBackend> Stage<B> for LmStage {
         model: &LanguageModel<B>,
         micro: Vec<PageBatch>,
         comm: &dyn Communicator<B::InnerBackend>,
+        _sync: &mut GradSync<'_, B::InnerBackend>,
         _device: &B::Device,
-    ) -> Result<StepGrads> {
-        let bucket = self.cfg.dist.bucket_elems();
-        Ok(causal_grads(model, micro, comm, bucket, |m, _, tokens| {
+    ) -> Result<LocalGrads> {
+        Ok(causal_local(model, micro, comm, |m, _, tokens| {
             m.forward(tokens)
         })?)
     }

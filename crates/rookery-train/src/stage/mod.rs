@@ -23,7 +23,8 @@ use rookery_dist::Communicator;
 use serde::Serialize;
 
 use crate::config::RunConfig;
-use crate::step::StepGrads;
+use crate::parallel::GradSync;
+use crate::step::LocalGrads;
 use rookery_eval::clip::EvalReport;
 use rookery_eval::fewshot::TextReport;
 
@@ -49,15 +50,17 @@ pub trait Stage<B: AutodiffBackend>: Sized + Sync {
     fn load_start(&self, model: Self::Model) -> Result<Self::Model> {
         Ok(model)
     }
-    /// Gradients of one optimizer step over this rank's micro-batches, summed over ranks, and
-    /// the global batch's loss.
+    /// This rank's part of one optimizer step over its micro-batches: its gradients and its
+    /// share of the global batch's loss. The loop sums them over ranks (`sync`, which a stage
+    /// may hand final gradients early to overlap their sums with its backward).
     fn grads(
         &self,
         model: &Self::Model,
         micro: Vec<BatchOf<Self::Prep>>,
         comm: &dyn Communicator<B::InnerBackend>,
+        sync: &mut GradSync<'_, B::InnerBackend>,
         device: &B::Device,
-    ) -> Result<StepGrads>;
+    ) -> Result<LocalGrads>;
     /// Constraints after each update (CLIP clamps `logit_scale`).
     fn after_update(&self, model: Self::Model) -> Self::Model {
         model
