@@ -219,17 +219,26 @@ impl<B: Backend> Flamingo<B> {
         self
     }
 
-    /// Visual tokens `[B, N * latents, Dv]` of `images` `[B, N, 3, H, W]`.
+    /// Visual tokens `[B, N * latents, Dv]` of `images` `[B, N, 3, H, W]`: each a medium of one
+    /// frame ([`Flamingo::encode_media`]).
     pub fn encode_images(&self, images: Tensor<B, 5>) -> Tensor<B, 3> {
-        let [b, n, c, h, w] = images.dims();
+        self.encode_media(images.unsqueeze_dim(2), None)
+    }
+
+    /// Visual tokens `[B, N * latents, Dv]` of `media` `[B, N, F, 3, H, W]`: N media of F
+    /// frames each, medium `i` (row-major over B and N) having `frames[i]` real frames and the
+    /// rest padding (`None`: all F real). Every medium gives `latents` tokens, whatever its
+    /// frames, so the gated cross-attention sees one medium per `<image>` token.
+    pub fn encode_media(&self, media: Tensor<B, 6>, frames: Option<&[usize]>) -> Tensor<B, 3> {
+        let [b, n, f, c, h, w] = media.dims();
         let after = self.vision_tokens == VisionTokens::AfterLnPost;
         let tokens = self
             .vision
-            .patch_tokens(images.reshape([b * n, c, h, w]), after);
+            .patch_tokens(media.reshape([b * n * f, c, h, w]), after);
         let [_, p, dv] = tokens.dims();
         let visual = self
             .resampler
-            .forward(tokens.reshape([b * n, 1, p, dv]).detach());
+            .forward_frames(tokens.reshape([b * n, f, p, dv]).detach(), frames);
         let l = visual.dims()[1];
         visual.reshape([b, n * l, dv])
     }
@@ -397,6 +406,82 @@ mod tests {
             let got = changed(&run(visual.clone()), &run(other.clone()), 9, 16);
             assert_eq!(got, want, "immediate = {immediate}");
         }
+    }
+
+    /// A tiny model whose resampler takes up to 4 frames, with random time embeddings (they
+    /// start at zero in training).
+    fn video_model(dev: &Device<B>) -> Flamingo<B> {
+        let mut c = tiny();
+        c.resampler.max_frames = 4;
+        let mut m = c.init::<B>(dev);
+        m.resampler.frame_embs =
+            Param::from_tensor(Tensor::random([4, 32], Distribution::Normal(0.0, 1.0), dev));
+        m
+    }
+
+    fn frames(n: usize, dev: &Device<B>) -> Tensor<B, 6> {
+        Tensor::random([1, 1, n, 3, 16, 16], Distribution::Normal(0.0, 1.0), dev)
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    #[test]
+    fn a_one_frame_video_is_the_image_path_exactly() {
+        let dev = Default::default();
+        B::seed(&dev, 3);
+        let model = video_model(&dev);
+        let images =
+            Tensor::<B, 5>::random([2, 3, 3, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
+        let as_images = floats(model.encode_images(images.clone()));
+        let as_videos = floats(model.encode_media(images.unsqueeze_dim(2), Some(&[1; 6])));
+        assert_eq!(as_images, as_videos);
+    }
+
+    #[test]
+    fn frame_order_matters_through_the_time_embeddings_only() {
+        let dev = Default::default();
+        B::seed(&dev, 4);
+        let mut model = video_model(&dev);
+        let video = frames(3, &dev);
+        let reversed = video.clone().flip([2]);
+        let (a, b) = (
+            floats(model.encode_media(video.clone(), None)),
+            floats(model.encode_media(reversed.clone(), None)),
+        );
+        assert!(
+            max_diff(&a, &b) > 1e-3,
+            "reordered frames gave the same tokens"
+        );
+        // Without time embeddings attention cannot tell the frames' order.
+        model.resampler.frame_embs = Param::from_tensor(Tensor::zeros([4, 32], &dev));
+        let (a, b) = (
+            floats(model.encode_media(video, None)),
+            floats(model.encode_media(reversed, None)),
+        );
+        assert!(max_diff(&a, &b) < 1e-5, "{}", max_diff(&a, &b));
+    }
+
+    #[test]
+    fn padded_frames_change_nothing() {
+        let dev = Default::default();
+        B::seed(&dev, 5);
+        let model = video_model(&dev);
+        let two = frames(2, &dev);
+        let padded = Tensor::cat(vec![two.clone(), frames(2, &dev)], 2); // 2 real, 2 garbage
+        let want = floats(model.encode_media(two, None));
+        let masked = floats(model.encode_media(padded.clone(), Some(&[2])));
+        assert!(
+            max_diff(&want, &masked) < 1e-5,
+            "{}",
+            max_diff(&want, &masked)
+        );
+        let unmasked = floats(model.encode_media(padded, None));
+        assert!(
+            max_diff(&want, &unmasked) > 1e-3,
+            "the mask must be what hides them"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The Perceiver Resampler (Alayrac et al. 2022, §2.1): a fixed set of learned latents
-//! cross-attends to one image's vision features, so every image becomes the same number of
-//! visual tokens whatever its patch count. Keys and values come from the media and the latents
+//! cross-attends to one medium's vision features (an image, or a video's frames, each with a
+//! learned time embedding), so every medium becomes the same number of visual tokens whatever
+//! its patch and frame count. Keys and values come from the media and the latents
 //! together; each layer is attention then a feed-forward block, both residual; a final
 //! LayerNorm.
 
@@ -104,7 +105,20 @@ impl<B: Backend> PerceiverResampler<B> {
     /// # Shapes
     /// `media`: `[N, F, P, D]` (N media, F frames, P patch tokens) -> `[N, latents, D]`.
     pub fn forward(&self, media: Tensor<B, 4>) -> Tensor<B, 3> {
+        self.forward_frames(media, None)
+    }
+
+    /// As [`Self::forward`] for media of different lengths: medium `i` has `frames[i]` real
+    /// frames (at most F), the rest padding, which the latents never attend to, so it changes
+    /// nothing. Every frame's tokens get its time embedding (frame `t`: row `t` of
+    /// `frame_embs`), and the latents attend to all real frames' tokens at once (Flamingo §2.1).
+    pub fn forward_frames(&self, media: Tensor<B, 4>, frames: Option<&[usize]>) -> Tensor<B, 3> {
         let [n, f, p, d] = media.dims();
+        let max = self.frame_embs.dims()[0];
+        assert!(
+            f <= max,
+            "media of {f} frames for a resampler with {max} time embeddings (max_frames)"
+        );
         let time = self
             .frame_embs
             .val()
@@ -112,9 +126,10 @@ impl<B: Backend> PerceiverResampler<B> {
             .reshape([1, f, 1, d]);
         let media = (media + time).reshape([n, f * p, d]);
         let [l, _] = self.latents.dims();
+        let mask = frames.map(|fr| padding_mask::<B>(fr, f, p, l, &media.device()));
         let mut x = self.latents.val().unsqueeze::<3>().expand([n, l, d]);
         for layer in &self.layers {
-            x = x.clone() + layer.attend(media.clone(), x);
+            x = x.clone() + layer.attend(media.clone(), x, mask.clone());
             let h = linear_3d(&layer.ff_in, layer.ff_norm.forward(x.clone()));
             x = x + linear_3d(&layer.ff_out, gelu(h));
         }
@@ -122,9 +137,38 @@ impl<B: Backend> PerceiverResampler<B> {
     }
 }
 
+/// `[N, L, F * P + L]`, true where a latent must not look: the tokens of padded frames (the
+/// latents themselves, last, are always visible).
+fn padding_mask<B: Backend>(
+    frames: &[usize],
+    f: usize,
+    p: usize,
+    l: usize,
+    device: &B::Device,
+) -> Tensor<B, 3, Bool> {
+    let n = frames.len();
+    let keys = f * p + l;
+    let row: Vec<bool> = frames
+        .iter()
+        .flat_map(|&real| {
+            assert!(
+                (1..=f).contains(&real),
+                "a medium of {real} frames in a batch padded to {f}"
+            );
+            (0..keys).map(move |k| k < f * p && k / p >= real)
+        })
+        .collect();
+    Tensor::<B, 3, Bool>::from_data(TensorData::new(row, [n, 1, keys]), device).expand([n, l, keys])
+}
+
 impl<B: Backend> ResamplerLayer<B> {
-    /// Latents attend to `[media, latents]`.
-    fn attend(&self, media: Tensor<B, 3>, latents: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// Latents attend to `[media, latents]` (`mask`: what they must not see).
+    fn attend(
+        &self,
+        media: Tensor<B, 3>,
+        latents: Tensor<B, 3>,
+        mask: Option<Tensor<B, 3, Bool>>,
+    ) -> Tensor<B, 3> {
         let media = self.norm_media.forward(media);
         let latents = self.norm_latents.forward(latents);
         let [n, l, _] = latents.dims();
@@ -135,7 +179,7 @@ impl<B: Backend> ResamplerLayer<B> {
             kv.clone().slice(s![.., .., 0..inner]),
             kv.slice(s![.., .., inner..]),
         );
-        let out = multi_head(q, k, v, self.heads, None);
+        let out = multi_head(q, k, v, self.heads, mask);
         linear_3d(&self.to_out, out.reshape([n, l, inner]))
     }
 }
