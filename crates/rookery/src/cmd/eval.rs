@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use rookery_eval::benchmark::{BenchmarkSet, Runner, Task};
+use rookery_eval::benchmark::{BenchmarkReport, BenchmarkSet, Runner, Task};
 use rookery_eval::embed::{SiglipTowers, TextEncoder};
 use rookery_eval::openflamingo::data::{load_captions, load_vqa};
 use rookery_eval::openflamingo::model::FlamingoGenerator;
@@ -15,7 +15,7 @@ use rookery_eval::openflamingo::{FewShotConfig, FewShotTask, Prompts, Rices};
 use rookery_train::flamingo_io;
 use rookery_train::trainer::TrainStage;
 
-use super::embed::{open_clip, open_siglip, LoadedClip};
+use super::embed::{open_clip, open_siglip};
 use super::train::{backend, open_checkpoint, print_text_report, Inner};
 
 /// What to evaluate, on what.
@@ -137,44 +137,9 @@ fn benchmark(args: &EvalArgs, task: Task) -> Result<()> {
         args.classnames.as_deref(),
         args.templates.as_deref(),
     )?;
-    let device = backend::device();
-    let batch = args.batch.max(1);
-    let w = &args.checkpoint;
-    let report = if rookery_interop::is_siglip(w) {
-        let s = open_siglip(w, args.tokenizer.as_deref(), true)?;
-        let towers = SiglipTowers {
-            model: &s.model,
-            tokenizer: s.tokenizer.as_ref(),
-            device: &device,
-        };
-        let data_cfg = s.data.clone();
-        let runner = Runner::<Inner> {
-            towers: &towers,
-            data: &data_cfg,
-            batch,
-            device: &device,
-        };
-        runner.run(task, &set, &args.recall_k)?
-    } else {
-        let LoadedClip {
-            model,
-            tokenizer,
-            data: data_cfg,
-            cfg,
-        } = open_clip(w, args.tokenizer.as_deref(), true)?;
-        let towers = TextEncoder {
-            model: &model,
-            tokenizer: &tokenizer.expect("asked for the tokenizer"),
-            ctx: cfg.text.context_length,
-            device: &device,
-        };
-        let runner = Runner::<Inner> {
-            towers: &towers,
-            data: &data_cfg,
-            batch,
-            device: &device,
-        };
-        runner.run(task, &set, &args.recall_k)?
+    let report = match rookery_interop::is_siglip(&args.checkpoint) {
+        true => siglip_benchmark(args, task, &set)?,
+        false => clip_benchmark(args, task, &set)?,
     };
     println!("{}", report.line());
     let json = serde_json::json!({
@@ -182,6 +147,43 @@ fn benchmark(args: &EvalArgs, task: Task) -> Result<()> {
         "report": report,
     });
     write_json(args.json.as_deref(), &json)
+}
+
+/// `task` on `set` with an HF SigLIP.
+fn siglip_benchmark(args: &EvalArgs, task: Task, set: &BenchmarkSet) -> Result<BenchmarkReport> {
+    let device = backend::device();
+    let s = open_siglip(&args.checkpoint, args.tokenizer.as_deref(), true)?;
+    let towers = SiglipTowers {
+        model: &s.model,
+        tokenizer: s.tokenizer.as_ref(),
+        device: &device,
+    };
+    let runner = Runner::<Inner> {
+        towers: &towers,
+        data: &s.data,
+        batch: args.batch.max(1),
+        device: &device,
+    };
+    runner.run(task, set, &args.recall_k)
+}
+
+/// `task` on `set` with any CLIP rookery loads.
+fn clip_benchmark(args: &EvalArgs, task: Task, set: &BenchmarkSet) -> Result<BenchmarkReport> {
+    let device = backend::device();
+    let c = open_clip(&args.checkpoint, args.tokenizer.as_deref(), true)?;
+    let towers = TextEncoder {
+        model: &c.model,
+        tokenizer: c.tokenizer.as_ref().expect("asked for the tokenizer"),
+        ctx: c.cfg.text.context_length,
+        device: &device,
+    };
+    let runner = Runner::<Inner> {
+        towers: &towers,
+        data: &c.data,
+        batch: args.batch.max(1),
+        device: &device,
+    };
+    runner.run(task, set, &args.recall_k)
 }
 
 /// A Flamingo few-shot on a set in OpenFlamingo's layouts.
