@@ -1,5 +1,7 @@
-//! Data parallelism over a [`Communicator`]: `[dist]`, summing gradients across ranks in flat
-//! buckets, and making every rank start from rank 0's weights.
+//! Data parallelism over a [`Communicator`]: checking once that every rank holds the same
+//! model ([`check_same_layout`]), making every rank start from rank 0's weights
+//! ([`broadcast_weights`]), and summing each step's gradients and loss over ranks in flat
+//! buckets ([`GradSync`], which the loop owns). `[dist]` itself is rookery-dist's.
 
 use std::collections::VecDeque;
 
@@ -8,9 +10,9 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rookery_dist::flat::BucketLayout;
+use rookery_dist::{Communicator, DistError, Pending};
 
 use crate::step::{LocalGrads, StepGrads};
-use rookery_dist::{Communicator, DistError, Pending};
 
 pub use rookery_dist::config::{DistBackend, DistConfig};
 
