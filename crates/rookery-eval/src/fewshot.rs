@@ -185,8 +185,27 @@ pub fn greedy(logits: &[f32]) -> i64 {
 #[allow(clippy::too_many_arguments)]
 pub fn generate<B: Backend>(
     model: &Flamingo<B>,
-    mut rows: Vec<Vec<i64>>,
+    rows: Vec<Vec<i64>>,
     images: Tensor<B, 5>,
+    max_new: usize,
+    pick: &mut dyn FnMut(&[f32]) -> i64,
+    stop: &[i64],
+    pad: i64,
+    device: &B::Device,
+) -> Result<Vec<Vec<i64>>> {
+    let n = images.dims()[1];
+    let visual = model.encode_images(images);
+    generate_visual(model, rows, visual, n, max_new, pick, stop, pad, device)
+}
+
+/// As [`generate`], with the `n` media of each row already encoded (`visual` `[R, n * latents,
+/// D]`, from [`Flamingo::encode_media`] for videos).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_visual<B: Backend>(
+    model: &Flamingo<B>,
+    mut rows: Vec<Vec<i64>>,
+    visual: Tensor<B, 3>,
+    n: usize,
     max_new: usize,
     pick: &mut dyn FnMut(&[f32]) -> i64,
     stop: &[i64],
@@ -200,8 +219,6 @@ pub fn generate<B: Backend>(
             "a prompt of {longest} tokens does not fit the language model's context of {ctx}"
         );
     }
-    let n = images.dims()[1];
-    let visual = model.encode_images(images);
     let mut new: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];
     for _ in 0..max_new {
         let live: Vec<bool> = new

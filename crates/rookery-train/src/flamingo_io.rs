@@ -23,7 +23,7 @@ use serde_json::json;
 use crate::config::RunConfig;
 use crate::stage::flamingo::{load_lm, load_source_lm, load_vision};
 use crate::trainer::TrainStage;
-use rookery_eval::fewshot::{generate, greedy};
+use rookery_eval::fewshot::{generate_visual, greedy};
 use rookery_interop::cast::Cast;
 
 /// The trained parts of stage 2.
@@ -157,6 +157,8 @@ pub struct GenerateArgs {
     /// Text with an `<image>` where each image goes.
     pub prompt: String,
     pub images: Vec<PathBuf>,
+    /// The frames of one video, in order, for the prompt's one `<image>` (instead of images).
+    pub video: Vec<PathBuf>,
     pub max_new: usize,
     /// 0: greedy; else sample from the k most likely tokens.
     pub top_k: usize,
@@ -181,22 +183,7 @@ pub fn generate_text<B: Backend>(
             .map(i64::from),
     );
     let n = row.iter().filter(|&&t| t == sp.image).count();
-    if n != args.images.len() {
-        bail!(
-            "the prompt has {n} <image> tokens but {} images were given",
-            args.images.len()
-        );
-    }
-    let s = cfg.data.image_size as usize;
-    let mut pixels = Vec::with_capacity(n.max(1) * 3 * s * s);
-    for p in &args.images {
-        let img = load_image_file(&cfg.data, p).map_err(anyhow::Error::msg)?;
-        pixels.extend(img);
-    }
-    if n == 0 {
-        pixels.resize(3 * s * s, 0.0); // one unused slot: no token attends to it
-    }
-    let images = Tensor::<B, 5>::from_data(TensorData::new(pixels, [1, n.max(1), 3, s, s]), device);
+    let (visual, n) = media_tokens(&model, &cfg, args, n, device)?;
     let mut rng = Rng::new(args.seed);
     let (k, temp) = (args.top_k, args.temperature.max(1e-6));
     let mut pick = |logits: &[f32]| -> i64 {
@@ -205,10 +192,11 @@ pub fn generate_text<B: Backend>(
         }
         sample_top_k(logits, k, temp, &mut rng)
     };
-    let new = generate(
+    let new = generate_visual(
         &model,
         vec![row],
-        images,
+        visual,
+        n,
         args.max_new,
         &mut pick,
         &[sp.eoc, sp.eot],
@@ -217,6 +205,53 @@ pub fn generate_text<B: Backend>(
     )?;
     let ids: Vec<u32> = new[0].iter().map(|&t| t as u32).collect();
     Ok(tk.decode(&ids))
+}
+
+/// The visual tokens of `rookery generate`'s media for a prompt with `tags` `<image>` tokens:
+/// one image per tag, or one video (`args.video`'s frames, at most the resampler's
+/// `max_frames`) for a single tag; and how many media that is.
+fn media_tokens<B: Backend>(
+    model: &Flamingo<B>,
+    cfg: &RunConfig,
+    args: &GenerateArgs,
+    tags: usize,
+    device: &B::Device,
+) -> Result<(Tensor<B, 3>, usize)> {
+    let s = cfg.data.image_size as usize;
+    let load = |files: &[PathBuf]| -> Result<Vec<f32>> {
+        let mut pixels = Vec::with_capacity(files.len() * 3 * s * s);
+        for p in files {
+            pixels.extend(load_image_file(&cfg.data, p).map_err(anyhow::Error::msg)?);
+        }
+        Ok(pixels)
+    };
+    if !args.video.is_empty() {
+        let (f, max) = (args.video.len(), model.resampler.frame_embs.dims()[0]);
+        if tags != 1 || !args.images.is_empty() {
+            bail!("a video goes with a prompt of exactly one <image> and no --images; this prompt has {tags}");
+        }
+        if f > max {
+            bail!("a video of {f} frames for a model trained with at most {max} (flamingo.model.resampler.max_frames)");
+        }
+        let t = Tensor::<B, 6>::from_data(
+            TensorData::new(load(&args.video)?, [1, 1, f, 3, s, s]),
+            device,
+        );
+        return Ok((model.encode_media(t, None), 1));
+    }
+    if tags != args.images.len() {
+        bail!(
+            "the prompt has {tags} <image> tokens but {} images were given",
+            args.images.len()
+        );
+    }
+    let mut pixels = load(&args.images)?;
+    if tags == 0 {
+        pixels.resize(3 * s * s, 0.0); // one unused slot: no token attends to it
+    }
+    let n = tags.max(1);
+    let images = Tensor::<B, 5>::from_data(TensorData::new(pixels, [1, n, 3, s, s]), device);
+    Ok((model.encode_images(images), n))
 }
 
 /// A token drawn from the `k` most likely, with probabilities `softmax(logits / temperature)`.

@@ -284,6 +284,7 @@ fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
     let args = GenerateArgs {
         prompt: "here are some pictures. <image>q: what color are the shapes? a:".into(),
         images: vec![first_val_image(&s, dir.path())],
+        video: vec![],
         max_new: 3,
         top_k: 0,
         temperature: 1.0,
@@ -291,6 +292,22 @@ fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
     };
     let text = generate_text::<IB>(&out, &args, &dev).unwrap();
     assert!(!text.is_empty());
+    // `--video` with one frame is that image; more frames than the model's time embeddings
+    // (max_frames 1 here) are refused naming the setting.
+    let one_frame = GenerateArgs {
+        images: vec![],
+        video: args.images.clone(),
+        ..args.clone()
+    };
+    assert_eq!(generate_text::<IB>(&out, &one_frame, &dev).unwrap(), text);
+    let two_frames = GenerateArgs {
+        video: vec![args.images[0].clone(); 2],
+        ..one_frame
+    };
+    let e = generate_text::<IB>(&out, &two_frames, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2 frames") && e.contains("max_frames"), "{e}");
     let wrong = GenerateArgs {
         images: vec![],
         ..args
@@ -611,6 +628,7 @@ fn an_imported_llama_generates_what_transformers_generates() {
     let args = GenerateArgs {
         prompt: want["prompt"].as_str().unwrap().to_string(),
         images: vec![],
+        video: vec![],
         max_new: ids("new_ids").len(),
         top_k: 0,
         temperature: 1.0,

@@ -109,6 +109,10 @@ enum Command {
         /// One image file per <image>, in order.
         #[arg(long, num_args = 0..)]
         images: Vec<PathBuf>,
+        /// Or the frames of one video, in order, for a prompt's single <image> (at most the
+        /// model's flamingo.model.resampler.max_frames).
+        #[arg(long, num_args = 1.., conflicts_with = "images")]
+        video: Vec<PathBuf>,
         #[arg(long, default_value_t = 20)]
         max_new_tokens: usize,
         /// 0: greedy; else sample among the k most likely tokens.
@@ -209,6 +213,7 @@ fn main() -> anyhow::Result<()> {
             weights,
             prompt,
             images,
+            video,
             max_new_tokens,
             top_k,
             temperature,
@@ -217,6 +222,7 @@ fn main() -> anyhow::Result<()> {
             let args = rookery_train::flamingo_io::GenerateArgs {
                 prompt,
                 images,
+                video,
                 max_new: max_new_tokens,
                 top_k,
                 temperature,
