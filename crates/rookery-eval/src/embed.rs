@@ -42,16 +42,6 @@ impl<B: Backend> TextEncoder<'_, B> {
         anyhow::ensure!(!emb.is_empty(), "no text to embed");
         Ok(Tensor::cat(emb, 0))
     }
-
-    /// One unit-length embedding per class `[C, E]`: CLIP's prompt ensembling, the mean of the
-    /// class's unit-length prompt embeddings, normalised again.
-    pub fn class_embeddings(&self, prompts: &[Vec<String>]) -> Result<Tensor<B, 2>> {
-        let mut classes = Vec::with_capacity(prompts.len());
-        for class in prompts {
-            classes.push(self.embed(class)?.mean_dim(0));
-        }
-        Ok(l2_normalize(Tensor::cat(classes, 0)))
-    }
 }
 
 /// An image-text dual encoder as the evaluations use one: unit-length embeddings of images

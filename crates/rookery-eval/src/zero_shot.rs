@@ -21,7 +21,7 @@ use rookery_model::Clip;
 use serde_json::Value;
 
 use crate::clip::indices;
-use crate::embed::TextEncoder;
+use crate::embed::{class_embeddings, TextEncoder};
 
 /// Prompt templates, in the captions' own words (they carry no final period).
 const TEMPLATES: [&str; 3] = ["a photo of {}", "an image with {}", "{}"];
@@ -65,7 +65,7 @@ pub fn evaluate<B: Backend>(
         }
         out.images = out.images.max(scored);
         let prompts: Vec<Vec<String>> = classes.iter().map(|c| class_prompts(label, c)).collect();
-        let class_emb = text.class_embeddings(&prompts)?;
+        let class_emb = class_embeddings(&text, &prompts)?;
         if let Some(acc) = accuracy(img, class_emb, &truth) {
             let chance = 1.0 / classes.len() as f64;
             out.accuracy.insert(label.to_string(), (acc, chance));
