@@ -32,6 +32,11 @@ pub struct SequenceConfig {
     /// Loss weight of the caption tokens of image-text pairs mixed into the stream (their
     /// shards listed in `data.train` beside the documents'), relative to documents' tokens.
     pub pairs_weight: f64,
+    /// Frames kept per video (evenly sampled, first and last kept); 1 reads every video as
+    /// its first frame. At most the resampler's `max_frames` (its time embeddings).
+    pub max_frames: usize,
+    /// A video of more frames than this is refused (skipped and counted), not sampled.
+    pub max_video_frames: usize,
 }
 
 impl Default for SequenceConfig {
@@ -42,6 +47,8 @@ impl Default for SequenceConfig {
             min_sim: 0.24,
             mask_before_first_image: true,
             pairs_weight: 1.0,
+            max_frames: 1,
+            max_video_frames: 256,
         }
     }
 }
@@ -61,24 +68,34 @@ impl SequenceConfig {
                 "must be >= 0".into(),
             ));
         }
+        if self.max_frames == 0 || self.max_video_frames < self.max_frames {
+            return Err((
+                "data.interleaved.max_frames".into(),
+                format!(
+                    "must be at least 1 and at most max_video_frames ({})",
+                    self.max_video_frames
+                ),
+            ));
+        }
         Ok(())
     }
 }
 
-/// Where an image's bytes are.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ImageRef {
-    /// A member of the same webdataset sample, by extension (`img0.jpg`).
-    Member(String),
-    /// Base64 JPEG/PNG inside the document JSON (OpenFlamingo's MMC4 shards).
-    Base64(String),
-}
+use crate::media::{frame_members, is_frame, is_image, listed_frames, sample_frames};
+pub use crate::media::{ImageRef, Medium};
 
-/// A document as an ordered list of text and images.
+/// A document as an ordered list of text and media (images and videos).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Item {
     Text(String),
-    Image(ImageRef),
+    Media(Medium),
+}
+
+impl Item {
+    /// An image: a medium of one frame.
+    pub fn image(r: ImageRef) -> Self {
+        Item::Media(Medium::image(r))
+    }
 }
 
 /// Why a document was skipped. Each names what is wrong.
@@ -96,6 +113,8 @@ pub enum DocError {
     },
     #[error("image {0:?} is neither a member of the sample nor inline base64")]
     MissingImage(String),
+    #[error("{0}")]
+    Video(String),
     #[error("position {0}: exactly one of texts[i] and images[i] must be non-null")]
     BadPosition(usize),
     #[error("the document has no text")]
@@ -124,7 +143,7 @@ pub fn parse_mmc4(
     let info = doc["image_info"]
         .as_array()
         .ok_or(DocError::Field("image_info"))?;
-    let mut before: Vec<Vec<ImageRef>> = vec![Vec::new(); texts.len()];
+    let mut before: Vec<Vec<Medium>> = vec![Vec::new(); texts.len()];
     for (i, im) in info.iter().enumerate() {
         let index = im["matched_text_index"]
             .as_u64()
@@ -140,53 +159,86 @@ pub fn parse_mmc4(
         if sim < min_sim {
             continue;
         }
-        before[index].push(image_ref(im, members)?);
+        before[index].push(mmc4_medium(im, i, members)?);
     }
     let mut items = Vec::new();
-    for (text, images) in texts.iter().zip(before) {
-        items.extend(images.into_iter().map(Item::Image));
+    for (text, media) in texts.iter().zip(before) {
+        items.extend(media.into_iter().map(Item::Media));
         items.push(Item::Text(text.to_string()));
     }
     Ok(items)
 }
 
-fn image_ref(im: &Value, members: &BTreeSet<String>) -> Result<ImageRef, DocError> {
+/// An `image_info` entry's medium: `frames` (a video's members), `image_base64`, or
+/// `image_name`: a member, or a video whose frames are `{image_name}.frameNNN.jpg`.
+fn mmc4_medium(im: &Value, i: usize, members: &BTreeSet<String>) -> Result<Medium, DocError> {
+    let name = im["image_name"].as_str();
+    if let Some(list) = im.get("frames") {
+        let list = list
+            .as_array()
+            .ok_or(DocError::Field("image_info.frames"))?;
+        let video = name.map_or_else(|| format!("image_info[{i}]"), str::to_string);
+        return listed_frames(list, members, &video).map_err(DocError::Video);
+    }
     if let Some(b) = im["image_base64"].as_str() {
-        return Ok(ImageRef::Base64(b.to_string()));
+        return Ok(Medium::image(ImageRef::Base64(b.to_string())));
     }
-    let name = im["image_name"]
-        .as_str()
-        .ok_or(DocError::Field("image_info.image_name"))?;
-    match members.contains(name) {
-        true => Ok(ImageRef::Member(name.to_string())),
-        false => Err(DocError::MissingImage(name.to_string())),
+    let name = name.ok_or(DocError::Field("image_info.image_name"))?;
+    named_medium(name, members).ok_or_else(|| DocError::MissingImage(name.to_string()))?
+}
+
+/// The member `name`, or the video whose frames are `{name}.frame000.jpg`, ... (`None`:
+/// neither is in the sample).
+fn named_medium(name: &str, members: &BTreeSet<String>) -> Option<Result<Medium, DocError>> {
+    if members.contains(name) {
+        return Some(Ok(Medium::image(ImageRef::Member(name.to_string()))));
     }
+    let frames = frame_members(members, &format!("{name}."), name)?;
+    Some(
+        frames
+            .map(|f| Medium {
+                frames: f.into_iter().map(ImageRef::Member).collect(),
+            })
+            .map_err(|e| DocError::Video(e.to_string())),
+    )
 }
 
 /// OBELICS: parallel `texts` / `images` lists, exactly one non-null per position. An image
-/// entry names a member of the sample (its extension), else the k-th image member (sorted) is
-/// taken for the k-th image.
+/// entry names a member of the sample (its extension) or a video (`{name}.frameNNN.jpg`
+/// members), else the k-th image member that is no video frame (sorted) is taken for the k-th
+/// image; a list names a video's frames.
 pub fn parse_obelics(doc: &Value, members: &BTreeSet<String>) -> Result<Vec<Item>, DocError> {
     let texts = doc["texts"].as_array().ok_or(DocError::Field("texts"))?;
     let images = doc["images"].as_array().ok_or(DocError::Field("images"))?;
     if texts.len() != images.len() {
         return Err(DocError::Field("texts/images (lengths differ)"));
     }
-    let image_members: Vec<&String> = members.iter().filter(|m| is_image(m)).collect();
+    let image_members: Vec<&String> = members
+        .iter()
+        .filter(|m| is_image(m) && !is_frame(m))
+        .collect();
     let mut items = Vec::new();
     let mut k = 0;
     for (i, (t, im)) in texts.iter().zip(images).enumerate() {
         match (t.as_str(), im) {
             (Some(t), Value::Null) => items.push(Item::Text(t.to_string())),
             (None, Value::String(name)) if t.is_null() => {
-                let member = if members.contains(name) {
-                    Some(name)
-                } else {
-                    image_members.get(k).copied()
+                let medium = match named_medium(name, members) {
+                    Some(m) => m?,
+                    None => {
+                        let member = image_members
+                            .get(k)
+                            .ok_or_else(|| DocError::MissingImage(name.clone()))?;
+                        k += 1;
+                        Medium::image(ImageRef::Member(member.to_string()))
+                    }
                 };
-                let member = member.ok_or_else(|| DocError::MissingImage(name.clone()))?;
-                items.push(Item::Image(ImageRef::Member(member.clone())));
-                k += 1;
+                items.push(Item::Media(medium));
+            }
+            (None, Value::Array(list)) if t.is_null() => {
+                let medium = listed_frames(list, members, &format!("images[{i}]"))
+                    .map_err(DocError::Video)?;
+                items.push(Item::Media(medium));
             }
             _ => return Err(DocError::BadPosition(i)),
         }
@@ -194,19 +246,14 @@ pub fn parse_obelics(doc: &Value, members: &BTreeSet<String>) -> Result<Vec<Item
     Ok(items)
 }
 
-fn is_image(ext: &str) -> bool {
-    ["jpg", "jpeg", "png", "webp"]
-        .iter()
-        .any(|e| ext.rsplit('.').next() == Some(e))
-}
-
 /// A training sequence: `tokens` and, per position, whether it is a loss target.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sequence {
     pub tokens: Vec<i64>,
     pub targets: Vec<bool>,
-    /// The images whose `<image>` tokens are in `tokens`, in order.
-    pub images: Vec<ImageRef>,
+    /// The media whose `<image>` tokens are in `tokens`, in order (videos with at most
+    /// `max_frames` frames).
+    pub images: Vec<Medium>,
 }
 
 /// Special token ids a sequence needs.
@@ -253,14 +300,17 @@ pub fn build_sequence(
     let mut images = Vec::new();
     for item in items {
         match item {
-            Item::Image(r) if images.len() < cfg.max_images => {
+            Item::Media(m) if images.len() < cfg.max_images => {
+                let name = format!("medium {}", images.len());
+                let m = sample_frames(m, cfg.max_frames, cfg.max_video_frames, &name)
+                    .map_err(|e| DocError::Video(e.to_string()))?;
                 if !images.is_empty() {
                     tokens.push(sp.eoc);
                 }
                 tokens.push(sp.image);
-                images.push(r.clone());
+                images.push(m);
             }
-            Item::Image(_) => {}
+            Item::Media(_) => {}
             Item::Text(t) => {
                 let ids = tk.ids(t).map_err(|_| DocError::EmptyText)?;
                 tokens.extend(ids.into_iter().map(|i| i as i64));
@@ -303,7 +353,7 @@ pub fn pair_sequence(
     max_tokens: usize,
 ) -> Result<Sequence, DocError> {
     let items = [
-        Item::Image(ImageRef::Member(String::new())),
+        Item::image(ImageRef::Member(String::new())),
         Item::Text(caption.into()),
     ];
     let cfg = SequenceConfig {
@@ -414,8 +464,8 @@ mod tests {
         assert_eq!(
             s.images,
             vec![
-                ImageRef::Member("img0.jpg".into()),
-                ImageRef::Member("img2.png".into())
+                Medium::image(ImageRef::Member("img0.jpg".into())),
+                Medium::image(ImageRef::Member("img2.png".into()))
             ]
         );
         // * marks loss targets: nothing before the first image, nothing after an <eoc> until the
@@ -441,7 +491,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tk = tokenizer(dir.path());
         let sp = Specials::of(&tk).unwrap();
-        let img = |n: &str| Item::Image(ImageRef::Member(n.into()));
+        let img = |n: &str| Item::image(ImageRef::Member(n.into()));
         let items = vec![
             img("a"),
             Item::Text("a red circle".into()),
@@ -472,7 +522,7 @@ mod tests {
         let sp = Specials::of(&tk).unwrap();
         let doc = json!({"texts": ["intro text", null, "a red circle"], "images": [null, "https://x/y.jpg", null]});
         let items = parse_obelics(&doc, &members(&["json", "0.jpg"])).unwrap();
-        assert_eq!(items[1], Item::Image(ImageRef::Member("0.jpg".into())));
+        assert_eq!(items[1], Item::image(ImageRef::Member("0.jpg".into())));
         let s = build_sequence(&items, &tk, sp, &SequenceConfig::default()).unwrap();
         assert_eq!(
             words(&tk, sp, &s).join(" "),

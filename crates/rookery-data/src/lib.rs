@@ -9,6 +9,7 @@ pub mod decode;
 pub mod inspect;
 pub mod interleaved;
 pub mod loader;
+pub mod media;
 pub mod pages;
 pub mod resplit;
 pub mod rng;

@@ -2,7 +2,12 @@
 //! OBELICS layout, told apart by its fields) becomes a token sequence with loss targets
 //! ([`crate::interleaved`]) and its images are decoded, cropped and normalised like stage 1's.
 //! A malformed document (missing image, index out of range, undecodable image, empty text, no
-//! image left) is skipped and counted by the loader with its shard and key.
+//! image left, a video with a missing frame, no frames or too many) is skipped and counted by
+//! the loader with its shard and key.
+//!
+//! Media are images or videos ([`crate::media`]): a batch holds `[B, N, F, 3, S, S]` pixels, F
+//! the most frames of any medium in it, with each medium's frame count so the resampler masks
+//! the padding. All frames of a video share one random crop, so motion survives augmentation.
 //!
 //! Image-text pairs (stage-1 shards listed in `data.train` beside the documents', `::`-joined)
 //! mix into the same stream as OpenFlamingo mixes LAION into MMC4: each becomes
@@ -15,9 +20,11 @@ use std::sync::Arc;
 use base64::Engine;
 
 use crate::interleaved::{
-    build_sequence, pair_sequence, parse_mmc4, parse_obelics, ImageRef, SequenceConfig, Specials,
+    build_sequence, pair_sequence, parse_mmc4, parse_obelics, DocError, ImageRef, Medium,
+    SequenceConfig, Specials,
 };
 use crate::loader::{load_image, Batched, DataConfig, LoaderPosition, Mode, Prepare};
+use crate::media::{frame_members, sample_frames};
 use crate::rng::hash_str;
 use crate::tokenize::TextTokenizer;
 use crate::wds::RawSample;
@@ -39,8 +46,8 @@ pub struct Page {
     targets: Vec<bool>,
     /// Loss weight of each target token (`data.interleaved.pairs_weight` for pairs).
     weight: f32,
-    /// `[3, S, S]` each, in `<image>` order.
-    images: Vec<Vec<f32>>,
+    /// Per medium in `<image>` order, its frames' `[3, S, S]` pixels.
+    images: Vec<Vec<Vec<f32>>>,
     json: serde_json::Value,
 }
 
@@ -52,11 +59,15 @@ pub struct PageBatch {
     /// `[B, T]`: the loss weight of each token: 0.0 where no loss falls, 1.0 on a document's
     /// text, `pairs_weight` on a mixed-in pair's caption.
     pub targets: Vec<f32>,
-    /// `[B, N, 3, S, S]`, N the most images of any row; missing images are zeros.
+    /// `[B, N, F, 3, S, S]`, N the most media of any row, F the most frames of any medium;
+    /// missing media and frames are zeros.
     pub images: Vec<f32>,
     pub n_images: Vec<usize>,
+    /// `[B * N]`: each medium's real frames (an empty slot counts one: no token attends to it).
+    pub frames: Vec<usize>,
     pub batch_size: usize,
     pub max_images: usize,
+    pub max_frames: usize,
     pub context_length: usize,
     pub image_size: usize,
     pub keys: Vec<String>,
@@ -96,13 +107,24 @@ impl Pages {
         })
     }
 
-    fn image(&self, s: &RawSample, r: &ImageRef, k: usize, epoch: u64) -> Result<Vec<f32>, String> {
+    /// Medium `k`'s frames, all cropped alike (one seed per medium).
+    fn medium(
+        &self,
+        s: &RawSample,
+        m: &Medium,
+        k: usize,
+        epoch: u64,
+    ) -> Result<Vec<Vec<f32>>, String> {
         let seed = [self.data.seed, epoch, hash_str(&s.shard), s.index, k as u64];
+        m.frames.iter().map(|r| self.image(s, r, &seed)).collect()
+    }
+
+    fn image(&self, s: &RawSample, r: &ImageRef, seed: &[u64]) -> Result<Vec<f32>, String> {
         match r {
             ImageRef::Member(ext) => {
                 let bytes = s.get(ext).ok_or_else(|| format!("missing image: {ext}"))?;
                 let kind = ext.rsplit('.').next().unwrap_or(ext);
-                load_image(&self.data, self.mode, kind, bytes, &seed)
+                load_image(&self.data, self.mode, kind, bytes, seed)
             }
             ImageRef::Base64(b) => {
                 let bytes = base64::engine::general_purpose::STANDARD
@@ -113,26 +135,37 @@ impl Pages {
                 } else {
                     "png"
                 };
-                load_image(&self.data, self.mode, kind, &bytes, &seed)
+                load_image(&self.data, self.mode, kind, &bytes, seed)
             }
         }
     }
 }
 
 impl Pages {
-    /// An image-text pair (stage-1 shards mixed in) as `<image>caption<|endofchunk|>`, its
-    /// tokens weighted `pairs_weight`.
-    fn pair(&self, s: &RawSample, epoch: u64) -> Result<Page, String> {
-        let (ext, bytes) = s.first_of(&self.data.image_exts).ok_or("missing image")?;
+    /// An image-text or video-text pair (stage-1 shards mixed in; a video as its
+    /// `frameNNN.jpg` members) as `<image>caption<|endofchunk|>`, its tokens weighted
+    /// `pairs_weight`.
+    fn pair(&self, s: &RawSample, video: Option<Vec<String>>, epoch: u64) -> Result<Page, String> {
+        let medium = match video {
+            Some(frames) => {
+                let m = Medium {
+                    frames: frames.into_iter().map(ImageRef::Member).collect(),
+                };
+                let (max, most) = (self.seq.max_frames, self.seq.max_video_frames);
+                sample_frames(&m, max, most, &s.key).map_err(|e| format!("bad video: {e}"))?
+            }
+            None => {
+                let (ext, _) = s.first_of(&self.data.image_exts).ok_or("missing image")?;
+                Medium::image(ImageRef::Member(ext.to_string()))
+            }
+        };
         let caption = std::str::from_utf8(s.get(&self.data.text_ext).unwrap_or_default())
             .map_err(|_| "caption is not UTF-8".to_string())?;
         let seq = pair_sequence(caption, &self.tokenizer, self.specials, self.seq.max_tokens)
             .map_err(|e| format!("bad pair: {e}"))?;
-        let seed = [self.data.seed, epoch, hash_str(&s.shard), s.index, 0];
-        let images = if self.decode_images {
-            vec![load_image(&self.data, self.mode, ext, bytes, &seed)?]
-        } else {
-            Vec::new()
+        let images = match self.decode_images {
+            true => vec![self.medium(s, &medium, 0, epoch)?],
+            false => Vec::new(),
         };
         Ok(Page {
             tokens: seq.tokens,
@@ -141,6 +174,14 @@ impl Pages {
             images,
             json: serde_json::Value::Null,
         })
+    }
+}
+
+/// A skipped document's reason; video problems counted apart from other document problems.
+fn reason(e: DocError) -> String {
+    match e {
+        DocError::Video(v) => format!("bad video: {v}"),
+        e => format!("bad document: {e}"),
     }
 }
 
@@ -158,14 +199,18 @@ impl Prepare for Pages {
         let is_doc = json
             .as_ref()
             .is_some_and(|j| j.get("text_list").is_some() || j.get("texts").is_some());
-        let image_text_pair = !is_doc
-            && s.first_of(&self.data.image_exts).is_some()
-            && s.get(&self.data.text_ext).is_some();
-        if image_text_pair {
-            return self.pair(s, epoch);
+        let members: BTreeSet<String> = s.members.iter().map(|(e, _)| e.clone()).collect();
+        let has_text = s.get(&self.data.text_ext).is_some();
+        if !is_doc && has_text {
+            if let Some(frames) = frame_members(&members, "", &s.key) {
+                let frames = frames.map_err(|e| format!("bad video: {e}"))?;
+                return self.pair(s, Some(frames), epoch);
+            }
+            if s.first_of(&self.data.image_exts).is_some() {
+                return self.pair(s, None, epoch);
+            }
         }
         let json = json.ok_or("missing document: no .json member")?;
-        let members: BTreeSet<String> = s.members.iter().map(|(e, _)| e.clone()).collect();
         let items = if json.get("text_list").is_some() {
             parse_mmc4(&json, &members, self.seq.min_sim)
         } else if json.get("texts").is_some() {
@@ -173,15 +218,15 @@ impl Prepare for Pages {
         } else {
             return Err("bad document: neither MMC4 (text_list) nor OBELICS (texts), nor an image-text pair".into());
         }
-        .map_err(|e| format!("bad document: {e}"))?;
-        let seq = build_sequence(&items, &self.tokenizer, self.specials, &self.seq)
-            .map_err(|e| format!("bad document: {e}"))?;
+        .map_err(reason)?;
+        let seq =
+            build_sequence(&items, &self.tokenizer, self.specials, &self.seq).map_err(reason)?;
         let images = seq
             .images
             .iter()
             .filter(|_| self.decode_images)
             .enumerate()
-            .map(|(k, r)| self.image(s, r, k, epoch))
+            .map(|(k, m)| self.medium(s, m, k, epoch))
             .collect::<Result<_, _>>()?;
         Ok(Page {
             tokens: seq.tokens,
@@ -196,19 +241,18 @@ impl Prepare for Pages {
         let n = good.len();
         let s = self.data.image_size as usize;
         let per = 3 * s * s;
-        let max_images = good
-            .iter()
-            .map(|g| g.2.images.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
+        let most = |f: fn(&Page) -> usize| good.iter().map(|g| f(&g.2)).max().unwrap_or(1).max(1);
+        let max_images = most(|p| p.images.len());
+        let max_frames = most(|p| p.images.iter().map(Vec::len).max().unwrap_or(1));
         let mut b = PageBatch {
             tokens: Vec::with_capacity(n * self.seq.max_tokens),
             targets: Vec::with_capacity(n * self.seq.max_tokens),
-            images: vec![0.0; n * max_images * per],
+            images: vec![0.0; n * max_images * max_frames * per],
             n_images: Vec::with_capacity(n),
+            frames: vec![1; n * max_images],
             batch_size: n,
             max_images,
+            max_frames,
             context_length: self.seq.max_tokens,
             image_size: s,
             keys: Vec::with_capacity(n),
@@ -220,9 +264,13 @@ impl Prepare for Pages {
             b.tokens.extend_from_slice(&page.tokens);
             b.targets
                 .extend(page.targets.iter().map(|&t| t as u8 as f32 * page.weight));
-            for (k, img) in page.images.iter().enumerate() {
-                let at = (row * max_images + k) * per;
-                b.images[at..at + per].copy_from_slice(img);
+            for (k, frames) in page.images.iter().enumerate() {
+                let slot = row * max_images + k;
+                b.frames[slot] = frames.len();
+                for (t, img) in frames.iter().enumerate() {
+                    let at = (slot * max_frames + t) * per;
+                    b.images[at..at + per].copy_from_slice(img);
+                }
             }
             b.n_images.push(page.images.len());
             b.keys.push(raw.key);

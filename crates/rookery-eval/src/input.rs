@@ -3,6 +3,7 @@
 use burn::prelude::*;
 use rookery_data::pages::PageBatch;
 use rookery_data::ImageTextBatch;
+use rookery_model::flamingo::Flamingo;
 use rookery_model::text::{trim_context, used_context};
 
 /// The batch as tensors, its tokens cut to the positions the text tower uses.
@@ -48,11 +49,27 @@ pub fn page_tensors<B: Backend>(
     (tokens, weights)
 }
 
-/// A page batch's images `[B, N, 3, S, S]` (only models that read images need them).
-pub fn page_images<B: Backend>(b: &PageBatch, device: &B::Device) -> Tensor<B, 5> {
-    let s = b.image_size;
-    Tensor::from_data(
-        TensorData::new(b.images.clone(), [b.batch_size, b.max_images, 3, s, s]),
-        device,
-    )
+/// A page batch's media `[B, N, F, 3, S, S]` (only models that read images need them) and
+/// each medium's real frames, `None` when no medium is padded (all images, or all videos of F
+/// frames): the model then takes the path without a mask.
+pub fn page_media<B: Backend>(
+    b: &PageBatch,
+    device: &B::Device,
+) -> (Tensor<B, 6>, Option<Vec<usize>>) {
+    let (s, f) = (b.image_size, b.max_frames);
+    let shape = [b.batch_size, b.max_images, f, 3, s, s];
+    let media = Tensor::from_data(TensorData::new(b.images.clone(), shape), device);
+    let padded = b.frames.iter().any(|&n| n != f);
+    (media, padded.then(|| b.frames.clone()))
+}
+
+/// Next-token logits of a page batch: its tokens with its media.
+pub fn page_logits<B: Backend>(
+    model: &Flamingo<B>,
+    tokens: Tensor<B, 2, Int>,
+    b: &PageBatch,
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    let (media, frames) = page_media(b, device);
+    model.forward_media(tokens, media, frames.as_deref())
 }

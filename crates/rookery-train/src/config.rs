@@ -116,6 +116,16 @@ impl RunConfig {
                 self.no_benchmark_tasks()?;
                 self.data.interleaved.validate()?;
                 self.flamingo.validate()?;
+                let (frames, embs) = (
+                    self.data.interleaved.max_frames,
+                    self.flamingo.model.resampler.max_frames,
+                );
+                if frames > embs {
+                    return Err((
+                        "data.interleaved.max_frames".into(),
+                        format!("is {frames} but flamingo.model.resampler.max_frames (time embeddings) is {embs}"),
+                    ));
+                }
                 self.eval.validate()?;
             }
         }

@@ -302,7 +302,7 @@ pub fn evaluate_text_checkpoint<B: Backend>(
     let (cfg, _, model) = open_flamingo::<B>(&dir, device)?;
     let mut report =
         rookery_eval::fewshot::perplexity(&cfg.data, prep, e.pages, device, |t, b| {
-            model.forward(t, rookery_eval::input::page_images(b, device))
+            rookery_eval::input::page_logits(&model, t, b, device)
         })?;
     // The questions in the VQA layout, in a scratch directory for as long as they are asked.
     let scratch = std::env::temp_dir().join(format!("rookery-eval-vqa-{}", std::process::id()));

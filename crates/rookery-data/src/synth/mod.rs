@@ -5,10 +5,12 @@
 //! number of threads. Layout under `out`:
 //! `train/shard-NNNNNN.tar`, `val/shard-NNNNNN.tar` (`.jpg`|`.png`, `.txt`, `.json` per sample),
 //! `pages-train/`, `pages-val/` with `--interleaved` (`.json` + `.img{i}.jpg` per document),
+//! `videos-train/`, `videos-val/` with `--video` (`.json` + `.vid{i}.frame{t:03}.jpg`),
 //! `tokenizer.json`, and `synth.json` (written last: its presence means the set is complete).
 
 pub mod pages;
 pub mod scene;
+pub mod video;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -57,6 +59,15 @@ pub struct SynthConfig {
     pub page_shards: usize,
     pub pages_per_shard: usize,
     pub val_page_shards: usize,
+    /// Also write video pages for stage 2 ([`video`]); their words join the tokenizer.
+    pub video: bool,
+    pub video_shards: usize,
+    pub video_pages_per_shard: usize,
+    pub val_video_shards: usize,
+    /// Frames per video, drawn from this range (inclusive).
+    pub video_frames: [usize; 2],
+    /// Videos per page, drawn from this range (inclusive).
+    pub videos_per_page: [usize; 2],
 }
 
 impl Default for SynthConfig {
@@ -76,6 +87,12 @@ impl Default for SynthConfig {
             page_shards: 8,
             pages_per_shard: 2000,
             val_page_shards: 1,
+            video: false,
+            video_shards: 4,
+            video_pages_per_shard: 1000,
+            val_video_shards: 1,
+            video_frames: [4, 8],
+            videos_per_page: [1, 3],
         }
     }
 }
@@ -92,6 +109,12 @@ impl SynthConfig {
     }
     pub fn pages_val_pattern(&self) -> String {
         pattern(&self.out.join("pages-val"), self.val_page_shards)
+    }
+    pub fn videos_train_pattern(&self) -> String {
+        pattern(&self.out.join("videos-train"), self.video_shards)
+    }
+    pub fn videos_val_pattern(&self) -> String {
+        pattern(&self.out.join("videos-val"), self.val_video_shards)
     }
     pub fn tokenizer_path(&self) -> PathBuf {
         self.out.join("tokenizer.json")
@@ -135,6 +158,8 @@ pub struct SynthSummary {
     pub val: u64,
     pub pages_train: u64,
     pub pages_val: u64,
+    pub videos_train: u64,
+    pub videos_val: u64,
 }
 
 /// Generates the whole dataset in parallel (one rayon task per shard).
@@ -153,6 +178,14 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
             "must be at least 1",
         );
     }
+    let [f0, f1] = cfg.video_frames;
+    let [v0, v1] = cfg.videos_per_page;
+    if cfg.video && (f0 < 2 || f1 < f0 || v0 == 0 || v1 < v0) {
+        return bad(
+            "video_frames / videos_per_page",
+            "must be ranges [lo, hi] with lo <= hi, at least 2 frames and 1 video",
+        );
+    }
     let _ = std::fs::remove_file(cfg.out.join("synth.json"));
     let mut jobs: Vec<(&str, u64, usize, usize)> = Vec::new(); // (split, split id, shard, per shard)
     jobs.extend((0..cfg.train_shards).map(|s| ("train", 0, s, cfg.train_samples_per_shard)));
@@ -161,7 +194,12 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
         jobs.extend((0..cfg.page_shards).map(|s| ("pages-train", 2, s, cfg.pages_per_shard)));
         jobs.extend((0..cfg.val_page_shards).map(|s| ("pages-val", 3, s, cfg.pages_per_shard)));
     }
-    for split in ["train", "val", "pages-train", "pages-val"] {
+    if cfg.video {
+        let per = cfg.video_pages_per_shard;
+        jobs.extend((0..cfg.video_shards).map(|s| ("videos-train", 5, s, per)));
+        jobs.extend((0..cfg.val_video_shards).map(|s| ("videos-val", 6, s, per)));
+    }
+    for split in SPLITS {
         if jobs.iter().any(|j| j.0 == split) {
             std::fs::create_dir_all(cfg.out.join(split))
                 .map_err(|e| DataError::io(cfg.out.join(split).display().to_string(), e))?;
@@ -183,7 +221,8 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
                     match sid {
                         0 => pair_sample(cfg, &mut rng, Some(Rng::derive(&[cfg.seed, 4, i])), i),
                         1 => pair_sample(cfg, &mut rng, None, i),
-                        _ => page_sample(cfg, &mut rng, i),
+                        2 | 3 => page_sample(cfg, &mut rng, i),
+                        _ => video_sample(cfg, &mut rng, i),
                     }
                 })
                 .collect();
@@ -199,11 +238,13 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
             "train" => summary.train += n,
             "val" => summary.val += n,
             "pages-train" => summary.pages_train += n,
-            _ => summary.pages_val += n,
+            "pages-val" => summary.pages_val += n,
+            "videos-train" => summary.videos_train += n,
+            _ => summary.videos_val += n,
         }
     }
     // Fit on the training texts plus the full grammar vocabulary, so held-out text has no <unk>.
-    let vocab = scene::vocabulary_text();
+    let vocab = scene::vocabulary_text(cfg.video);
     let train_texts = texts
         .iter()
         .filter(|t| t.0.ends_with("train"))
@@ -217,6 +258,16 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
         .map_err(|e| DataError::io("synth.json", e))?;
     Ok(summary)
 }
+
+/// The splits `generate` may write, each in a directory of its name.
+const SPLITS: [&str; 6] = [
+    "train",
+    "val",
+    "pages-train",
+    "pages-val",
+    "videos-train",
+    "videos-val",
+];
 
 /// For each held-out pair, which draw of its random stream gives a scene whose content no
 /// earlier held-out pair has (0: the first). Identical scenes get interchangeable captions, so a
@@ -300,6 +351,29 @@ fn page_sample(cfg: &SynthConfig, rng: &mut Rng, i: u64) -> (SampleMembers, Vec<
         .filter_map(|t| t.as_str().map(str::to_string))
         .collect();
     ((format!("page{i:09}"), members), texts)
+}
+
+/// One video page: `videos_per_page` videos of `video_frames` frames, each frame a member
+/// `vid{k}.frame{t:03}.jpg`.
+fn video_sample(cfg: &SynthConfig, rng: &mut Rng, i: u64) -> (SampleMembers, Vec<String>) {
+    let [v0, v1] = cfg.videos_per_page;
+    let [f0, f1] = cfg.video_frames;
+    let n = v0 + rng.below(v1 - v0 + 1);
+    let (doc, videos) = video::page(rng, n, (f0, f1));
+    let mut members = vec![("json".to_string(), doc.to_string().into_bytes())];
+    for (k, v) in videos.iter().enumerate() {
+        for t in 0..v.frames {
+            let (_, img) = encode(&v.render(t, cfg.image_size, rng), cfg.image_size, false);
+            members.push((format!("vid{k}.frame{t:03}.jpg"), img));
+        }
+    }
+    let texts = doc["text_list"]
+        .as_array()
+        .expect("text_list")
+        .iter()
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect();
+    ((format!("video{i:09}"), members), texts)
 }
 
 fn encode(rgb: &[u8], size: u32, png: bool) -> (&'static str, Vec<u8>) {

@@ -44,6 +44,15 @@ impl Group {
         }
     }
 
+    /// Half the side of a shape of this group's size, in units of the image side.
+    pub fn half_side(&self) -> f64 {
+        if self.size == 0 {
+            0.075
+        } else {
+            0.125
+        }
+    }
+
     pub fn shape_word(&self) -> String {
         plural(SHAPES[self.shape], self.count)
     }
@@ -186,6 +195,22 @@ impl Scene {
     /// Renders the scene into packed RGB8 of `size`x`size`.
     pub fn render(&self, size: u32, rng: &mut Rng) -> Vec<u8> {
         let s = size as usize;
+        let mut px = self.paint_background(s);
+        let regions = self.regions();
+        for (g, region) in self.groups.iter().zip(regions) {
+            let (half, t) = (g.half_side(), 0.3 * rng.uniform(-1.0, 1.0));
+            let mut placed: Vec<(f64, f64)> = Vec::new();
+            for _ in 0..g.count {
+                let pos = place(rng, region, half, &placed);
+                placed.push(pos);
+                draw_shape(&mut px, s, g.shape, RGB[g.color], pos, half, t);
+            }
+        }
+        add_noise(&px, rng)
+    }
+
+    /// The background alone (a tinted gradient), as f32 RGB of `s`x`s`.
+    pub(crate) fn paint_background(&self, s: usize) -> Vec<f32> {
         let mut px = vec![0f32; s * s * 3];
         for y in 0..s {
             for x in 0..s {
@@ -197,20 +222,7 @@ impl Scene {
                 }
             }
         }
-        let regions = self.regions();
-        for (g, region) in self.groups.iter().zip(regions) {
-            let d = if g.size == 0 { 0.15 } else { 0.25 };
-            let (half, t) = (d / 2.0, 0.3 * rng.uniform(-1.0, 1.0));
-            let mut placed: Vec<(f64, f64)> = Vec::new();
-            for _ in 0..g.count {
-                let pos = place(rng, region, half, &placed);
-                placed.push(pos);
-                draw_shape(&mut px, s, g.shape, RGB[g.color], pos, half, t);
-            }
-        }
-        px.iter()
-            .map(|v| (v + rng.uniform(-10.0, 10.0) as f32).clamp(0.0, 255.0) as u8)
-            .collect()
+        px
     }
 
     /// Unit-square regions (x0, y0, x1, y1) for each group, from the relation.
@@ -224,6 +236,18 @@ impl Scene {
             Some(_) => vec![[0.52, 0.02, 0.98, 0.98], [0.02, 0.02, 0.48, 0.98]],
         }
     }
+}
+
+/// Per-pixel noise on `px`, as packed RGB8.
+pub(crate) fn add_noise(px: &[f32], rng: &mut Rng) -> Vec<u8> {
+    px.iter()
+        .map(|v| (v + rng.uniform(-10.0, 10.0) as f32).clamp(0.0, 255.0) as u8)
+        .collect()
+}
+
+/// Draws one shape of color `color` (an index of [`COLORS`]) centred at `c`.
+pub(crate) fn draw(px: &mut [f32], s: usize, shape: usize, color: usize, c: (f64, f64), half: f64) {
+    draw_shape(px, s, shape, RGB[color], c, half, 0.0);
 }
 
 /// A center inside `region` whose shape does not overlap those already placed, if one is found.
@@ -307,8 +331,9 @@ fn draw_shape(
     }
 }
 
-/// Every word the captions and pages can use, so a fitted tokenizer never meets `<unk>`.
-pub fn vocabulary_text() -> String {
+/// Every word the captions and pages (and, with `video`, the video pages) can use, so a
+/// fitted tokenizer never meets `<unk>`.
+pub fn vocabulary_text(video: bool) -> String {
     let mut words: Vec<String> = Vec::new();
     for s in SHAPES {
         words.push(s.into());
@@ -327,6 +352,10 @@ pub fn vocabulary_text() -> String {
             .iter()
             .map(|w| w.to_string()),
     );
+    if video {
+        let extra = crate::synth::video::VIDEO_WORDS.iter();
+        words.extend(extra.map(|w| w.to_string()));
+    }
     words.join(" ")
 }
 

@@ -273,6 +273,18 @@ impl<B: Backend> Flamingo<B> {
         self.forward_visual(tokens, self.encode_images(images), n)
     }
 
+    /// As [`Flamingo::forward`] with media of several frames `[B, N, F, 3, H, W]` (`frames`
+    /// as in [`Flamingo::encode_media`]).
+    pub fn forward_media(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        media: Tensor<B, 6>,
+        frames: Option<&[usize]>,
+    ) -> Tensor<B, 3> {
+        let n = media.dims()[1];
+        self.forward_visual(tokens, self.encode_media(media, frames), n)
+    }
+
     /// As [`Flamingo::forward`], with the visual tokens of the `n` images per row already
     /// encoded (generation reuses them for every new token).
     pub fn forward_visual(

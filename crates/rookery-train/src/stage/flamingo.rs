@@ -28,7 +28,7 @@ use crate::parallel::GradSync;
 use crate::step::LocalGrads;
 use crate::trainer::TrainStage;
 use rookery_eval::fewshot::{held_out_questions, perplexity, question_answering};
-use rookery_eval::input::page_images;
+use rookery_eval::input::page_logits;
 use rookery_eval::openflamingo::Example;
 
 /// `[flamingo]`.
@@ -467,7 +467,7 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
         device: &B::Device,
     ) -> Result<LocalGrads> {
         Ok(causal_local(model, micro, comm, |m, b, tokens| {
-            m.forward(tokens, page_images::<B>(b, device))
+            page_logits(m, tokens, b, device)
         })?)
     }
 
@@ -499,7 +499,7 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
         let e = &self.cfg.eval;
         let prep = <Self as Stage<B>>::prepare(self, Mode::Eval)?;
         let mut report = perplexity(&self.cfg.data, prep, e.pages, device, |tokens, b| {
-            model.forward(tokens, page_images(b, device))
+            page_logits(model, tokens, b, device)
         })?;
         if !e.shots.is_empty() && e.questions > 0 {
             let qs = match self.questions.get() {

@@ -39,6 +39,14 @@ pub enum DataCommand {
         page_shards: usize,
         #[arg(long, default_value_t = 2000)]
         pages_per_shard: usize,
+        /// Also write video pages (shapes that move, appear or disappear over 4-8 frames, with
+        /// questions one frame cannot answer) under videos-train/ and videos-val/.
+        #[arg(long)]
+        video: bool,
+        #[arg(long, default_value_t = 4)]
+        video_shards: usize,
+        #[arg(long, default_value_t = 1000)]
+        video_pages_per_shard: usize,
     },
     /// Count shards, samples and extensions; image-size and caption-length stats; list bad samples.
     Inspect {
@@ -80,6 +88,9 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             interleaved,
             page_shards,
             pages_per_shard,
+            video,
+            video_shards,
+            video_pages_per_shard,
         } => {
             let cfg = SynthConfig {
                 out,
@@ -93,16 +104,21 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 interleaved,
                 page_shards,
                 pages_per_shard,
+                video,
+                video_shards,
+                video_pages_per_shard,
                 ..Default::default()
             };
             let t = Instant::now();
             let s = rookery_data::synth::generate(&cfg)?;
             println!(
-                "wrote {} train + {} val samples ({} + {} pages) to {} in {:.1} s; shards {}",
+                "wrote {} train + {} val samples ({} + {} pages, {} + {} video pages) to {} in {:.1} s; shards {}",
                 s.train,
                 s.val,
                 s.pages_train,
                 s.pages_val,
+                s.videos_train,
+                s.videos_val,
                 cfg.out.display(),
                 t.elapsed().as_secs_f64(),
                 cfg.train_pattern()
