@@ -1,16 +1,18 @@
 //! Held-out evaluation of the text stages: perplexity on the held-out pages, and (stage 2)
-//! the pages' single-image questions written in the VQA layout ([`write_vqa_layout`]) for the
-//! k-shot evaluation every Flamingo gets ([`crate::openflamingo`]). Greedy decoding
+//! the pages' single-image (or single-video) questions written in the VQA layout
+//! ([`write_vqa_layout`]) for the k-shot evaluation every Flamingo gets
+//! ([`crate::openflamingo`]). Greedy decoding
 //! ([`generate`]) is shared with `rookery generate`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use burn::prelude::*;
 use rookery_data::loader::Mode;
+use rookery_data::media::frame_members;
 use rookery_data::pages::{PageBatch, Pages};
-use rookery_data::wds::{read_shard, ShardItem};
+use rookery_data::wds::{read_shard, RawSample, ShardItem};
 use rookery_data::{DataConfig, Loader, TextTokenizer};
 use rookery_model::flamingo::Flamingo;
 use serde::Serialize;
@@ -83,10 +85,11 @@ pub struct VqaFiles {
     pub images: PathBuf,
 }
 
-/// Writes the first `max` single-image questions of the held-out pages (`data.val`) in the
-/// VQA layout ([`crate::openflamingo::data`]) under `out`: `questions.json`,
-/// `annotations.json` (the page's answer as all ten human answers, so VQA accuracy is exact
-/// match after VQA's normalisation; the question kind as `answer_type`) and `images/`. The
+/// Writes the first `max` single-image (or single-video) questions of the held-out pages
+/// (`data.val`) in the VQA layout ([`crate::openflamingo::data`]) under `out`:
+/// `questions.json`, `annotations.json` (the page's answer as all ten human answers, so VQA
+/// accuracy is exact match after VQA's normalisation; the question kind as `answer_type`) and
+/// `images/` (a video as a directory of its frames). The
 /// k-shot evaluation of stage 2 then reads them as it reads VQAv2.
 pub fn write_vqa_layout(data: &DataConfig, max: usize, out: &Path) -> Result<VqaFiles> {
     let images = out.join("images");
@@ -111,7 +114,7 @@ pub fn write_vqa_layout(data: &DataConfig, max: usize, out: &Path) -> Result<Vqa
                 let name = doc["image_info"][i as usize]["image_name"]
                     .as_str()
                     .unwrap_or("");
-                let Some(bytes) = s.get(name) else {
+                let Some(files) = medium_members(&s, name) else {
                     continue;
                 };
                 // "Which image has more shapes?" compares images: not a one-image question.
@@ -119,13 +122,8 @@ pub fn write_vqa_layout(data: &DataConfig, max: usize, out: &Path) -> Result<Vqa
                     continue;
                 }
                 let id = questions.len() as u64;
-                let ext = Path::new(name)
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .unwrap_or("jpg");
-                let file = images.join(format!("{id:012}.{ext}"));
-                if let Err(e) = std::fs::write(&file, bytes) {
-                    err = Some(format!("writing {}: {e}", file.display()));
+                if let Err(e) = write_medium(&s, &files, &images.join(format!("{id:012}"))) {
+                    err = Some(e);
                     return false;
                 }
                 let answer = qa["answer"].as_str().unwrap_or_default();
@@ -165,6 +163,33 @@ pub fn write_vqa_layout(data: &DataConfig, max: usize, out: &Path) -> Result<Vqa
     write(&files.questions, json!({"questions": questions}))?;
     write(&files.annotations, json!({"annotations": annotations}))?;
     Ok(files)
+}
+
+/// The members holding a page's medium `name`: the image, or a video's frames in order.
+fn medium_members(s: &RawSample, name: &str) -> Option<Vec<String>> {
+    if s.get(name).is_some() {
+        return Some(vec![name.to_string()]);
+    }
+    let members: BTreeSet<String> = s.members.iter().map(|(e, _)| e.clone()).collect();
+    frame_members(&members, &format!("{name}."), name)?.ok()
+}
+
+/// Writes a medium under `stem`: an image as `stem.EXT`, a video as the directory `stem/`
+/// of its frames `frame000.EXT`, ... (what [`crate::openflamingo::data`] reads as a video).
+fn write_medium(s: &RawSample, files: &[String], stem: &Path) -> Result<(), String> {
+    let ext = |name: &str| name.rsplit('.').next().unwrap_or("jpg").to_string();
+    let write = |path: PathBuf, name: &str| {
+        let bytes = s.get(name).unwrap_or_default();
+        std::fs::write(&path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))
+    };
+    if let [image] = files {
+        return write(stem.with_extension(ext(image)), image);
+    }
+    std::fs::create_dir_all(stem).map_err(|e| format!("creating {}: {e}", stem.display()))?;
+    for (t, name) in files.iter().enumerate() {
+        write(stem.join(format!("frame{t:03}.{}", ext(name))), name)?;
+    }
+    Ok(())
 }
 
 /// The highest-scoring token.
@@ -263,7 +288,9 @@ pub fn held_out_questions(data: &DataConfig, max: usize, dir: &Path) -> Result<V
 
 /// Stage 2's k-shot question answering on `questions` as `[eval]` says (shots, batch, prompt,
 /// answer length), demonstrations drawn from the same questions: `vqa_accuracy_{k}shot` and
-/// per kind.
+/// per kind. When the questions are about videos, the same again with every video shown as
+/// its first frame only, under `first_frame_vqa_accuracy_...`: the gap is what the frames
+/// (and their time embeddings) add.
 pub fn question_answering<B: Backend>(
     model: &Flamingo<B>,
     tokenizer: &TextTokenizer,
@@ -272,13 +299,6 @@ pub fn question_answering<B: Backend>(
     questions: &[Example],
     device: &B::Device,
 ) -> Result<BTreeMap<String, f64>> {
-    let mut generator = FlamingoGenerator {
-        model,
-        tokenizer,
-        data,
-        max_new: eval.max_new_tokens,
-        device,
-    };
     let run = FewShotConfig {
         task: FewShotTask::Vqa,
         shots: eval.shots.clone(),
@@ -290,5 +310,25 @@ pub fn question_answering<B: Backend>(
         },
         rices: None,
     };
-    Ok(evaluate(&run, questions, questions, &mut generator)?.scores)
+    let videos = questions.iter().any(|q| q.image.is_dir());
+    let mut scores = BTreeMap::new();
+    for first_frame_only in [false, true].into_iter().take(1 + videos as usize) {
+        let mut generator = FlamingoGenerator {
+            model,
+            tokenizer,
+            data,
+            max_new: eval.max_new_tokens,
+            first_frame_only,
+            device,
+        };
+        let prefix = if first_frame_only { "first_frame_" } else { "" };
+        let report = evaluate(&run, questions, questions, &mut generator)?;
+        scores.extend(
+            report
+                .scores
+                .into_iter()
+                .map(|(k, v)| (format!("{prefix}{k}"), v)),
+        );
+    }
+    Ok(scores)
 }

@@ -4,21 +4,21 @@
 //! the next-token loss over 2 ranks (and over micro-batches) equals one rank's full batch.
 
 mod common;
-use common::{floats, resume_from_step_2};
+use common::recipe::{flamingo_cfg, load, pages_sets, sources, synth, B, IB};
+use common::{floats, resume_from_step_2, rows};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use burn::backend::{Autodiff, Flex};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::Optimizer;
 use burn::prelude::*;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use rookery_data::loader::Mode;
 use rookery_data::pages::{PageBatch, Pages};
-use rookery_data::synth::{generate, SynthConfig};
+use rookery_data::synth::SynthConfig;
 use rookery_data::{Loader, TextTokenizer};
 use rookery_dist::{Communicator, LocalGroup, Single};
 use rookery_eval::fewshot::{held_out_questions, question_answering};
@@ -29,139 +29,6 @@ use rookery_train::optim::{AdamWOf, OptimConfig, PathIds, Updater};
 use rookery_train::stage::flamingo::{load_lm, load_vision};
 use rookery_train::stage::Report;
 use rookery_train::{checkpoint, train, RunConfig};
-
-type B = Autodiff<Flex>;
-type IB = Flex;
-
-fn synth(dir: &Path) -> SynthConfig {
-    let s = SynthConfig {
-        out: dir.join("synth"),
-        train_shards: 1,
-        train_samples_per_shard: 128,
-        val_shards: 1,
-        val_samples_per_shard: 32,
-        image_size: 32,
-        interleaved: true,
-        page_shards: 2,
-        pages_per_shard: 48,
-        val_page_shards: 1,
-        ..Default::default()
-    };
-    if !s.is_complete() {
-        generate(&s).unwrap();
-    }
-    s
-}
-
-fn common(s: &SynthConfig, run: &Path) -> Vec<String> {
-    vec![
-        format!("data.tokenizer={}", s.tokenizer_path().display()),
-        format!("train.run_dir={}", run.display()),
-        "data.batch_size=4".into(),
-        "data.image_size=32".into(),
-        "data.shuffle_buffer=16".into(),
-        "data.decode_threads=1".into(),
-        "data.interleaved.max_tokens=64".into(),
-        "optim.warmup_steps=1".into(),
-        "optim.lr=3e-3".into(),
-        "log.every=1".into(),
-        "log.progress=false".into(),
-        "train.eval_every=0".into(),
-        "checkpoint.every=2".into(),
-    ]
-}
-
-fn load(sets: Vec<String>) -> RunConfig {
-    RunConfig::load(Path::new(""), &sets).unwrap()
-}
-
-fn clip_cfg(s: &SynthConfig, run: &Path) -> RunConfig {
-    let mut sets = common(s, run);
-    sets.extend(
-        [
-            format!("data.train={}", s.train_pattern()),
-            "data.val=".into(),
-            "data.context_length=16".into(),
-            "model.embed_dim=16".into(),
-            "model.vision.image_size=32".into(),
-            "model.vision.patch_size=8".into(),
-            "model.vision.width=32".into(),
-            "model.vision.layers=1".into(),
-            "model.vision.heads=2".into(),
-            "model.text.context_length=16".into(),
-            "model.text.width=32".into(),
-            "model.text.layers=1".into(),
-            "model.text.heads=2".into(),
-            "train.steps=2".into(),
-        ]
-        .map(String::from),
-    );
-    load(sets)
-}
-
-fn pages_sets(s: &SynthConfig, run: &Path) -> Vec<String> {
-    let mut sets = common(s, run);
-    sets.extend([
-        format!("data.train={}", s.pages_train_pattern()),
-        format!("data.val={}", s.pages_val_pattern()),
-        "eval.pages=8".into(),
-    ]);
-    sets
-}
-
-fn lm_cfg(s: &SynthConfig, run: &Path) -> RunConfig {
-    let mut sets = pages_sets(s, run);
-    sets.extend(
-        [
-            "train.stage=\"lm\"",
-            "train.steps=3",
-            "lm.style=\"llama\"",
-            "lm.context_length=64",
-            "lm.width=32",
-            "lm.layers=2",
-            "lm.heads=2",
-            "data.interleaved.mask_before_first_image=false",
-        ]
-        .map(String::from),
-    );
-    load(sets)
-}
-
-fn flamingo_cfg(s: &SynthConfig, run: &Path, clip: &Path, lm: &Path, steps: usize) -> RunConfig {
-    let mut sets = pages_sets(s, run);
-    sets.extend([
-        "train.stage=\"flamingo\"".into(),
-        format!("train.steps={steps}"),
-        format!("flamingo.vision_from={}", clip.display()),
-        format!("flamingo.lm_from={}", lm.display()),
-        "flamingo.model.resampler.latents=4".into(),
-        "flamingo.model.resampler.depth=1".into(),
-        "flamingo.model.resampler.heads=2".into(),
-        "flamingo.model.resampler.dim_head=8".into(),
-        "flamingo.model.xattn_heads=2".into(),
-        "flamingo.model.xattn_dim_head=8".into(),
-        "flamingo.model.xattn_ff_mult=2".into(),
-        // As flamingo-tiny: the gates train faster than the rest (checked below).
-        "flamingo.gate_lr_mult=50".into(),
-        "eval.questions=6".into(),
-        "eval.shots=[0, 2]".into(),
-        "eval.batch=4".into(),
-        "eval.vqa_prompt=\"<image>{question} a: {answer}\"".into(),
-    ]);
-    load(sets)
-}
-
-/// Trains the tiny CLIP and LM once; returns their run directories.
-fn sources(dir: &Path, s: &SynthConfig) -> (PathBuf, PathBuf) {
-    let (clip, lm) = (dir.join("clip"), dir.join("lm"));
-    train::<B>(&clip_cfg(s, &clip), &Default::default()).unwrap();
-    let summary = train::<B>(&lm_cfg(s, &lm), &Default::default()).unwrap();
-    let Some(Report::Text(r)) = summary.eval else {
-        panic!("the LM stage reports perplexity")
-    };
-    assert!(r.perplexity.is_finite() && r.perplexity > 1.0, "{r:?}");
-    (clip, lm)
-}
 
 fn ids<Bk: Backend, M: Module<Bk>>(m: &M) -> HashSet<ParamId> {
     struct Ids(HashSet<ParamId>);
@@ -374,25 +241,6 @@ fn stage_two_refuses_sources_of_the_wrong_stage() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("train.stage"), "{e}");
-}
-
-/// Rows `r` of a batch, as a batch of their own.
-fn rows(b: &PageBatch, r: std::ops::Range<usize>) -> PageBatch {
-    let (t, per) = (
-        b.context_length,
-        b.max_images * 3 * b.image_size * b.image_size,
-    );
-    PageBatch {
-        tokens: b.tokens[r.start * t..r.end * t].to_vec(),
-        targets: b.targets[r.start * t..r.end * t].to_vec(),
-        images: b.images[r.start * per..r.end * per].to_vec(),
-        n_images: b.n_images[r.clone()].to_vec(),
-        batch_size: r.len(),
-        keys: b.keys[r.clone()].to_vec(),
-        json: b.json[r.clone()].to_vec(),
-        epochs: b.epochs[r].to_vec(),
-        ..b.clone()
-    }
 }
 
 /// What next-token training saw at each step (loss, gradients) and its final weights.

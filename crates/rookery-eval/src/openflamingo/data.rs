@@ -4,7 +4,8 @@
 //!   "question", "question_id"}]}` and an annotations file `{"annotations": [{"question_id",
 //!   "answers": [{"answer"}], "answer_type"}]}`, images in a directory. An `image_id` that is a
 //!   file name is taken as is (VizWiz); a number is the image whose file name ends in it, COCO's
-//!   `COCO_val2014_000000123456.jpg` or TextVQA's `123456.jpg`.
+//!   `COCO_val2014_000000123456.jpg` or TextVQA's `123456.jpg`. A directory in place of an
+//!   image is a video, its image files the frames in name order.
 //! - **Captions**: Karpathy's `dataset_coco.json` (`{"images": [{"filepath", "filename",
 //!   "split", "sentences": [{"raw"}]}]}`, images at `DIR/filepath/filename`, one split taken),
 //!   or COCO's own `captions_*.json` (`{"images": [{"id", "file_name"}], "annotations":
@@ -150,7 +151,33 @@ fn caption_example(
     })
 }
 
-/// The images of a directory by the number their file name ends in.
+/// A medium's files: an image file alone, or a video's frames, the image files of a directory
+/// in name order.
+pub fn media_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut frames: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("listing {}", path.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("listing {}", path.display()))?;
+    frames.retain(|p| {
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        rookery_data::media::is_image(&ext.to_ascii_lowercase())
+    });
+    frames.sort();
+    if frames.is_empty() {
+        bail!(
+            "{}: a video directory without frames (image files)",
+            path.display()
+        );
+    }
+    Ok(frames)
+}
+
+/// The images (or videos: directories of frames) of a directory by the number their name ends
+/// in.
 struct ImageIndex(HashMap<u64, PathBuf>);
 
 impl ImageIndex {
@@ -173,7 +200,7 @@ impl ImageIndex {
 
     fn find(&self, id: &Value, dir: &Path) -> Result<PathBuf> {
         let found = match id {
-            Value::String(name) => Some(dir.join(name)).filter(|p| p.is_file()),
+            Value::String(name) => Some(dir.join(name)).filter(|p| p.exists()),
             other => other.as_u64().and_then(|n| self.0.get(&n).cloned()),
         };
         found.with_context(|| format!("{}: no image for image_id {id}", dir.display()))

@@ -1,18 +1,24 @@
 //! A rookery Flamingo as the [`Generate`] of the few-shot evaluation: prompts tokenized with
 //! the checkpoint's tokenizer (its start token first, `<image>` and `<|endofchunk|>` as its
 //! special tokens), images prepared as its held-out images, greedy continuation.
+//!
+//! A medium that is a directory is a video, its image files (by name) the frames, evenly
+//! sampled to `data.interleaved.max_frames` as training samples them, or only the first
+//! (`first_frame_only`: what time embeddings add is the gap between the two).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use burn::prelude::*;
 use rookery_data::interleaved::Specials;
 use rookery_data::loader::load_image_file;
+use rookery_data::media::even_sample;
 use rookery_data::{DataConfig, TextTokenizer};
 use rookery_model::flamingo::Flamingo;
 
+use super::data::media_files;
 use super::Generate;
-use crate::fewshot::{generate, greedy};
+use crate::fewshot::{generate_visual, greedy};
 
 pub struct FlamingoGenerator<'a, B: Backend> {
     pub model: &'a Flamingo<B>,
@@ -21,7 +27,51 @@ pub struct FlamingoGenerator<'a, B: Backend> {
     pub data: &'a DataConfig,
     /// New tokens at most (OpenFlamingo: 5 for VQA, 20 for captions).
     pub max_new: usize,
+    /// Videos shown as their first frame only.
+    pub first_frame_only: bool,
     pub device: &'a B::Device,
+}
+
+impl<B: Backend> FlamingoGenerator<'_, B> {
+    /// The frames of a medium (an image file, or a directory of frames) as pixels.
+    fn frames(&self, path: &Path) -> Result<Vec<Vec<f32>>> {
+        let files = media_files(path)?;
+        let keep = match self.first_frame_only {
+            true => 1,
+            false => self.data.interleaved.max_frames,
+        };
+        even_sample(files.len(), keep)
+            .into_iter()
+            .map(|i| load_image_file(self.data, &files[i]).map_err(anyhow::Error::msg))
+            .collect()
+    }
+
+    /// The visual tokens of `media` (per prompt, its media in order; the same count for all).
+    fn encode(&self, media: &[Vec<Vec<Vec<f32>>>], n: usize) -> Tensor<B, 3> {
+        let (s, n) = (self.data.image_size as usize, n.max(1));
+        let per = 3 * s * s;
+        let f = media
+            .iter()
+            .flatten()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut pixels = vec![0.0; media.len() * n * f * per];
+        let mut frames = vec![1; media.len() * n];
+        for (slot, m) in media.iter().flatten().enumerate() {
+            frames[slot] = m.len();
+            for (t, px) in m.iter().enumerate() {
+                let at = (slot * f + t) * per;
+                pixels[at..at + per].copy_from_slice(px);
+            }
+        }
+        let shape = [media.len(), n, f, 3, s, s];
+        let t = Tensor::<B, 6>::from_data(TensorData::new(pixels, shape), self.device);
+        let padded = frames.iter().any(|&k| k != f);
+        self.model
+            .encode_media(t, padded.then_some(frames.as_slice()))
+    }
 }
 
 impl<B: Backend> Generate for FlamingoGenerator<'_, B> {
@@ -29,9 +79,8 @@ impl<B: Backend> Generate for FlamingoGenerator<'_, B> {
         let tk = self.tokenizer;
         let sp = Specials::of(tk).map_err(anyhow::Error::msg)?;
         let n = images.first().map_or(0, Vec::len);
-        let s = self.data.image_size as usize;
         let mut rows = Vec::with_capacity(prompts.len());
-        let mut pixels = Vec::with_capacity(prompts.len() * n * 3 * s * s);
+        let mut media = Vec::with_capacity(prompts.len());
         for (p, files) in prompts.iter().zip(images) {
             let mut row = vec![sp.sot];
             row.extend(
@@ -47,20 +96,21 @@ impl<B: Backend> Generate for FlamingoGenerator<'_, B> {
                     files.len()
                 );
             }
-            for f in files {
-                pixels.extend(load_image_file(self.data, f).map_err(anyhow::Error::msg)?);
-            }
+            media.push(
+                files
+                    .iter()
+                    .map(|f| self.frames(f))
+                    .collect::<Result<_>>()?,
+            );
             rows.push(row);
         }
-        let images = Tensor::<B, 5>::from_data(
-            TensorData::new(pixels, [rows.len(), n, 3, s, s]),
-            self.device,
-        );
+        let visual = self.encode(&media, n);
         let stop = [sp.eoc, sp.eot];
-        let new = generate(
+        let new = generate_visual(
             self.model,
             rows,
-            images,
+            visual,
+            n.max(1),
             self.max_new,
             &mut greedy,
             &stop,

@@ -1,7 +1,8 @@
 //! RICES (Yang et al. 2022, as OpenFlamingo's evaluation runs it): the demonstrations for a
 //! query are the support examples whose images a CLIP finds most similar to the query's image
 //! (cosine of unit image embeddings), shown least similar first so the most similar one sits
-//! right before the query. An example with the query's own image is never chosen.
+//! right before the query. An example with the query's own image is never chosen. Videos are
+//! compared by their first frames.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,7 @@ use rookery_data::loader::load_image_file;
 use rookery_data::DataConfig;
 use rookery_model::Clip;
 
+use super::data::media_files;
 use super::Example;
 
 /// Unit image embeddings of the queries and of the support set.
@@ -35,10 +37,15 @@ impl Rices {
         batch: usize,
         device: &B::Device,
     ) -> Result<Self> {
-        let files = |s: &[Example]| s.iter().map(|e| e.image.clone()).collect::<Vec<_>>();
+        // A video (a directory of frames) is compared by its first frame.
+        let files = |s: &[Example]| -> Result<Vec<PathBuf>> {
+            s.iter()
+                .map(|e| Ok(media_files(&e.image)?.swap_remove(0)))
+                .collect()
+        };
         Ok(Rices {
-            query: image_embeddings(clip, data, &files(queries), batch, device)?,
-            support: image_embeddings(clip, data, &files(support), batch, device)?,
+            query: image_embeddings(clip, data, &files(queries)?, batch, device)?,
+            support: image_embeddings(clip, data, &files(support)?, batch, device)?,
         })
     }
 

@@ -1,11 +1,14 @@
 //! Helpers shared by the integration tests (each test file uses some of them).
 #![allow(dead_code)]
 
+pub mod recipe;
+
 use std::path::Path;
 
 use burn::backend::Flex;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::{Backend, Tensor};
+use rookery_data::pages::PageBatch;
 use rookery_data::synth::{generate, SynthConfig};
 use rookery_train::{checkpoint, RunConfig};
 
@@ -105,4 +108,22 @@ pub fn floats<Bk: Backend, M: Module<Bk>>(m: &M) -> Vec<Vec<f32>> {
     let mut f = Flat(Vec::new());
     m.visit(&mut f);
     f.0
+}
+
+/// Rows `r` of a page batch, as a batch of their own.
+pub fn rows(b: &PageBatch, r: std::ops::Range<usize>) -> PageBatch {
+    let (t, n) = (b.context_length, b.max_images);
+    let per = n * b.max_frames * 3 * b.image_size * b.image_size;
+    PageBatch {
+        tokens: b.tokens[r.start * t..r.end * t].to_vec(),
+        targets: b.targets[r.start * t..r.end * t].to_vec(),
+        images: b.images[r.start * per..r.end * per].to_vec(),
+        n_images: b.n_images[r.clone()].to_vec(),
+        frames: b.frames[r.start * n..r.end * n].to_vec(),
+        batch_size: r.len(),
+        keys: b.keys[r.clone()].to_vec(),
+        json: b.json[r.clone()].to_vec(),
+        epochs: b.epochs[r].to_vec(),
+        ..b.clone()
+    }
 }

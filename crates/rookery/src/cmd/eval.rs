@@ -95,6 +95,10 @@ pub struct FewShotArgs {
     /// at random.
     #[arg(long, value_name = "CLIP")]
     pub rices: Option<PathBuf>,
+    /// Show every video (a directory of frames in place of an image) as its first frame only,
+    /// to measure what the other frames add.
+    #[arg(long)]
+    pub first_frame: bool,
 }
 
 /// Every task `rookery eval --task` runs.
@@ -235,6 +239,7 @@ fn few_shot(args: &EvalArgs, task: FewShotTask) -> Result<()> {
         tokenizer: &tokenizer,
         data: &cfg.data,
         max_new,
+        first_frame_only: f.first_frame,
         device: &device,
     };
     let run = FewShotConfig {
