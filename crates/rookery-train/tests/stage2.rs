@@ -5,7 +5,7 @@
 
 mod common;
 use common::recipe::{flamingo_cfg, load, pages_sets, sources, synth, B, IB};
-use common::{floats, resume_from_step_2, rows};
+use common::{floats, grads_of, rel_diff, resume_from_step_2, rows};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -281,23 +281,6 @@ fn lm_steps(
     }
 }
 
-/// Every parameter's gradient, in module order.
-fn grads_of(m: &LanguageModel<B>, grads: &burn::optim::GradientsParams) -> Vec<Vec<f32>> {
-    struct Flat<'a>(Vec<Vec<f32>>, &'a burn::optim::GradientsParams);
-    impl ModuleVisitor<B> for Flat<'_> {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            let g = self
-                .1
-                .get::<IB, D>(p.id)
-                .expect("every parameter has a gradient");
-            self.0.push(g.into_data().to_vec::<f32>().unwrap());
-        }
-    }
-    let mut f = Flat(Vec::new(), grads);
-    m.visit(&mut f);
-    f.0
-}
-
 /// The gradients' tolerance: f32 reductions in another order (each rank's GEMMs over half the
 /// rows, then a sum) leave 1-3e-6 relative on the whole gradient vector (measured); a wrong
 /// scale (a sum over ranks instead of a mean, a micro-batch normalised by its own size) shows
@@ -326,15 +309,6 @@ fn assert_same(a: &LmTrace, b: &LmTrace, what: &str) {
         loss < 1e-6 && grads < GRAD_TOL && weights < 1e-6,
         "{what}: loss {loss:e}, gradients {grads:e}, weights {weights:e} (1e-6, {GRAD_TOL:e}, 1e-6 allowed)"
     );
-}
-
-fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den).sqrt()
 }
 
 #[test]

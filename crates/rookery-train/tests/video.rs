@@ -5,13 +5,13 @@
 
 mod common;
 use common::recipe::{flamingo_cfg, sources, video_synth, B, IB};
-use common::{floats, resume_from_step_2, rows};
+use common::{floats, grads_of, rel_diff, resume_from_step_2, rows};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{GradientsParams, Optimizer};
+use burn::module::{Module, Param};
+use burn::optim::Optimizer;
 use burn::prelude::*;
 use rookery_data::loader::Mode;
 use rookery_data::pages::{PageBatch, Pages};
@@ -129,34 +129,10 @@ fn flamingo_steps(init: &Flamingo<B>, data: &[PageBatch], comm: &dyn Communicato
         })
         .unwrap();
         losses.push(g.loss);
-        grads.extend(trainable_grads(&model, &g.grads));
+        grads.extend(grads_of(&model, &g.grads));
         model = sgd.step(0.5, model, g.grads);
     }
     (losses, grads)
-}
-
-/// The gradients of the parameters that have one (the frozen towers have none).
-fn trainable_grads(m: &Flamingo<B>, grads: &GradientsParams) -> Vec<Vec<f32>> {
-    struct Flat<'a>(Vec<Vec<f32>>, &'a GradientsParams);
-    impl ModuleVisitor<B> for Flat<'_> {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            if let Some(g) = self.1.get::<IB, D>(p.id) {
-                self.0.push(g.into_data().to_vec::<f32>().unwrap());
-            }
-        }
-    }
-    let mut f = Flat(Vec::new(), grads);
-    m.visit(&mut f);
-    f.0
-}
-
-fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den).sqrt()
 }
 
 #[test]

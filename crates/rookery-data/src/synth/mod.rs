@@ -344,12 +344,7 @@ fn page_sample(cfg: &SynthConfig, rng: &mut Rng, i: u64) -> (SampleMembers, Vec<
         let (_, img) = encode(&s.render(cfg.image_size, rng), cfg.image_size, false);
         members.push((format!("img{k}.jpg"), img));
     }
-    let texts = doc["text_list"]
-        .as_array()
-        .expect("text_list")
-        .iter()
-        .filter_map(|t| t.as_str().map(str::to_string))
-        .collect();
+    let texts = doc_texts(&doc);
     ((format!("page{i:09}"), members), texts)
 }
 
@@ -367,13 +362,17 @@ fn video_sample(cfg: &SynthConfig, rng: &mut Rng, i: u64) -> (SampleMembers, Vec
             members.push((format!("vid{k}.frame{t:03}.jpg"), img));
         }
     }
-    let texts = doc["text_list"]
-        .as_array()
-        .expect("text_list")
+    let texts = doc_texts(&doc);
+    ((format!("video{i:09}"), members), texts)
+}
+
+/// A page document's texts (what the tokenizer is fitted on).
+fn doc_texts(doc: &serde_json::Value) -> Vec<String> {
+    let texts = doc["text_list"].as_array().expect("text_list");
+    texts
         .iter()
         .filter_map(|t| t.as_str().map(str::to_string))
-        .collect();
-    ((format!("video{i:09}"), members), texts)
+        .collect()
 }
 
 fn encode(rgb: &[u8], size: u32, png: bool) -> (&'static str, Vec<u8>) {

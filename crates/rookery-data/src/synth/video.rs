@@ -1,8 +1,12 @@
 //! Video pages: MMC4-layout documents whose media are short videos (4 to 8 frames) of shapes
-//! that move, appear or disappear, each followed by a caption or a question. Most questions
-//! need more than one frame: which way a shape moves (its start position says nothing of the
-//! direction), which shape appears (absent from the first frame), which one disappears (both
-//! in the first frame). "What color is the ..." is a control a single frame answers.
+//! that move, turn, appear or disappear, each followed by a caption or a question. The
+//! questions need more than one frame: which way a shape moves (it starts near the middle
+//! whatever its direction), which way it turns round the middle (the same arcs either way:
+//! only the frames' order tells), which color appears (absent from the first frame), which one
+//! disappears (both in the first frame). "What color is the ...", asked of a shape alone, is a
+//! control a single frame answers. Appearing and disappearing shapes are asked for by color,
+//! which a tiny vision tower reads without fail (shape it does not; docs/experiments.md), so
+//! the questions measure what the frames add.
 //!
 //! A video is stored as members `vid{i}.frame000.jpg`, `vid{i}.frame001.jpg`, ... of the page's
 //! sample, named by `image_info[i].image_name = "vid{i}"` ([`crate::media`]).
@@ -32,6 +36,10 @@ pub const VIDEO_WORDS: &[&str] = &[
     "to",
     "and",
     "stays",
+    "turn",
+    "turning",
+    "clockwise",
+    "counterclockwise",
     "is",
     "here",
     "look",
@@ -62,7 +70,10 @@ pub const DIRECTIONS: [(&str, (f64, f64)); 4] = [
     ("down", (0.0, 1.0)),
 ];
 /// How far a moving shape travels over the whole video, in image sides.
-const TRAVEL: f64 = 0.2;
+const TRAVEL: f64 = 0.3;
+/// A turning shape's circle around the middle (radius, in image sides) and how far round it
+/// goes over the whole video (radians).
+const ORBIT: (f64, f64) = (0.25, std::f64::consts::FRAC_PI_2);
 const INTROS: [&str; 3] = [
     "here is a video.",
     "look at these videos.",
@@ -74,6 +85,10 @@ const INTROS: [&str; 3] = [
 pub enum Event {
     /// Shape `a` moves one way.
     Moves { direction: usize },
+    /// Shape `a` goes a quarter round the middle, from angle `from` (radians, 0 to the right),
+    /// clockwise or not. Where it starts and the arc it covers are the same either way: only
+    /// the frames' order tells.
+    Turns { clockwise: bool, from: f64 },
     /// Shape `a` stays; `b` appears at frame `at`.
     Appears { at: usize },
     /// Shapes `a` and `b` are there; `b` disappears at frame `at`.
@@ -100,12 +115,16 @@ impl Video {
         };
         let a = one(rng);
         let mut b = one(rng);
-        while b.shape == a.shape {
+        while b.shape == a.shape || b.color == a.color {
             b = one(rng);
         }
-        let event = match rng.below(3) {
+        let event = match rng.below(4) {
             0 => Event::Moves {
                 direction: rng.below(DIRECTIONS.len()),
+            },
+            3 => Event::Turns {
+                clockwise: rng.bool(0.5),
+                from: rng.uniform(0.0, std::f64::consts::TAU),
             },
             1 => Event::Appears {
                 at: 1 + rng.below(frames - 1),
@@ -116,15 +135,20 @@ impl Video {
         };
         // Where `a` starts, drawn apart from the direction: from anywhere in the middle it can
         // travel any way and stay in view, so the first frame says nothing of where it goes.
-        let a_at = (rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65));
-        // `b` on the other side of `a`, so the two never overlap.
+        let a_at = (rng.uniform(0.4, 0.6), rng.uniform(0.4, 0.6));
+        // `b` near the edge on the far side from `a`, so the two barely ever touch.
         let left = a_at.0 > 0.5;
         let bx = if left {
-            rng.uniform(0.1, 0.3)
+            rng.uniform(0.12, 0.18)
         } else {
-            rng.uniform(0.7, 0.9)
+            rng.uniform(0.82, 0.88)
         };
-        let b_at = (bx, rng.uniform(0.15, 0.85));
+        let mut b_at = (bx, rng.uniform(0.15, 0.85));
+        // Which of the two comes or goes is not told by where it is: either may be at the edge.
+        let mut a_at = a_at;
+        if matches!(event, Event::Appears { .. } | Event::Disappears { .. }) && rng.bool(0.5) {
+            std::mem::swap(&mut a_at, &mut b_at);
+        }
         let scene = Scene::with_groups(rng, vec![a], None);
         Video {
             frames,
@@ -150,6 +174,13 @@ impl Video {
                     (x + dx * TRAVEL * progress, y + dy * TRAVEL * progress),
                     false,
                 )
+            }
+            Event::Turns { clockwise, from } => {
+                // y points down: a growing angle turns clockwise on screen.
+                let sign = if clockwise { 1.0 } else { -1.0 };
+                let angle = from + sign * ORBIT.1 * progress;
+                let (r, (sin, cos)) = (ORBIT.0, angle.sin_cos());
+                ((0.5 + r * cos, 0.5 + r * sin), false)
             }
             Event::Appears { at } => (self.a_at, t >= at),
             Event::Disappears { at } => (self.a_at, t < at),
@@ -186,13 +217,18 @@ impl Video {
                 let d = DIRECTIONS[direction].0;
                 return (format!("this video shows {a} moving {d}."), None);
             }
+            (Event::Turns { clockwise, .. }, 0) => {
+                let way = if clockwise { "clockwise" } else { "counterclockwise" };
+                return (format!("this video shows {a} turning {way}."), None);
+            }
             (Event::Appears { .. }, 0) => {
                 return (format!("{b} appears next to {a}."), None);
             }
             (Event::Disappears { .. }, 0) => {
                 return (format!("{b} disappears and {a} stays."), None);
             }
-            (_, 1) => (
+            // The control: one shape, whatever the frame, so one frame answers as well as all.
+            (Event::Moves { .. } | Event::Turns { .. }, 1) => (
                 "color",
                 format!("q: what color is the {}?", SHAPES[self.a.shape]),
                 COLORS[self.a.color].to_string(),
@@ -205,15 +241,23 @@ impl Video {
                 ),
                 DIRECTIONS[direction].0.to_string(),
             ),
+            (Event::Turns { clockwise, .. }, _) => (
+                "turns",
+                format!(
+                    "q: which way does the {} {} turn?",
+                    COLORS[self.a.color], SHAPES[self.a.shape]
+                ),
+                if clockwise { "clockwise" } else { "counterclockwise" }.to_string(),
+            ),
             (Event::Appears { .. }, _) => (
                 "appears",
-                "q: which shape appears?".to_string(),
-                SHAPES[self.b.shape].to_string(),
+                "q: which color appears?".to_string(),
+                COLORS[self.b.color].to_string(),
             ),
             (Event::Disappears { .. }, _) => (
                 "disappears",
-                "q: which shape disappears?".to_string(),
-                SHAPES[self.b.shape].to_string(),
+                "q: which color disappears?".to_string(),
+                COLORS[self.b.color].to_string(),
             ),
         };
         let answer = format!("{answer}.");
@@ -290,6 +334,32 @@ mod tests {
     }
 
     #[test]
+    fn a_turning_shape_turns_the_way_the_answer_says() {
+        let red = Group {
+            count: 1,
+            size: 1,
+            color: 0,
+            shape: 0,
+        };
+        for (k, clockwise) in [true, false, true, false].into_iter().enumerate() {
+            let mut rng = Rng::new(k as u64);
+            let mut v = Video::random(&mut rng, 5);
+            v.a = red;
+            let from = 1.7 * k as f64;
+            v.event = Event::Turns { clockwise, from };
+            let at = |t: usize, rng: &mut Rng| {
+                let (x, y) = centroid(&v.render(t, 64, rng), 64, [220, 40, 40]).unwrap();
+                (x - 0.5, y - 0.5)
+            };
+            let (p0, p1) = (at(0, &mut rng), at(4, &mut rng));
+            // With y down, a clockwise turn has a positive cross product.
+            let cross = p0.0 * p1.1 - p0.1 * p1.0;
+            assert_eq!(cross > 0.02, clockwise, "{from}: {p0:?} -> {p1:?}");
+            assert_eq!(cross < -0.02, !clockwise, "{from}: {p0:?} -> {p1:?}");
+        }
+    }
+
+    #[test]
     fn appearing_and_disappearing_shapes_are_there_when_they_should_be() {
         let mut rng = Rng::new(3);
         let mut v = Video::random(&mut rng, 5);
@@ -325,7 +395,7 @@ mod tests {
         }
         assert_eq!(
             kinds.into_iter().collect::<Vec<_>>(),
-            ["appears", "color", "direction", "disappears"]
+            ["appears", "color", "direction", "disappears", "turns"]
         );
     }
 }

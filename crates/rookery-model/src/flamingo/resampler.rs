@@ -63,7 +63,13 @@ impl ResamplerConfig {
         };
         PerceiverResampler {
             latents: normal.init([self.latents, dim], device),
-            frame_embs: Initializer::Zeros.init([self.max_frames, dim], device),
+            // Random as OpenFlamingo's `randn` when videos are read: frames must differ from
+            // the first step. With one frame, zero (and frozen): OpenFlamingo's image models
+            // have no frame embedding.
+            frame_embs: match self.max_frames {
+                1 => Initializer::Zeros.init([1, dim], device),
+                f => normal.init([f, dim], device),
+            },
             layers,
             norm: LayerNormConfig::new(dim).init(device),
         }

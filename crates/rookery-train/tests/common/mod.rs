@@ -127,3 +127,32 @@ pub fn rows(b: &PageBatch, r: std::ops::Range<usize>) -> PageBatch {
         ..b.clone()
     }
 }
+
+/// The gradients of a model's parameters that have one (frozen ones have none), in module
+/// order.
+pub fn grads_of<M: Module<recipe::B>>(
+    m: &M,
+    grads: &burn::optim::GradientsParams,
+) -> Vec<Vec<f32>> {
+    struct Flat<'a>(Vec<Vec<f32>>, &'a burn::optim::GradientsParams);
+    impl ModuleVisitor<recipe::B> for Flat<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<recipe::B, D>>) {
+            if let Some(g) = self.1.get::<Flex, D>(p.id) {
+                self.0.push(g.into_data().to_vec::<f32>().unwrap());
+            }
+        }
+    }
+    let mut f = Flat(Vec::new(), grads);
+    m.visit(&mut f);
+    f.0
+}
+
+/// `|a - b| / |b|` over all the vectors together.
+pub fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den).sqrt()
+}

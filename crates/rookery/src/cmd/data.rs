@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use rookery_data::loader::Mode;
+use rookery_data::pages::{PageBatch, Pages};
 use rookery_data::synth::SynthConfig;
 use rookery_data::{DataConfig, Loader, TextTokenizer};
 
@@ -71,6 +72,12 @@ pub enum DataCommand {
         /// Decode threads (0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// The shards hold interleaved or video pages (stage 2's loader) instead of pairs.
+        #[arg(long)]
+        pages: bool,
+        /// With --pages: frames kept per video (data.interleaved.max_frames).
+        #[arg(long, default_value_t = 4)]
+        max_frames: usize,
     },
 }
 
@@ -154,55 +161,122 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             batch_size,
             samples,
             threads,
-        } => bench(
-            &pattern, &tokenizer, image_size, batch_size, samples, threads,
-        ),
+            pages,
+            max_frames,
+        } => {
+            let b = Bench {
+                tokenizer: &tokenizer,
+                image_size,
+                batch_size,
+                samples,
+                threads,
+            };
+            match pages {
+                true => b.pages(&pattern, max_frames),
+                false => b.pairs(&pattern),
+            }
+        }
     }
 }
 
-fn bench(
-    pattern: &str,
-    tokenizer: &Path,
+/// `rookery data bench`'s settings.
+struct Bench<'a> {
+    tokenizer: &'a Path,
     image_size: u32,
     batch_size: usize,
     samples: usize,
     threads: usize,
-) -> Result<()> {
-    let shards = rookery_data::expand_shards(pattern)?;
-    let tk = Arc::new(TextTokenizer::from_file(tokenizer)?);
-    let cfg = DataConfig {
-        image_size,
-        batch_size,
-        decode_threads: threads,
-        shuffle_buffer: 256,
-        resampled: true,
-        ..Default::default()
-    };
-    let cores = if threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        threads
-    };
-    let mut loader = Loader::new(&cfg, tk, shards, 0, 1, Mode::Train, None)?;
-    loader.next().transpose()?; // warm-up: fill the shuffle buffers and the prefetch queue
-    let bar = ProgressBar::new(samples as u64);
-    bar.set_style(ProgressStyle::with_template(
-        "[{bar:30}] {pos}/{len} samples {per_sec} ETA {eta}",
-    )?);
-    let (t, mut n) = (Instant::now(), 0usize);
-    while n < samples {
-        let b = loader
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
-        n += b.batch_size;
-        bar.inc(b.batch_size as u64);
+}
+
+impl Bench<'_> {
+    fn data(&self) -> DataConfig {
+        DataConfig {
+            image_size: self.image_size,
+            batch_size: self.batch_size,
+            decode_threads: self.threads,
+            shuffle_buffer: 256,
+            resampled: true,
+            ..Default::default()
+        }
     }
-    bar.finish_and_clear();
-    let secs = t.elapsed().as_secs_f64();
-    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "{n} samples at {image_size}x{image_size} in {secs:.2} s: {:.0} samples/s total, {:.0} samples/s per core ({cores} decode threads); loadavg {}",
-        n as f64 / secs, n as f64 / secs / cores as f64, loadavg.trim()
-    );
-    Ok(())
+
+    fn cores(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            t => t,
+        }
+    }
+
+    /// Image-text pairs through stage 1's loader.
+    fn pairs(&self, pattern: &str) -> Result<()> {
+        let shards = rookery_data::expand_shards(pattern)?;
+        let tk = Arc::new(TextTokenizer::from_file(self.tokenizer)?);
+        let mut loader = Loader::new(&self.data(), tk, shards, 0, 1, Mode::Train, None)?;
+        let (n, _, secs) = self.time(|| loader.next().map(|b| b.map(|b| (b.batch_size, 0))))?;
+        self.report(n, "samples", secs, None);
+        Ok(())
+    }
+
+    /// Interleaved or video pages through stage 2's loader, every frame decoded.
+    fn pages(&self, pattern: &str, max_frames: usize) -> Result<()> {
+        let shards = rookery_data::expand_shards(pattern)?;
+        let tk = Arc::new(TextTokenizer::from_file(self.tokenizer)?);
+        let mut cfg = self.data();
+        cfg.interleaved.max_frames = max_frames;
+        cfg.interleaved.max_video_frames = cfg.interleaved.max_video_frames.max(max_frames);
+        let prep = Pages::new(&cfg, tk, Mode::Train).map_err(anyhow::Error::msg)?;
+        let mut loader = Loader::start(&cfg, prep, shards, 0, 1, Mode::Train, None)?;
+        let (n, frames, secs) = self.time(|| {
+            let frames = |b: &PageBatch| -> usize {
+                let n = b.max_images;
+                (0..b.batch_size)
+                    .map(|r| b.frames[r * n..r * n + b.n_images[r]].iter().sum::<usize>())
+                    .sum()
+            };
+            loader.next().map(|b| b.map(|b| (b.batch_size, frames(&b))))
+        })?;
+        self.report(n, "pages", secs, Some(frames));
+        Ok(())
+    }
+
+    /// Times batches from `next` (samples, frames) after a warm-up batch.
+    fn time<E: Into<anyhow::Error>>(
+        &self,
+        mut next: impl FnMut() -> Option<Result<(usize, usize), E>>,
+    ) -> Result<(usize, usize, f64)> {
+        let mut next = || -> Result<(usize, usize)> {
+            next()
+                .ok_or_else(|| anyhow::anyhow!("stream ended"))?
+                .map_err(Into::into)
+        };
+        next()?; // warm-up: fill the shuffle buffers and the prefetch queue
+        let bar = ProgressBar::new(self.samples as u64);
+        bar.set_style(ProgressStyle::with_template(
+            "[{bar:30}] {pos}/{len} samples {per_sec} ETA {eta}",
+        )?);
+        let (t, mut n, mut frames) = (Instant::now(), 0usize, 0usize);
+        while n < self.samples {
+            let (k, f) = next()?;
+            (n, frames) = (n + k, frames + f);
+            bar.inc(k as u64);
+        }
+        bar.finish_and_clear();
+        Ok((n, frames, t.elapsed().as_secs_f64()))
+    }
+
+    fn report(&self, n: usize, what: &str, secs: f64, frames: Option<usize>) {
+        let (size, cores) = (self.image_size, self.cores());
+        let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let frames = frames.map_or(String::new(), |f| {
+            format!(
+                " ({f} images or frames: {:.0}/s, {:.0}/s per core)",
+                f as f64 / secs,
+                f as f64 / secs / cores as f64
+            )
+        });
+        println!(
+            "{n} {what} at {size}x{size} in {secs:.2} s: {:.0} {what}/s total, {:.0} {what}/s per core ({cores} decode threads){frames}; loadavg {}",
+            n as f64 / secs, n as f64 / secs / cores as f64, loadavg.trim()
+        );
+    }
 }

@@ -242,10 +242,11 @@ fn ensure_data(cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-/// Whether the training shards are the synthetic set's pairs or pages.
+/// Whether the training shards are the synthetic set's pairs, pages or video pages.
 fn uses_synth(d: &rookery_data::DataConfig) -> bool {
     d.train == d.synth.train_pattern()
         || (d.synth.interleaved && d.train == d.synth.pages_train_pattern())
+        || (d.synth.video && d.train == d.synth.videos_train_pattern())
 }
 
 /// Other processes of a job wait while rank 0 synthesizes the embedded data.
