@@ -18,6 +18,6 @@ out=data/bench-video
 pat="$out/videos-train/shard-{000000..000003}.tar"
 for size in 64 224; do
   for frames in 1 4 8; do
-    ./target/release/rookery data bench "$pat" --pages --max-frames $frames --tokenizer $out/tokenizer.json --image-size $size --batch-size 16 --samples 2000
+    ./target/release/rookery data bench "$pat" --pages --max-frames $frames --tokenizer $out/tokenizer.json --image-size $size --batch-size 16 --samples 8000
   done
 done

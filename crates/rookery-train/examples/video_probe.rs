@@ -81,8 +81,19 @@ fn patch_tokens(vision: &VisionTower<I>, px: &[f32], device: &Device<I>) -> Tens
 fn accuracy(probe: &Probe<I>, feats: Tensor<I, 4>, labels: &[usize]) -> f32 {
     let [n, _, _, d] = feats.dims();
     let h = probe.resampler.forward(feats).mean_dim(1).reshape([n, d]);
-    let pred: Vec<i64> = probe.head.forward(h).argmax(1).into_data().convert::<i64>().to_vec().unwrap();
-    pred.iter().zip(labels).filter(|(p, y)| **p as usize == **y).count() as f32 / n as f32
+    let pred: Vec<i64> = probe
+        .head
+        .forward(h)
+        .argmax(1)
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .unwrap();
+    pred.iter()
+        .zip(labels)
+        .filter(|(p, y)| **p as usize == **y)
+        .count() as f32
+        / n as f32
 }
 
 fn main() -> Result<()> {
@@ -105,7 +116,7 @@ fn main() -> Result<()> {
     let (px, test_y) = videos(n_test, 2, turn);
     let test_x = patch_tokens(&vision, &px, &device);
     let d = train_x.dims()[3];
-    let tokens: Vec<f32> = train_x.clone().slice([0..8]).into_data().to_vec().unwrap();
+    let tokens: Vec<f32> = train_x.clone().narrow(0, 0, 8).into_data().to_vec().unwrap();
     let rms = (tokens.iter().map(|x| x * x).sum::<f32>() / tokens.len() as f32).sqrt();
     println!("patch tokens: width {d}, rms {rms:.3} (time embeddings start at rms 1)");
     let resampler = ResamplerConfig {

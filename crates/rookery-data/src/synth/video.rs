@@ -218,7 +218,11 @@ impl Video {
                 return (format!("this video shows {a} moving {d}."), None);
             }
             (Event::Turns { clockwise, .. }, 0) => {
-                let way = if clockwise { "clockwise" } else { "counterclockwise" };
+                let way = if clockwise {
+                    "clockwise"
+                } else {
+                    "counterclockwise"
+                };
                 return (format!("this video shows {a} turning {way}."), None);
             }
             (Event::Appears { .. }, 0) => {
@@ -247,7 +251,12 @@ impl Video {
                     "q: which way does the {} {} turn?",
                     COLORS[self.a.color], SHAPES[self.a.shape]
                 ),
-                if clockwise { "clockwise" } else { "counterclockwise" }.to_string(),
+                if clockwise {
+                    "clockwise"
+                } else {
+                    "counterclockwise"
+                }
+                .to_string(),
             ),
             (Event::Appears { .. }, _) => (
                 "appears",
