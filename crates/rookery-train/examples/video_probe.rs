@@ -116,7 +116,12 @@ fn main() -> Result<()> {
     let (px, test_y) = videos(n_test, 2, turn);
     let test_x = patch_tokens(&vision, &px, &device);
     let d = train_x.dims()[3];
-    let tokens: Vec<f32> = train_x.clone().narrow(0, 0, 8).into_data().to_vec().unwrap();
+    let tokens: Vec<f32> = train_x
+        .clone()
+        .narrow(0, 0, 8)
+        .into_data()
+        .to_vec()
+        .unwrap();
     let rms = (tokens.iter().map(|x| x * x).sum::<f32>() / tokens.len() as f32).sqrt();
     println!("patch tokens: width {d}, rms {rms:.3} (time embeddings start at rms 1)");
     let resampler = ResamplerConfig {

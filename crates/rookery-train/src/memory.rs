@@ -59,9 +59,12 @@ pub fn estimate(cfg: &RunConfig) -> Estimate {
         DistBackend::Mpi | DistBackend::Nccl => 1.0,
     };
     let s = cfg.data.image_size as f64;
+    let pages = &cfg.data.interleaved;
     let batch_floats = match cfg.train.stage {
         TrainStage::Lm => 0.0,
-        TrainStage::Clip | TrainStage::Flamingo => 3.0 * s * s,
+        TrainStage::Clip => 3.0 * s * s,
+        // A page holds up to max_images media of up to max_frames frames each.
+        TrainStage::Flamingo => (pages.max_images * pages.max_frames) as f64 * 3.0 * s * s,
     };
     let (params, trained, per_sample) = match cfg.train.stage {
         TrainStage::Lm => {

@@ -86,6 +86,17 @@ fn bad_configs_name_the_key() {
         &["flamingo.gate_lr_mult=nan"],
         "flamingo.gate_lr_mult",
     );
+    // More frames per video than the resampler has time embeddings; no frames at all.
+    refused(
+        flamingo,
+        &["data.interleaved.max_frames=4"],
+        "data.interleaved.max_frames",
+    );
+    refused(
+        flamingo,
+        &["data.interleaved.max_frames=0"],
+        "data.interleaved.max_frames",
+    );
     refused("[train]\nsteps = 10\n[train]\nsteps = 3\n", &[], "bad.toml");
 }
 
