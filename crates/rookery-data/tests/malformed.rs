@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
-use rookery_data::interleaved::{parse_mmc4, parse_obelics};
+use rookery_data::interleaved::{parse_mmc4, parse_obelics, Item};
 use rookery_data::wds::{read_shard, ShardItem};
 use rookery_data::writer::write_shard;
 
@@ -65,13 +65,28 @@ proptest! {
     }
 
     #[test]
-    fn mutated_mmc4_and_obelics_documents_parse_or_are_refused(
+    fn mutated_mmc4_and_obelics_documents_with_images_and_videos_parse_or_are_refused(
         edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
     ) {
         let mmc4 = br#"{"text_list": ["a red circle.", "two blue squares."], "image_info": [{"image_name": "img0.jpg", "matched_text_index": 1, "matched_sim": 0.3}]}"#;
         let obelics = br#"{"texts": [null, "a red circle."], "images": ["img0.jpg", null]}"#;
-        let members: BTreeSet<String> = ["img0.jpg".to_string()].into();
-        for doc in [&mmc4[..], &obelics[..]] {
+        // Videos: named by their frames' members, or listing them.
+        let mmc4_video = br#"{"text_list": ["a.", "b."], "image_info": [{"image_name": "vid0", "matched_text_index": 1}, {"frames": ["vid0.frame001.jpg", "img0.jpg"], "matched_text_index": 0}]}"#;
+        let obelics_video = br#"{"texts": [null, "a.", null], "images": ["vid0", null, ["vid0.frame000.jpg"]]}"#;
+        let members: BTreeSet<String> = ["img0.jpg", "vid0.frame000.jpg", "vid0.frame001.jpg"]
+            .map(String::from)
+            .into();
+        let parsed = |d: &[u8]| serde_json::from_slice::<serde_json::Value>(d).unwrap();
+        let videos = |items: Vec<Item>| -> Vec<usize> {
+            items.iter().filter_map(|i| match i {
+                Item::Media(m) => Some(m.frames.len()),
+                Item::Text(_) => None,
+            }).collect()
+        };
+        // Unmutated, they read as the videos they name.
+        prop_assert_eq!(videos(parse_mmc4(&parsed(mmc4_video), &members, 0.0).unwrap()), vec![2, 2]);
+        prop_assert_eq!(videos(parse_obelics(&parsed(obelics_video), &members).unwrap()), vec![2, 1]);
+        for doc in [&mmc4[..], &obelics[..], &mmc4_video[..], &obelics_video[..]] {
             let bytes = mutate(doc, &edits, usize::MAX);
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
                 let _ = parse_mmc4(&v, &members, 0.0);
