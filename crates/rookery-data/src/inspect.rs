@@ -5,8 +5,14 @@ use std::collections::BTreeMap;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use std::collections::BTreeSet;
+
+use base64::Engine;
+
 use crate::decode::decode_rgb;
-use crate::wds::{read_shard, ShardItem};
+use crate::interleaved::{mmc4_medium, parse_obelics, DocError, ImageRef, Item};
+use crate::media::{frame_members, is_frame};
+use crate::wds::{read_shard, RawSample, ShardItem};
 
 /// Statistics over a set of shards.
 #[derive(Debug, Default, Serialize)]
@@ -90,49 +96,97 @@ pub fn inspect(shards: &[String], image_exts: &[String], text_ext: &str) -> Insp
     r
 }
 
-/// An MMC4-layout page: every image named in `image_info` must be a decodable member, every
-/// `matched_text_index` in range; text stats over `text_list`.
-fn inspect_page(
-    r: &mut InspectReport,
-    url: &str,
-    s: &crate::wds::RawSample,
-    doc: &serde_json::Value,
-) {
-    let texts = doc["text_list"].as_array().map_or(0, |t| t.len());
-    let joined: String = doc["text_list"]
-        .as_array()
-        .into_iter()
+/// A page (MMC4 or OBELICS layout): every medium it names must be there and decode (each
+/// frame of a video), every MMC4 `matched_text_index` in range; text stats over its texts.
+fn inspect_page(r: &mut InspectReport, url: &str, s: &RawSample, doc: &serde_json::Value) {
+    let texts: Vec<&str> = ["text_list", "texts"]
+        .iter()
+        .filter_map(|k| doc[*k].as_array())
         .flatten()
         .filter_map(|t| t.as_str())
-        .collect::<Vec<_>>()
-        .join(" ");
+        .collect();
+    let joined = texts.join(" ");
     r.caption_chars.add(joined.chars().count() as u64);
     r.caption_words
         .add(joined.split_whitespace().count() as u64);
-    for info in doc["image_info"].as_array().into_iter().flatten() {
-        let name = info["image_name"]
-            .as_str()
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        let idx = info["matched_text_index"].as_u64().unwrap_or(u64::MAX) as usize;
-        let why = match s.get(&name) {
-            None => Some(format!("page image {name:?} is not a member")),
-            Some(bytes) => match decode_rgb(&name, bytes) {
-                Ok(img) => {
-                    *r.image_sides
-                        .entry(side_bucket(img.width.max(img.height)))
-                        .or_default() += 1;
-                    None
+    let members: BTreeSet<String> = s.members.iter().map(|(e, _)| e.clone()).collect();
+    let mut bad = |why: String| r.bad.push((url.to_string(), s.key.clone(), why));
+    let mut media = Vec::new();
+    match doc.get("image_info") {
+        // MMC4: each entry on its own, so one page can show several faults.
+        Some(info) => {
+            let n = doc["text_list"].as_array().map_or(0, Vec::len);
+            for (i, im) in info.as_array().into_iter().flatten().enumerate() {
+                let idx = im["matched_text_index"].as_u64().unwrap_or(u64::MAX) as usize;
+                match mmc4_medium(im, i, &members) {
+                    Err(DocError::MissingImage(name)) => {
+                        bad(format!("page image {name:?} is not a member"))
+                    }
+                    Err(e) => bad(e.to_string()),
+                    Ok(m) => {
+                        if idx >= n {
+                            bad(format!("matched_text_index {idx} out of range ({n} texts)"));
+                        }
+                        media.push(m)
+                    }
                 }
-                Err(e) => Some(format!("undecodable page image {name}: {e}")),
-            },
-        };
-        let why = why.or_else(|| {
-            (idx >= texts).then(|| format!("matched_text_index {idx} out of range ({texts} texts)"))
-        });
-        if let Some(why) = why {
-            r.bad.push((url.to_string(), s.key.clone(), why));
+            }
         }
+        None => match parse_obelics(doc, &members) {
+            Err(e) => bad(e.to_string()),
+            Ok(items) => media.extend(items.into_iter().filter_map(|i| match i {
+                Item::Media(m) => Some(m),
+                Item::Text(_) => None,
+            })),
+        },
+    }
+    for frame in media.iter().flat_map(|m| &m.frames) {
+        r.decode_frame(url, s, frame);
+    }
+}
+
+impl InspectReport {
+    /// Decodes one image (or video frame) of a sample, counting its size or why it failed.
+    fn decode_frame(&mut self, url: &str, s: &RawSample, r: &ImageRef) {
+        let (name, bytes) = match r {
+            ImageRef::Member(name) => (name.clone(), s.get(name).map(<[u8]>::to_vec)),
+            ImageRef::Base64(b) => {
+                let engine = base64::engine::general_purpose::STANDARD;
+                ("inline base64".to_string(), engine.decode(b.trim()).ok())
+            }
+        };
+        let kind = match r {
+            ImageRef::Member(n) => n.rsplit('.').next().unwrap_or(n).to_string(),
+            ImageRef::Base64(_) => "png".to_string(),
+        };
+        let decoded = bytes
+            .ok_or_else(|| "unreadable".to_string())
+            .and_then(|b| decode_rgb(&kind, &b).map_err(|e| e.to_string()));
+        match decoded {
+            Ok(img) => {
+                *self
+                    .image_sides
+                    .entry(side_bucket(img.width.max(img.height)))
+                    .or_default() += 1
+            }
+            Err(e) => self.bad.push((
+                url.to_string(),
+                s.key.clone(),
+                format!("undecodable page image {name}: {e}"),
+            )),
+        }
+    }
+}
+
+/// How an extension is counted: a video's frames as one class (`frame*.jpg`, `*.frame*.jpg`).
+fn extension_class(ext: &str) -> String {
+    if !is_frame(ext) {
+        return ext.to_string();
+    }
+    let kind = ext.rsplit('.').next().unwrap_or(ext);
+    match ext.starts_with("frame") {
+        true => format!("frame*.{kind}"),
+        false => format!("*.frame*.{kind}"),
     }
 }
 
@@ -143,20 +197,28 @@ fn inspect_one(url: &str, image_exts: &[String], text_ext: &str) -> InspectRepor
             ShardItem::Sample(s) => {
                 r.samples += 1;
                 for (e, _) in &s.members {
-                    *r.extensions.entry(e.clone()).or_default() += 1;
+                    *r.extensions.entry(extension_class(e)).or_default() += 1;
                 }
                 if let Some(doc) = s
                     .get("json")
                     .and_then(|j| serde_json::from_slice::<serde_json::Value>(j).ok())
-                    .filter(|d| d.get("text_list").is_some())
+                    .filter(|d| d.get("text_list").is_some() || d.get("texts").is_some())
                 {
                     inspect_page(&mut r, url, &s, &doc);
                     return true;
                 }
+                let members: BTreeSet<String> = s.members.iter().map(|(e, _)| e.clone()).collect();
+                let video = frame_members(&members, "", &s.key);
                 let mut bad = |why: String| r.bad.push((url.to_string(), s.key.clone(), why));
-                match s.first_of(image_exts) {
-                    None => bad("missing image".into()),
-                    Some((ext, bytes)) => match decode_rgb(ext, bytes) {
+                match (video, s.first_of(image_exts)) {
+                    (Some(Err(e)), _) => bad(e.to_string()),
+                    (Some(Ok(frames)), _) => {
+                        for f in frames {
+                            r.decode_frame(url, &s, &ImageRef::Member(f));
+                        }
+                    }
+                    (None, None) => bad("missing image".into()),
+                    (None, Some((ext, bytes))) => match decode_rgb(ext, bytes) {
                         Ok(img) => {
                             *r.image_sides
                                 .entry(side_bucket(img.width.max(img.height)))

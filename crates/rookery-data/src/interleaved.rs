@@ -171,7 +171,7 @@ pub fn parse_mmc4(
 
 /// An `image_info` entry's medium: `frames` (a video's members), `image_base64`, or
 /// `image_name`: a member, or a video whose frames are `{image_name}.frameNNN.jpg`.
-fn mmc4_medium(im: &Value, i: usize, members: &BTreeSet<String>) -> Result<Medium, DocError> {
+pub fn mmc4_medium(im: &Value, i: usize, members: &BTreeSet<String>) -> Result<Medium, DocError> {
     let name = im["image_name"].as_str();
     if let Some(list) = im.get("frames") {
         let list = list

@@ -398,7 +398,7 @@ fn interleaved_pages_inspect_clean_and_flag_broken_pages() {
         r.image_sides.values().sum::<u64>() >= 24,
         "2-4 images per page"
     );
-    // a page whose image member is missing and whose index is out of range
+    // a page whose first image is missing and whose second is out of range and undecodable
     let m = |e: &str, b: &[u8]| (e.to_string(), b.to_vec());
     let doc = br#"{"text_list": ["a", "b"], "image_info": [{"image_name": "img0.jpg", "matched_text_index": 1, "matched_sim": 0.3}, {"image_name": "img1.jpg", "matched_text_index": 5, "matched_sim": 0.3}]}"#;
     let broken = dir.path().join("broken.tar");
@@ -416,9 +416,11 @@ fn interleaved_pages_inspect_clean_and_flag_broken_pages() {
         "txt",
     );
     let why: Vec<&str> = r.bad.iter().map(|b| b.2.as_str()).collect();
-    assert_eq!(why.len(), 2, "{why:?}");
+    assert_eq!(why.len(), 3, "{why:?}");
     assert!(
-        why[0].contains("not a member") && why[1].contains("undecodable"),
+        why[0].contains("not a member")
+            && why[1].contains("out of range")
+            && why[2].contains("undecodable"),
         "{why:?}"
     );
 }

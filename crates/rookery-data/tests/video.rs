@@ -217,3 +217,35 @@ fn malformed_videos_are_skipped_and_counted_with_their_key() {
         "{e}"
     );
 }
+
+/// `rookery data inspect` reads video pages as the loader does: a clean set is clean (every
+/// frame decoded, frame members counted as one class), and the malformed videos are listed.
+#[test]
+fn inspect_reads_videos_and_lists_the_malformed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = video_set(dir.path(), 6);
+    let shards = expand_shards(&cfg.videos_train_pattern()).unwrap();
+    let exts = DataConfig::default().image_exts;
+    let r = rookery_data::inspect::inspect(&shards, &exts, "txt");
+    assert_eq!(r.samples, 6);
+    assert!(r.bad.is_empty(), "{:?}", r.bad);
+    let frames: u64 = samples(&shards[0])
+        .values()
+        .map(|m| m.keys().filter(|k| k.contains(".frame")).count() as u64)
+        .sum();
+    assert_eq!(r.image_sides.values().sum::<u64>(), frames);
+    assert_eq!(
+        r.extensions.get("*.frame*.jpg"),
+        Some(&frames),
+        "{:?}",
+        r.extensions
+    );
+    let frame = samples(&shards[0]).values().next().unwrap()["vid0.frame000.jpg"].clone();
+    let bad = hand_made(dir.path(), &frame);
+    let r = rookery_data::inspect::inspect(&[bad], &exts, "txt");
+    let mut keys: Vec<&str> = r.bad.iter().map(|b| b.1.as_str()).collect();
+    keys.sort();
+    // "long" is only too long for a run's max_video_frames, not malformed in itself.
+    assert_eq!(keys, ["empty", "gap", "pairgap"], "{:?}", r.bad);
+    assert!(r.bad.iter().all(|b| b.2.contains("video")), "{:?}", r.bad);
+}
