@@ -259,7 +259,8 @@ fn lm_steps(
     comm: &dyn Communicator<IB>,
     accum: usize,
 ) -> LmTrace {
-    let mut model = init.clone();
+    // Leaves of its own on each rank thread (rookery_train::leaves).
+    let mut model = rookery_train::leaves::fresh_leaves(init);
     let mut sgd = burn::optim::SgdConfig::new().init::<B, LanguageModel<B>>();
     let (mut losses, mut grads) = (vec![], vec![]);
     let (w, r) = (comm.world_size(), comm.rank());

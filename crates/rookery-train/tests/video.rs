@@ -118,7 +118,8 @@ fn own_padding(b: PageBatch) -> PageBatch {
 type Trace = (Vec<f32>, Vec<Vec<f32>>);
 
 fn flamingo_steps(init: &Flamingo<B>, data: &[PageBatch], comm: &dyn Communicator<IB>) -> Trace {
-    let mut model = init.clone();
+    // Leaves of its own on each rank thread (rookery_train::leaves).
+    let mut model = rookery_train::leaves::fresh_leaves(init);
     let mut sgd = burn::optim::SgdConfig::new().init::<B, Flamingo<B>>();
     let (mut losses, mut grads) = (vec![], vec![]);
     let (w, r) = (comm.world_size(), comm.rank());
