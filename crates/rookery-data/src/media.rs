@@ -66,14 +66,11 @@ pub fn is_image(ext: &str) -> bool {
 
 /// Whether `ext` is a video frame (`frame000.jpg`, `vid0.frame000.jpg`).
 pub fn is_frame(ext: &str) -> bool {
-    match ext
-        .rsplit_once(".frame")
-        .map(|(_, r)| r)
-        .or(ext.strip_prefix("frame"))
-    {
-        Some(rest) => frame_number(&format!("frame{rest}"), "").is_some(),
-        None => false,
-    }
+    let prefix = match ext.rfind(".frame") {
+        Some(at) => &ext[..at + 1],
+        None => "",
+    };
+    frame_number(ext, prefix).is_some()
 }
 
 /// The frame number of `ext` when it is `{prefix}frameNNN.{image ext}`.
@@ -133,6 +130,41 @@ pub fn listed_frames(
         })
         .collect::<Result<_, _>>()?;
     Ok(Medium { frames })
+}
+
+/// Rows of media (each medium its frames' pixels, `per` floats each) laid out as
+/// `[rows, max_media, max_frames, per]`, missing media and frames zero.
+pub struct PackedMedia {
+    pub pixels: Vec<f32>,
+    /// `[rows * max_media]`: each slot's real frames (an empty slot counts one).
+    pub frames: Vec<usize>,
+    pub max_media: usize,
+    pub max_frames: usize,
+}
+
+/// Lays out `rows` (per row, its media; per medium, its frames) as [`PackedMedia`].
+pub fn pack_media(rows: &[&[Vec<Vec<f32>>]], per: usize) -> PackedMedia {
+    let max_media = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
+    let longest = rows.iter().flat_map(|r| r.iter().map(Vec::len)).max();
+    let max_frames = longest.unwrap_or(1).max(1);
+    let mut pixels = vec![0.0; rows.len() * max_media * max_frames * per];
+    let mut frames = vec![1; rows.len() * max_media];
+    for (row, media) in rows.iter().enumerate() {
+        for (k, medium) in media.iter().enumerate() {
+            let slot = row * max_media + k;
+            frames[slot] = medium.len();
+            for (t, px) in medium.iter().enumerate() {
+                let at = (slot * max_frames + t) * per;
+                pixels[at..at + per].copy_from_slice(px);
+            }
+        }
+    }
+    PackedMedia {
+        pixels,
+        frames,
+        max_media,
+        max_frames,
+    }
 }
 
 /// Indices of `keep` frames out of `total`, evenly spread with the first and the last kept

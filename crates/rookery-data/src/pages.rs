@@ -24,7 +24,7 @@ use crate::interleaved::{
     SequenceConfig, Specials,
 };
 use crate::loader::{load_image, Batched, DataConfig, LoaderPosition, Mode, Prepare};
-use crate::media::{frame_members, sample_frames};
+use crate::media::{frame_members, pack_media, sample_frames};
 use crate::rng::hash_str;
 use crate::tokenize::TextTokenizer;
 use crate::wds::RawSample;
@@ -199,15 +199,16 @@ impl Prepare for Pages {
         let is_doc = json
             .as_ref()
             .is_some_and(|j| j.get("text_list").is_some() || j.get("texts").is_some());
-        let members: BTreeSet<String> = s.members.iter().map(|(e, _)| e.clone()).collect();
         let has_text = s.get(&self.data.text_ext).is_some();
+        // Image-text pairs (the common mixed-in case) before any member set is built.
+        if !is_doc && has_text && s.first_of(&self.data.image_exts).is_some() {
+            return self.pair(s, None, epoch);
+        }
+        let members: BTreeSet<String> = s.members.iter().map(|(e, _)| e.clone()).collect();
         if !is_doc && has_text {
             if let Some(frames) = frame_members(&members, "", &s.key) {
                 let frames = frames.map_err(|e| format!("bad video: {e}"))?;
                 return self.pair(s, Some(frames), epoch);
-            }
-            if s.first_of(&self.data.image_exts).is_some() {
-                return self.pair(s, None, epoch);
             }
         }
         let json = json.ok_or("missing document: no .json member")?;
@@ -240,19 +241,17 @@ impl Prepare for Pages {
     fn assemble(&self, good: Vec<(RawSample, u64, Page)>, position: LoaderPosition) -> PageBatch {
         let n = good.len();
         let s = self.data.image_size as usize;
-        let per = 3 * s * s;
-        let most = |f: fn(&Page) -> usize| good.iter().map(|g| f(&g.2)).max().unwrap_or(1).max(1);
-        let max_images = most(|p| p.images.len());
-        let max_frames = most(|p| p.images.iter().map(Vec::len).max().unwrap_or(1));
+        let rows: Vec<&[Vec<Vec<f32>>]> = good.iter().map(|g| g.2.images.as_slice()).collect();
+        let media = pack_media(&rows, 3 * s * s);
         let mut b = PageBatch {
             tokens: Vec::with_capacity(n * self.seq.max_tokens),
             targets: Vec::with_capacity(n * self.seq.max_tokens),
-            images: vec![0.0; n * max_images * max_frames * per],
+            images: media.pixels,
             n_images: Vec::with_capacity(n),
-            frames: vec![1; n * max_images],
+            frames: media.frames,
             batch_size: n,
-            max_images,
-            max_frames,
+            max_images: media.max_media,
+            max_frames: media.max_frames,
             context_length: self.seq.max_tokens,
             image_size: s,
             keys: Vec::with_capacity(n),
@@ -260,18 +259,10 @@ impl Prepare for Pages {
             epochs: Vec::with_capacity(n),
             position,
         };
-        for (row, (raw, epoch, page)) in good.into_iter().enumerate() {
+        for (raw, epoch, page) in good {
             b.tokens.extend_from_slice(&page.tokens);
             b.targets
                 .extend(page.targets.iter().map(|&t| t as u8 as f32 * page.weight));
-            for (k, frames) in page.images.iter().enumerate() {
-                let slot = row * max_images + k;
-                b.frames[slot] = frames.len();
-                for (t, img) in frames.iter().enumerate() {
-                    let at = (slot * max_frames + t) * per;
-                    b.images[at..at + per].copy_from_slice(img);
-                }
-            }
             b.n_images.push(page.images.len());
             b.keys.push(raw.key);
             b.json.push(page.json);

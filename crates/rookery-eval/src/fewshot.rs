@@ -2,7 +2,7 @@
 //! the pages' single-image (or single-video) questions written in the VQA layout
 //! ([`write_vqa_layout`]) for the k-shot evaluation every Flamingo gets
 //! ([`crate::openflamingo`]). Greedy decoding
-//! ([`generate`]) is shared with `rookery generate`.
+//! ([`generate_visual`]) is shared with `rookery generate`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -204,27 +204,10 @@ pub fn greedy(logits: &[f32]) -> i64 {
         .0 as i64
 }
 
-/// Appends up to `max_new` tokens to each row (rows of any length; `images` `[R, N, 3, S, S]`
-/// the same N for every row), choosing each with `pick` from the next-token logits; a row stops
-/// after any token of `stop`. Returns the new tokens of each row.
-#[allow(clippy::too_many_arguments)]
-pub fn generate<B: Backend>(
-    model: &Flamingo<B>,
-    rows: Vec<Vec<i64>>,
-    images: Tensor<B, 5>,
-    max_new: usize,
-    pick: &mut dyn FnMut(&[f32]) -> i64,
-    stop: &[i64],
-    pad: i64,
-    device: &B::Device,
-) -> Result<Vec<Vec<i64>>> {
-    let n = images.dims()[1];
-    let visual = model.encode_images(images);
-    generate_visual(model, rows, visual, n, max_new, pick, stop, pad, device)
-}
-
-/// As [`generate`], with the `n` media of each row already encoded (`visual` `[R, n * latents,
-/// D]`, from [`Flamingo::encode_media`] for videos).
+/// Appends up to `max_new` tokens to each row (rows of any length), given the `n` media of
+/// each row already encoded (`visual` `[R, n * latents, D]`, from [`Flamingo::encode_media`]),
+/// choosing each with `pick` from the next-token logits; a row stops after any token of
+/// `stop`. Returns the new tokens of each row.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_visual<B: Backend>(
     model: &Flamingo<B>,

@@ -49,18 +49,11 @@ pub fn page_tensors<B: Backend>(
     (tokens, weights)
 }
 
-/// A page batch's media `[B, N, F, 3, S, S]` (only models that read images need them) and
-/// each medium's real frames, `None` when no medium is padded (all images, or all videos of F
-/// frames): the model then takes the path without a mask.
-pub fn page_media<B: Backend>(
-    b: &PageBatch,
-    device: &B::Device,
-) -> (Tensor<B, 6>, Option<Vec<usize>>) {
+/// A page batch's media `[B, N, F, 3, S, S]` (only models that read images need them).
+pub fn page_media<B: Backend>(b: &PageBatch, device: &B::Device) -> Tensor<B, 6> {
     let (s, f) = (b.image_size, b.max_frames);
     let shape = [b.batch_size, b.max_images, f, 3, s, s];
-    let media = Tensor::from_data(TensorData::new(b.images.clone(), shape), device);
-    let padded = b.frames.iter().any(|&n| n != f);
-    (media, padded.then(|| b.frames.clone()))
+    Tensor::from_data(TensorData::new(b.images.clone(), shape), device)
 }
 
 /// Next-token logits of a page batch: its tokens with its media.
@@ -70,6 +63,5 @@ pub fn page_logits<B: Backend>(
     b: &PageBatch,
     device: &B::Device,
 ) -> Tensor<B, 3> {
-    let (media, frames) = page_media(b, device);
-    model.forward_media(tokens, media, frames.as_deref())
+    model.forward_media(tokens, page_media(b, device), Some(&b.frames))
 }

@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use burn::prelude::*;
 use rookery_data::interleaved::Specials;
 use rookery_data::loader::load_image_file;
-use rookery_data::media::even_sample;
+use rookery_data::media::{even_sample, pack_media};
 use rookery_data::{DataConfig, TextTokenizer};
 use rookery_model::flamingo::Flamingo;
 
@@ -47,30 +47,13 @@ impl<B: Backend> FlamingoGenerator<'_, B> {
     }
 
     /// The visual tokens of `media` (per prompt, its media in order; the same count for all).
-    fn encode(&self, media: &[Vec<Vec<Vec<f32>>>], n: usize) -> Tensor<B, 3> {
-        let (s, n) = (self.data.image_size as usize, n.max(1));
-        let per = 3 * s * s;
-        let f = media
-            .iter()
-            .flatten()
-            .map(Vec::len)
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let mut pixels = vec![0.0; media.len() * n * f * per];
-        let mut frames = vec![1; media.len() * n];
-        for (slot, m) in media.iter().flatten().enumerate() {
-            frames[slot] = m.len();
-            for (t, px) in m.iter().enumerate() {
-                let at = (slot * f + t) * per;
-                pixels[at..at + per].copy_from_slice(px);
-            }
-        }
-        let shape = [media.len(), n, f, 3, s, s];
-        let t = Tensor::<B, 6>::from_data(TensorData::new(pixels, shape), self.device);
-        let padded = frames.iter().any(|&k| k != f);
-        self.model
-            .encode_media(t, padded.then_some(frames.as_slice()))
+    fn encode(&self, media: &[Vec<Vec<Vec<f32>>>]) -> Tensor<B, 3> {
+        let s = self.data.image_size as usize;
+        let rows: Vec<&[Vec<Vec<f32>>]> = media.iter().map(Vec::as_slice).collect();
+        let p = pack_media(&rows, 3 * s * s);
+        let shape = [media.len(), p.max_media, p.max_frames, 3, s, s];
+        let t = Tensor::<B, 6>::from_data(TensorData::new(p.pixels, shape), self.device);
+        self.model.encode_media(t, Some(&p.frames))
     }
 }
 
@@ -104,7 +87,7 @@ impl<B: Backend> Generate for FlamingoGenerator<'_, B> {
             );
             rows.push(row);
         }
-        let visual = self.encode(&media, n);
+        let visual = self.encode(&media);
         let stop = [sp.eoc, sp.eot];
         let new = generate_visual(
             self.model,
