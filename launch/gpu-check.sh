@@ -14,6 +14,9 @@
 #   bench_b32    rookery bench, clip-vit-b32's model at batch 256
 #   nccl_train   20 steps of clip-tiny through the NCCL backend, world size 1 (real NCCL calls,
 #                a checkpoint, the final evaluation)
+#   stage2_bf16  the tiny recipe's three stages, 10 steps each, on the GPU: stage 2 holds its
+#                frozen vision tower and LM in bf16 (frozen_dtype "auto" on CUDA), trains,
+#                checkpoints and evaluates
 #   fail_peer    rank 0 of a 2-rank NCCL job whose peer never comes: must fail, not hang
 #   fail_dup     2 NCCL ranks on one GPU ("Duplicate GPU"): must fail, not hang
 # Writes OUT_DIR/gpu-check.json (one summary) and a log per step; exits 1 if a step failed.
@@ -94,6 +97,28 @@ train=(train configs/clip-tiny.toml --overwrite
   --set "data.val=$SCRATCH/synth/val/shard-{000000..000000}.tar"
   --set "data.tokenizer=$SCRATCH/synth/tokenizer.json")
 step nccl_train ok 300 "$BIN" launch --nproc-per-node 1 -- "${train[@]}"
+
+# Stage 2 with bf16 frozen towers: an LM (10 steps) on the pages of a small synthetic set, a
+# CLIP (10 steps) on clip-tiny's set, then flamingo-tiny for 10 steps on them, one rank. The
+# three runs go in a script of their own, so that `step` can time and bound them as one.
+cat >"$SCRATCH/stage2.sh" <<STAGE2
+set -eo pipefail
+P=(--overwrite --set dist.world_size=1 --set train.steps=10 --set checkpoint.every=10)
+D=(--set data.synth.out=$SCRATCH/pages --set data.synth.pages_per_shard=200
+  --set "data.train=$SCRATCH/pages/pages-train/shard-{000000..000003}.tar"
+  --set "data.val=$SCRATCH/pages/pages-val/shard-{000000..000000}.tar"
+  --set data.tokenizer=$SCRATCH/pages/tokenizer.json --set eval.pages=32)
+"$BIN" train configs/lm-tiny.toml "\${P[@]}" "\${D[@]}" --set train.run_dir=$SCRATCH/lm
+"$BIN" train configs/clip-tiny.toml "\${P[@]}" --set train.run_dir=$SCRATCH/clip \\
+  --set data.synth.out=$SCRATCH/synth --set data.tokenizer=$SCRATCH/synth/tokenizer.json \\
+  --set "data.train=$SCRATCH/synth/train/shard-{000000..000015}.tar" \\
+  --set "data.val=$SCRATCH/synth/val/shard-{000000..000000}.tar"
+"$BIN" train configs/flamingo-tiny.toml "\${P[@]}" "\${D[@]}" --set train.run_dir=$SCRATCH/flamingo \\
+  --set flamingo.vision_from=$SCRATCH/clip --set flamingo.lm_from=$SCRATCH/lm \\
+  --set eval.questions=32 2>&1 | tee $SCRATCH/flamingo.log
+grep -q 'held in dtype=BF16' $SCRATCH/flamingo.log
+STAGE2
+with_memory stage2_bf16 step stage2_bf16 ok 300 bash "$SCRATCH/stage2.sh"
 
 # Rank 0 of two, alone: the rendezvous must give up after dist.timeout_s.
 step fail_peer error 90 env RANK=0 LOCAL_RANK=0 WORLD_SIZE=2 LOCAL_WORLD_SIZE=2 \

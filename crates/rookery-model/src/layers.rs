@@ -74,7 +74,7 @@ impl<B: Backend> Attention<B> {
     /// # Shapes
     /// `x`: `[B, T, D]` -> `[B, T, D]`.
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
-        if fused_on_cpu::<B>(&x.device()) {
+        if fused_on_cpu(&x) {
             self.forward_fused(x, causal, None)
         } else {
             self.forward_split(x, causal)
@@ -138,7 +138,7 @@ impl<B: Backend> Attention<B> {
         rows: Tensor<B, 1, Int>,
         causal: bool,
     ) -> Tensor<B, 3> {
-        if !fused_on_cpu::<B>(&x.device()) {
+        if !fused_on_cpu(&x) {
             let b = rows.dims()[0];
             return select_rows(self.forward(x, causal), rows.reshape([b, 1]));
         }
@@ -160,11 +160,13 @@ pub fn select_rows<B: Backend>(x: Tensor<B, 3>, rows: Tensor<B, 2, Int>) -> Tens
 }
 
 /// Whether attention takes [`Attention::forward_fused`]: on burn-flex (the CPU backend, alone
-/// or under autodiff) with the kernels on ([`crate::cpu::kernels_on`]); elsewhere (CUDA) the
-/// split form.
-fn fused_on_cpu<B: Backend>(device: &B::Device) -> bool {
-    let name = B::name(device);
-    crate::cpu::kernels_on() && (name == "flex" || name.ends_with("<flex>"))
+/// or under autodiff) in f32 with the kernels on ([`crate::cpu::kernels_on`]); elsewhere
+/// (CUDA, a bf16 frozen tower) the split form.
+fn fused_on_cpu<B: Backend>(x: &Tensor<B, 3>) -> bool {
+    let name = B::name(&x.device());
+    crate::cpu::kernels_on()
+        && x.dtype() == burn::tensor::DType::F32
+        && (name == "flex" || name.ends_with("<flex>"))
 }
 
 #[derive(Module, Debug)]
@@ -295,11 +297,15 @@ mod tests {
         (a - b).abs().max().into_scalar()
     }
 
-    /// The CPU backend takes the fused form, with and without autodiff.
+    /// The CPU backend takes the fused form in f32, with and without autodiff; bf16 (a frozen
+    /// tower held so) takes burn's ops.
     #[test]
-    fn flex_takes_the_fused_kernels() {
-        assert!(fused_on_cpu::<Flex>(&Default::default()));
-        assert!(fused_on_cpu::<B>(&Default::default()));
+    fn flex_takes_the_fused_kernels_in_f32() {
+        let dev = Default::default();
+        assert!(fused_on_cpu(&Tensor::<Flex, 3>::zeros([1, 2, 2], &dev)));
+        assert!(fused_on_cpu(&Tensor::<B, 3>::zeros([1, 2, 2], &dev)));
+        let bf16 = Tensor::<B, 3>::zeros([1, 2, 2], (&dev, burn::tensor::DType::BF16));
+        assert!(!fused_on_cpu(&bf16));
     }
 
     /// Fused attention equals the split-heads form, outputs and every gradient.

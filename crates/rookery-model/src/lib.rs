@@ -5,7 +5,8 @@
 //! - [`loss`]: the symmetric InfoNCE and SigLIP losses, shaped for gathered features;
 //! - [`next_token`]: the weighted next-token loss of the language models;
 //! - [`cpu`]: vectorised CPU kernels for ops burn's CPU backend runs scalar (GELU);
-//! - [`flamingo`]: a decoder LM, the Perceiver Resampler and gated cross-attention.
+//! - [`flamingo`]: a decoder LM, the Perceiver Resampler and gated cross-attention;
+//! - [`precision`]: the dtype stage 2's frozen towers are held and run in.
 
 pub mod clip;
 pub mod cpu;
@@ -13,6 +14,7 @@ pub mod flamingo;
 pub mod layers;
 pub mod loss;
 pub mod next_token;
+pub mod precision;
 pub mod siglip;
 pub mod text;
 pub mod vit;

@@ -21,7 +21,7 @@ use rookery_model::flamingo::Flamingo;
 use serde_json::json;
 
 use crate::config::RunConfig;
-use crate::stage::flamingo::{load_lm, load_source_lm, load_vision};
+use crate::stage::flamingo::{frozen_dtype, load_lm, load_source_lm, load_vision};
 use crate::trainer::TrainStage;
 use rookery_eval::fewshot::{generate_visual, greedy};
 use rookery_interop::cast::Cast;
@@ -132,7 +132,8 @@ pub fn open_flamingo<B: Backend>(
         let mut store =
             SafetensorsStore::from_file(&full).with_from_adapter(Cast { to: DType::F32 });
         let model = crate::checkpoint::load_store(model, &mut store, &full)?;
-        return Ok((cfg, tk, model));
+        let dtype = frozen_dtype::<B>(&cfg, device)?;
+        return Ok((cfg, tk, model.with_frozen_dtype(dtype)));
     }
     let mut model = model;
     model.vision = load_vision(&cfg.flamingo.vision_from, device)?;
@@ -148,7 +149,8 @@ pub fn open_flamingo<B: Backend>(
     if !res.errors.is_empty() {
         bail!("{}: {:?}", path.display(), res.errors);
     }
-    Ok((cfg, tk, model))
+    let dtype = frozen_dtype::<B>(&cfg, device)?;
+    Ok((cfg, tk, model.with_frozen_dtype(dtype)))
 }
 
 /// `rookery generate`'s settings.

@@ -2,7 +2,8 @@
 //! any work: absurd image sizes or context lengths used to abort on a failed allocation after
 //! the run directory was written.
 //!
-//! It counts only what must exist: f32 weights, their gradients and Adam's two moments for the
+//! It counts only what must exist: weights (f32; stage 2's frozen towers in bf16 when
+//! `flamingo.frozen_dtype` says so, "auto" meaning bf16 in a CUDA build), the gradients and Adam's two moments for the
 //! trained parameters, the tensors each transformer layer keeps for its backward (the inputs
 //! of its linear layers and norms; not attention probabilities, which the CPU kernels
 //! recompute), and the loader's decoded batches. A run under this bound may still not fit; a
@@ -14,8 +15,10 @@ use rookery_model::flamingo::LmStyle;
 use crate::config::RunConfig;
 use crate::parallel::DistBackend;
 use crate::trainer::TrainStage;
+use rookery_model::precision::FrozenDtype;
 
 const F32: f64 = 4.0;
+const BF16: f64 = 2.0;
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// What the bound is made of, in bytes, for every rank this process holds.
@@ -31,6 +34,8 @@ pub struct Estimate {
     pub activations: f64,
     /// Decoded batches queued by the loaders (`data.prefetch` + the one in use).
     pub batches: f64,
+    /// Stage 2's frozen towers are counted in bf16.
+    pub frozen_bf16: bool,
 }
 
 impl Estimate {
@@ -95,9 +100,17 @@ pub fn estimate(cfg: &RunConfig) -> Estimate {
             (vision + text, vision + text, v_kept + t_kept)
         }
     };
+    let frozen_bf16 = cfg.train.stage == TrainStage::Flamingo
+        && match cfg.flamingo.frozen_dtype {
+            FrozenDtype::Bf16 => true,
+            FrozenDtype::Auto => cfg!(feature = "cuda"),
+            FrozenDtype::F32 => false,
+        };
+    let frozen_bytes = if frozen_bf16 { BF16 } else { F32 };
     Estimate {
+        frozen_bf16,
         params,
-        weights: ranks * params * F32,
+        weights: ranks * (trained * F32 + (params - trained) * frozen_bytes),
         optimizer: ranks * trained * 3.0 * F32,
         activations: ranks * m * per_sample * F32,
         batches: ranks * (cfg.data.prefetch as f64 + 1.0) * m * batch_floats * F32,
@@ -256,5 +269,23 @@ mod tests {
             check_fits(&huge, None).is_ok(),
             "no check where the memory is unknown"
         );
+    }
+
+    /// Stage 2's frozen towers held in bf16 weigh two bytes a parameter, the trained parts
+    /// four; "auto" counts what it means in this build (f32 without CUDA).
+    #[test]
+    fn bf16_frozen_towers_halve_their_weights() {
+        let stage2 = |dtype: &str| {
+            let dtype = format!("flamingo.frozen_dtype=\"{dtype}\"");
+            estimate(&cfg(&["train.stage=\"flamingo\"", dtype.as_str()]))
+        };
+        let (full, auto, half) = (stage2("f32"), stage2("auto"), stage2("bf16"));
+        assert_eq!(full.weights == auto.weights, !cfg!(feature = "cuda"));
+        let trained = flamingo_new(&cfg(&[]).flamingo.model);
+        let frozen = full.params - trained;
+        assert!(frozen > trained, "{frozen} {trained}");
+        assert_eq!(full.weights, trained * F32 + frozen * F32);
+        assert_eq!(half.weights, trained * F32 + frozen * BF16);
+        assert_eq!(half.optimizer, full.optimizer);
     }
 }

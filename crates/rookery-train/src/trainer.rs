@@ -460,12 +460,12 @@ fn build<B: AutodiffBackend, S: Stage<B>>(
         false => None,
     };
     let Some(dir) = latest else {
-        return Ok((model, optim, fresh));
+        return Ok((stage.place(model, device)?, optim, fresh));
     };
     let mut resolved = cfg.clone();
     resolved.dist.world_size = comm.world_size();
     let (model, optim, mut state) = checkpoint::load(&dir, &resolved, model, optim, device)?;
-    let model = stage.after_load(model);
+    let model = stage.place(stage.after_load(model), device)?;
     let world = comm.world_size();
     if state.loaders.len() != world {
         let old = std::mem::take(&mut state.loaders);

@@ -5,7 +5,7 @@
 
 mod common;
 use common::recipe::{flamingo_cfg, load, pages_sets, sources, synth, B, IB};
-use common::{floats, grads_of, rel_diff, resume_from_step_2, rows};
+use common::{floats, grads_of, losses, rel_diff, resume_from_step_2, rows};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::Optimizer;
 use burn::prelude::*;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::DType;
 use rookery_data::loader::Mode;
 use rookery_data::pages::{PageBatch, Pages};
 use rookery_data::synth::SynthConfig;
@@ -23,6 +24,7 @@ use rookery_data::{Loader, TextTokenizer};
 use rookery_dist::{Communicator, LocalGroup, Single};
 use rookery_eval::fewshot::{held_out_questions, question_answering};
 use rookery_model::flamingo::{Flamingo, LanguageModel, LmConfig};
+use rookery_model::precision::{cast_params, FrozenDtype};
 use rookery_train::causal::causal_grads;
 use rookery_train::flamingo_io::{export_flamingo, generate_text, open_flamingo, GenerateArgs};
 use rookery_train::optim::{AdamWOf, OptimConfig, PathIds, Updater};
@@ -206,6 +208,82 @@ fn stage_two_trains_only_the_new_layers_and_resumes_exactly() {
     assert!(
         err.contains("5-shot prompts") && err.contains("context of 64"),
         "{err}"
+    );
+}
+
+/// `flamingo.frozen_dtype = "bf16"` (what "auto" picks on a GPU), run on the CPU: the frozen
+/// vision tower and LM are held in bf16 (the checkpoint stores them so, the trained parts in
+/// f32), equal the bf16 rounding of their sources bit for bit after training, the losses
+/// track the f32 run's, and a resumed run ends where the unbroken one did.
+#[test]
+fn stage_two_with_bf16_frozen_towers_trains_resumes_and_tracks_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth(dir.path());
+    let (clip, lm) = sources(dir.path(), &s);
+    let cfg = |run: &str, bf16: bool| {
+        let mut c = flamingo_cfg(&s, &dir.path().join(run), &clip, &lm, 4);
+        if bf16 {
+            c.flamingo.frozen_dtype = FrozenDtype::Bf16;
+        }
+        c
+    };
+    train::<B>(&cfg("f32", false), &Default::default()).unwrap();
+    train::<B>(&cfg("bf16", true), &Default::default()).unwrap();
+    let (full, half) = (
+        losses(&dir.path().join("f32")),
+        losses(&dir.path().join("bf16")),
+    );
+    assert_eq!(full.len(), 4);
+    for (a, b) in full.iter().zip(&half) {
+        assert!(
+            (a - b).abs() / a < 1e-2,
+            "f32 losses {full:?}, bf16 {half:?}"
+        );
+    }
+    assert_ne!(full, half, "bf16 changed nothing");
+
+    let run = dir.path().join("bf16");
+    let bytes = std::fs::read(checkpoint::latest(&run).unwrap().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, t) in st.tensors() {
+        let frozen = name.starts_with("vision.") || name.starts_with("lm.");
+        let want = match frozen {
+            true => safetensors::Dtype::BF16,
+            false => safetensors::Dtype::F32,
+        };
+        assert_eq!(t.dtype(), want, "{name}");
+    }
+
+    let dev = Default::default();
+    let (_, _, model) = open_flamingo::<IB>(&run, &dev).unwrap();
+    assert_eq!(model.lm.dtype(), DType::BF16);
+    let ckpt = |d: &Path| checkpoint::latest(d).unwrap();
+    let lm_weights = cast_params(load_lm::<IB>(&ckpt(&lm), &dev).unwrap(), DType::BF16);
+    assert!(floats(&model.lm) == floats(&lm_weights), "the LM changed");
+    let vision = cast_params(load_vision::<IB>(&ckpt(&clip), &dev).unwrap(), DType::BF16);
+    assert!(
+        floats(&model.vision) == floats(&vision),
+        "the vision tower changed"
+    );
+
+    let run2 = dir.path().join("bf16-resumed");
+    resume_from_step_2(&run, cfg("bf16-resumed", true));
+    let (_, _, resumed) = open_flamingo::<IB>(&run2, &dev).unwrap();
+    assert!(floats(&resumed) == floats(&model), "resumed run differs");
+    let after = losses(&run2);
+    assert_eq!(after[after.len() - 2..], half[2..], "resumed losses differ");
+
+    // Resuming it in f32 is another [flamingo]: refused, naming the section.
+    let mut other = cfg("bf16-as-f32", false);
+    other.train.resume = rookery_train::trainer::Resume::Auto;
+    let ck = other.run_dir().join("checkpoints");
+    common::copy_dir(&ckpt(&run), &ck.join("step-00000004"));
+    std::fs::write(ck.join("latest"), "step-00000004").unwrap();
+    let e = train::<B>(&other, &Default::default()).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("different model") && e.contains("frozen_dtype: Bf16"),
+        "{e}"
     );
 }
 

@@ -15,6 +15,8 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 
 use crate::cpu::softmax;
+use crate::precision::to_dtype;
+use burn::tensor::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{linear_3d, Act, ResidualAttentionBlock, Transformer};
@@ -285,11 +287,12 @@ impl<B: Backend> LlamaBlock<B> {
                 .expand([b, kv, h / kv, t, hd])
                 .reshape([b, h, t, hd])
         };
-        let q = rope.forward(heads(0, h));
-        let (k, v) = (
-            shared(rope.forward(heads(h, kv))),
-            shared(heads(h + kv, kv)),
-        );
+        // RoPE's table is f32 (a constant, not a parameter): rotate in f32, as HF computes
+        // its cos/sin in f32, then go on in the block's dtype.
+        let dt = x.dtype();
+        let rotate = |t: Tensor<B, 4>| to_dtype(rope.forward(to_dtype(t, DType::F32)), dt);
+        let q = rotate(heads(0, h));
+        let (k, v) = (shared(rotate(heads(h, kv))), shared(heads(h + kv, kv)));
         let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f32).sqrt();
         let causal = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &x.device())
             .unsqueeze::<4>()
@@ -330,10 +333,18 @@ pub struct LanguageModel<B: Backend> {
     pub context_length: usize,
 }
 
+/// The LM's parts run in the dtype its weights are held in ([`LanguageModel::dtype`]: bf16
+/// when stage 2 holds it so, [`crate::precision`]) and take and give the residual stream in
+/// the caller's dtype (f32): each casts its input on entry and its output on exit.
 impl<B: Backend> LanguageModel<B> {
-    /// Token embeddings `[B, T, D]` (positions are added by [`Self::add_positions`]).
+    /// The dtype its weights are held in.
+    pub fn dtype(&self) -> DType {
+        self.wte.weight.val().dtype()
+    }
+
+    /// Token embeddings `[B, T, D]` in f32 (positions are added by [`Self::add_positions`]).
     pub fn embed_tokens(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.wte.forward(tokens)
+        to_dtype(self.wte.forward(tokens), DType::F32)
     }
 
     /// Adds learned positions (gpt2); llama's positions enter through RoPE in each block.
@@ -343,15 +354,26 @@ impl<B: Backend> LanguageModel<B> {
         let pos = Tensor::<B, 1, Int>::arange(0..t as i64, &x.device())
             .reshape([1, t])
             .expand([b, t]);
-        x + wpe.forward(pos)
+        let dt = x.dtype();
+        x + to_dtype(wpe.forward(pos), dt)
+    }
+
+    /// `f(x)` in the LM's dtype, returned in `x`'s.
+    fn in_own_dtype(
+        &self,
+        x: Tensor<B, 3>,
+        f: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        let io = x.dtype();
+        to_dtype(f(to_dtype(x, self.dtype())), io)
     }
 
     /// Causal block `i` of the stack.
     pub fn block(&self, i: usize, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.blocks[i] {
+        self.in_own_dtype(x, |x| match &self.blocks[i] {
             LmBlock::Gpt2(b) => b.forward(x, true),
             LmBlock::Llama(b) => b.forward(x, self.rope.as_ref().expect("llama has rope")),
-        }
+        })
     }
 
     /// Next-token logits `[B, T, V]` from the last hidden states.
@@ -361,15 +383,15 @@ impl<B: Backend> LanguageModel<B> {
 
     /// The final norm of the last hidden states.
     pub fn final_norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.norm_f {
+        self.in_own_dtype(x, |x| match &self.norm_f {
             LmNorm::Layer(n) => n.forward(x),
             LmNorm::Rms(n) => n.forward(x),
-        }
+        })
     }
 
     /// Logits `[B, T, V]` of normed hidden states.
     pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear_3d(&self.lm_head, h)
+        self.in_own_dtype(h, |h| linear_3d(&self.lm_head, h))
     }
 
     /// The plain language model: logits `[B, T, V]`.

@@ -11,11 +11,13 @@ use anyhow::{bail, Context, Result};
 use burn::module::{Module, ParamId};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::DType;
 use rookery_data::loader::{ImageNorm, Mode};
 use rookery_data::pages::{PageBatch, Pages};
 use rookery_data::TextTokenizer;
 use rookery_dist::Communicator;
 use rookery_model::flamingo::{Flamingo, FlamingoConfig, LanguageModel, LmConfig, VisionTower};
+use rookery_model::precision::FrozenDtype;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -50,6 +52,9 @@ pub struct FlamingoRunConfig {
     /// every other new parameter, as OpenFlamingo does; from 0 the gates open slowly, and on a
     /// budget of a few hundred steps a faster gate lets the image path in sooner.
     pub gate_lr_mult: f64,
+    /// What the frozen vision tower and LM are held and run in: "auto" (bf16 on CUDA, f32 on
+    /// CPU), "f32" or "bf16"; the trained parts stay f32 ([`rookery_model::precision`]).
+    pub frozen_dtype: FrozenDtype,
     /// The model; its `vision` and `lm` are taken from the two sources.
     pub model: FlamingoConfig,
 }
@@ -62,6 +67,7 @@ impl Default for FlamingoRunConfig {
             vision_sha256: String::new(),
             lm_sha256: String::new(),
             gate_lr_mult: 1.0,
+            frozen_dtype: FrozenDtype::default(),
             model: FlamingoConfig::default(),
         }
     }
@@ -166,6 +172,14 @@ fn weight_files(dir: &Path, vision: bool) -> Result<Vec<PathBuf>> {
             }]
         }
     })
+}
+
+/// The dtype `cfg`'s frozen towers are held in on `device` (`flamingo.frozen_dtype`).
+pub fn frozen_dtype<B: Backend>(cfg: &RunConfig, device: &B::Device) -> Result<DType> {
+    cfg.flamingo
+        .frozen_dtype
+        .resolve::<B>(device)
+        .map_err(anyhow::Error::msg)
 }
 
 /// The frozen vision tower of the CLIP at `path`: a rookery checkpoint or run directory, or a
@@ -482,6 +496,12 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
 
     fn after_load(&self, model: Flamingo<B>) -> Flamingo<B> {
         model.fix_frozen()
+    }
+
+    fn place(&self, model: Flamingo<B>, device: &B::Device) -> Result<Flamingo<B>> {
+        let dtype = frozen_dtype::<B>(&self.cfg, device)?;
+        tracing::info!(?dtype, "frozen vision tower and language model held in");
+        Ok(model.with_frozen_dtype(dtype))
     }
 
     fn log_fields(&self, model: &Flamingo<B>) -> serde_json::Map<String, serde_json::Value> {

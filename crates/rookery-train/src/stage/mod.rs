@@ -73,6 +73,11 @@ pub trait Stage<B: AutodiffBackend>: Sized + Sync {
     fn after_load(&self, model: Self::Model) -> Self::Model {
         model
     }
+    /// The model as it trains on `device`, called last when it is built, fresh or resumed
+    /// (stage 2 holds its frozen towers in `flamingo.frozen_dtype`).
+    fn place(&self, model: Self::Model, _device: &B::Device) -> Result<Self::Model> {
+        Ok(model)
+    }
     /// Extra fields of the training log line.
     fn log_fields(&self, _model: &Self::Model) -> serde_json::Map<String, serde_json::Value> {
         Default::default()

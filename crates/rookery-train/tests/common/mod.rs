@@ -102,7 +102,13 @@ pub fn floats<Bk: Backend, M: Module<Bk>>(m: &M) -> Vec<Vec<f32>> {
     struct Flat(Vec<Vec<f32>>);
     impl<Bk: Backend> ModuleVisitor<Bk> for Flat {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
-            self.0.push(p.val().into_data().to_vec::<f32>().unwrap());
+            self.0.push(
+                p.val()
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .unwrap(),
+            );
         }
     }
     let mut f = Flat(Vec::new());

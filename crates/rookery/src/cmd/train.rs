@@ -151,7 +151,11 @@ pub fn dry_run(config: &Path, overrides: &[String]) -> Result<()> {
         e.params,
         e.optimizer / 12.0
     );
-    println!("weights           {:.1} GiB (f32)", gib(e.weights));
+    let dtype = match e.frozen_bf16 {
+        true => "f32, frozen towers bf16",
+        false => "f32",
+    };
+    println!("weights           {:.1} GiB ({dtype})", gib(e.weights));
     println!("gradients + Adam  {:.1} GiB", gib(e.optimizer));
     println!(
         "activations       {:.1} GiB (data.batch_size = {} per rank)",
