@@ -10,6 +10,8 @@
 #   doctor       rookery doctor: driver, NVRTC, headers, NCCL as the binary sees them
 #   parity       one CLIP step on CUDA and on the CPU reference from the same weights: loss,
 #                gradients and updated weights within 2e-2 (TF32 matmuls)
+#   parity_flamingo  one stage-2 step the same way, CUDA holding the frozen towers in bf16
+#                (frozen_dtype "auto"): within 5e-2
 #   bench_tiny   rookery bench, clip-tiny's model at batch 256 (samples/s, peak memory)
 #   bench_b32    rookery bench, clip-vit-b32's model at batch 256
 #   nccl_train   20 steps of clip-tiny through the NCCL backend, world size 1 (real NCCL calls,
@@ -85,6 +87,8 @@ echo "GPU: $gpu"
 
 step doctor ok 60 "$BIN" doctor
 step parity ok 180 "$BIN" doctor --parity configs/clip-tiny.toml --batch 32 --json "$OUT_DIR/parity.json"
+step parity_flamingo ok 180 "$BIN" doctor --parity configs/flamingo-tiny.toml --batch 8 \
+  --json "$OUT_DIR/parity-flamingo.json"
 with_memory bench_tiny step bench_tiny ok 120 "$BIN" bench configs/clip-tiny.toml --batch "$BATCH" --steps 10
 with_memory bench_b32 step bench_b32 ok 240 "$BIN" bench configs/clip-vit-b32.toml --batch "$BATCH" --steps 5 --vocab 49408
 
@@ -144,6 +148,7 @@ bench_line() { grep -o 'rookery clip step.*' "$OUT_DIR/$1.log" | head -1 | tr -d
     echo "  \"$b\": {\"samples_per_s\": $(samples_per_s $b), \"peak_mib\": $(peak $b), \"line\": \"$(bench_line $b)\"},"
   done
   echo "  \"parity\": $(cat "$OUT_DIR/parity.json" 2>/dev/null || echo null),"
+  echo "  \"parity_flamingo\": $(cat "$OUT_DIR/parity-flamingo.json" 2>/dev/null || echo null),"
   echo "  \"steps\": {"
   (IFS=$'\n'; echo "${results[*]}" | sed '$!s/$/,/; s/^/    /')
   echo "  }"

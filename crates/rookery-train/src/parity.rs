@@ -1,17 +1,26 @@
-//! One CLIP training step (forward, global-negatives backward, clipping, AdamW) run on two
-//! backends from the same weights and the same batch, and the differences of the loss, every
-//! gradient and every updated weight. This is how a backend nobody has run yet is trusted:
-//! `rookery doctor --parity` runs the build's backend (CUDA) against the CPU reference (flex),
-//! and the tests run burn-ndarray and the generic path against the flex kernels.
+//! One training step (CLIP: forward, global-negatives backward, clipping, AdamW; stage 2: the
+//! next-token loss through the trainer's own path, the same optimizer) run on two backends from
+//! the same weights and the same batch, and the differences of the loss, every gradient and
+//! every updated weight. This is how a backend nobody has run yet is trusted: `rookery doctor
+//! --parity` runs the build's backend (CUDA; stage 2 with its frozen towers in bf16) against
+//! the CPU reference (flex), and the tests run burn-ndarray, the generic path and bf16 frozen
+//! towers against the flex kernels.
 
 use anyhow::Result;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use rookery_data::loader::LoaderPosition;
+use rookery_data::pages::PageBatch;
+use rookery_data::stream::StreamPosition;
 use rookery_dist::Communicator;
+use rookery_eval::input::page_logits;
+use rookery_model::flamingo::{Flamingo, FlamingoConfig};
 use rookery_model::{Clip, ClipConfig};
 use serde::Serialize;
+
+use crate::causal::causal_local;
 
 use crate::optim::{OptimConfig, Updater};
 use crate::stage::clip::kept_patches;
@@ -32,17 +41,9 @@ pub struct HostBatch {
 /// backend): uniform pixels in [-1.7, 1.7], tokens above the special ids with the end token
 /// at a place that varies by row.
 pub fn host_batch(cfg: &ClipConfig, batch: usize, seed: u64) -> HostBatch {
-    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1);
-        (state >> 33) as u32
-    };
+    let mut next = numbers(seed);
     let s = cfg.vision.image_size;
-    let pixels: Vec<f32> = (0..batch * 3 * s * s)
-        .map(|_| (next() as f32 / u32::MAX as f32 - 0.5) * 3.4)
-        .collect();
+    let pixels = pixels(&mut next, batch * 3 * s * s);
     let (ctx, vocab, eot) = (
         cfg.text.context_length,
         cfg.text.vocab_size,
@@ -68,6 +69,79 @@ pub fn host_batch(cfg: &ClipConfig, batch: usize, seed: u64) -> HostBatch {
         images: TensorData::new(pixels, [batch, 3, s, s]),
         tokens: TensorData::new(ids, [batch, ctx]),
         patches,
+    }
+}
+
+/// A deterministic stream of numbers from `seed` (its own generator: a backend's RNG differs
+/// by backend).
+fn numbers(seed: u64) -> impl FnMut() -> u32 {
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        (state >> 33) as u32
+    }
+}
+
+/// `n` pixels uniform in [-1.7, 1.7] (normalised images' range).
+fn pixels(next: &mut impl FnMut() -> u32, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| (next() as f32 / u32::MAX as f32 - 0.5) * 3.4)
+        .collect()
+}
+
+/// A deterministic page batch for a Flamingo of `cfg`: `batch` rows of random text tokens (at
+/// most 32) with `<image>` at the second place and midway, two single-frame images per row,
+/// the loss on every text token.
+pub fn host_pages(cfg: &FlamingoConfig, batch: usize, seed: u64) -> PageBatch {
+    let mut next = numbers(seed);
+    let (s, t) = (cfg.image_size(), cfg.lm.context_length.min(32));
+    let vocab = cfg.lm.vocab_size;
+    let (image, eoc) = (cfg.image_token as i64, cfg.eoc_token as i64);
+    let mut tokens = Vec::with_capacity(batch * t);
+    let mut targets = Vec::with_capacity(batch * t);
+    for _ in 0..batch {
+        for i in 0..t {
+            let id = match i == 1 || i == t / 2 {
+                true => image,
+                false => {
+                    let id = (next() as usize % vocab) as i64;
+                    if id == image || id == eoc {
+                        0
+                    } else {
+                        id
+                    }
+                }
+            };
+            tokens.push(id);
+            targets.push(if id == image { 0.0 } else { 1.0 });
+        }
+    }
+    let n = 2;
+    PageBatch {
+        tokens,
+        targets,
+        images: pixels(&mut next, batch * n * 3 * s * s),
+        n_images: vec![n; batch],
+        frames: vec![1; batch * n],
+        batch_size: batch,
+        max_images: n,
+        max_frames: 1,
+        context_length: t,
+        image_size: s,
+        keys: (0..batch).map(|j| format!("parity-{j}")).collect(),
+        json: vec![serde_json::Value::Null; batch],
+        epochs: vec![0; batch],
+        position: LoaderPosition {
+            stream: StreamPosition {
+                workers: vec![],
+                next_worker: 0,
+                skip: Default::default(),
+            },
+            counts: Default::default(),
+            batches: 0,
+        },
     }
 }
 
@@ -124,6 +198,31 @@ pub fn clip_step<B: AutodiffBackend>(
     let (model, _, _) = up.apply(model, g.grads, 1, 10);
     Ok(StepTrace {
         loss: g.loss,
+        grads,
+        before,
+        weights: named_weights(&model),
+    })
+}
+
+/// One stage-2 training step of `model` on `batch` as the trainer takes it (`causal_local`
+/// over `page_logits`): the next-token loss, the trained parameters' gradients (frozen ones
+/// have none), every weight after AdamW.
+pub fn flamingo_step<B: AutodiffBackend>(
+    model: Flamingo<B>,
+    batch: &PageBatch,
+    comm: &dyn Communicator<B::InnerBackend>,
+    device: &B::Device,
+) -> Result<StepTrace> {
+    let before = named_weights(&model);
+    let g = causal_local(&model, vec![batch.clone()], comm, |m, b, tokens| {
+        page_logits(m, tokens, b, device)
+    })?;
+    let grads = named_grads(&model, &g.grads);
+    let o = optim();
+    let mut up = Updater::new(&o, o.adamw::<B, _>(), &model);
+    let (model, _, _) = up.apply(model, g.grads, 1, 10);
+    Ok(StepTrace {
+        loss: g.loss_share,
         grads,
         before,
         weights: named_weights(&model),

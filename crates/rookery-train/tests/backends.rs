@@ -16,7 +16,8 @@ use rookery_dist::{LocalGroup, Single};
 use rookery_model::ClipConfig;
 use rookery_model::ContrastiveLoss::{self, Infonce, Siglip};
 use rookery_train::parity::{
-    clip_step, compare, copy_weights, host_batch, HostBatch, ParityDiff, StepTrace,
+    clip_step, compare, copy_weights, flamingo_step, host_batch, host_pages, HostBatch, ParityDiff,
+    StepTrace,
 };
 
 type F = Autodiff<Flex>;
@@ -96,6 +97,66 @@ fn an_ndarray_clip_step_gives_the_flex_kernels_loss_gradients_and_weights() {
             &format!("{loss:?}, patch dropout {dropout}"),
         );
     }
+}
+
+/// A tiny Flamingo (Llama-style LM with grouped-query attention), seeded, its gates half
+/// open so that the image path reaches the loss.
+fn flamingo() -> (
+    rookery_model::flamingo::FlamingoConfig,
+    rookery_model::flamingo::Flamingo<F>,
+) {
+    use burn::module::{Module, Param};
+    use burn::tensor::backend::Backend;
+    let mut c = rookery_model::flamingo::FlamingoConfig::default();
+    (c.vision.image_size, c.vision.patch_size, c.vision.width) = (16, 8, 32);
+    (c.vision.layers, c.vision.heads) = (1, 2);
+    (c.lm.vocab_size, c.lm.context_length, c.lm.width) = (40, 16, 32);
+    (c.lm.layers, c.lm.heads, c.lm.kv_heads) = (2, 4, 2);
+    c.lm.style = rookery_model::flamingo::LmStyle::Llama;
+    (c.resampler.latents, c.resampler.depth) = (3, 1);
+    (c.resampler.heads, c.resampler.dim_head) = (2, 8);
+    (c.xattn_heads, c.xattn_dim_head) = (2, 8);
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    F::seed(&Default::default(), 6);
+    let mut m = c.init::<F>(&Default::default());
+    for x in m.xattn.iter_mut() {
+        x.attn_gate = Param::from_tensor(x.attn_gate.val().ones_like() * 0.5);
+        x.ff_gate = Param::from_tensor(x.ff_gate.val().ones_like() * 0.5);
+    }
+    (c, m.map(&mut rookery_train::optim::PathIds::default()))
+}
+
+/// A stage-2 step (the trainer's causal loss over page batches) on ndarray gives the flex
+/// kernels' loss, gradients and updates; with the frozen towers in bf16 (stage 2 on a GPU),
+/// flex gives them to bf16's precision, and the frozen weights differ by bf16's rounding only.
+#[test]
+fn a_flamingo_step_on_ndarray_and_with_bf16_frozen_towers_gives_the_flex_kernels() {
+    let (cfg, model) = flamingo();
+    let data = host_pages(&cfg, 4, 3);
+    let nd = copy_weights(&model, cfg.init::<N>(&Default::default()));
+    let half = copy_weights(&model, cfg.init::<F>(&Default::default()))
+        .with_frozen_dtype(burn::tensor::DType::BF16);
+    let flex = Single::new(Default::default());
+    let step = |m| flamingo_step::<F>(m, &data, &flex, &Default::default()).unwrap();
+    let reference = step(model);
+    let nd = flamingo_step::<N>(
+        nd,
+        &data,
+        &Single::new(Default::default()),
+        &Default::default(),
+    )
+    .unwrap();
+    check(
+        &compare(&nd, &reference).unwrap(),
+        "a Flamingo step on ndarray",
+    );
+    let d = compare(&step(half), &reference).unwrap();
+    eprintln!("bf16 frozen towers: {d:?}");
+    assert!(
+        d.within(5e-2) && d.grads > 1e-4,
+        "bf16 frozen towers vs f32: {d:?}"
+    );
+    assert!(d.weights > 0.0 && d.weights < 1e-2, "{d:?}");
 }
 
 #[test]

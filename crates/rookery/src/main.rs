@@ -158,9 +158,11 @@ enum Command {
     /// What a run here will use and what is missing: build, CPU, memory, GPUs and driver,
     /// NVRTC and CUDA headers, NCCL, MPI.
     Doctor {
-        /// Also run one CLIP step of this config's model on this build's backend and on the
-        /// CPU reference from the same weights, and compare loss, gradients and updated weights
-        /// (exit status 1 past the tolerance: 2e-2 on CUDA, 1e-4 on the CPU's generic path).
+        /// Also run one training step of this config's model (CLIP, or stage 2's Flamingo with
+        /// random towers of its shapes) on this build's backend and on the CPU reference from
+        /// the same weights, and compare loss, gradients and updated weights (exit status 1
+        /// past the tolerance: 2e-2 on CUDA, 1e-4 on the CPU's generic path, 5e-2 with stage
+        /// 2's frozen towers in bf16).
         #[arg(long, value_name = "CONFIG")]
         parity: Option<PathBuf>,
         /// Overrides for the --parity config (key=value).

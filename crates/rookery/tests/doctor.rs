@@ -80,3 +80,39 @@ fn doctor_parity_compares_a_clip_step_with_the_cpu_reference() {
         "the same path ran twice: {p}"
     );
 }
+
+/// `doctor --parity` on a stage-2 config compares a Flamingo step (random towers of
+/// `[flamingo.model]`'s shapes: no source is read); with `frozen_dtype = "bf16"` (what "auto"
+/// is on CUDA) the target holds its frozen towers in bf16 and is judged at bf16's tolerance.
+#[test]
+fn doctor_parity_compares_a_flamingo_step_also_with_bf16_frozen_towers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::root().join("configs/flamingo-tiny.toml");
+    let run = |sets: &[&str]| -> serde_json::Value {
+        let json = dir.path().join("parity.json");
+        let mut args = vec![
+            "doctor",
+            "--parity",
+            config.to_str().unwrap(),
+            "--batch",
+            "2",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        check(rookery(&args, &[]).output().unwrap());
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    let f32 = run(&[]);
+    assert_eq!(f32["passed"], true, "{f32}");
+    assert_eq!(f32["tolerance"], 1e-4, "{f32}");
+    let bf16 = run(&["flamingo.frozen_dtype=\"bf16\""]);
+    assert_eq!(bf16["passed"], true, "{bf16}");
+    assert!(bf16["target"].as_str().unwrap().contains("BF16"), "{bf16}");
+    assert!(
+        bf16["grads"].as_f64().unwrap() > 10.0 * f32["grads"].as_f64().unwrap(),
+        "bf16 changed nothing: {bf16} against {f32}"
+    );
+}
