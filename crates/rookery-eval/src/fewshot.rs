@@ -14,7 +14,7 @@ use rookery_data::media::frame_members;
 use rookery_data::pages::{PageBatch, Pages};
 use rookery_data::wds::{read_shard, RawSample, ShardItem};
 use rookery_data::{DataConfig, Loader, TextTokenizer};
-use rookery_model::flamingo::Flamingo;
+use rookery_model::flamingo::{Flamingo, KvCache};
 use serde::Serialize;
 use serde_json::json;
 
@@ -207,7 +207,8 @@ pub fn greedy(logits: &[f32]) -> i64 {
 /// Appends up to `max_new` tokens to each row (rows of any length), given the `n` media of
 /// each row already encoded (`visual` `[R, n * latents, D]`, from [`Flamingo::encode_media`]),
 /// choosing each with `pick` from the next-token logits; a row stops after any token of
-/// `stop`. Returns the new tokens of each row.
+/// `stop`. Returns the new tokens of each row. Runs with a key/value cache
+/// ([`rookery_model::flamingo::cache`]): after the prompts, one token per row and step.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_visual<B: Backend>(
     model: &Flamingo<B>,
@@ -228,6 +229,10 @@ pub fn generate_visual<B: Backend>(
         );
     }
     let mut new: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];
+    // The prompts go through the LM once; each later step feeds the newest token of every row
+    // (a stopped row's last one again: its result is not read).
+    let mut cache = KvCache::new(&model.lm);
+    let (mut tokens, mut start) = (padded(&rows, pad, device), vec![0; rows.len()]);
     for _ in 0..max_new {
         let live: Vec<bool> = new
             .iter()
@@ -236,30 +241,36 @@ pub fn generate_visual<B: Backend>(
         if !live.contains(&true) {
             break;
         }
-        let len = rows.iter().map(Vec::len).max().unwrap_or(1);
-        if len > ctx {
+        if rows.iter().any(|r| r.len() > ctx) {
             break; // the context is full, as a maximum length stops HF's generate
         }
-        let flat: Vec<i64> = rows
-            .iter()
-            .flat_map(|r| r.iter().copied().chain(std::iter::repeat(pad)).take(len))
-            .collect();
-        let tokens =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows.len(), len]), device);
-        let logits = model.forward_visual(tokens, visual.clone(), n);
-        let v = logits.dims()[2];
+        let logits = model.forward_cached(tokens, &rows, &start, visual.clone(), n, &mut cache);
+        let [_, t, v] = logits.dims();
         let all: Vec<f32> = logits.into_data().to_vec().expect("f32 logits");
         for (r, row) in rows.iter_mut().enumerate() {
             if !live[r] {
                 continue;
             }
-            let at = (r * len + row.len() - 1) * v;
+            let at = (r * t + row.len() - 1 - start[r]) * v;
             let t = pick(&all[at..at + v]);
             row.push(t);
             new[r].push(t);
         }
+        start = rows.iter().map(|r| r.len() - 1).collect();
+        let last: Vec<i64> = rows.iter().map(|r| r[r.len() - 1]).collect();
+        tokens = Tensor::from_data(TensorData::new(last, [rows.len(), 1]), device);
     }
     Ok(new)
+}
+
+/// `rows` padded with `pad` to the longest, `[R, L]`.
+fn padded<B: Backend>(rows: &[Vec<i64>], pad: i64, device: &B::Device) -> Tensor<B, 2, Int> {
+    let len = rows.iter().map(Vec::len).max().unwrap_or(1);
+    let flat: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| r.iter().copied().chain(std::iter::repeat(pad)).take(len))
+        .collect();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), len]), device)
 }
 
 /// The held-out questions of the pages, written in the VQA layout under `dir` and read back as
@@ -314,4 +325,64 @@ pub fn question_answering<B: Backend>(
         );
     }
     Ok(scores)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::module::Param;
+    use burn::tensor::Distribution;
+    use rookery_model::flamingo::{FlamingoConfig, LmStyle};
+
+    /// Greedy generation with the cache picks the tokens that recomputing the whole rows at
+    /// every step picks (rows of different lengths, one stopping early).
+    #[test]
+    fn cached_generation_picks_what_whole_recomputation_picks() {
+        type B = Flex;
+        let dev = Default::default();
+        for style in [LmStyle::Gpt2, LmStyle::Llama] {
+            let mut c = FlamingoConfig::default();
+            (c.vision.image_size, c.vision.patch_size, c.vision.width) = (16, 8, 32);
+            (c.vision.layers, c.vision.heads) = (1, 2);
+            (c.lm.vocab_size, c.lm.context_length, c.lm.width) = (24, 20, 32);
+            (c.lm.layers, c.lm.heads, c.lm.style) = (2, 2, style);
+            (c.resampler.latents, c.resampler.depth) = (3, 1);
+            (c.resampler.heads, c.resampler.dim_head) = (2, 8);
+            (c.xattn_heads, c.xattn_dim_head) = (2, 8);
+            B::seed(&dev, 9);
+            let mut m = c.init::<B>(&dev);
+            for x in m.xattn.iter_mut() {
+                x.attn_gate = Param::from_tensor(Tensor::ones([1], &dev) * 0.7);
+            }
+            let images =
+                Tensor::<B, 5>::random([3, 1, 3, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
+            let visual = m.encode_images(images);
+            let rows = vec![
+                vec![2i64, 4, 7, 8],
+                vec![2, 4, 9],
+                vec![2, 11, 4, 12, 13, 14],
+            ];
+            let mut want = rows.clone();
+            let mut reference = vec![Vec::new(); 3];
+            // A row stops after token 9, else runs 8 steps.
+            for _ in 0..8 {
+                let len = want.iter().map(Vec::len).max().unwrap();
+                let logits = m.forward_visual(padded(&want, 0, &dev), visual.clone(), 1);
+                let all: Vec<f32> = logits.into_data().to_vec().unwrap();
+                for (r, row) in want.iter_mut().enumerate() {
+                    if reference[r].last() == Some(&9) {
+                        continue;
+                    }
+                    let at = (r * len + row.len() - 1) * 24;
+                    let t = greedy(&all[at..at + 24]);
+                    row.push(t);
+                    reference[r].push(t);
+                }
+            }
+            let got = generate_visual(&m, rows, visual, 1, 8, &mut greedy, &[9], 0, &dev).unwrap();
+            assert_eq!(got, reference, "{style:?}");
+            assert!(reference.iter().map(Vec::len).sum::<usize>() > 8);
+        }
+    }
 }

@@ -189,6 +189,11 @@ pub struct ResidualAttentionBlock<B: Backend> {
 impl<B: Backend> ResidualAttentionBlock<B> {
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
         let x = x.clone() + self.attn.forward(norm(&self.ln_1, x), causal);
+        self.mlp_residual(x)
+    }
+
+    /// `x + mlp(ln_2(x))`, the block's second half.
+    pub fn mlp_residual(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = linear_3d(&self.mlp.c_fc, norm(&self.ln_2, x.clone()));
         x + linear_3d(&self.mlp.c_proj, self.mlp.act.forward(h))
     }
@@ -207,8 +212,7 @@ impl<B: Backend> ResidualAttentionBlock<B> {
         let b = rows.dims()[0];
         let mine = select_rows(x.clone(), rows.clone().reshape([b, 1]));
         let x = mine + self.attn.forward_rows(norm(&self.ln_1, x), rows, causal);
-        let h = linear_3d(&self.mlp.c_fc, norm(&self.ln_2, x.clone()));
-        x + linear_3d(&self.mlp.c_proj, self.mlp.act.forward(h))
+        self.mlp_residual(x)
     }
 }
 

@@ -1,8 +1,8 @@
 //! `rookery generate` on a language model alone, imported as it is from an HF GPT-2 or
 //! Llama-family directory (text only): a check of an LM before stage 2 is built on it. The prompt is
 //! encoded by the LM's own `tokenizer.json` (its post-processor adds BOS or not; nothing is
-//! added twice), generation stops at the config's `eos_token_id`(s). Every step runs the whole
-//! sequence again (no key/value cache): fine for a check, slow for long outputs.
+//! added twice), generation stops at the config's `eos_token_id`(s). The prompt goes through the
+//! LM once; each later step feeds the newest token against a key/value cache.
 
 use std::path::Path;
 
@@ -11,6 +11,7 @@ use burn::prelude::*;
 use rookery_data::rng::Rng;
 use rookery_data::PromptTokenizer;
 use rookery_interop::hf_llama;
+use rookery_model::flamingo::KvCache;
 
 use crate::flamingo_io::{sample_top_k, GenerateArgs};
 use rookery_eval::fewshot::greedy;
@@ -59,13 +60,18 @@ pub fn generate_lm<B: Backend>(
     let mut rng = Rng::new(args.seed);
     let mut ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     let mut new = Vec::new();
+    // The prompt once, then one token per step against the key/value cache.
+    let mut cache = KvCache::new(&lm);
+    let (mut fresh, mut start) = (ids.clone(), 0);
     for _ in 0..args.max_new {
         if ids.len() >= cfg.context_length {
             break;
         }
-        let t = ids.len();
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, t]), device);
-        let last = lm.forward(tokens).slice(s![.., t - 1..t, ..]);
+        let t = fresh.len();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(fresh, [1, t]), device);
+        let last = lm
+            .forward_cached(tokens, &[start], &mut cache)
+            .slice(s![.., t - 1..t, ..]);
         let logits: Vec<f32> = last
             .into_data()
             .convert::<f32>()
@@ -77,6 +83,7 @@ pub fn generate_lm<B: Backend>(
         };
         new.push(next as u32);
         ids.push(next);
+        (fresh, start) = (vec![next], ids.len() - 1);
         if stop.contains(&(next as u32)) {
             break;
         }

@@ -299,6 +299,11 @@ impl<B: Backend> LlamaBlock<B> {
             .expand([b, h, t, t]);
         let y = softmax(scores.mask_fill(causal, f32::NEG_INFINITY), 3).matmul(v);
         let x = x + linear_3d(&self.out, y.swap_dims(1, 2).reshape([b, t, h * hd]));
+        self.ffn_residual(x)
+    }
+
+    /// `x + swiglu(rms(x))`, the block's second half.
+    pub fn ffn_residual(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let n = self.ffn_norm.forward(x.clone());
         let g = silu(linear_3d(&self.gate, n.clone())) * linear_3d(&self.up, n);
         x + linear_3d(&self.down, g)
@@ -359,7 +364,7 @@ impl<B: Backend> LanguageModel<B> {
     }
 
     /// `f(x)` in the LM's dtype, returned in `x`'s.
-    fn in_own_dtype(
+    pub(crate) fn in_own_dtype(
         &self,
         x: Tensor<B, 3>,
         f: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,

@@ -2,11 +2,13 @@
 //! a frozen vision encoder and a frozen language model, joined by a trainable Perceiver
 //! Resampler and gated cross-attention blocks.
 
+pub mod cache;
 pub mod lm;
 pub mod model;
 pub mod resampler;
 pub mod xattn;
 
+pub use cache::KvCache;
 pub use lm::{LanguageModel, LmConfig, LmStyle, RopeScaling};
 pub use model::{Flamingo, FlamingoConfig, VisionTokens, VisionTower};
 pub use resampler::{PerceiverResampler, ResamplerConfig};

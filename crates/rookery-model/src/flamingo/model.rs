@@ -269,7 +269,7 @@ impl<B: Backend> Flamingo<B> {
     }
 
     /// LM embeddings with the trainable rows for `<image>` and `<|endofchunk|>`.
-    fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    pub(crate) fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let x = self.lm.embed_tokens(tokens.clone());
         let [b, t, d] = x.dims();
         let nt = self.new_tokens.val();
@@ -335,6 +335,11 @@ impl<B: Backend> Flamingo<B> {
             }
             x = self.lm.block(i, x);
         }
+        self.head(x)
+    }
+
+    /// Logits `[B, T, V]` of the last block's output `x` `[B, T, D]`.
+    pub(crate) fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.lm.final_norm(x);
         let logits = self.lm.logits(h.clone());
         if !self.tied {
