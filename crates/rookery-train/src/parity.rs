@@ -7,7 +7,7 @@
 //! towers against the flex kernels.
 
 use anyhow::Result;
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
@@ -192,16 +192,27 @@ pub fn clip_step<B: AutodiffBackend>(
     }];
     let before = named_weights(&model);
     let g = contrastive_grads(&model, micro, comm, Negatives::Global, 1 << 20)?;
-    let grads = named_grads(&model, &g.grads);
+    Ok(update(model, before, g.loss, g.grads))
+}
+
+/// The trace of a step whose loss and gradients are `loss` and `grads`: the gradients by
+/// path, and `model` (whose weights were `before`) after AdamW.
+fn update<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: M,
+    before: Vec<(String, Vec<f32>)>,
+    loss: f32,
+    grads: GradientsParams,
+) -> StepTrace {
+    let named = named_grads(&model, &grads);
     let o = optim();
     let mut up = Updater::new(&o, o.adamw::<B, _>(), &model);
-    let (model, _, _) = up.apply(model, g.grads, 1, 10);
-    Ok(StepTrace {
-        loss: g.loss,
-        grads,
+    let (model, _, _) = up.apply(model, grads, 1, 10);
+    StepTrace {
+        loss,
+        grads: named,
         before,
         weights: named_weights(&model),
-    })
+    }
 }
 
 /// One stage-2 training step of `model` on `batch` as the trainer takes it (`causal_local`
@@ -217,16 +228,7 @@ pub fn flamingo_step<B: AutodiffBackend>(
     let g = causal_local(&model, vec![batch.clone()], comm, |m, b, tokens| {
         page_logits(m, tokens, b, device)
     })?;
-    let grads = named_grads(&model, &g.grads);
-    let o = optim();
-    let mut up = Updater::new(&o, o.adamw::<B, _>(), &model);
-    let (model, _, _) = up.apply(model, g.grads, 1, 10);
-    Ok(StepTrace {
-        loss: g.loss_share,
-        grads,
-        before,
-        weights: named_weights(&model),
-    })
+    Ok(update(model, before, g.loss_share, g.grads))
 }
 
 /// Every float parameter's values by dotted path, sorted by path.

@@ -216,15 +216,8 @@ fn llama_cached<B: Backend>(
     c: usize,
 ) -> Tensor<B, 3> {
     let [r, t, _] = x.dims();
-    let (h, kv) = (b.heads, b.kv_heads);
-    let qkv = linear_3d(&b.qkv, b.attn_norm.forward(x.clone()));
-    let hd = qkv.dims()[2] / (h + 2 * kv);
-    let heads = |from: usize, n: usize| {
-        qkv.clone()
-            .slice(s![.., .., from * hd..(from + n) * hd])
-            .reshape([r, t, n, hd])
-            .swap_dims(1, 2)
-    };
+    let (q, k, v) = b.qkv_heads(x.clone());
+    let [_, h, _, hd] = q.dims();
     // As the uncached block: rotate in f32 (RoPE's table is f32), go on in the block's dtype.
     let dt = x.dtype();
     let rotate = |y: Tensor<B, 4>| {
@@ -233,13 +226,8 @@ fn llama_cached<B: Backend>(
             dt,
         )
     };
-    let (k, v) = extend(place, slot, rotate(heads(h, kv)), heads(h + kv, kv), c);
-    let shared = |y: Tensor<B, 4>| {
-        y.unsqueeze_dim::<5>(2)
-            .expand([r, kv, h / kv, c, hd])
-            .reshape([r, h, c, hd])
-    };
-    let y = place.attend(rotate(heads(0, h)), shared(k), shared(v));
+    let (k, v) = extend(place, slot, rotate(k), v, c);
+    let y = place.attend(rotate(q), b.shared(k), b.shared(v));
     let x = x + linear_3d(&b.out, y.swap_dims(1, 2).reshape([r, t, h * hd]));
     b.ffn_residual(x)
 }

@@ -271,28 +271,14 @@ pub struct LlamaBlock<B: Backend> {
 impl<B: Backend> LlamaBlock<B> {
     fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEncoding<B>) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
-        let (h, kv) = (self.heads, self.kv_heads);
-        let qkv = linear_3d(&self.qkv, self.attn_norm.forward(x.clone()));
-        let hd = qkv.dims()[2] / (h + 2 * kv);
-        // Query heads first, then key heads, then value heads.
-        let heads = |from: usize, n: usize| {
-            qkv.clone()
-                .slice(s![.., .., from * hd..(from + n) * hd])
-                .reshape([b, t, n, hd])
-                .swap_dims(1, 2) // [B, n, T, Dh]
-        };
-        // Each key/value head serves the `h / kv` query heads after it (HF's repeat_kv).
-        let shared = |x: Tensor<B, 4>| {
-            x.unsqueeze_dim::<5>(2)
-                .expand([b, kv, h / kv, t, hd])
-                .reshape([b, h, t, hd])
-        };
+        let h = self.heads;
+        let (q, k, v) = self.qkv_heads(x.clone());
+        let hd = q.dims()[3];
         // RoPE's table is f32 (a constant, not a parameter): rotate in f32, as HF computes
         // its cos/sin in f32, then go on in the block's dtype.
         let dt = x.dtype();
         let rotate = |t: Tensor<B, 4>| to_dtype(rope.forward(to_dtype(t, DType::F32)), dt);
-        let q = rotate(heads(0, h));
-        let (k, v) = (shared(rotate(heads(h, kv))), shared(heads(h + kv, kv)));
+        let (q, k, v) = (rotate(q), self.shared(rotate(k)), self.shared(v));
         let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f32).sqrt();
         let causal = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &x.device())
             .unsqueeze::<4>()
@@ -300,6 +286,32 @@ impl<B: Backend> LlamaBlock<B> {
         let y = softmax(scores.mask_fill(causal, f32::NEG_INFINITY), 3).matmul(v);
         let x = x + linear_3d(&self.out, y.swap_dims(1, 2).reshape([b, t, h * hd]));
         self.ffn_residual(x)
+    }
+
+    /// The packed projection of `rms(x)` (`x` `[B, T, D]`) as query, key and value heads
+    /// `[B, n, T, Dh]`: query heads first, then key heads, then value heads.
+    pub(crate) fn qkv_heads(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, _] = x.dims();
+        let (h, kv) = (self.heads, self.kv_heads);
+        let qkv = linear_3d(&self.qkv, self.attn_norm.forward(x));
+        let hd = qkv.dims()[2] / (h + 2 * kv);
+        let heads = |from: usize, n: usize| {
+            qkv.clone()
+                .slice(s![.., .., from * hd..(from + n) * hd])
+                .reshape([b, t, n, hd])
+                .swap_dims(1, 2)
+        };
+        (heads(0, h), heads(h, kv), heads(h + kv, kv))
+    }
+
+    /// Key or value heads `[B, kv, T, Dh]` for every query head `[B, h, T, Dh]`: each serves
+    /// the `h / kv` query heads after it (HF's `repeat_kv`).
+    pub(crate) fn shared(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, kv, t, hd] = x.dims();
+        let h = self.heads;
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, kv, h / kv, t, hd])
+            .reshape([b, h, t, hd])
     }
 
     /// `x + swiglu(rms(x))`, the block's second half.
