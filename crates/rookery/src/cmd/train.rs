@@ -234,7 +234,15 @@ fn ensure_data(cfg: &RunConfig) -> Result<()> {
     if !uses_synth(d) {
         return Ok(());
     }
-    tracing::info!(out = %d.synth.out.display(), "synthetic shards are absent: generating them first");
+    let out = d.synth.out.display();
+    match d.synth.out.join("synth.json").exists() {
+        // Regenerated in place: a run trained on the old set keeps its tokenizer's copy in its
+        // checkpoints, and refuses the new one if its ids differ.
+        true => {
+            tracing::warn!(%out, "synthetic shards were written with other [data.synth] settings (or an older version): generating them again")
+        }
+        false => tracing::info!(%out, "synthetic shards are absent: generating them first"),
+    }
     let t = std::time::Instant::now();
     let s = rookery_data::synth::generate(&d.synth)?;
     tracing::info!(
