@@ -20,6 +20,8 @@ use rookery_model::flamingo::{PerceiverResampler, ResamplerConfig, VisionTower};
 use rookery_train::stage::flamingo::load_vision;
 use rookery_train::RunConfig;
 
+mod probe;
+
 type I = Flex;
 type A = Autodiff<Flex>;
 
@@ -52,36 +54,11 @@ fn scenes(n: usize, seed: u64) -> (Vec<f32>, Vec<[usize; 3]>) {
     (px, labels)
 }
 
-/// The tower's patch tokens `[N, 1, P, D]` (the class token dropped, as stage 2 does).
-fn patch_tokens(vision: &VisionTower<I>, px: &[f32], device: &Device<I>) -> Tensor<I, 4> {
-    let per = 3 * SIZE * SIZE;
-    let chunks = px.chunks(200 * per).map(|c| {
-        let m = c.len() / per;
-        let x = Tensor::<I, 4>::from_data(TensorData::new(c.to_vec(), [m, 3, SIZE, SIZE]), device);
-        let t = vision.patch_tokens(x, false);
-        let [_, p, d] = t.dims();
-        t.reshape([m, 1, p, d])
-    });
-    Tensor::cat(chunks.collect(), 0)
-}
-
 fn accuracy(probe: &Probe<I>, feats: Tensor<I, 4>, labels: &[[usize; 3]]) -> Vec<f32> {
     let [n, _, _, d] = feats.dims();
     let h = probe.resampler.forward(feats).mean_dim(1).reshape([n, d]);
-    let task_acc = |(k, head): (usize, &Linear<I>)| {
-        let pred: Vec<i64> = head
-            .forward(h.clone())
-            .argmax(1)
-            .into_data()
-            .convert::<i64>()
-            .to_vec()
-            .unwrap();
-        pred.iter()
-            .zip(labels)
-            .filter(|(p, y)| **p as usize == y[k])
-            .count() as f32
-            / n as f32
-    };
+    let task_acc =
+        |(k, head): (usize, &Linear<I>)| probe::accuracy(head.forward(h.clone()), |i| labels[i][k]);
     probe.heads.iter().enumerate().map(task_acc).collect()
 }
 
@@ -103,9 +80,9 @@ fn main() -> Result<()> {
     };
     let (n_train, n_test) = (4000, 1000);
     let (px, train_y) = scenes(n_train, 1);
-    let train_x = patch_tokens(&vision, &px, &device);
+    let train_x = probe::patch_tokens(&vision, &px, 1, SIZE, &device);
     let (px, test_y) = scenes(n_test, 2);
-    let test_x = patch_tokens(&vision, &px, &device);
+    let test_x = probe::patch_tokens(&vision, &px, 1, SIZE, &device);
     let d = train_x.dims()[3];
     let resampler = ResamplerConfig {
         latents: 16,

@@ -18,8 +18,10 @@ use rookery_data::media::even_sample;
 use rookery_data::rng::Rng;
 use rookery_data::synth::video::{Event, Video};
 use rookery_data::transform::{CLIP_MEAN, CLIP_STD};
-use rookery_model::flamingo::{PerceiverResampler, ResamplerConfig, VisionTower};
+use rookery_model::flamingo::{PerceiverResampler, ResamplerConfig};
 use rookery_train::stage::flamingo::load_vision;
+
+mod probe;
 
 type I = Flex;
 type A = Autodiff<Flex>;
@@ -65,35 +67,10 @@ fn videos(n: usize, seed: u64, turn: bool) -> (Vec<f32>, Vec<usize>) {
     (px, labels)
 }
 
-/// The tower's patch tokens `[N, FRAMES, P, D]`.
-fn patch_tokens(vision: &VisionTower<I>, px: &[f32], device: &Device<I>) -> Tensor<I, 4> {
-    let per = 3 * SIZE * SIZE;
-    let chunks = px.chunks(200 * FRAMES * per).map(|c| {
-        let m = c.len() / per;
-        let x = Tensor::<I, 4>::from_data(TensorData::new(c.to_vec(), [m, 3, SIZE, SIZE]), device);
-        let t = vision.patch_tokens(x, false);
-        let [_, p, d] = t.dims();
-        t.reshape([m / FRAMES, FRAMES, p, d])
-    });
-    Tensor::cat(chunks.collect(), 0)
-}
-
 fn accuracy(probe: &Probe<I>, feats: Tensor<I, 4>, labels: &[usize]) -> f32 {
     let [n, _, _, d] = feats.dims();
     let h = probe.resampler.forward(feats).mean_dim(1).reshape([n, d]);
-    let pred: Vec<i64> = probe
-        .head
-        .forward(h)
-        .argmax(1)
-        .into_data()
-        .convert::<i64>()
-        .to_vec()
-        .unwrap();
-    pred.iter()
-        .zip(labels)
-        .filter(|(p, y)| **p as usize == **y)
-        .count() as f32
-        / n as f32
+    probe::accuracy(probe.head.forward(h), |i| labels[i])
 }
 
 fn main() -> Result<()> {
@@ -112,9 +89,9 @@ fn main() -> Result<()> {
     let vision = load_vision::<I>(&dir, &device)?;
     let (n_train, n_test) = (3000, 600);
     let (px, train_y) = videos(n_train, 1, turn);
-    let train_x = patch_tokens(&vision, &px, &device);
+    let train_x = probe::patch_tokens(&vision, &px, FRAMES, SIZE, &device);
     let (px, test_y) = videos(n_test, 2, turn);
-    let test_x = patch_tokens(&vision, &px, &device);
+    let test_x = probe::patch_tokens(&vision, &px, FRAMES, SIZE, &device);
     let d = train_x.dims()[3];
     let tokens: Vec<f32> = train_x
         .clone()

@@ -44,6 +44,9 @@ struct Place<B: Backend> {
     ids: Tensor<B, 2, Int>,
     /// `[R, 1, t, capacity]`: true where a query must not see a key (later than itself).
     later: Tensor<B, 4, Bool>,
+    /// `[R, 1, capacity, 1]`: each row's own slot, for a one-token step (every layer writes
+    /// its keys and values there).
+    slot: Tensor<B, 4, Bool>,
 }
 
 impl<B: Backend> Place<B> {
@@ -61,11 +64,16 @@ impl<B: Backend> Place<B> {
             .iter()
             .flat_map(|&s| (s..s + t).flat_map(move |q| (0..capacity).map(move |k| k > q)))
             .collect();
+        let slot: Vec<bool> = start
+            .iter()
+            .flat_map(|&s| (0..capacity).map(move |k| k == s))
+            .collect();
         Place {
             start: start.to_vec(),
             t,
             ids: Tensor::from_data(TensorData::new(ids, [r, t]), device),
             later: Tensor::from_data(TensorData::new(later, [r, 1, t, capacity]), device),
+            slot: Tensor::from_data(TensorData::new(slot, [r, 1, capacity, 1]), device),
         }
     }
 
@@ -82,14 +90,8 @@ impl<B: Backend> Place<B> {
             return empty.slice_assign(s![.., .., 0..t, ..], new);
         };
         assert_eq!(t, 1, "after the prefill, one token per row and call");
-        let slot: Vec<bool> = self
-            .start
-            .iter()
-            .flat_map(|&s| (0..c).map(move |k| k == s))
-            .collect();
-        let slot =
-            Tensor::<B, 4, Bool>::from_data(TensorData::new(slot, [r, 1, c, 1]), &new.device());
-        cache.mask_where(slot.expand([r, h, c, dh]), new.expand([r, h, c, dh]))
+        let slot = self.slot.clone().expand([r, h, c, dh]);
+        cache.mask_where(slot, new.expand([r, h, c, dh]))
     }
 
     /// Attention of `q` `[R, H, t, Dh]` over the cached keys and values `[R, H, C, Dh]`.
