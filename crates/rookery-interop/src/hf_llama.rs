@@ -184,13 +184,13 @@ pub fn to_rookery(dir: &Path, cfg: &LmConfig) -> Result<Tensors> {
             ("up.weight", get("mlp.up_proj.weight")?),
             ("down.weight", get("mlp.down_proj.weight")?),
         ];
-        let q = interleave_rope(get("self_attn.q_proj.weight")?, h, hd);
-        let k = interleave_rope(get("self_attn.k_proj.weight")?, kv, hd);
+        let q = interleave_rope(get("self_attn.q_proj.weight")?, h, hd, hd);
+        let k = interleave_rope(get("self_attn.k_proj.weight")?, kv, hd, hd);
         let v = get("self_attn.v_proj.weight")?;
         let bias = match cfg.qkv_bias {
             true => {
-                let qb = interleave_rope(as_rows(get("self_attn.q_proj.bias")?), h, hd);
-                let kb = interleave_rope(as_rows(get("self_attn.k_proj.bias")?), kv, hd);
+                let qb = interleave_rope(as_rows(get("self_attn.q_proj.bias")?), h, hd, hd);
+                let kb = interleave_rope(as_rows(get("self_attn.k_proj.bias")?), kv, hd, hd);
                 let (_, data) = stack_rows([qb, kb, as_rows(get("self_attn.v_proj.bias")?)]);
                 Some((vec![data.len()], data))
             }
@@ -221,12 +221,12 @@ pub fn to_rookery(dir: &Path, cfg: &LmConfig) -> Result<Tensors> {
 }
 
 /// A 1-d tensor as a column `[n, 1]` (for reordering rows).
-fn as_rows((shape, data): (Vec<usize>, Vec<f32>)) -> (Vec<usize>, Vec<f32>) {
+pub(crate) fn as_rows((shape, data): (Vec<usize>, Vec<f32>)) -> (Vec<usize>, Vec<f32>) {
     (vec![shape[0], 1], data)
 }
 
 /// Rows of `parts` one after another.
-fn stack_rows(parts: [(Vec<usize>, Vec<f32>); 3]) -> (Vec<usize>, Vec<f32>) {
+pub(crate) fn stack_rows(parts: [(Vec<usize>, Vec<f32>); 3]) -> (Vec<usize>, Vec<f32>) {
     let cols = parts[0].0[1];
     let rows: usize = parts.iter().map(|p| p.0[0]).sum();
     let data = parts.into_iter().flat_map(|p| p.1).collect();
@@ -234,17 +234,19 @@ fn stack_rows(parts: [(Vec<usize>, Vec<f32>); 3]) -> (Vec<usize>, Vec<f32>) {
 }
 
 /// The rows of each of `heads` heads of width `d` reordered from HF's half-split rotary
-/// layout to interleaved pairs: HF row `i` goes to `2i`, row `d/2 + i` to `2i + 1`.
-fn interleave_rope(
+/// layout to interleaved pairs over the `r` rotated leading rows of a head: HF row `i` goes
+/// to `2i`, row `r/2 + i` to `2i + 1`; rows from `r` on stay.
+pub(crate) fn interleave_rope(
     (shape, data): (Vec<usize>, Vec<f32>),
     heads: usize,
     d: usize,
+    r: usize,
 ) -> (Vec<usize>, Vec<f32>) {
     let cols = shape[1];
-    let mut out = vec![0.0; data.len()];
+    let mut out = data.clone();
     for h in 0..heads {
-        for i in 0..d / 2 {
-            for (from, to) in [(i, 2 * i), (d / 2 + i, 2 * i + 1)] {
+        for i in 0..r / 2 {
+            for (from, to) in [(i, 2 * i), (r / 2 + i, 2 * i + 1)] {
                 let (src, dst) = ((h * d + from) * cols, (h * d + to) * cols);
                 out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
             }

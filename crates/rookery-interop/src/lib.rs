@@ -5,7 +5,7 @@
 //! - [`open_clip`]: open_clip's key names and layouts (rookery's export, `open_clip_model.safetensors`);
 //!   [`open_clip_config`]: its model config;
 //! - [`hf_clip`]: HF transformers' `CLIPModel` read in; [`hf_clip_export`]: written out;
-//! - [`hf_llama`], [`hf_gpt2`]: HF causal LMs read in; [`open_flamingo`]: the tokenizer and
+//! - [`hf_llama`], [`hf_gpt2`], [`hf_neox`]: HF causal LMs read in; [`open_flamingo`]: the tokenizer and
 //!   vocabulary OpenFlamingo builds on such an LM;
 //! - [`store`]: strict, reproducible safetensors through burn-store; [`cast`]: dtype casts;
 //!   [`tensors`]: named f32 tensors in memory, where one layout is renamed into another.
@@ -17,6 +17,7 @@ pub mod hf_clip;
 pub mod hf_clip_export;
 pub mod hf_gpt2;
 pub mod hf_llama;
+pub mod hf_neox;
 pub mod hf_siglip;
 pub mod open_clip;
 pub mod open_clip_config;
@@ -33,11 +34,19 @@ use burn_store::SafetensorsStore;
 use rookery_model::{Clip, ClipConfig};
 
 /// The [`LmConfig`](rookery_model::flamingo::LmConfig) of the HF causal LM in `dir`: GPT-2
-/// ([`hf_gpt2`]) or Llama-family ([`hf_llama`]).
+/// ([`hf_gpt2`]), GPT-NeoX ([`hf_neox`]) or Llama-family ([`hf_llama`], which names what it
+/// reads when `model_type` is none of them).
 pub fn lm_config(dir: &Path) -> Result<rookery_model::flamingo::LmConfig> {
-    match is_gpt2(dir) {
-        true => hf_gpt2::config(dir),
-        false => hf_llama::config(dir),
+    match model_type(dir).as_deref() {
+        Some("gpt2") => hf_gpt2::config(dir),
+        Some(hf_neox::MODEL_TYPE) => hf_neox::config(dir),
+        Some(t) if !hf_llama::MODEL_TYPES.contains(&t) => bail!(
+            "{}: model_type {t:?}: rookery reads the causal LMs \"gpt2\", \"{}\" and {:?}",
+            dir.join("config.json").display(),
+            hf_neox::MODEL_TYPE,
+            hf_llama::MODEL_TYPES
+        ),
+        _ => hf_llama::config(dir),
     }
 }
 
@@ -46,14 +55,22 @@ pub fn lm_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     tensors::hf_weight_files(dir)
 }
 
-fn is_gpt2(dir: &Path) -> bool {
+/// `config.json`'s `model_type` in `dir`, if it has one.
+pub fn model_type(dir: &Path) -> Option<String> {
     std::fs::read(dir.join("config.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|v| v["model_type"] == "gpt2")
+        .and_then(|v| v["model_type"].as_str().map(str::to_string))
 }
 
-/// Loads the HF causal LM in `dir` (GPT-2 or Llama-family) into `model` (built from
+/// Whether `dir` holds an HF causal LM rookery reads (by its `model_type`).
+pub fn is_lm(dir: &Path) -> bool {
+    model_type(dir).is_some_and(|t| {
+        t == "gpt2" || t == hf_neox::MODEL_TYPE || hf_llama::MODEL_TYPES.contains(&t.as_str())
+    })
+}
+
+/// Loads the HF causal LM in `dir` (GPT-2, GPT-NeoX or Llama-family) into `model` (built from
 /// [`lm_config`], its `vocab_size` perhaps raised for added tokens:
 /// [`open_flamingo::grow_vocab`]), strictly.
 pub fn load_lm<B: Backend>(
@@ -61,11 +78,11 @@ pub fn load_lm<B: Backend>(
     dir: &Path,
     cfg: &rookery_model::flamingo::LmConfig,
 ) -> Result<rookery_model::flamingo::LanguageModel<B>> {
-    let tensors = match is_gpt2(dir) {
-        true => hf_gpt2::to_rookery(dir, cfg)?,
-        false => hf_llama::to_rookery(dir, cfg)?,
+    let mut tensors = match model_type(dir).as_deref() {
+        Some("gpt2") => hf_gpt2::to_rookery(dir, cfg)?,
+        Some(hf_neox::MODEL_TYPE) => hf_neox::to_rookery(dir, cfg)?,
+        _ => hf_llama::to_rookery(dir, cfg)?,
     };
-    let mut tensors = tensors;
     open_flamingo::grow_vocab(&mut tensors, cfg.vocab_size)?;
     let mut store = SafetensorsStore::from_bytes(Some(tensors::to_bytes(&tensors)?));
     store::load_strict(model, &mut store, dir)
@@ -73,11 +90,7 @@ pub fn load_lm<B: Backend>(
 
 /// Whether `dir` holds an HF SigLIP (`config.json` `model_type` in [`hf_siglip::MODEL_TYPES`]).
 pub fn is_siglip(dir: &Path) -> bool {
-    std::fs::read(dir.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["model_type"].as_str().map(str::to_string))
-        .is_some_and(|t| hf_siglip::MODEL_TYPES.contains(&t.as_str()))
+    model_type(dir).is_some_and(|t| hf_siglip::MODEL_TYPES.contains(&t.as_str()))
 }
 
 /// The kinds of CLIP directory rookery reads.

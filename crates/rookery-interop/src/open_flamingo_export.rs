@@ -16,8 +16,10 @@
 //! ```
 //!
 //! `<layers>` / `<embed>`: `model.layers` / `model.embed_tokens` for Llama-style LMs,
-//! `transformer.h` / `transformer.wte` for GPT-2. Linear weights are written `[out, in]`, as
-//! PyTorch holds them; LayerNorm's `gamma`/`beta` as `weight`/`bias`.
+//! `transformer.h` / `transformer.wte` for GPT-2, `gpt_neox.layers` / `gpt_neox.embed_in` for
+//! GPT-NeoX (OpenFlamingo's `_infer_decoder_layers_attr_name` names the same). Linear
+//! weights are written `[out, in]`, as PyTorch holds them; LayerNorm's `gamma`/`beta` as
+//! `weight`/`bias`.
 
 use std::path::Path;
 
@@ -65,6 +67,7 @@ fn lm_paths(cfg: &FlamingoConfig) -> (&'static str, &'static str) {
     match cfg.lm.style {
         LmStyle::Gpt2 => ("transformer.h", "transformer.wte"),
         LmStyle::Llama => ("model.layers", "model.embed_tokens"),
+        LmStyle::Neox => ("gpt_neox.layers", "gpt_neox.embed_in"),
     }
 }
 

@@ -2,8 +2,8 @@
 //! weights, tanh GELU, tied head), and a Llama with
 //! grouped-query attention (8 query heads, 2 key/value heads), Llama 3 RoPE scaling and a tied
 //! head (transformers 5.x config, `rope_parameters`), and a Qwen2 with q/k/v biases, an untied
-//! head and its weights in six shards (`model.safetensors.index.json`). Fixtures from
-//! `fixtures/generate.py`.
+//! head and its weights in six shards (`model.safetensors.index.json`), and two GPT-NeoX
+//! layouts (Pythia's and RedPajama-INCITE's). Fixtures from `fixtures/generate.py`.
 
 mod common;
 use common::{fixture, fixtures, rel_err};
@@ -12,8 +12,12 @@ use burn::backend::Flex;
 use burn::prelude::*;
 use rookery_interop::{hf_llama, load_lm};
 
+/// The reference tensor `name` (the NeoX fixtures were added later, in a file of their own).
 fn io(name: &str) -> (Vec<usize>, Vec<f64>) {
-    fixture("lm_io.safetensors", name)
+    match name.starts_with("neox") {
+        true => fixture("neox_io.safetensors", name),
+        false => fixture("lm_io.safetensors", name),
+    }
 }
 
 /// Largest difference of the logits relative to the largest reference logit.
@@ -51,7 +55,10 @@ fn sharded_qwen2_with_qkv_biases_matches_transformers() {
 fn other_architectures_and_options_are_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let cases = [
-        (r#"{"model_type": "gpt_neox"}"#, "gpt_neox"),
+        (
+            r#"{"model_type": "mistral", "sliding_window": 4, "max_position_embeddings": 8, "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 4, "intermediate_size": 8}"#,
+            "sliding_window",
+        ),
         (
             r#"{"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 4, "intermediate_size": 8, "max_position_embeddings": 8, "rope_scaling": {"type": "yarn", "factor": 2.0}}"#,
             "yarn",
@@ -81,4 +88,46 @@ fn gpt2_with_conv1d_weights_and_a_tied_head_matches_transformers() {
         )
     );
     assert!(check("gpt2") < 1e-4);
+}
+
+#[test]
+fn pythia_style_neox_with_partial_rope_and_parallel_residual_matches_transformers() {
+    let cfg = rookery_interop::lm_config(&fixtures().join("hf_neox_pythia")).unwrap();
+    assert_eq!(cfg.style, rookery_model::flamingo::LmStyle::Neox);
+    assert_eq!((cfg.head_dim(), cfg.rotary_dim()), (16, 4));
+    assert!(cfg.parallel_residual && cfg.act == rookery_model::layers::Act::Gelu);
+    assert!(check("neox_pythia") < 1e-4);
+}
+
+/// RedPajama-INCITE's layout (OpenFlamingo-4B's LM), its config in the hub's 4.x keys.
+#[test]
+fn incite_style_neox_with_whole_rope_and_sequential_residual_matches_transformers() {
+    let cfg = rookery_interop::lm_config(&fixtures().join("hf_neox_incite")).unwrap();
+    assert_eq!((cfg.head_dim(), cfg.rotary_dim()), (16, 16));
+    assert!(!cfg.parallel_residual && cfg.rope_theta == 5000.0);
+    assert_eq!(cfg.act, rookery_model::layers::Act::GeluTanh);
+    assert!(check("neox_incite") < 1e-4);
+}
+
+#[test]
+fn neox_options_and_other_architectures_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = r#""model_type": "gpt_neox", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 4, "intermediate_size": 8, "max_position_embeddings": 8"#;
+    let cases = [
+        (r#""attention_bias": false"#, "attention_bias"),
+        (r#""hidden_act": "relu""#, "relu"),
+        (
+            r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+            "rope_scaling",
+        ),
+        (r#""rotary_pct": 0.1"#, "rotary_pct"),
+        (r#""model_type": "mpt""#, "\"mpt\": rookery reads"),
+    ];
+    for (i, (extra, want)) in cases.iter().enumerate() {
+        let dir = tmp.path().join(format!("c{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), format!("{{{base}, {extra}}}")).unwrap();
+        let err = format!("{:#}", rookery_interop::lm_config(&dir).unwrap_err());
+        assert!(err.contains(want) && err.contains("config.json"), "{err}");
+    }
 }

@@ -1,5 +1,5 @@
-//! `rookery generate` on a language model alone, imported as it is from an HF GPT-2 or
-//! Llama-family directory (text only): a check of an LM before stage 2 is built on it. The prompt is
+//! `rookery generate` on a language model alone, imported as it is from an HF GPT-2,
+//! GPT-NeoX or Llama-family directory (text only): a check of an LM before stage 2 is built on it. The prompt is
 //! encoded by the LM's own `tokenizer.json` (its post-processor adds BOS or not; nothing is
 //! added twice), generation stops at the config's `eos_token_id`(s). The prompt goes through the
 //! LM once; each later step feeds the newest token against a key/value cache.
@@ -10,7 +10,6 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use rookery_data::rng::Rng;
 use rookery_data::PromptTokenizer;
-use rookery_interop::hf_llama;
 use rookery_model::flamingo::KvCache;
 
 use crate::flamingo_io::{sample_top_k, GenerateArgs};
@@ -18,11 +17,7 @@ use rookery_eval::fewshot::greedy;
 
 /// Whether `dir` holds a language model [`generate_lm`] reads.
 pub fn is_hf_lm(dir: &Path) -> bool {
-    std::fs::read(dir.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["model_type"].as_str().map(str::to_string))
-        .is_some_and(|t| t == "gpt2" || hf_llama::MODEL_TYPES.contains(&t.as_str()))
+    rookery_interop::is_lm(dir)
 }
 
 /// The end-of-sequence ids of the model in `dir` (`eos_token_id`: a number or a list).

@@ -265,3 +265,50 @@ fn stage_two_trains_on_an_hf_siglip_vision_tower() {
         assert_ne!(x.attn_gate.val().into_scalar(), 0.0, "a gate did not train");
     }
 }
+
+/// Stage 2 on a GPT-NeoX LM (the Pythia-style fixture: partial RoPE, parallel residual, an
+/// untied head, a byte-level tokenizer whose start and end token is `<|endoftext|>`): it
+/// trains, the LM stays bit-identical to the file, and the export carries OpenFlamingo's
+/// GPT-NeoX names (`gpt_neox.layers`, `gpt_neox.embed_in`; no head: an untied one stays
+/// frozen).
+#[test]
+fn stage_two_on_an_hf_neox_lm_trains_and_exports_gpt_neox_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth(dir.path());
+    let run = dir.path().join("run");
+    let mut cfg = flamingo_cfg(&s, &run, 2);
+    cfg.flamingo.lm_from = fixture("hf_neox_pythia");
+    train::<B>(&cfg, &Default::default()).unwrap();
+
+    let resolved = RunConfig::load(&run.join("config.toml"), &[]).unwrap();
+    let sp = &resolved.data.special_tokens;
+    assert_eq!(
+        (sp.bos.as_str(), sp.eos.as_str(), sp.pad.as_str()),
+        ("<|endoftext|>", "<|endoftext|>", "<PAD>")
+    );
+    let m = &resolved.flamingo.model;
+    assert_eq!(m.lm.style, rookery_model::flamingo::LmStyle::Neox);
+    assert!(m.lm.parallel_residual && !m.lm.tie_embeddings);
+    let dev = Default::default();
+    let (_, _, model) = open_flamingo::<IB>(&run, &dev).unwrap();
+    let lm = rookery_interop::load_lm(m.lm.init::<IB>(&dev), &fixture("hf_neox_pythia"), &m.lm);
+    assert!(floats(&model.lm) == floats(&lm.unwrap()), "the LM changed");
+    for x in &model.xattn {
+        assert_ne!(x.attn_gate.val().into_scalar(), 0.0, "a gate did not train");
+    }
+
+    let out = dir.path().join("export");
+    export_open_flamingo(&run, &out, false).unwrap();
+    let t = read_f32(&out.join("checkpoint.safetensors")).unwrap();
+    let xa = "lang_encoder.gpt_neox.layers.1.gated_cross_attn_layer";
+    for key in [
+        format!("{xa}.attn_gate"),
+        format!("{xa}.attn.to_q.weight"),
+        "lang_encoder.gpt_neox.embed_in.weight".into(),
+    ] {
+        assert!(t.contains_key(&key), "{key} missing from {:?}", t.keys());
+    }
+    assert!(!t
+        .keys()
+        .any(|k| k.contains("lm_head") || k.contains("embed_out")));
+}

@@ -509,39 +509,46 @@ fn the_new_layers_learn_a_task_only_the_image_can_answer() {
     );
 }
 
-/// `rookery generate` on an imported HF Llama alone: the prompt's ids (BOS from the tokenizer's
-/// own post-processor, once) and the greedy continuation are transformers' (fixture from
-/// rookery-interop's generate.py).
+/// `rookery generate` on an imported HF LM alone: the prompt's ids and the greedy continuation
+/// (key/value cache) are transformers' (fixtures from rookery-interop's generate.py). The
+/// Llama's tokenizer adds BOS through its post-processor (once); the Pythia-style GPT-NeoX's
+/// adds nothing, and it rotates a quarter of each head with attention and MLP side by side.
 #[test]
-fn an_imported_llama_generates_what_transformers_generates() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rookery-interop/fixtures/hf_llama");
-    let want: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("expected_generation.json")).unwrap())
-            .unwrap();
-    let ids = |k: &str| -> Vec<u32> {
-        want[k]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let args = GenerateArgs {
-        prompt: want["prompt"].as_str().unwrap().to_string(),
-        images: vec![],
-        video: vec![],
-        max_new: ids("new_ids").len(),
-        top_k: 0,
-        temperature: 1.0,
-        seed: 0,
-    };
-    assert!(rookery_train::lm_io::is_hf_lm(&dir));
-    let (prompt, new, text) =
-        rookery_train::lm_io::generate_lm::<IB>(&dir, &args, &Default::default()).unwrap();
-    assert_eq!(prompt, ids("prompt_ids"));
-    assert_eq!(prompt.iter().filter(|&&t| t == 1).count(), 1, "BOS once");
-    assert_eq!(new, ids("new_ids"));
-    assert_eq!(text, want["text"].as_str().unwrap());
+fn imported_llama_and_neox_generate_what_transformers_generates() {
+    for (name, bos) in [("hf_llama", Some(1)), ("hf_neox_pythia", None)] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../rookery-interop/fixtures")
+            .join(name);
+        let want: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("expected_generation.json")).unwrap())
+                .unwrap();
+        let ids = |k: &str| -> Vec<u32> {
+            want[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let args = GenerateArgs {
+            prompt: want["prompt"].as_str().unwrap().to_string(),
+            images: vec![],
+            video: vec![],
+            max_new: ids("new_ids").len(),
+            top_k: 0,
+            temperature: 1.0,
+            seed: 0,
+        };
+        assert!(rookery_train::lm_io::is_hf_lm(&dir), "{name}");
+        let (prompt, new, text) =
+            rookery_train::lm_io::generate_lm::<IB>(&dir, &args, &Default::default()).unwrap();
+        assert_eq!(prompt, ids("prompt_ids"), "{name}");
+        if let Some(bos) = bos {
+            assert_eq!(prompt.iter().filter(|&&t| t == bos).count(), 1, "BOS once");
+        }
+        assert_eq!(new, ids("new_ids"), "{name}");
+        assert_eq!(text, want["text"].as_str().unwrap(), "{name}");
+    }
 }
 
 /// `[flamingo] vision_from` on an HF `CLIPModel` directory (rookery-interop's fixture, 32 px

@@ -11,9 +11,8 @@
 //! attention sums run over the cache's capacity instead of the row's length).
 
 use burn::prelude::*;
-use burn::tensor::DType;
 
-use super::lm::{LanguageModel, LlamaBlock, LmBlock};
+use super::lm::{rotate_part, LanguageModel, LmBlock, RotaryBlock};
 use super::model::Flamingo;
 use crate::cpu::softmax;
 use crate::layers::{linear_3d, norm, ResidualAttentionBlock};
@@ -159,12 +158,11 @@ impl<B: Backend> LanguageModel<B> {
         cache: &mut KvCache<B>,
     ) -> Tensor<B, 3> {
         let (c, slot) = (cache.capacity, &mut cache.layers[i]);
+        let rope = || self.rope.as_ref().expect("a rotary style has rope");
         self.in_own_dtype(x, |x| match &self.blocks[i] {
             LmBlock::Gpt2(b) => gpt2_cached(b, x, place, slot, c),
-            LmBlock::Llama(b) => {
-                let rope = self.rope.as_ref().expect("llama has rope");
-                llama_cached(b, x, rope, place, slot, c)
-            }
+            LmBlock::Llama(b) => rotary_cached(b, x, rope(), place, slot, c),
+            LmBlock::Neox(b) => rotary_cached(b, x, rope(), place, slot, c),
         })
     }
 }
@@ -209,8 +207,8 @@ fn gpt2_cached<B: Backend>(
     b.mlp_residual(x + linear_3d(&b.attn.out_proj, y))
 }
 
-fn llama_cached<B: Backend>(
-    b: &LlamaBlock<B>,
+fn rotary_cached<B: Backend>(
+    b: &impl RotaryBlock<B>,
     x: Tensor<B, 3>,
     rope: &burn::nn::RotaryEncoding<B>,
     place: &Place<B>,
@@ -220,18 +218,12 @@ fn llama_cached<B: Backend>(
     let [r, t, _] = x.dims();
     let (q, k, v) = b.qkv_heads(x.clone());
     let [_, h, _, hd] = q.dims();
-    // As the uncached block: rotate in f32 (RoPE's table is f32), go on in the block's dtype.
-    let dt = x.dtype();
-    let rotate = |y: Tensor<B, 4>| {
-        to_dtype(
-            rope_at(rope, to_dtype(y, DType::F32), place.ids.clone()),
-            dt,
-        )
-    };
+    // As the uncached block: the rotated dimensions only, in f32.
+    let rd = rope.freq_complex.dims()[1];
+    let rotate = |y: Tensor<B, 4>| rotate_part(y, rd, |z| rope_at(rope, z, place.ids.clone()));
     let (k, v) = extend(place, slot, rotate(k), v, c);
     let y = place.attend(rotate(q), b.shared(k), b.shared(v));
-    let x = x + linear_3d(&b.out, y.swap_dims(1, 2).reshape([r, t, h * hd]));
-    b.ffn_residual(x)
+    b.finish(x, y.swap_dims(1, 2).reshape([r, t, h * hd]))
 }
 
 /// The media mask of the new tokens (as [`super::xattn::media_mask`] gives it for the whole
@@ -315,7 +307,7 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
     use burn::module::Param;
-    use burn::tensor::Distribution;
+    use burn::tensor::{DType, Distribution};
 
     type B = Flex;
 
@@ -326,6 +318,10 @@ mod tests {
         (c.lm.vocab_size, c.lm.context_length, c.lm.width) = (20, 16, 32);
         (c.lm.layers, c.lm.heads, c.lm.style) = (2, 4, style);
         c.lm.kv_heads = 2;
+        if style == LmStyle::Neox {
+            // Pythia's layout: a quarter of each head rotated, attention and MLP side by side.
+            (c.lm.kv_heads, c.lm.rotary_pct, c.lm.parallel_residual) = (0, 0.25, true);
+        }
         (c.resampler.latents, c.resampler.depth) = (3, 1);
         (c.resampler.heads, c.resampler.dim_head) = (2, 8);
         (c.xattn_heads, c.xattn_dim_head) = (2, 8);
@@ -359,7 +355,7 @@ mod tests {
             .collect()
     }
 
-    /// Prefill then one token at a time, rows of different lengths, both LM styles, both media
+    /// Prefill then one token at a time, rows of different lengths, every LM style, both media
     /// masks, f32 and bf16 frozen towers: every step's logits equal the uncached model's on
     /// the whole rows.
     #[test]
@@ -370,6 +366,8 @@ mod tests {
             (LmStyle::Llama, true, DType::F32),
             (LmStyle::Llama, false, DType::F32),
             (LmStyle::Llama, true, DType::BF16),
+            (LmStyle::Neox, true, DType::F32),
+            (LmStyle::Neox, false, DType::BF16),
         ] {
             let m = model(style, immediate).with_frozen_dtype(dtype);
             // The two paths sum in other orders: bf16 rounds each differently.

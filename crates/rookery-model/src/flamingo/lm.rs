@@ -1,8 +1,11 @@
-//! A decoder-only language model in one of two styles:
+//! A decoder-only language model in one of three styles:
 //! - `gpt2`: token + learned position embeddings, pre-norm causal blocks with LayerNorm and a
 //!   GELU MLP (the same blocks as CLIP's towers);
 //! - `llama`: no position embeddings but rotary ones (RoPE) on queries and keys, RMSNorm, and a
-//!   SwiGLU feed-forward `down(silu(gate(x)) * up(x))`, all without biases.
+//!   SwiGLU feed-forward `down(silu(gate(x)) * up(x))`, all without biases;
+//! - `neox` (GPT-NeoX: Pythia, RedPajama-INCITE): RoPE on a share of each head, LayerNorm,
+//!   a GELU MLP, biases everywhere, and attention and MLP side by side on the same input
+//!   (`x + attn(ln_1(x)) + mlp(ln_2(x))`) or one after the other ([`super::neox`]).
 //!
 //! then a final norm and an LM head. Flamingo freezes it and slips gated cross-attention
 //! between its blocks, so the pieces are public.
@@ -19,6 +22,7 @@ use crate::precision::to_dtype;
 use burn::tensor::DType;
 use serde::{Deserialize, Serialize};
 
+use super::neox::NeoxBlock;
 use crate::layers::{linear_3d, Act, ResidualAttentionBlock, Transformer};
 
 /// The layout of a causal LM (`lm.style`).
@@ -30,6 +34,16 @@ pub enum LmStyle {
     /// Llama (and Mistral, Qwen2, SmolLM, TinyLlama): RoPE, RMSNorm, SwiGLU, grouped-query
     /// attention.
     Llama,
+    /// GPT-NeoX (Pythia, RedPajama-INCITE): partial RoPE, LayerNorm, GELU MLP, biases,
+    /// parallel residual.
+    Neox,
+}
+
+impl LmStyle {
+    /// Whether positions enter through RoPE (llama, neox) rather than a learned table.
+    pub fn rotary(self) -> bool {
+        self != LmStyle::Gpt2
+    }
 }
 
 /// `[lm]`.
@@ -43,7 +57,7 @@ pub struct LmConfig {
     pub layers: usize,
     pub heads: usize,
     pub mlp_ratio: f64,
-    /// "gpt2" or "llama".
+    /// "gpt2", "llama" or "neox".
     pub style: LmStyle,
     /// llama: key/value heads (grouped-query attention; 0: `heads`).
     pub kv_heads: usize,
@@ -51,11 +65,17 @@ pub struct LmConfig {
     pub head_dim: usize,
     /// The feed-forward's hidden width (0: `width * mlp_ratio`); imported models state it.
     pub hidden: usize,
-    /// llama: RoPE's base.
+    /// llama, neox: RoPE's base.
     pub rope_theta: f64,
     /// llama: Llama 3's RoPE frequency scaling, if any.
     pub rope_scaling: Option<RopeScaling>,
-    /// llama: RMSNorm's epsilon.
+    /// llama, neox: the share of each head's width RoPE rotates (its leading dimensions; HF
+    /// `rotary_pct` / `partial_rotary_factor`: Pythia 0.25).
+    pub rotary_pct: f64,
+    /// neox: attention and MLP both read the block's input and add to it (HF
+    /// `use_parallel_residual`), instead of the MLP reading the attention's output.
+    pub parallel_residual: bool,
+    /// llama: RMSNorm's epsilon; neox: LayerNorm's.
     pub norm_eps: f64,
     /// llama: biases on the query, key and value projections (Qwen2).
     pub qkv_bias: bool,
@@ -113,6 +133,8 @@ impl Default for LmConfig {
             hidden: 0,
             rope_theta: 10000.0,
             rope_scaling: None,
+            rotary_pct: 1.0,
+            parallel_residual: false,
             norm_eps: 1e-5,
             qkv_bias: false,
             act: Act::Gelu,
@@ -135,8 +157,17 @@ impl LmConfig {
                 "`lm.kv_heads` must divide lm.heads",
             ),
             (
-                !self.head_dim().is_multiple_of(2),
-                "`lm.head_dim` must be even (RoPE rotates pairs)",
+                self.style == LmStyle::Neox && self.kv() != self.heads,
+                "`lm.kv_heads`: a neox LM has as many key/value heads as query heads",
+            ),
+            (
+                !(self.rotary_pct > 0.0 && self.rotary_pct <= 1.0),
+                "`lm.rotary_pct` must be in (0, 1]",
+            ),
+            (
+                self.style.rotary()
+                    && (self.rotary_dim() == 0 || !self.rotary_dim().is_multiple_of(2)),
+                "`lm.head_dim * lm.rotary_pct` must be even and > 0 (RoPE rotates pairs)",
             ),
             (
                 !(self.rope_theta.is_finite() && self.rope_theta > 0.0),
@@ -179,8 +210,13 @@ impl LmConfig {
         }
     }
 
+    /// How many leading dimensions of a head RoPE rotates (HF: `int(head_dim * rotary_pct)`).
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim() as f64 * self.rotary_pct) as usize
+    }
+
     fn rope<B: Backend>(&self, device: &B::Device) -> RotaryEncoding<B> {
-        let cfg = RotaryEncodingConfig::new(self.context_length, self.head_dim())
+        let cfg = RotaryEncodingConfig::new(self.context_length, self.rotary_dim())
             .with_theta(self.rope_theta as f32);
         match &self.rope_scaling {
             None => cfg.init(device),
@@ -197,34 +233,38 @@ impl LmConfig {
     }
 
     pub fn init<B: Backend>(&self, device: &B::Device) -> LanguageModel<B> {
-        let (w, llama) = (self.width, self.style == LmStyle::Llama);
-        let blocks = if llama {
-            (0..self.layers)
+        let (w, rotary) = (self.width, self.style.rotary());
+        let blocks = match self.style {
+            LmStyle::Llama => (0..self.layers)
                 .map(|_| LmBlock::Llama(self.llama_block(device)))
-                .collect()
-        } else {
-            Transformer::new(w, self.layers, self.heads, self.mlp_ratio, self.act, device)
-                .resblocks
-                .into_iter()
-                .map(LmBlock::Gpt2)
-                .collect()
+                .collect(),
+            LmStyle::Neox => (0..self.layers)
+                .map(|_| LmBlock::Neox(NeoxBlock::new(self, device)))
+                .collect(),
+            LmStyle::Gpt2 => {
+                Transformer::new(w, self.layers, self.heads, self.mlp_ratio, self.act, device)
+                    .resblocks
+                    .into_iter()
+                    .map(LmBlock::Gpt2)
+                    .collect()
+            }
         };
+        let eps = self.norm_eps;
         LanguageModel {
             wte: EmbeddingConfig::new(self.vocab_size, w).init(device),
-            wpe: (!llama).then(|| EmbeddingConfig::new(self.context_length, w).init(device)),
+            wpe: (!rotary).then(|| EmbeddingConfig::new(self.context_length, w).init(device)),
             blocks,
-            norm_f: match llama {
-                true => LmNorm::Rms(
-                    RmsNormConfig::new(w)
-                        .with_epsilon(self.norm_eps)
-                        .init(device),
-                ),
-                false => LmNorm::Layer(LayerNormConfig::new(w).init(device)),
+            norm_f: match self.style {
+                LmStyle::Llama => LmNorm::Rms(RmsNormConfig::new(w).with_epsilon(eps).init(device)),
+                LmStyle::Neox => {
+                    LmNorm::Layer(LayerNormConfig::new(w).with_epsilon(eps).init(device))
+                }
+                LmStyle::Gpt2 => LmNorm::Layer(LayerNormConfig::new(w).init(device)),
             },
             lm_head: LinearConfig::new(w, self.vocab_size)
                 .with_bias(false)
                 .init(device),
-            rope: llama.then(|| self.rope(device)),
+            rope: rotary.then(|| self.rope(device)),
             context_length: self.context_length,
         }
     }
@@ -268,26 +308,69 @@ pub struct LlamaBlock<B: Backend> {
     pub kv_heads: usize,
 }
 
-impl<B: Backend> LlamaBlock<B> {
-    fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEncoding<B>) -> Tensor<B, 3> {
-        let [b, t, _] = x.dims();
-        let h = self.heads;
-        let (q, k, v) = self.qkv_heads(x.clone());
-        let hd = q.dims()[3];
-        // RoPE's table is f32 (a constant, not a parameter): rotate in f32, as HF computes
-        // its cos/sin in f32, then go on in the block's dtype.
-        let dt = x.dtype();
-        let rotate = |t: Tensor<B, 4>| to_dtype(rope.forward(to_dtype(t, DType::F32)), dt);
-        let (q, k, v) = (rotate(q), self.shared(rotate(k)), self.shared(v));
-        let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f32).sqrt();
-        let causal = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &x.device())
-            .unsqueeze::<4>()
-            .expand([b, h, t, t]);
-        let y = softmax(scores.mask_fill(causal, f32::NEG_INFINITY), 3).matmul(v);
-        let x = x + linear_3d(&self.out, y.swap_dims(1, 2).reshape([b, t, h * hd]));
-        self.ffn_residual(x)
-    }
+/// The parts of a block with rotary attention (llama, neox) that the whole forward
+/// ([`rotary_forward`]) and the key/value cache ([`super::cache`]) share.
+pub(crate) trait RotaryBlock<B: Backend> {
+    /// Query, key and value heads `[B, n, T, Dh]` of the block's input `[B, T, D]` (normed,
+    /// projected; before RoPE).
+    fn qkv_heads(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+    /// Key or value heads for every query head.
+    fn shared(&self, x: Tensor<B, 4>) -> Tensor<B, 4>;
+    /// The block's output from its input `x` and the attention's merged heads `y`
+    /// `[B, T, H * Dh]` (before the output projection).
+    fn finish(&self, x: Tensor<B, 3>, y: Tensor<B, 3>) -> Tensor<B, 3>;
+}
 
+/// `f` (RoPE) on the leading `r` dimensions of each head of `x` `[B, H, T, Dh]`, the rest
+/// passed through. RoPE's table is f32 (a constant, not a parameter): it rotates in f32, as HF
+/// computes its cos/sin in f32, and the result goes on in `x`'s dtype.
+pub(crate) fn rotate_part<B: Backend>(
+    x: Tensor<B, 4>,
+    r: usize,
+    f: impl Fn(Tensor<B, 4>) -> Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let (dt, d) = (x.dtype(), x.dims()[3]);
+    let rotate = |t: Tensor<B, 4>| to_dtype(f(to_dtype(t, DType::F32)), dt);
+    if r == d {
+        return rotate(x);
+    }
+    let head = rotate(x.clone().slice(s![.., .., .., 0..r]));
+    Tensor::cat(vec![head, x.slice(s![.., .., .., r..d])], 3)
+}
+
+/// A rotary block over the whole causal sequence `x` `[B, T, D]`.
+fn rotary_forward<B: Backend>(
+    block: &impl RotaryBlock<B>,
+    x: Tensor<B, 3>,
+    rope: &RotaryEncoding<B>,
+) -> Tensor<B, 3> {
+    let [b, t, _] = x.dims();
+    let (q, k, v) = block.qkv_heads(x.clone());
+    let [_, h, _, hd] = q.dims();
+    let r = rope.freq_complex.dims()[1];
+    let rotate = |y: Tensor<B, 4>| rotate_part(y, r, |z| rope.forward(z));
+    let (q, k, v) = (rotate(q), block.shared(rotate(k)), block.shared(v));
+    let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f32).sqrt();
+    let causal = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &x.device())
+        .unsqueeze::<4>()
+        .expand([b, h, t, t]);
+    let y = softmax(scores.mask_fill(causal, f32::NEG_INFINITY), 3).matmul(v);
+    block.finish(x, y.swap_dims(1, 2).reshape([b, t, h * hd]))
+}
+
+impl<B: Backend> RotaryBlock<B> for LlamaBlock<B> {
+    fn qkv_heads(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        LlamaBlock::qkv_heads(self, x)
+    }
+    fn shared(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        LlamaBlock::shared(self, x)
+    }
+    fn finish(&self, x: Tensor<B, 3>, y: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.ffn_residual(x + linear_3d(&self.out, y))
+    }
+}
+
+impl<B: Backend> LlamaBlock<B> {
     /// The packed projection of `rms(x)` (`x` `[B, T, D]`) as query, key and value heads
     /// `[B, n, T, Dh]`: query heads first, then key heads, then value heads.
     pub(crate) fn qkv_heads(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
@@ -322,11 +405,12 @@ impl<B: Backend> LlamaBlock<B> {
     }
 }
 
-/// One decoder block of either style.
+/// One decoder block of any style.
 #[derive(Module, Debug)]
 pub enum LmBlock<B: Backend> {
     Gpt2(ResidualAttentionBlock<B>),
     Llama(LlamaBlock<B>),
+    Neox(NeoxBlock<B>),
 }
 
 #[derive(Module, Debug)]
@@ -343,7 +427,7 @@ pub struct LanguageModel<B: Backend> {
     pub blocks: Vec<LmBlock<B>>,
     pub norm_f: LmNorm<B>,
     pub lm_head: Linear<B>,
-    /// Rotary position encoding (llama only).
+    /// Rotary position encoding (llama, neox) over a head's rotated dimensions.
     pub rope: Option<RotaryEncoding<B>>,
     /// The longest sequence it takes (the size of its position table).
     #[module(skip)]
@@ -364,7 +448,7 @@ impl<B: Backend> LanguageModel<B> {
         to_dtype(self.wte.forward(tokens), DType::F32)
     }
 
-    /// Adds learned positions (gpt2); llama's positions enter through RoPE in each block.
+    /// Adds learned positions (gpt2); llama's and neox's enter through RoPE in each block.
     pub fn add_positions(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let Some(wpe) = &self.wpe else { return x };
         let [b, t, _] = x.dims();
@@ -387,9 +471,11 @@ impl<B: Backend> LanguageModel<B> {
 
     /// Causal block `i` of the stack.
     pub fn block(&self, i: usize, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let rope = || self.rope.as_ref().expect("a rotary style has rope");
         self.in_own_dtype(x, |x| match &self.blocks[i] {
             LmBlock::Gpt2(b) => b.forward(x, true),
-            LmBlock::Llama(b) => b.forward(x, self.rope.as_ref().expect("llama has rope")),
+            LmBlock::Llama(b) => rotary_forward(b, x, rope()),
+            LmBlock::Neox(b) => rotary_forward(b, x, rope()),
         })
     }
 
@@ -426,11 +512,11 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
 
-    /// Changing token t changes no logit before t, in both styles.
+    /// Changing token t changes no logit before t, in every style.
     #[test]
-    fn both_styles_are_causal() {
+    fn every_style_is_causal() {
         let dev = Default::default();
-        for style in [LmStyle::Gpt2, LmStyle::Llama] {
+        for style in [LmStyle::Gpt2, LmStyle::Llama, LmStyle::Neox] {
             Flex::seed(&dev, 3);
             let cfg = LmConfig {
                 vocab_size: 16,
@@ -439,6 +525,8 @@ mod tests {
                 layers: 2,
                 heads: 2,
                 style,
+                rotary_pct: if style == LmStyle::Neox { 0.5 } else { 1.0 },
+                parallel_residual: style == LmStyle::Neox,
                 ..Default::default()
             };
             cfg.validate().unwrap();

@@ -593,7 +593,7 @@ mod tests {
     }
 
     /// Frozen towers held in bf16 (stage 2 on a GPU) give the f32 model's logits, loss and
-    /// trained gradients to bf16's precision, in both LM styles and with either vision tower: every
+    /// trained gradients to bf16's precision, in every LM style and with either vision tower: every
     /// frozen part runs in bf16, every trained part in f32, and nothing frozen gets a gradient.
     #[test]
     fn bf16_frozen_towers_give_the_f32_logits_loss_and_gradients() {
@@ -619,10 +619,14 @@ mod tests {
             (LmStyle::Gpt2, None),
             (LmStyle::Llama, None),
             (LmStyle::Llama, Some(siglip)),
+            (LmStyle::Neox, None),
         ] {
             A::seed(&dev, 6);
             let mut c = tiny();
             (c.lm.style, c.lm.kv_heads, c.siglip) = (style, 1, siglip);
+            if style == LmStyle::Neox {
+                (c.lm.kv_heads, c.lm.rotary_pct, c.lm.parallel_residual) = (0, 0.5, true);
+            }
             let style = (style, c.siglip.is_some());
             let mut model = c.init::<A>(&dev);
             for x in model.xattn.iter_mut() {
