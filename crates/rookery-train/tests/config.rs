@@ -233,6 +233,48 @@ fn the_vitl14_llama_recipe_resolves_against_the_published_shapes() {
     assert!(err.to_string().contains("takes 224"), "{err}");
 }
 
+/// OpenFlamingo-4B's recipe (ViT-L/14 + RedPajama-INCITE-Base-3B, a GPT-NeoX) resolves
+/// against the published shapes: the LM's layout read from the hub's 4.x config keys, 16 gated
+/// blocks (every second of 32 layers), and OpenFlamingo-4B's size.
+#[test]
+fn the_vitl14_rpj3b_recipe_resolves_against_the_published_shapes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let sources = [
+        format!(
+            "flamingo.vision_from={}",
+            root.join("pretrained-shapes/clip-vit-large-patch14")
+                .display()
+        ),
+        format!(
+            "flamingo.lm_from={}",
+            root.join("pretrained-shapes/RedPajama-INCITE-Base-3B-v1")
+                .display()
+        ),
+    ];
+    let cfg = RunConfig::load(&root.join("flamingo-vitl14-rpj3b.toml"), &sources).unwrap();
+    // GPT-NeoX-20B's tokenizer, 50277 tokens: <|endofchunk|> 50277, <image> 50278, <PAD> 50279.
+    let (r, _) = rookery_train::stage::flamingo::resolve(&cfg, 50280, (50278, 50277)).unwrap();
+    r.validate().unwrap();
+    let l = &r.flamingo.model.lm;
+    assert_eq!(l.style, rookery_model::flamingo::LmStyle::Neox);
+    assert_eq!(
+        (l.width, l.layers, l.heads, l.hidden()),
+        (2560, 32, 32, 10240)
+    );
+    assert_eq!(
+        (l.vocab_size, l.rotary_dim(), l.parallel_residual),
+        (50432, 80, false)
+    );
+    let e = rookery_train::memory::estimate(&r);
+    eprintln!("{e:?}");
+    // ViT-L/14 0.30B, the LM 2.78B (2 x 50432 x 2560 embeddings and head, 32 blocks of
+    // 78.7M), the resampler 63M and 16 gated blocks of 56.1M: 4.04B ("4B"), 0.96B trained.
+    let params = e.params / 1e9;
+    assert!((4.02..4.06).contains(&params), "{params}B parameters");
+    let trained = e.optimizer / 12.0 / 1e9;
+    assert!((0.95..0.97).contains(&trained), "{trained}B trained");
+}
+
 /// The default recipe trains CLIP's own tower, so its run exports under HF transformers'
 /// names (`rookery export --format hf`), which refuse rookery's patch stem.
 #[test]
