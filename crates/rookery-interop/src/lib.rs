@@ -23,6 +23,8 @@ pub mod open_clip;
 pub mod open_clip_config;
 pub mod open_flamingo;
 pub mod open_flamingo_export;
+pub mod open_flamingo_import;
+pub mod open_flamingo_names;
 pub mod store;
 pub mod tensors;
 

@@ -13,12 +13,25 @@ pub type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// Every float parameter of `model` as f32 under its dotted module path (`visual.conv1.weight`).
 pub fn of_module<B: burn::prelude::Backend, M: burn::module::Module<B>>(model: &M) -> Tensors {
+    collect(model, true)
+}
+
+/// The shape of every float parameter of `model` under its dotted module path (values left
+/// empty: nothing is copied off the device).
+pub fn shapes_of<B: burn::prelude::Backend, M: burn::module::Module<B>>(model: &M) -> Tensors {
+    collect(model, false)
+}
+
+fn collect<B: burn::prelude::Backend, M: burn::module::Module<B>>(
+    model: &M,
+    values: bool,
+) -> Tensors {
     use burn::module::{ModuleVisitor, Param};
     use burn::prelude::Tensor;
-    #[derive(Default)]
     struct Collect {
         stack: Vec<String>,
         out: Tensors,
+        values: bool,
     }
     impl<B: burn::prelude::Backend> ModuleVisitor<B> for Collect {
         fn enter_module(&mut self, name: &str, _: &str) {
@@ -30,12 +43,18 @@ pub fn of_module<B: burn::prelude::Backend, M: burn::module::Module<B>>(model: &
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
             let t = p.val();
             let shape = t.dims().to_vec();
-            let data = t.into_data().convert::<f32>().to_vec::<f32>();
-            let path = self.stack.join(".");
-            self.out.insert(path, (shape, data.expect("f32 data")));
+            let data = match self.values {
+                true => t.into_data().convert::<f32>().to_vec::<f32>().expect("f32"),
+                false => Vec::new(),
+            };
+            self.out.insert(self.stack.join("."), (shape, data));
         }
     }
-    let mut c = Collect::default();
+    let mut c = Collect {
+        stack: Vec::new(),
+        out: Tensors::new(),
+        values,
+    };
     model.visit(&mut c);
     c.out
 }
@@ -89,14 +108,22 @@ pub fn read_f32(path: &Path) -> Result<Tensors> {
 }
 
 /// Every tensor of the PyTorch checkpoint `path` (`torch.save` of a state dict, or of a dict
-/// holding it under `state_dict`; a `module.` prefix from DistributedDataParallel dropped) as
-/// f32, read by burn-store's pickle reader.
+/// holding it under `state_dict` or `model_state_dict`; a `module.` prefix from
+/// DistributedDataParallel dropped) as f32, read by burn-store's pickle reader.
 pub fn read_pytorch_f32(path: &Path) -> Result<Tensors> {
     use burn_store::pytorch::PytorchReader;
     let err = |e: burn_store::pytorch::PytorchError| anyhow::anyhow!("{}: {e}", path.display());
     let mut reader = PytorchReader::new(path).map_err(err)?;
-    if reader.keys().iter().all(|k| k.starts_with("state_dict.")) {
-        reader = PytorchReader::with_top_level_key(path, "state_dict").map_err(err)?;
+    // Training checkpoints nest the weights beside the optimizer's state: Lightning under
+    // `state_dict`, OpenFlamingo's training script under `model_state_dict`.
+    let nested = ["model_state_dict", "state_dict"].into_iter().find(|top| {
+        reader
+            .keys()
+            .iter()
+            .any(|k| k.starts_with(&format!("{top}.")))
+    });
+    if let Some(top) = nested {
+        reader = PytorchReader::with_top_level_key(path, top).map_err(err)?;
     }
     let mut out = Tensors::new();
     for (name, snap) in reader.into_tensors() {

@@ -311,4 +311,208 @@ fn stage_two_on_an_hf_neox_lm_trains_and_exports_gpt_neox_names() {
     assert!(!t
         .keys()
         .any(|k| k.contains("lm_head") || k.contains("embed_out")));
+
+    // The export read back (`[flamingo] init_from`'s loader) into a model built on the same
+    // files: the trained parts bit for bit, and the same logits.
+    let ckpt = out.join("checkpoint.safetensors");
+    let mut fresh = m.init::<IB>(&dev);
+    fresh.vision = load_vision::<IB>(&fixture("hf_clip"), &dev).unwrap();
+    fresh.lm = rookery_interop::load_lm(fresh.lm, &fixture("hf_neox_pythia"), &m.lm).unwrap();
+    let (back, loaded) =
+        rookery_interop::open_flamingo_import::load_trained(fresh.freeze(), m, &ckpt).unwrap();
+    assert_eq!(
+        (loaded.embedding_rows, loaded.skipped),
+        (tokenizer_len(&run), 0)
+    );
+    use rookery_interop::open_flamingo_export::trained_of;
+    assert!(
+        trained_of(&back) == trained_of(&model),
+        "trained parts differ"
+    );
+    assert!(values(back.new_tokens.val()) == values(model.new_tokens.val()));
+    let page = |m: &rookery_model::flamingo::Flamingo<IB>| values(page_logits(m));
+    assert!(page(&back) == page(&model), "logits differ");
+
+    // A run continuing from it starts there: after one step its latents are within a step of
+    // the export's; a fresh run's, drawn from another seed, are not.
+    let latents = |run: &Path| {
+        let (_, _, m) = open_flamingo::<IB>(run, &dev).unwrap();
+        values(m.resampler.latents.val())
+    };
+    let one_step = |name: &str, init: Option<&Path>| {
+        let run = dir.path().join(name);
+        let mut c = flamingo_cfg(&s, &run, 1);
+        c.flamingo.lm_from = fixture("hf_neox_pythia");
+        c.flamingo.init_from = init.map(Path::to_path_buf).unwrap_or_default();
+        c.train.seed = 7;
+        train::<B>(&c, &Default::default()).unwrap();
+        run
+    };
+    let (cont, fresh_run) = (one_step("cont", Some(&ckpt)), one_step("fresh", None));
+    let want = values(model.resampler.latents.val());
+    let dist = |a: &[f32]| {
+        a.iter()
+            .zip(&want)
+            .fold(0f32, |w, (x, y)| w.max((x - y).abs()))
+    };
+    let (near, far) = (dist(&latents(&cont)), dist(&latents(&fresh_run)));
+    assert!(near <= 2e-3 && far > 1e-2, "continued {near}, fresh {far}");
+    let resolved = RunConfig::load(&cont.join("config.toml"), &[]).unwrap();
+    assert_eq!(resolved.flamingo.init_sha256, sha(&ckpt));
+}
+
+fn sha(p: &Path) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+/// The length of a run's tokenizer.
+fn tokenizer_len(run: &Path) -> usize {
+    let cfg = RunConfig::load(&run.join("config.toml"), &[]).unwrap();
+    let tk = rookery_data::TextTokenizer::load(&cfg.data.tokenizer, &cfg.data.special_tokens);
+    tk.unwrap().vocab_size
+}
+
+/// A fixed page's logits: `<image>` tokens where the run's tokenizer put them.
+fn page_logits(m: &rookery_model::flamingo::Flamingo<IB>) -> Tensor<IB, 3> {
+    let dev = Default::default();
+    let (img, eoc) = (m.image_token, m.eoc_token);
+    let ids: Vec<i64> = vec![0, img, 20, 30, 40, eoc, img, 50, 60, eoc, 0];
+    let t = ids.len();
+    let tokens = Tensor::<IB, 2, Int>::from_data(TensorData::new(ids, [1, t]), &dev);
+    let pixels: Vec<f32> = (0..2 * 3 * 32 * 32)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let images = Tensor::<IB, 5>::from_data(TensorData::new(pixels, [1, 2, 3, 32, 32]), &dev);
+    m.forward(tokens, images)
+}
+
+/// The model `[flamingo] init_from` reads `open_flamingo_ckpt/` into: the HF CLIP and the
+/// Pythia-style GPT-NeoX fixtures, the checkpoint's small sizes, towers loaded and frozen.
+fn small_neox_flamingo<Bk: Backend>(
+    run: &Path,
+    every: usize,
+) -> (
+    rookery_model::flamingo::FlamingoConfig,
+    rookery_model::flamingo::Flamingo<Bk>,
+) {
+    let s = SynthConfig {
+        out: run.join("synth"),
+        ..Default::default()
+    };
+    let mut cfg = flamingo_cfg(&s, run, 1);
+    cfg.flamingo.lm_from = fixture("hf_neox_pythia");
+    let m = &mut cfg.flamingo.model;
+    m.cross_attn_every_n_layers = every;
+    (m.xattn_heads, m.xattn_dim_head, m.xattn_ff_mult) = (2, 8, 1);
+    let r = &mut m.resampler;
+    (r.latents, r.depth, r.heads, r.dim_head, r.ff_mult) = (4, 1, 2, 8, 1);
+    let cfg = rookery_train::stage::flamingo::with_lm_tokenizer(&cfg).unwrap();
+    let tk = rookery_data::TextTokenizer::load(&cfg.data.tokenizer, &cfg.data.special_tokens);
+    let tk = tk.unwrap();
+    let sp = rookery_data::interleaved::Specials::of(&tk).unwrap();
+    let tokens = (sp.image as usize, sp.eoc as usize);
+    let (r, _) = rookery_train::stage::flamingo::resolve(&cfg, tk.vocab_size, tokens).unwrap();
+    let m = r.flamingo.model;
+    let dev = Default::default();
+    let mut model = m.init::<Bk>(&dev);
+    model.vision = load_vision::<Bk>(&fixture("hf_clip"), &dev).unwrap();
+    model.lm = rookery_interop::load_lm(model.lm, &fixture("hf_neox_pythia"), &m.lm).unwrap();
+    (m, model.freeze())
+}
+
+/// OpenFlamingo's training checkpoint (a PyTorch pickle: `model_state_dict`, DDP's `module.`
+/// prefix, frozen tensors beside the trained ones) and its flat safetensors twin give the same
+/// model, whose trained parts, embedding and untied head are the file's values in rookery's
+/// layouts (checked against the twin read by another reader).
+#[test]
+fn an_open_flamingo_training_checkpoint_sets_the_trained_parts() {
+    use rookery_interop::open_flamingo_export::trained_of;
+    use rookery_interop::open_flamingo_import::load_trained;
+    let dir = tempfile::tempdir().unwrap();
+    let (m, model) = small_neox_flamingo::<IB>(&dir.path().join("run"), 1);
+    let ckpt = fixture("open_flamingo_ckpt");
+    let (pt, from_pt) = load_trained(model.clone(), &m, &ckpt.join("checkpoint.pt")).unwrap();
+    let st = ckpt.join("checkpoint.safetensors");
+    let (st_model, from_st) = load_trained(model.clone(), &m, &st).unwrap();
+    let n = from_pt.embedding_rows;
+    assert_eq!(
+        (from_pt.skipped, from_st.skipped),
+        (2, 0),
+        "frozen tensors skipped"
+    );
+    assert_eq!(from_st.embedding_rows, n);
+    assert!(trained_of(&pt) == trained_of(&st_model));
+    assert!(values(pt.lm.wte.weight.val()) == values(st_model.lm.wte.weight.val()));
+
+    let theirs = read_f32(&st).unwrap();
+    let x = "lang_encoder.gpt_neox.layers.1.gated_cross_attn_layer";
+    let ours = trained_of(&pt);
+    assert!(ours["resampler.latents"] == theirs["perceiver.latents"]);
+    assert_eq!(ours["xattn.1.attn_gate"], theirs[&format!("{x}.attn_gate")]);
+    let to_q = transpose(theirs[&format!("{x}.attn.to_q.weight")].clone());
+    assert!(
+        ours["xattn.1.to_q.weight"] == to_q,
+        "[out, in] -> [in, out]"
+    );
+    let embed = &theirs["lang_encoder.gpt_neox.embed_in.weight"].1;
+    let wte = values(pt.lm.wte.weight.val());
+    assert!(wte[..n * 64] == embed[..], "the embedding's rows");
+    let head = transpose((vec![64, wte.len() / 64], values(pt.lm.lm_head.weight.val())));
+    let embed_out = &theirs["lang_encoder.embed_out.weight"].1;
+    assert!(head.1[..n * 64] == embed_out[..], "the untied head's rows");
+    let row = |id: i64| embed[id as usize * 64..(id as usize + 1) * 64].to_vec();
+    let new = values(pt.new_tokens.val());
+    assert!(
+        new == [row(pt.image_token), row(pt.eoc_token)].concat(),
+        "new rows"
+    );
+    // Under autodiff the frozen parts stay frozen, the trained ones train.
+    let (m, model) = small_neox_flamingo::<B>(&dir.path().join("ad"), 1);
+    let (ad, _) = load_trained(model, &m, &st).unwrap();
+    assert!(!ad.lm.wte.weight.is_require_grad() && !ad.lm.lm_head.weight.is_require_grad());
+    assert!(ad.new_tokens.is_require_grad() && ad.xattn[0].to_q.weight.is_require_grad());
+}
+
+/// What does not fit the model is refused naming it, before any training: a trained tensor
+/// missing, trained tensors of another layout left over (the checkpoint's gated blocks sit
+/// before every layer, the model's before every second), a shape that differs.
+#[test]
+fn an_open_flamingo_checkpoint_that_does_not_fit_is_refused_by_name() {
+    use rookery_interop::open_flamingo_import::load_trained;
+    let dir = tempfile::tempdir().unwrap();
+    let st = fixture("open_flamingo_ckpt/checkpoint.safetensors");
+    let theirs = read_f32(&st).unwrap();
+    let (m, model) = small_neox_flamingo::<IB>(&dir.path().join("run"), 1);
+    let x = "lang_encoder.gpt_neox.layers.1.gated_cross_attn_layer";
+    let write = |name: &str, t: &rookery_interop::tensors::Tensors| {
+        let p = dir.path().join(name);
+        rookery_interop::tensors::write(t, &p, false).unwrap();
+        p
+    };
+    let mut dropped = theirs.clone();
+    dropped.remove(&format!("{x}.ff.3.weight"));
+    let mut reshaped = theirs.clone();
+    reshaped.insert(
+        format!("{x}.attn.to_q.weight"),
+        (vec![8, 64], vec![0.0; 512]),
+    );
+    for (file, want) in [
+        (write("dropped.safetensors", &dropped), "ff.3.weight"),
+        (write("reshaped.safetensors", &reshaped), "to_q"),
+    ] {
+        let e = load_trained(model.clone(), &m, &file).err().unwrap();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains(want) && msg.contains(&*file.to_string_lossy()),
+            "{msg}"
+        );
+    }
+    let (m2, model2) = small_neox_flamingo::<IB>(&dir.path().join("run2"), 2);
+    let e = load_trained(model2, &m2, &st).err().unwrap();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("layers.0.gated_cross_attn_layer") && msg.contains("no place"),
+        "{msg}"
+    );
 }

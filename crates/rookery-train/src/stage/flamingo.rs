@@ -48,6 +48,13 @@ pub struct FlamingoRunConfig {
     /// by the run (leave empty).
     pub vision_sha256: String,
     pub lm_sha256: String,
+    /// An OpenFlamingo checkpoint to continue from (its released `checkpoint.pt`, or a
+    /// `rookery export --format open_flamingo` file): the resampler, the gated blocks and the
+    /// embedding rows start from it instead of fresh (empty: fresh). Its model must be built
+    /// on the same vision encoder and LM, at the sizes `[flamingo.model]` states.
+    pub init_from: PathBuf,
+    /// SHA-256 of `init_from`, recorded by the run (leave empty).
+    pub init_sha256: String,
     /// Learning-rate multiplier of the tanh gates (`attn_gate`, `ff_gate`). 1 trains them like
     /// every other new parameter, as OpenFlamingo does; from 0 the gates open slowly, and on a
     /// budget of a few hundred steps a faster gate lets the image path in sooner.
@@ -66,6 +73,8 @@ impl Default for FlamingoRunConfig {
             lm_from: PathBuf::from("runs/lm-tiny"),
             vision_sha256: String::new(),
             lm_sha256: String::new(),
+            init_from: PathBuf::new(),
+            init_sha256: String::new(),
             gate_lr_mult: 1.0,
             frozen_dtype: FrozenDtype::default(),
             model: FlamingoConfig::default(),
@@ -442,6 +451,11 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
         let f = &mut cfg.flamingo;
         f.vision_sha256 = sha256_all(&weight_files(&sources.vision, true)?)?;
         f.lm_sha256 = sha256_all(&weight_files(&sources.lm, false)?)?;
+        if !f.init_from.as_os_str().is_empty() {
+            let path = f.init_from.clone();
+            f.init_sha256 = sha256_all(std::slice::from_ref(&path))
+                .with_context(|| format!("flamingo.init_from = {}", path.display()))?;
+        }
         let (v, l) = (sources.vision.display(), sources.lm.display());
         tracing::info!(vision = %v, lm = %l, "stage 2 starts from these checkpoints");
         Ok(FlamingoStage {
@@ -469,7 +483,15 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
         let f = &self.cfg.flamingo;
         model.lm = load_source_lm(&f.lm_from, &f.model.lm, &device)?;
         // Freezing after loading also restarts the new token rows from the loaded LM's rows.
-        Ok(model.freeze().map(&mut PathIds::default()))
+        let model = model.freeze();
+        if f.init_from.as_os_str().is_empty() {
+            return Ok(model.map(&mut PathIds::default()));
+        }
+        let (model, loaded) =
+            rookery_interop::open_flamingo_import::load_trained(model, &f.model, &f.init_from)
+                .with_context(|| format!("flamingo.init_from = {}", f.init_from.display()))?;
+        tracing::info!(from = %f.init_from.display(), ?loaded, "trained parts continue from");
+        Ok(model.map(&mut PathIds::default()))
     }
 
     fn grads(
