@@ -150,8 +150,14 @@ fn embedding_rows<B: Backend>(
         .collect();
     ours.insert("new_tokens".into(), (vec![2, d], new));
     // A tied head is the embedding; an untied one (trained by OpenFlamingo too) is replaced.
-    let head_key = head(cfg);
-    match (theirs.remove(head_key), model.tied) {
+    let found = head(cfg)
+        .iter()
+        .find_map(|k| Some((*k, theirs.remove(*k)?)));
+    let (head_key, found) = match found {
+        Some((k, t)) => (k, Some(t)),
+        None => ("", None),
+    };
+    match (found, model.tied) {
         (Some(_), true) | (None, _) => {}
         (Some((hs, h)), false) => {
             if hs != shape {

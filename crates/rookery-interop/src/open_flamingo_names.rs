@@ -53,11 +53,15 @@ pub fn embedding(cfg: &FlamingoConfig) -> String {
     format!("lang_encoder.{}.weight", lm_paths(cfg).1)
 }
 
-/// OpenFlamingo's names of an untied output embedding (the LM's head), by LM style.
-pub fn head(cfg: &FlamingoConfig) -> &'static str {
+/// OpenFlamingo's names of the LM's output embedding (its head): `lm_head`, and for GPT-NeoX
+/// `embed_out` too (transformers 4.x's attribute, which checkpoints of that time carry).
+pub fn head(cfg: &FlamingoConfig) -> &'static [&'static str] {
     match cfg.lm.style {
-        LmStyle::Neox => "lang_encoder.embed_out.weight",
-        LmStyle::Gpt2 | LmStyle::Llama => "lang_encoder.lm_head.weight",
+        LmStyle::Neox => &[
+            "lang_encoder.embed_out.weight",
+            "lang_encoder.lm_head.weight",
+        ],
+        LmStyle::Gpt2 | LmStyle::Llama => &["lang_encoder.lm_head.weight"],
     }
 }
 

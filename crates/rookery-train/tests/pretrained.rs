@@ -4,8 +4,9 @@
 //! towers stay bit-identical to the files), resume is exact, and the export carries
 //! OpenFlamingo's names and layouts.
 //!
-//! `ROOKERY_KEEP_EXPORT=DIR` keeps the OpenFlamingo export, with the logits rookery computes
-//! for a fixed page, for `fixtures/check_open_flamingo.py` (not part of CI).
+//! `ROOKERY_KEEP_EXPORT=DIR` (the Llama run) and `ROOKERY_KEEP_EXPORT_NEOX=DIR` (the GPT-NeoX
+//! run) keep the OpenFlamingo export, with the logits rookery computes for a fixed page, for
+//! `fixtures/check_open_flamingo.py` (not part of CI).
 
 mod common;
 use common::{floats, resume_from_step_2};
@@ -195,19 +196,13 @@ fn stage_two_on_an_hf_clip_and_an_hf_llama_trains_resumes_and_exports_open_flami
     }
 }
 
-/// Rookery's logits for a fixed page, beside the export, for check_open_flamingo.py.
+/// Rookery's logits for a fixed page ([`page`]), beside the export, for
+/// check_open_flamingo.py.
 fn keep_reference_logits(model: &rookery_model::flamingo::Flamingo<IB>, out: &Path) {
-    let dev = Default::default();
-    let ids: Vec<i64> = vec![1, 81, 20, 30, 40, 80, 81, 50, 60, 80, 2];
-    let t = ids.len();
-    let tokens = Tensor::<IB, 2, Int>::from_data(TensorData::new(ids.clone(), [1, t]), &dev);
-    let pixels: Vec<f32> = (0..2 * 3 * 32 * 32)
-        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
-        .collect();
-    let images =
-        Tensor::<IB, 5>::from_data(TensorData::new(pixels.clone(), [1, 2, 3, 32, 32]), &dev);
-    let logits = values(model.forward(tokens, images));
-    let v = serde_json::json!({"ids": ids, "pixels": pixels, "logits": logits, "vocab": 128});
+    let (ids, pixels) = page(model);
+    let logits = values(page_logits(model));
+    let vocab = model.lm.lm_head.weight.dims()[1];
+    let v = serde_json::json!({"ids": ids, "pixels": pixels, "logits": logits, "vocab": vocab});
     std::fs::write(out.join("reference.json"), v.to_string()).unwrap();
 }
 
@@ -297,8 +292,13 @@ fn stage_two_on_an_hf_neox_lm_trains_and_exports_gpt_neox_names() {
         assert_ne!(x.attn_gate.val().into_scalar(), 0.0, "a gate did not train");
     }
 
-    let out = dir.path().join("export");
+    let out = std::env::var_os("ROOKERY_KEEP_EXPORT_NEOX")
+        .map(PathBuf::from)
+        .unwrap_or(dir.path().join("export"));
     export_open_flamingo(&run, &out, false).unwrap();
+    if std::env::var_os("ROOKERY_KEEP_EXPORT_NEOX").is_some() {
+        keep_reference_logits(&model, &out);
+    }
     let t = read_f32(&out.join("checkpoint.safetensors")).unwrap();
     let xa = "lang_encoder.gpt_neox.layers.1.gated_cross_attn_layer";
     for key in [
@@ -315,23 +315,30 @@ fn stage_two_on_an_hf_neox_lm_trains_and_exports_gpt_neox_names() {
     // The export read back (`[flamingo] init_from`'s loader) into a model built on the same
     // files: the trained parts bit for bit, and the same logits.
     let ckpt = out.join("checkpoint.safetensors");
-    let mut fresh = m.init::<IB>(&dev);
-    fresh.vision = load_vision::<IB>(&fixture("hf_clip"), &dev).unwrap();
-    fresh.lm = rookery_interop::load_lm(fresh.lm, &fixture("hf_neox_pythia"), &m.lm).unwrap();
-    let (back, loaded) =
-        rookery_interop::open_flamingo_import::load_trained(fresh.freeze(), m, &ckpt).unwrap();
+    let read_back = |file: &Path| {
+        let mut fresh = m.init::<IB>(&dev);
+        fresh.vision = load_vision::<IB>(&fixture("hf_clip"), &dev).unwrap();
+        let lm = rookery_interop::load_lm(fresh.lm, &fixture("hf_neox_pythia"), &m.lm);
+        fresh.lm = lm.unwrap();
+        let loaded = rookery_interop::open_flamingo_import::load_trained(fresh.freeze(), m, file);
+        loaded.unwrap()
+    };
+    let (back, loaded) = read_back(&ckpt);
+    assert_same_flamingo(&back, &model);
     assert_eq!(
         (loaded.embedding_rows, loaded.skipped),
         (tokenizer_len(&run), 0)
     );
-    use rookery_interop::open_flamingo_export::trained_of;
-    assert!(
-        trained_of(&back) == trained_of(&model),
-        "trained parts differ"
-    );
-    assert!(values(back.new_tokens.val()) == values(model.new_tokens.val()));
-    let page = |m: &rookery_model::flamingo::Flamingo<IB>| values(page_logits(m));
-    assert!(page(&back) == page(&model), "logits differ");
+    // An export saved again by open_flamingo itself (`filter_state_dict_to_trainable`,
+    // `torch.save`: check_open_flamingo.py writes it beside the export) reads back as the
+    // export does. Not part of CI.
+    if let Some(pt) = std::env::var_os("ROOKERY_OF_CHECKPOINT_NEOX") {
+        let pt = PathBuf::from(pt);
+        let (theirs, loaded) = read_back(&pt);
+        let (ours, _) = read_back(&pt.with_file_name("checkpoint.safetensors"));
+        assert_same_flamingo(&theirs, &ours);
+        eprintln!("open_flamingo's own checkpoint read back: {loaded:?}");
+    }
 
     // A run continuing from it starts there: after one step its latents are within a step of
     // the export's; a fresh run's, drawn from another seed, are not.
@@ -366,6 +373,18 @@ fn sha(p: &Path) -> String {
     format!("{:x}", sha2::Sha256::digest(std::fs::read(p).unwrap()))
 }
 
+/// The trained parts bit for bit, the new rows, and a page's logits.
+fn assert_same_flamingo(
+    a: &rookery_model::flamingo::Flamingo<IB>,
+    b: &rookery_model::flamingo::Flamingo<IB>,
+) {
+    use rookery_interop::open_flamingo_export::trained_of;
+    assert!(trained_of(a) == trained_of(b), "trained parts differ");
+    assert!(values(a.new_tokens.val()) == values(b.new_tokens.val()));
+    let logits = |m| values(page_logits(m));
+    assert!(logits(a) == logits(b), "logits differ");
+}
+
 /// The length of a run's tokenizer.
 fn tokenizer_len(run: &Path) -> usize {
     let cfg = RunConfig::load(&run.join("config.toml"), &[]).unwrap();
@@ -373,16 +392,23 @@ fn tokenizer_len(run: &Path) -> usize {
     tk.unwrap().vocab_size
 }
 
-/// A fixed page's logits: `<image>` tokens where the run's tokenizer put them.
-fn page_logits(m: &rookery_model::flamingo::Flamingo<IB>) -> Tensor<IB, 3> {
-    let dev = Default::default();
+/// A fixed page with two images: its token ids (`<image>` and `<|endofchunk|>` the model's
+/// own, ids 1 and 2 around them) and its pixels `[1, 2, 3, 32, 32]`.
+fn page(m: &rookery_model::flamingo::Flamingo<IB>) -> (Vec<i64>, Vec<f32>) {
     let (img, eoc) = (m.image_token, m.eoc_token);
-    let ids: Vec<i64> = vec![0, img, 20, 30, 40, eoc, img, 50, 60, eoc, 0];
-    let t = ids.len();
-    let tokens = Tensor::<IB, 2, Int>::from_data(TensorData::new(ids, [1, t]), &dev);
-    let pixels: Vec<f32> = (0..2 * 3 * 32 * 32)
+    let ids = vec![1, img, 20, 30, 40, eoc, img, 50, 60, eoc, 2];
+    let pixels = (0..2 * 3 * 32 * 32)
         .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
         .collect();
+    (ids, pixels)
+}
+
+/// [`page`]'s logits `[1, T, V]`.
+fn page_logits(m: &rookery_model::flamingo::Flamingo<IB>) -> Tensor<IB, 3> {
+    let dev = Default::default();
+    let (ids, pixels) = page(m);
+    let t = ids.len();
+    let tokens = Tensor::<IB, 2, Int>::from_data(TensorData::new(ids, [1, t]), &dev);
     let images = Tensor::<IB, 5>::from_data(TensorData::new(pixels, [1, 2, 3, 32, 32]), &dev);
     m.forward(tokens, images)
 }
