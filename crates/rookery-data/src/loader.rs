@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decode::decode_rgb;
 use crate::interleaved::SequenceConfig;
-use crate::rng::{hash_str, Rng};
+use crate::rng::{shard_seed, Rng};
 use crate::stream::{ShardStream, StreamItem, StreamPosition, StreamSpec};
 use crate::synth::SynthConfig;
 use crate::tokenize::TextTokenizer;
@@ -599,7 +599,7 @@ impl Prepare for Pairs {
             }
             _ => None,
         };
-        let seed = [self.cfg.seed, epoch, hash_str(&s.shard), s.index];
+        let seed = [self.cfg.seed, epoch, shard_seed(&s.shard), s.index];
         let image = load_image(&self.cfg, self.mode, ext, bytes, &seed)?;
         let tokens = self.tokens(&caption)?;
         let neg_tokens = negative.as_deref().map(|t| self.tokens(t)).transpose()?;

@@ -25,7 +25,7 @@ use crate::interleaved::{
 };
 use crate::loader::{load_image, Batched, DataConfig, LoaderPosition, Mode, Prepare};
 use crate::media::{frame_members, pack_media, sample_frames};
-use crate::rng::hash_str;
+use crate::rng::shard_seed;
 use crate::tokenize::TextTokenizer;
 use crate::wds::RawSample;
 
@@ -115,7 +115,13 @@ impl Pages {
         k: usize,
         epoch: u64,
     ) -> Result<Vec<Vec<f32>>, String> {
-        let seed = [self.data.seed, epoch, hash_str(&s.shard), s.index, k as u64];
+        let seed = [
+            self.data.seed,
+            epoch,
+            shard_seed(&s.shard),
+            s.index,
+            k as u64,
+        ];
         m.frames.iter().map(|r| self.image(s, r, &seed)).collect()
     }
 

@@ -75,6 +75,16 @@ pub fn hash_str(s: &str) -> u64 {
     h
 }
 
+/// A shard's identity for seeding its samples' augmentations: its file name and the
+/// directory holding it (`laion/shard-000012.tar`), not where the dataset lies, so that a
+/// dataset moved or mounted elsewhere (another node, another checkout) gets the same crops, and
+/// a resumed run the same as the unbroken one.
+pub fn shard_seed(url: &str) -> u64 {
+    let mut tail = url.trim_end_matches('/').rsplitn(3, '/');
+    let (file, dir) = (tail.next().unwrap_or(""), tail.next().unwrap_or(""));
+    hash_str(&format!("{dir}/{file}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

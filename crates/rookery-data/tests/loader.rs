@@ -207,6 +207,42 @@ fn ranks_and_workers_split_without_overlap_and_cover_everything() {
     assert_eq!(train_seen, all);
 }
 
+/// The same shards under another parent directory (a dataset moved, or mounted elsewhere on
+/// another node) give the same samples with the same augmentations: seeds name a shard by its
+/// directory and file name, not by where it lies.
+#[test]
+fn augmentations_do_not_depend_on_where_the_dataset_lies() {
+    use std::path::Path;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = synth(&dir.path().join("here"), 2, 10);
+    let from = cfg.train_pattern();
+    let (shards, file) = (
+        Path::new(&from).parent().unwrap(),
+        Path::new(&from).file_name(),
+    );
+    let moved = dir
+        .path()
+        .join("elsewhere/deeper")
+        .join(shards.file_name().unwrap());
+    std::fs::create_dir_all(&moved).unwrap();
+    for e in std::fs::read_dir(shards).unwrap() {
+        let e = e.unwrap().path();
+        std::fs::copy(&e, moved.join(e.file_name().unwrap())).unwrap();
+    }
+    let take = |pattern: String| -> Vec<f32> {
+        let dc = data_cfg(pattern, &cfg.tokenizer_path());
+        let mut l = loader(&dc, 0, 1, Mode::Train);
+        (0..3)
+            .flat_map(|_| l.next().unwrap().unwrap().images)
+            .collect()
+    };
+    let there = moved.join(file.unwrap()).to_string_lossy().into_owned();
+    assert!(
+        take(from) == take(there),
+        "moving the shards changed the crops"
+    );
+}
+
 #[test]
 fn order_is_deterministic_for_a_seed_and_changes_with_it() {
     let dir = tempfile::tempdir().unwrap();
