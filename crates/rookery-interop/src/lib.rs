@@ -5,7 +5,7 @@
 //! - [`open_clip`]: open_clip's key names and layouts (rookery's export, `open_clip_model.safetensors`);
 //!   [`open_clip_config`]: its model config;
 //! - [`hf_clip`]: HF transformers' `CLIPModel` read in; [`hf_clip_export`]: written out;
-//! - [`hf_llama`], [`hf_gpt2`], [`hf_neox`]: HF causal LMs read in; [`open_flamingo`]: the tokenizer and
+//! - [`hf_llama`], [`hf_gpt2`], [`hf_neox`], [`hf_mpt`]: HF causal LMs read in; [`open_flamingo`]: the tokenizer and
 //!   vocabulary OpenFlamingo builds on such an LM;
 //! - [`store`]: strict, reproducible safetensors through burn-store; [`cast`]: dtype casts;
 //!   [`tensors`]: named f32 tensors in memory, where one layout is renamed into another.
@@ -17,6 +17,7 @@ pub mod hf_clip;
 pub mod hf_clip_export;
 pub mod hf_gpt2;
 pub mod hf_llama;
+pub mod hf_mpt;
 pub mod hf_neox;
 pub mod hf_siglip;
 pub mod open_clip;
@@ -36,16 +37,18 @@ use burn_store::SafetensorsStore;
 use rookery_model::{Clip, ClipConfig};
 
 /// The [`LmConfig`](rookery_model::flamingo::LmConfig) of the HF causal LM in `dir`: GPT-2
-/// ([`hf_gpt2`]), GPT-NeoX ([`hf_neox`]) or Llama-family ([`hf_llama`], which names what it
+/// ([`hf_gpt2`]), GPT-NeoX ([`hf_neox`]), MPT ([`hf_mpt`]) or Llama-family ([`hf_llama`], which names what it
 /// reads when `model_type` is none of them).
 pub fn lm_config(dir: &Path) -> Result<rookery_model::flamingo::LmConfig> {
     match model_type(dir).as_deref() {
         Some("gpt2") => hf_gpt2::config(dir),
         Some(hf_neox::MODEL_TYPE) => hf_neox::config(dir),
+        Some(hf_mpt::MODEL_TYPE) => hf_mpt::config(dir),
         Some(t) if !hf_llama::MODEL_TYPES.contains(&t) => bail!(
-            "{}: model_type {t:?}: rookery reads the causal LMs \"gpt2\", \"{}\" and {:?}",
+            "{}: model_type {t:?}: rookery reads the causal LMs \"gpt2\", \"{}\", \"{}\" and {:?}",
             dir.join("config.json").display(),
             hf_neox::MODEL_TYPE,
+            hf_mpt::MODEL_TYPE,
             hf_llama::MODEL_TYPES
         ),
         _ => hf_llama::config(dir),
@@ -68,7 +71,8 @@ pub fn model_type(dir: &Path) -> Option<String> {
 /// Whether `dir` holds an HF causal LM rookery reads (by its `model_type`).
 pub fn is_lm(dir: &Path) -> bool {
     model_type(dir).is_some_and(|t| {
-        t == "gpt2" || t == hf_neox::MODEL_TYPE || hf_llama::MODEL_TYPES.contains(&t.as_str())
+        let known = [hf_neox::MODEL_TYPE, hf_mpt::MODEL_TYPE, "gpt2"];
+        known.contains(&t.as_str()) || hf_llama::MODEL_TYPES.contains(&t.as_str())
     })
 }
 
@@ -83,6 +87,7 @@ pub fn load_lm<B: Backend>(
     let mut tensors = match model_type(dir).as_deref() {
         Some("gpt2") => hf_gpt2::to_rookery(dir, cfg)?,
         Some(hf_neox::MODEL_TYPE) => hf_neox::to_rookery(dir, cfg)?,
+        Some(hf_mpt::MODEL_TYPE) => hf_mpt::to_rookery(dir, cfg)?,
         _ => hf_llama::to_rookery(dir, cfg)?,
     };
     open_flamingo::grow_vocab(&mut tensors, cfg.vocab_size)?;

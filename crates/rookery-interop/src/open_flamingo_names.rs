@@ -17,7 +17,8 @@
 //!
 //! `<layers>` / `<embed>`: `model.layers` / `model.embed_tokens` for Llama-style LMs,
 //! `transformer.h` / `transformer.wte` for GPT-2, `gpt_neox.layers` / `gpt_neox.embed_in` for
-//! GPT-NeoX (OpenFlamingo's `_infer_decoder_layers_attr_name` names the same). Linear weights
+//! GPT-NeoX, `transformer.blocks` / `transformer.wte` for MPT (OpenFlamingo's
+//! `_infer_decoder_layers_attr_name` names the same). Linear weights
 //! are `[out, in]` there, as PyTorch holds them, `[in, out]` here; LayerNorm's `weight`/`bias`
 //! are `gamma`/`beta` here.
 
@@ -45,6 +46,7 @@ pub fn lm_paths(cfg: &FlamingoConfig) -> (&'static str, &'static str) {
         LmStyle::Gpt2 => ("transformer.h", "transformer.wte"),
         LmStyle::Llama => ("model.layers", "model.embed_tokens"),
         LmStyle::Neox => ("gpt_neox.layers", "gpt_neox.embed_in"),
+        LmStyle::Mpt => ("transformer.blocks", "transformer.wte"),
     }
 }
 
@@ -61,7 +63,7 @@ pub fn head(cfg: &FlamingoConfig) -> &'static [&'static str] {
             "lang_encoder.embed_out.weight",
             "lang_encoder.lm_head.weight",
         ],
-        LmStyle::Gpt2 | LmStyle::Llama => &["lang_encoder.lm_head.weight"],
+        LmStyle::Gpt2 | LmStyle::Llama | LmStyle::Mpt => &["lang_encoder.lm_head.weight"],
     }
 }
 

@@ -12,9 +12,10 @@ use burn::backend::Flex;
 use burn::prelude::*;
 use rookery_interop::{hf_llama, load_lm};
 
-/// The reference tensor `name` (the NeoX fixtures were added later, in a file of their own).
+/// The reference tensor `name` (the NeoX and MPT fixtures were added later, in a file of
+/// their own).
 fn io(name: &str) -> (Vec<usize>, Vec<f64>) {
-    match name.starts_with("neox") {
+    match name.starts_with("neox") || name.starts_with("mpt") {
         true => fixture("neox_io.safetensors", name),
         false => fixture("lm_io.safetensors", name),
     }
@@ -121,7 +122,51 @@ fn neox_options_and_other_architectures_are_refused_by_name() {
             "rope_scaling",
         ),
         (r#""rotary_pct": 0.1"#, "rotary_pct"),
-        (r#""model_type": "mpt""#, "\"mpt\": rookery reads"),
+        (r#""model_type": "opt""#, "\"opt\": rookery reads"),
+    ];
+    for (i, (extra, want)) in cases.iter().enumerate() {
+        let dir = tmp.path().join(format!("c{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), format!("{{{base}, {extra}}}")).unwrap();
+        let err = format!("{:#}", rookery_interop::lm_config(&dir).unwrap_err());
+        assert!(err.contains(want) && err.contains("config.json"), "{err}");
+    }
+}
+
+/// MPT-7B's layout (OpenFlamingo-9B's LM): ALiBi with 6 heads (not a power of two: MPT
+/// interleaves the slopes of the next power), bias-free LayerNorms, a tied head.
+#[test]
+fn mpt_with_alibi_and_bias_free_norms_matches_transformers() {
+    let cfg = rookery_interop::lm_config(&fixtures().join("hf_mpt")).unwrap();
+    assert_eq!(cfg.style, rookery_model::flamingo::LmStyle::Mpt);
+    assert_eq!((cfg.heads, cfg.hidden(), cfg.alibi_bias_max), (6, 192, 8.0));
+    assert!(cfg.tie_embeddings);
+    assert!(check("mpt") < 1e-4);
+}
+
+/// ALiBi's slopes as MPT computes them: a geometric sequence for a power of two, the next
+/// power's slopes interleaved (odd first) otherwise.
+#[test]
+fn alibi_slopes_are_mpts() {
+    use rookery_model::flamingo::mpt::alibi_slopes;
+    let s4 = alibi_slopes(4, 8.0);
+    assert_eq!(s4, [0.25, 0.0625, 0.015625, 0.00390625]);
+    let s8: Vec<f32> = (1..=8).map(|k| 2f32.powi(-k)).collect();
+    // 6 heads: slopes 2, 4, 6, 8 of eight, then 1 and 3.
+    let want = [s8[1], s8[3], s8[5], s8[7], s8[0], s8[2]];
+    assert_eq!(alibi_slopes(6, 8.0), want);
+}
+
+#[test]
+fn mpt_options_rookery_lacks_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = r#""model_type": "mpt", "d_model": 8, "n_heads": 2, "n_layers": 1, "vocab_size": 4, "max_seq_len": 8"#;
+    let cases = [
+        (r#""attn_config": {"alibi": false}"#, "alibi"),
+        (r#""attn_config": {"clip_qkv": 6.0}"#, "clip_qkv"),
+        (r#""attn_config": {"qk_ln": true}"#, "qk_ln"),
+        (r#""no_bias": false"#, "no_bias"),
+        (r#""logit_scale": 0.5"#, "logit_scale"),
     ];
     for (i, (extra, want)) in cases.iter().enumerate() {
         let dir = tmp.path().join(format!("c{i}"));

@@ -176,10 +176,15 @@ fn lm_shapes(l: &rookery_model::flamingo::LmConfig, seq: f64) -> (f64, f64) {
             let (a, h) = ((l.heads * l.head_dim()) as f64, l.hidden() as f64);
             4.0 * w * a + 3.0 * a + w + 2.0 * w * h + h + w + 4.0 * w
         }
+        // q/k/v and out, a 2-matrix MLP, two LayerNorms' weights; no biases.
+        LmStyle::Mpt => {
+            let (a, h) = ((l.heads * l.head_dim()) as f64, l.hidden() as f64);
+            4.0 * w * a + 2.0 * w * h + 2.0 * w
+        }
         LmStyle::Gpt2 => block(w, l.mlp_ratio),
     };
     let positions = match l.style {
-        LmStyle::Llama | LmStyle::Neox => 0.0,
+        LmStyle::Llama | LmStyle::Neox | LmStyle::Mpt => 0.0,
         LmStyle::Gpt2 => l.context_length as f64 * w,
     };
     let params = 2.0 * vocab * w + positions + l.layers as f64 * per_layer;

@@ -315,14 +315,7 @@ fn stage_two_on_an_hf_neox_lm_trains_and_exports_gpt_neox_names() {
     // The export read back (`[flamingo] init_from`'s loader) into a model built on the same
     // files: the trained parts bit for bit, and the same logits.
     let ckpt = out.join("checkpoint.safetensors");
-    let read_back = |file: &Path| {
-        let mut fresh = m.init::<IB>(&dev);
-        fresh.vision = load_vision::<IB>(&fixture("hf_clip"), &dev).unwrap();
-        let lm = rookery_interop::load_lm(fresh.lm, &fixture("hf_neox_pythia"), &m.lm);
-        fresh.lm = lm.unwrap();
-        let loaded = rookery_interop::open_flamingo_import::load_trained(fresh.freeze(), m, file);
-        loaded.unwrap()
-    };
+    let read_back = |file: &Path| read_back(m, "hf_neox_pythia", file);
     let (back, loaded) = read_back(&ckpt);
     assert_same_flamingo(&back, &model);
     assert_eq!(
@@ -371,6 +364,74 @@ fn stage_two_on_an_hf_neox_lm_trains_and_exports_gpt_neox_names() {
 fn sha(p: &Path) -> String {
     use sha2::Digest;
     format!("{:x}", sha2::Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+/// A model of `m` on the HF CLIP fixture and the LM fixture `lm`, its trained parts read from
+/// the OpenFlamingo checkpoint `file` (`[flamingo] init_from`'s loader).
+fn read_back(
+    m: &rookery_model::flamingo::FlamingoConfig,
+    lm: &str,
+    file: &Path,
+) -> (
+    rookery_model::flamingo::Flamingo<IB>,
+    rookery_interop::open_flamingo_import::Loaded,
+) {
+    let dev = Default::default();
+    let mut fresh = m.init::<IB>(&dev);
+    fresh.vision = load_vision::<IB>(&fixture("hf_clip"), &dev).unwrap();
+    fresh.lm = rookery_interop::load_lm(fresh.lm, &fixture(lm), &m.lm).unwrap();
+    rookery_interop::open_flamingo_import::load_trained(fresh.freeze(), m, file).unwrap()
+}
+
+/// Stage 2 on an MPT LM (the MPT-7B-style fixture: ALiBi, bias-free norms, a tied head,
+/// GPT-NeoX's tokenizer): it trains, the LM stays bit-identical to the file, the export is
+/// under OpenFlamingo's MPT names (`transformer.blocks`, `transformer.wte`, and `lm_head`:
+/// tied) and reads back bit for bit. `ROOKERY_KEEP_EXPORT_MPT=DIR` keeps it for
+/// check_open_flamingo.py, `ROOKERY_OF_CHECKPOINT_MPT` reads back what that script saved.
+#[test]
+fn stage_two_on_an_hf_mpt_lm_trains_exports_and_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth(dir.path());
+    let run = dir.path().join("run");
+    let mut cfg = flamingo_cfg(&s, &run, 2);
+    cfg.flamingo.lm_from = fixture("hf_mpt");
+    train::<B>(&cfg, &Default::default()).unwrap();
+    let resolved = RunConfig::load(&run.join("config.toml"), &[]).unwrap();
+    let m = &resolved.flamingo.model;
+    assert_eq!(m.lm.style, rookery_model::flamingo::LmStyle::Mpt);
+    assert!(m.lm.tie_embeddings);
+    let dev = Default::default();
+    let (_, _, model) = open_flamingo::<IB>(&run, &dev).unwrap();
+    let lm = rookery_interop::load_lm(m.lm.init::<IB>(&dev), &fixture("hf_mpt"), &m.lm);
+    assert!(floats(&model.lm) == floats(&lm.unwrap()), "the LM changed");
+    for x in &model.xattn {
+        assert_ne!(x.attn_gate.val().into_scalar(), 0.0, "a gate did not train");
+    }
+    let keep = std::env::var_os("ROOKERY_KEEP_EXPORT_MPT").map(PathBuf::from);
+    let out = keep.clone().unwrap_or(dir.path().join("export"));
+    export_open_flamingo(&run, &out, false).unwrap();
+    if keep.is_some() {
+        keep_reference_logits(&model, &out);
+    }
+    let ckpt = out.join("checkpoint.safetensors");
+    let t = read_f32(&ckpt).unwrap();
+    for key in [
+        "lang_encoder.transformer.blocks.1.gated_cross_attn_layer.attn.to_kv.weight",
+        "lang_encoder.transformer.wte.weight",
+        "lang_encoder.lm_head.weight",
+    ] {
+        assert!(t.contains_key(key), "{key} missing from {:?}", t.keys());
+    }
+    let (back, _) = read_back(m, "hf_mpt", &ckpt);
+    assert_same_flamingo(&back, &model);
+    // As the NeoX test: open_flamingo's own save of an export reads back as the export.
+    if let Some(pt) = std::env::var_os("ROOKERY_OF_CHECKPOINT_MPT") {
+        let pt = PathBuf::from(pt);
+        let (theirs, loaded) = read_back(m, "hf_mpt", &pt);
+        let (ours, _) = read_back(m, "hf_mpt", &pt.with_file_name("checkpoint.safetensors"));
+        assert_same_flamingo(&theirs, &ours);
+        eprintln!("open_flamingo's own checkpoint read back: {loaded:?}");
+    }
 }
 
 /// The trained parts bit for bit, the new rows, and a page's logits.

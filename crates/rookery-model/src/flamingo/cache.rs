@@ -12,7 +12,7 @@
 
 use burn::prelude::*;
 
-use super::lm::{rotate_part, LanguageModel, LmBlock, RotaryBlock};
+use super::lm::{alibi_bias, rotate_part, DecoderBlock, LanguageModel, LmBlock};
 use super::model::Flamingo;
 use crate::cpu::softmax;
 use crate::layers::{linear_3d, norm, ResidualAttentionBlock};
@@ -93,11 +93,21 @@ impl<B: Backend> Place<B> {
         cache.mask_where(slot, new.expand([r, h, c, dh]))
     }
 
-    /// Attention of `q` `[R, H, t, Dh]` over the cached keys and values `[R, H, C, Dh]`.
-    fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// Attention of `q` `[R, H, t, Dh]` over the cached keys and values `[R, H, C, Dh]`, with
+    /// `bias` `[R, H, t, C]` on the scores where the block has one (ALiBi).
+    fn attend(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        bias: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 4> {
         let [r, h, t, dh] = q.dims();
         let c = k.dims()[2];
-        let scores = q.matmul(k.swap_dims(2, 3)) / (dh as f32).sqrt();
+        let mut scores = q.matmul(k.swap_dims(2, 3)) / (dh as f32).sqrt();
+        if let Some(bias) = bias {
+            scores = scores + bias;
+        }
         let hidden = self.later.clone().expand([r, h, t, c]);
         softmax(scores.mask_fill(hidden, f32::NEG_INFINITY), 3).matmul(v)
     }
@@ -161,8 +171,9 @@ impl<B: Backend> LanguageModel<B> {
         let rope = || self.rope.as_ref().expect("a rotary style has rope");
         self.in_own_dtype(x, |x| match &self.blocks[i] {
             LmBlock::Gpt2(b) => gpt2_cached(b, x, place, slot, c),
-            LmBlock::Llama(b) => rotary_cached(b, x, rope(), place, slot, c),
-            LmBlock::Neox(b) => rotary_cached(b, x, rope(), place, slot, c),
+            LmBlock::Llama(b) => decoder_cached(b, x, Some(rope()), place, slot, c),
+            LmBlock::Neox(b) => decoder_cached(b, x, Some(rope()), place, slot, c),
+            LmBlock::Mpt(b) => decoder_cached(b, x, None, place, slot, c),
         })
     }
 }
@@ -201,16 +212,16 @@ fn gpt2_cached<B: Backend>(
     let part = |i: usize| qkv.clone().slice(s![i..i + 1]).squeeze_dim::<4>(0);
     let (k, v) = extend(place, slot, part(1), part(2), c);
     let y = place
-        .attend(part(0), k, v)
+        .attend(part(0), k, v, None)
         .swap_dims(1, 2)
         .reshape([r, t, d]);
     b.mlp_residual(x + linear_3d(&b.attn.out_proj, y))
 }
 
-fn rotary_cached<B: Backend>(
-    b: &impl RotaryBlock<B>,
+fn decoder_cached<B: Backend>(
+    b: &impl DecoderBlock<B>,
     x: Tensor<B, 3>,
-    rope: &burn::nn::RotaryEncoding<B>,
+    rope: Option<&burn::nn::RotaryEncoding<B>>,
     place: &Place<B>,
     slot: &mut Slot<B>,
     c: usize,
@@ -218,11 +229,20 @@ fn rotary_cached<B: Backend>(
     let [r, t, _] = x.dims();
     let (q, k, v) = b.qkv_heads(x.clone());
     let [_, h, _, hd] = q.dims();
-    // As the uncached block: the rotated dimensions only, in f32.
-    let rd = rope.freq_complex.dims()[1];
-    let rotate = |y: Tensor<B, 4>| rotate_part(y, rd, |z| rope_at(rope, z, place.ids.clone()));
+    // As the uncached block: the rotated dimensions only, in f32; ALiBi at the rows' own
+    // positions over the cache's slots.
+    let rotate = |y: Tensor<B, 4>| match rope {
+        Some(rope) => {
+            let rd = rope.freq_complex.dims()[1];
+            rotate_part(y, rd, |z| rope_at(rope, z, place.ids.clone()))
+        }
+        None => y,
+    };
+    let bias = b
+        .alibi()
+        .map(|s| alibi_bias(&s, place.ids.clone(), c, x.dtype()));
     let (k, v) = extend(place, slot, rotate(k), v, c);
-    let y = place.attend(rotate(q), b.shared(k), b.shared(v));
+    let y = place.attend(rotate(q), b.shared(k), b.shared(v), bias);
     b.finish(x, y.swap_dims(1, 2).reshape([r, t, h * hd]))
 }
 
@@ -318,6 +338,9 @@ mod tests {
         (c.lm.vocab_size, c.lm.context_length, c.lm.width) = (20, 16, 32);
         (c.lm.layers, c.lm.heads, c.lm.style) = (2, 4, style);
         c.lm.kv_heads = 2;
+        if style == LmStyle::Mpt {
+            c.lm.kv_heads = 0;
+        }
         if style == LmStyle::Neox {
             // Pythia's layout: a quarter of each head rotated, attention and MLP side by side.
             (c.lm.kv_heads, c.lm.rotary_pct, c.lm.parallel_residual) = (0, 0.25, true);
@@ -368,6 +391,8 @@ mod tests {
             (LmStyle::Llama, true, DType::BF16),
             (LmStyle::Neox, true, DType::F32),
             (LmStyle::Neox, false, DType::BF16),
+            (LmStyle::Mpt, true, DType::F32),
+            (LmStyle::Mpt, false, DType::BF16),
         ] {
             let m = model(style, immediate).with_frozen_dtype(dtype);
             // The two paths sum in other orders: bf16 rounds each differently.

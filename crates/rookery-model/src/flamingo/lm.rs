@@ -1,11 +1,13 @@
-//! A decoder-only language model in one of three styles:
+//! A decoder-only language model in one of four styles:
 //! - `gpt2`: token + learned position embeddings, pre-norm causal blocks with LayerNorm and a
 //!   GELU MLP (the same blocks as CLIP's towers);
 //! - `llama`: no position embeddings but rotary ones (RoPE) on queries and keys, RMSNorm, and a
 //!   SwiGLU feed-forward `down(silu(gate(x)) * up(x))`, all without biases;
 //! - `neox` (GPT-NeoX: Pythia, RedPajama-INCITE): RoPE on a share of each head, LayerNorm,
 //!   a GELU MLP, biases everywhere, and attention and MLP side by side on the same input
-//!   (`x + attn(ln_1(x)) + mlp(ln_2(x))`) or one after the other ([`super::neox`]).
+//!   (`x + attn(ln_1(x)) + mlp(ln_2(x))`) or one after the other ([`super::neox`]);
+//! - `mpt` (MosaicML's MPT): no positions but ALiBi's per-head bias on the attention scores,
+//!   LayerNorm without bias, a GELU MLP, no biases ([`super::mpt`]).
 //!
 //! then a final norm and an LM head. Flamingo freezes it and slips gated cross-attention
 //! between its blocks, so the pieces are public.
@@ -22,6 +24,7 @@ use crate::precision::to_dtype;
 use burn::tensor::DType;
 use serde::{Deserialize, Serialize};
 
+use super::mpt::MptBlock;
 use super::neox::NeoxBlock;
 use crate::layers::{linear_3d, Act, ResidualAttentionBlock, Transformer};
 
@@ -37,12 +40,14 @@ pub enum LmStyle {
     /// GPT-NeoX (Pythia, RedPajama-INCITE): partial RoPE, LayerNorm, GELU MLP, biases,
     /// parallel residual.
     Neox,
+    /// MPT (MPT-7B, MPT-1B): ALiBi, LayerNorm without bias, GELU MLP, no biases.
+    Mpt,
 }
 
 impl LmStyle {
-    /// Whether positions enter through RoPE (llama, neox) rather than a learned table.
+    /// Whether positions enter through RoPE (llama, neox).
     pub fn rotary(self) -> bool {
-        self != LmStyle::Gpt2
+        matches!(self, LmStyle::Llama | LmStyle::Neox)
     }
 }
 
@@ -57,7 +62,7 @@ pub struct LmConfig {
     pub layers: usize,
     pub heads: usize,
     pub mlp_ratio: f64,
-    /// "gpt2", "llama" or "neox".
+    /// "gpt2", "llama", "neox" or "mpt".
     pub style: LmStyle,
     /// llama: key/value heads (grouped-query attention; 0: `heads`).
     pub kv_heads: usize,
@@ -75,7 +80,9 @@ pub struct LmConfig {
     /// neox: attention and MLP both read the block's input and add to it (HF
     /// `use_parallel_residual`), instead of the MLP reading the attention's output.
     pub parallel_residual: bool,
-    /// llama: RMSNorm's epsilon; neox: LayerNorm's.
+    /// mpt: ALiBi's largest slope exponent (MPT's `alibi_bias_max`, 8).
+    pub alibi_bias_max: f64,
+    /// llama: RMSNorm's epsilon; neox, mpt: LayerNorm's.
     pub norm_eps: f64,
     /// llama: biases on the query, key and value projections (Qwen2).
     pub qkv_bias: bool,
@@ -135,6 +142,7 @@ impl Default for LmConfig {
             rope_scaling: None,
             rotary_pct: 1.0,
             parallel_residual: false,
+            alibi_bias_max: 8.0,
             norm_eps: 1e-5,
             qkv_bias: false,
             act: Act::Gelu,
@@ -157,8 +165,12 @@ impl LmConfig {
                 "`lm.kv_heads` must divide lm.heads",
             ),
             (
-                self.style == LmStyle::Neox && self.kv() != self.heads,
-                "`lm.kv_heads`: a neox LM has as many key/value heads as query heads",
+                matches!(self.style, LmStyle::Neox | LmStyle::Mpt) && self.kv() != self.heads,
+                "`lm.kv_heads`: neox and mpt LMs have as many key/value heads as query heads",
+            ),
+            (
+                !(self.alibi_bias_max.is_finite() && self.alibi_bias_max > 0.0),
+                "`lm.alibi_bias_max` must be a number > 0",
             ),
             (
                 !(self.rotary_pct > 0.0 && self.rotary_pct <= 1.0),
@@ -241,6 +253,9 @@ impl LmConfig {
             LmStyle::Neox => (0..self.layers)
                 .map(|_| LmBlock::Neox(NeoxBlock::new(self, device)))
                 .collect(),
+            LmStyle::Mpt => (0..self.layers)
+                .map(|_| LmBlock::Mpt(MptBlock::new(self, device)))
+                .collect(),
             LmStyle::Gpt2 => {
                 Transformer::new(w, self.layers, self.heads, self.mlp_ratio, self.act, device)
                     .resblocks
@@ -250,15 +265,22 @@ impl LmConfig {
             }
         };
         let eps = self.norm_eps;
+        let learned = self.style == LmStyle::Gpt2;
         LanguageModel {
             wte: EmbeddingConfig::new(self.vocab_size, w).init(device),
-            wpe: (!rotary).then(|| EmbeddingConfig::new(self.context_length, w).init(device)),
+            wpe: learned.then(|| EmbeddingConfig::new(self.context_length, w).init(device)),
             blocks,
             norm_f: match self.style {
                 LmStyle::Llama => LmNorm::Rms(RmsNormConfig::new(w).with_epsilon(eps).init(device)),
                 LmStyle::Neox => {
                     LmNorm::Layer(LayerNormConfig::new(w).with_epsilon(eps).init(device))
                 }
+                LmStyle::Mpt => LmNorm::Layer(
+                    LayerNormConfig::new(w)
+                        .with_epsilon(eps)
+                        .with_bias(false)
+                        .init(device),
+                ),
                 LmStyle::Gpt2 => LmNorm::Layer(LayerNormConfig::new(w).init(device)),
             },
             lm_head: LinearConfig::new(w, self.vocab_size)
@@ -308,14 +330,19 @@ pub struct LlamaBlock<B: Backend> {
     pub kv_heads: usize,
 }
 
-/// The parts of a block with rotary attention (llama, neox) that the whole forward
-/// ([`rotary_forward`]) and the key/value cache ([`super::cache`]) share.
-pub(crate) trait RotaryBlock<B: Backend> {
+/// The parts of a decoder block with split attention (llama, neox, mpt) that the whole forward
+/// ([`decoder_forward`]) and the key/value cache ([`super::cache`]) share; positions enter
+/// through the LM's RoPE, or through the block's ALiBi slopes.
+pub(crate) trait DecoderBlock<B: Backend> {
     /// Query, key and value heads `[B, n, T, Dh]` of the block's input `[B, T, D]` (normed,
     /// projected; before RoPE).
     fn qkv_heads(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
     /// Key or value heads for every query head.
     fn shared(&self, x: Tensor<B, 4>) -> Tensor<B, 4>;
+    /// ALiBi's slope of each head, for blocks whose positions enter as a bias on the scores.
+    fn alibi(&self) -> Option<Vec<f32>> {
+        None
+    }
     /// The block's output from its input `x` and the attention's merged heads `y`
     /// `[B, T, H * Dh]` (before the output projection).
     fn finish(&self, x: Tensor<B, 3>, y: Tensor<B, 3>) -> Tensor<B, 3>;
@@ -338,19 +365,44 @@ pub(crate) fn rotate_part<B: Backend>(
     Tensor::cat(vec![head, x.slice(s![.., .., .., r..d])], 3)
 }
 
-/// A rotary block over the whole causal sequence `x` `[B, T, D]`.
-fn rotary_forward<B: Backend>(
-    block: &impl RotaryBlock<B>,
+/// ALiBi's bias `slope_h * (key - query)` `[R, H, t, C]` for queries at positions `queries`
+/// `[R, t]` over keys at positions `0..keys`, in `dtype`.
+pub(crate) fn alibi_bias<B: Backend>(
+    slopes: &[f32],
+    queries: Tensor<B, 2, Int>,
+    keys: usize,
+    dtype: DType,
+) -> Tensor<B, 4> {
+    let device = queries.device();
+    let [r, t] = queries.dims();
+    let k = Tensor::<B, 1, Int>::arange(0..keys as i64, &device)
+        .float()
+        .reshape([1, 1, 1, keys]);
+    let q = queries.float().reshape([r, 1, t, 1]);
+    let s = Tensor::<B, 1>::from_floats(slopes, &device).reshape([1, slopes.len(), 1, 1]);
+    to_dtype((k - q) * s, dtype)
+}
+
+/// A decoder block over the whole causal sequence `x` `[B, T, D]`, rotating queries and keys
+/// by `rope` where the LM has one.
+fn decoder_forward<B: Backend>(
+    block: &impl DecoderBlock<B>,
     x: Tensor<B, 3>,
-    rope: &RotaryEncoding<B>,
+    rope: Option<&RotaryEncoding<B>>,
 ) -> Tensor<B, 3> {
     let [b, t, _] = x.dims();
     let (q, k, v) = block.qkv_heads(x.clone());
     let [_, h, _, hd] = q.dims();
-    let r = rope.freq_complex.dims()[1];
-    let rotate = |y: Tensor<B, 4>| rotate_part(y, r, |z| rope.forward(z));
+    let rotate = |y: Tensor<B, 4>| match rope {
+        Some(rope) => rotate_part(y, rope.freq_complex.dims()[1], |z| rope.forward(z)),
+        None => y,
+    };
     let (q, k, v) = (rotate(q), block.shared(rotate(k)), block.shared(v));
-    let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f32).sqrt();
+    let mut scores = q.matmul(k.swap_dims(2, 3)) / (hd as f32).sqrt();
+    if let Some(slopes) = block.alibi() {
+        let pos = Tensor::<B, 1, Int>::arange(0..t as i64, &x.device()).reshape([1, t]);
+        scores = scores + alibi_bias(&slopes, pos, t, x.dtype()).expand([b, h, t, t]);
+    }
     let causal = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &x.device())
         .unsqueeze::<4>()
         .expand([b, h, t, t]);
@@ -358,7 +410,7 @@ fn rotary_forward<B: Backend>(
     block.finish(x, y.swap_dims(1, 2).reshape([b, t, h * hd]))
 }
 
-impl<B: Backend> RotaryBlock<B> for LlamaBlock<B> {
+impl<B: Backend> DecoderBlock<B> for LlamaBlock<B> {
     fn qkv_heads(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         LlamaBlock::qkv_heads(self, x)
     }
@@ -411,6 +463,7 @@ pub enum LmBlock<B: Backend> {
     Gpt2(ResidualAttentionBlock<B>),
     Llama(LlamaBlock<B>),
     Neox(NeoxBlock<B>),
+    Mpt(MptBlock<B>),
 }
 
 #[derive(Module, Debug)]
@@ -448,7 +501,7 @@ impl<B: Backend> LanguageModel<B> {
         to_dtype(self.wte.forward(tokens), DType::F32)
     }
 
-    /// Adds learned positions (gpt2); llama's and neox's enter through RoPE in each block.
+    /// Adds learned positions (gpt2); the other styles' enter in each block (RoPE, ALiBi).
     pub fn add_positions(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let Some(wpe) = &self.wpe else { return x };
         let [b, t, _] = x.dims();
@@ -474,8 +527,9 @@ impl<B: Backend> LanguageModel<B> {
         let rope = || self.rope.as_ref().expect("a rotary style has rope");
         self.in_own_dtype(x, |x| match &self.blocks[i] {
             LmBlock::Gpt2(b) => b.forward(x, true),
-            LmBlock::Llama(b) => rotary_forward(b, x, rope()),
-            LmBlock::Neox(b) => rotary_forward(b, x, rope()),
+            LmBlock::Llama(b) => decoder_forward(b, x, Some(rope())),
+            LmBlock::Neox(b) => decoder_forward(b, x, Some(rope())),
+            LmBlock::Mpt(b) => decoder_forward(b, x, None),
         })
     }
 
@@ -516,7 +570,7 @@ mod tests {
     #[test]
     fn every_style_is_causal() {
         let dev = Default::default();
-        for style in [LmStyle::Gpt2, LmStyle::Llama, LmStyle::Neox] {
+        for style in [LmStyle::Gpt2, LmStyle::Llama, LmStyle::Neox, LmStyle::Mpt] {
             Flex::seed(&dev, 3);
             let cfg = LmConfig {
                 vocab_size: 16,

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod lm;
 pub mod model;
+pub mod mpt;
 pub mod neox;
 pub mod resampler;
 pub mod xattn;
@@ -12,6 +13,7 @@ pub mod xattn;
 pub use cache::KvCache;
 pub use lm::{LanguageModel, LmConfig, LmStyle, RopeScaling};
 pub use model::{Flamingo, FlamingoConfig, VisionTokens, VisionTower};
+pub use mpt::MptBlock;
 pub use neox::NeoxBlock;
 pub use resampler::{PerceiverResampler, ResamplerConfig};
 pub use xattn::{media_mask, GatedCrossAttention};

@@ -620,12 +620,16 @@ mod tests {
             (LmStyle::Llama, None),
             (LmStyle::Llama, Some(siglip)),
             (LmStyle::Neox, None),
+            (LmStyle::Mpt, None),
         ] {
             A::seed(&dev, 6);
             let mut c = tiny();
             (c.lm.style, c.lm.kv_heads, c.siglip) = (style, 1, siglip);
             if style == LmStyle::Neox {
                 (c.lm.kv_heads, c.lm.rotary_pct, c.lm.parallel_residual) = (0, 0.5, true);
+            }
+            if style == LmStyle::Mpt {
+                c.lm.kv_heads = 0;
             }
             let style = (style, c.siglip.is_some());
             let mut model = c.init::<A>(&dev);

@@ -15,7 +15,7 @@
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
-use super::lm::{LmConfig, RotaryBlock};
+use super::lm::{DecoderBlock, LmConfig};
 use crate::layers::{linear_3d, Mlp};
 
 #[derive(Module, Debug)]
@@ -69,7 +69,7 @@ impl<B: Backend> NeoxBlock<B> {
     }
 }
 
-impl<B: Backend> RotaryBlock<B> for NeoxBlock<B> {
+impl<B: Backend> DecoderBlock<B> for NeoxBlock<B> {
     fn qkv_heads(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, _] = x.dims();
         let h = self.heads;
