@@ -41,10 +41,11 @@ fn first_id(v: &Value, key: &str) -> Option<u32> {
     .map(|x| x as u32)
 }
 
-/// The padding token `tokenizer_config.json` names (a string, or `{content: …}`).
-fn configured_pad(dir: &Path) -> Option<String> {
+/// The token `tokenizer_config.json` names under `key` (`pad_token`, `eos_token`: a string,
+/// or `{content: …}`).
+fn configured(dir: &Path, key: &str) -> Option<String> {
     let v = json(&dir.join("tokenizer_config.json"))?;
-    let p = &v["pad_token"];
+    let p = &v[key];
     p.as_str()
         .or_else(|| p["content"].as_str())
         .map(str::to_string)
@@ -53,8 +54,8 @@ fn configured_pad(dir: &Path) -> Option<String> {
 /// Writes to `out` the tokenizer of the HF language model in `dir` as OpenFlamingo extends it
 /// (see the module docs). The start token is the one the tokenizer's post-processor adds, else
 /// `config.json`'s `bos_token_id`, else the end token; the end token is `eos_token_id` (the
-/// first, where it is a list); padding is `pad_token_id`, else `tokenizer_config.json`'s
-/// `pad_token`, else the added `<PAD>`. Written to a temporary file and renamed, so ranks that
+/// first, where it is a list), else `tokenizer_config.json`'s `eos_token`; padding is
+/// `pad_token_id`, else `tokenizer_config.json`'s `pad_token`, else the added `<PAD>`. Written to a temporary file and renamed, so ranks that
 /// write the same file at once never see half of it.
 pub fn extend_tokenizer(dir: &Path, out: &Path) -> Result<Extended> {
     let src = dir.join("tokenizer.json");
@@ -75,15 +76,23 @@ pub fn extend_tokenizer(dir: &Path, out: &Path) -> Result<Extended> {
             )
         })
     };
-    let eos = match first_id(&config, "eos_token_id") {
-        Some(id) => name(id, "eos_token_id")?,
-        None => bail!("{}: config.json has no eos_token_id", dir.display()),
+    // MPT-7B's config names no end token; its tokenizer_config.json does.
+    let eos = match (first_id(&config, "eos_token_id"), configured(dir, "eos_token")) {
+        (Some(id), _) => name(id, "eos_token_id")?,
+        (None, Some(t)) if tk.token_to_id(&t).is_some() => t,
+        _ => bail!(
+            "{}: neither config.json's eos_token_id nor tokenizer_config.json's eos_token names an end token",
+            dir.display()
+        ),
     };
     let bos = match (post_processor_bos(&tk), first_id(&config, "bos_token_id")) {
         (Some(id), _) | (None, Some(id)) => name(id, "bos_token_id")?,
         (None, None) => eos.clone(),
     };
-    let pad = match (first_id(&config, "pad_token_id"), configured_pad(dir)) {
+    let pad = match (
+        first_id(&config, "pad_token_id"),
+        configured(dir, "pad_token"),
+    ) {
         (Some(id), _) => Some(name(id, "pad_token_id")?),
         (None, Some(p)) if tk.token_to_id(&p).is_some() => Some(p),
         _ => None,

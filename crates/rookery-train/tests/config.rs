@@ -275,6 +275,40 @@ fn the_vitl14_rpj3b_recipe_resolves_against_the_published_shapes() {
     assert!((0.95..0.97).contains(&trained), "{trained}B trained");
 }
 
+/// OpenFlamingo-9B's recipe (ViT-L/14 + MPT-7B) resolves against the published shapes:
+/// MPT's layout (ALiBi, no biases), 8 gated blocks (every fourth of 32 layers).
+#[test]
+fn the_vitl14_mpt7b_recipe_resolves_against_the_published_shapes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let shapes = root.join("pretrained-shapes");
+    let sources = [
+        format!(
+            "flamingo.vision_from={}",
+            shapes.join("clip-vit-large-patch14").display()
+        ),
+        format!("flamingo.lm_from={}", shapes.join("mpt-7b").display()),
+    ];
+    let cfg = RunConfig::load(&root.join("flamingo-vitl14-mpt7b.toml"), &sources).unwrap();
+    let (r, _) = rookery_train::stage::flamingo::resolve(&cfg, 50280, (50278, 50277)).unwrap();
+    r.validate().unwrap();
+    let f = &r.flamingo.model;
+    let l = &f.lm;
+    assert_eq!(l.style, rookery_model::flamingo::LmStyle::Mpt);
+    assert_eq!(
+        (l.width, l.layers, l.heads, l.hidden()),
+        (4096, 32, 32, 16384)
+    );
+    assert!(l.tie_embeddings && f.cross_attn_every_n_layers == 4);
+    let e = rookery_train::memory::estimate(&r);
+    eprintln!("{e:?}");
+    // ViT-L/14 0.30B, MPT-7B 6.86B (its 6.65B, the tied head counted apart), the resampler
+    // 63M and 8 gated blocks of 139.5M: 8.34B; 1.18B trained.
+    let params = e.params / 1e9;
+    assert!((8.32..8.36).contains(&params), "{params}B parameters");
+    let trained = e.optimizer / 12.0 / 1e9;
+    assert!((1.17..1.19).contains(&trained), "{trained}B trained");
+}
+
 /// The default recipe trains CLIP's own tower, so its run exports under HF transformers'
 /// names (`rookery export --format hf`), which refuse rookery's patch stem.
 #[test]
