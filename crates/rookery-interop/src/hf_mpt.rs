@@ -21,31 +21,19 @@
 
 use std::path::Path;
 
+use crate::hf_config::HfConfig;
+use crate::tensors::{read_hf, transpose, Tensors};
 use anyhow::{bail, Context, Result};
 use rookery_model::flamingo::{LmConfig, LmStyle};
 use rookery_model::layers::Act;
-use serde_json::Value;
-
-use crate::tensors::{read_hf, transpose, Tensors};
 
 /// The `model_type` of these models.
 pub const MODEL_TYPE: &str = "mpt";
 
 /// The [`LmConfig`] of the MPT model in `dir`.
 pub fn config(dir: &Path) -> Result<LmConfig> {
-    let path = dir.join("config.json");
-    let v: Value = serde_json::from_slice(
-        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-    )
-    .with_context(|| format!("{}: not JSON", path.display()))?;
-    if v["model_type"].as_str() != Some(MODEL_TYPE) {
-        bail!("{}: model_type is not {MODEL_TYPE:?}", path.display());
-    }
-    let num = |k: &str| -> Result<usize> {
-        v[k].as_u64()
-            .map(|n| n as usize)
-            .with_context(|| format!("{}: no `{k}`", path.display()))
-    };
+    let c = HfConfig::read(dir, MODEL_TYPE)?;
+    let (path, v, num) = (&c.path, &c.v, |k: &str| c.num(k));
     let a = &v["attn_config"];
     let refused = [
         (

@@ -30,6 +30,7 @@ use rookery_model::flamingo::{LmConfig, LmStyle};
 use rookery_model::layers::Act;
 use serde_json::Value;
 
+use crate::hf_config::HfConfig;
 use crate::hf_llama::{as_rows, interleave_rope};
 use crate::tensors::{read_hf, transpose, Tensors};
 
@@ -61,19 +62,8 @@ fn rope(path: &Path, v: &Value) -> Result<(f64, f64)> {
 
 /// The [`LmConfig`] of the GPT-NeoX model in `dir`.
 pub fn config(dir: &Path) -> Result<LmConfig> {
-    let path = dir.join("config.json");
-    let v: Value = serde_json::from_slice(
-        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-    )
-    .with_context(|| format!("{}: not JSON", path.display()))?;
-    if v["model_type"].as_str() != Some(MODEL_TYPE) {
-        bail!("{}: model_type is not {MODEL_TYPE:?}", path.display());
-    }
-    let num = |k: &str| -> Result<usize> {
-        v[k].as_u64()
-            .map(|n| n as usize)
-            .with_context(|| format!("{}: no `{k}`", path.display()))
-    };
+    let c = HfConfig::read(dir, MODEL_TYPE)?;
+    let (path, v, num) = (&c.path, &c.v, |k: &str| c.num(k));
     if v["attention_bias"].as_bool() == Some(false) {
         bail!(
             "{}: attention_bias = false: rookery's neox blocks have attention biases",
@@ -85,7 +75,7 @@ pub fn config(dir: &Path) -> Result<LmConfig> {
         "gelu_new" | "gelu_fast" | "gelu_pytorch_tanh" => Act::GeluTanh,
         other => bail!("{}: hidden_act {other:?}: not supported", path.display()),
     };
-    let (rope_theta, rotary_pct) = rope(&path, &v)?;
+    let (rope_theta, rotary_pct) = rope(path, v)?;
     let width = num("hidden_size")?;
     let hidden = num("intermediate_size")?;
     let cfg = LmConfig {

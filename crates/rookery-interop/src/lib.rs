@@ -15,6 +15,7 @@
 pub mod cast;
 pub mod hf_clip;
 pub mod hf_clip_export;
+mod hf_config;
 pub mod hf_gpt2;
 pub mod hf_llama;
 pub mod hf_mpt;

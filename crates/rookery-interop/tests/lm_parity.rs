@@ -110,20 +110,10 @@ fn incite_style_neox_with_whole_rope_and_sequential_residual_matches_transformer
     assert!(check("neox_incite") < 1e-4);
 }
 
-#[test]
-fn neox_options_and_other_architectures_are_refused_by_name() {
+/// Each of `cases` (JSON members added to the config `base`) refused, naming what it lists
+/// and the config file.
+fn assert_refused(base: &str, cases: &[(&str, &str)]) {
     let tmp = tempfile::tempdir().unwrap();
-    let base = r#""model_type": "gpt_neox", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 4, "intermediate_size": 8, "max_position_embeddings": 8"#;
-    let cases = [
-        (r#""attention_bias": false"#, "attention_bias"),
-        (r#""hidden_act": "relu""#, "relu"),
-        (
-            r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
-            "rope_scaling",
-        ),
-        (r#""rotary_pct": 0.1"#, "rotary_pct"),
-        (r#""model_type": "opt""#, "\"opt\": rookery reads"),
-    ];
     for (i, (extra, want)) in cases.iter().enumerate() {
         let dir = tmp.path().join(format!("c{i}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -131,6 +121,24 @@ fn neox_options_and_other_architectures_are_refused_by_name() {
         let err = format!("{:#}", rookery_interop::lm_config(&dir).unwrap_err());
         assert!(err.contains(want) && err.contains("config.json"), "{err}");
     }
+}
+
+#[test]
+fn neox_options_and_other_architectures_are_refused_by_name() {
+    let base = r#""model_type": "gpt_neox", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 4, "intermediate_size": 8, "max_position_embeddings": 8"#;
+    assert_refused(
+        base,
+        &[
+            (r#""attention_bias": false"#, "attention_bias"),
+            (r#""hidden_act": "relu""#, "relu"),
+            (
+                r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+                "rope_scaling",
+            ),
+            (r#""rotary_pct": 0.1"#, "rotary_pct"),
+            (r#""model_type": "opt""#, "\"opt\": rookery reads"),
+        ],
+    );
 }
 
 /// MPT-7B's layout (OpenFlamingo-9B's LM): ALiBi with 6 heads (not a power of two: MPT
@@ -159,20 +167,15 @@ fn alibi_slopes_are_mpts() {
 
 #[test]
 fn mpt_options_rookery_lacks_are_refused_by_name() {
-    let tmp = tempfile::tempdir().unwrap();
     let base = r#""model_type": "mpt", "d_model": 8, "n_heads": 2, "n_layers": 1, "vocab_size": 4, "max_seq_len": 8"#;
-    let cases = [
-        (r#""attn_config": {"alibi": false}"#, "alibi"),
-        (r#""attn_config": {"clip_qkv": 6.0}"#, "clip_qkv"),
-        (r#""attn_config": {"qk_ln": true}"#, "qk_ln"),
-        (r#""no_bias": false"#, "no_bias"),
-        (r#""logit_scale": 0.5"#, "logit_scale"),
-    ];
-    for (i, (extra, want)) in cases.iter().enumerate() {
-        let dir = tmp.path().join(format!("c{i}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("config.json"), format!("{{{base}, {extra}}}")).unwrap();
-        let err = format!("{:#}", rookery_interop::lm_config(&dir).unwrap_err());
-        assert!(err.contains(want) && err.contains("config.json"), "{err}");
-    }
+    assert_refused(
+        base,
+        &[
+            (r#""attn_config": {"alibi": false}"#, "alibi"),
+            (r#""attn_config": {"clip_qkv": 6.0}"#, "clip_qkv"),
+            (r#""attn_config": {"qk_ln": true}"#, "qk_ln"),
+            (r#""no_bias": false"#, "no_bias"),
+            (r#""logit_scale": 0.5"#, "logit_scale"),
+        ],
+    );
 }

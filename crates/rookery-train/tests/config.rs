@@ -233,28 +233,38 @@ fn the_vitl14_llama_recipe_resolves_against_the_published_shapes() {
     assert!(err.to_string().contains("takes 224"), "{err}");
 }
 
+/// `configs/NAME.toml` resolved against ViT-L/14's and the LM `lm`'s published shapes
+/// (`configs/pretrained-shapes/`), with GPT-NeoX-20B's tokenizer of 50277 tokens extended:
+/// <|endofchunk|> 50277, <image> 50278, <PAD> 50279.
+fn resolve_neox_tokenized_recipe(name: &str, lm: &str) -> RunConfig {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let shapes = root.join("pretrained-shapes");
+    let sources = [
+        format!(
+            "flamingo.vision_from={}",
+            shapes.join("clip-vit-large-patch14").display()
+        ),
+        format!("flamingo.lm_from={}", shapes.join(lm).display()),
+    ];
+    let cfg = RunConfig::load(&root.join(format!("{name}.toml")), &sources).unwrap();
+    let (r, _) = rookery_train::stage::flamingo::resolve(&cfg, 50280, (50278, 50277)).unwrap();
+    r.validate().unwrap();
+    r
+}
+
+/// Parameters in all and trained, in billions, by the memory estimate.
+fn billions(r: &RunConfig) -> (f64, f64) {
+    let e = rookery_train::memory::estimate(r);
+    eprintln!("{e:?}");
+    (e.params / 1e9, e.optimizer / 12.0 / 1e9)
+}
+
 /// OpenFlamingo-4B's recipe (ViT-L/14 + RedPajama-INCITE-Base-3B, a GPT-NeoX) resolves
 /// against the published shapes: the LM's layout read from the hub's 4.x config keys, 16 gated
 /// blocks (every second of 32 layers), and OpenFlamingo-4B's size.
 #[test]
 fn the_vitl14_rpj3b_recipe_resolves_against_the_published_shapes() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    let sources = [
-        format!(
-            "flamingo.vision_from={}",
-            root.join("pretrained-shapes/clip-vit-large-patch14")
-                .display()
-        ),
-        format!(
-            "flamingo.lm_from={}",
-            root.join("pretrained-shapes/RedPajama-INCITE-Base-3B-v1")
-                .display()
-        ),
-    ];
-    let cfg = RunConfig::load(&root.join("flamingo-vitl14-rpj3b.toml"), &sources).unwrap();
-    // GPT-NeoX-20B's tokenizer, 50277 tokens: <|endofchunk|> 50277, <image> 50278, <PAD> 50279.
-    let (r, _) = rookery_train::stage::flamingo::resolve(&cfg, 50280, (50278, 50277)).unwrap();
-    r.validate().unwrap();
+    let r = resolve_neox_tokenized_recipe("flamingo-vitl14-rpj3b", "RedPajama-INCITE-Base-3B-v1");
     let l = &r.flamingo.model.lm;
     assert_eq!(l.style, rookery_model::flamingo::LmStyle::Neox);
     assert_eq!(
@@ -265,13 +275,10 @@ fn the_vitl14_rpj3b_recipe_resolves_against_the_published_shapes() {
         (l.vocab_size, l.rotary_dim(), l.parallel_residual),
         (50432, 80, false)
     );
-    let e = rookery_train::memory::estimate(&r);
-    eprintln!("{e:?}");
     // ViT-L/14 0.30B, the LM 2.78B (2 x 50432 x 2560 embeddings and head, 32 blocks of
     // 78.7M), the resampler 63M and 16 gated blocks of 56.1M: 4.04B ("4B"), 0.96B trained.
-    let params = e.params / 1e9;
+    let (params, trained) = billions(&r);
     assert!((4.02..4.06).contains(&params), "{params}B parameters");
-    let trained = e.optimizer / 12.0 / 1e9;
     assert!((0.95..0.97).contains(&trained), "{trained}B trained");
 }
 
@@ -279,18 +286,7 @@ fn the_vitl14_rpj3b_recipe_resolves_against_the_published_shapes() {
 /// MPT's layout (ALiBi, no biases), 8 gated blocks (every fourth of 32 layers).
 #[test]
 fn the_vitl14_mpt7b_recipe_resolves_against_the_published_shapes() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    let shapes = root.join("pretrained-shapes");
-    let sources = [
-        format!(
-            "flamingo.vision_from={}",
-            shapes.join("clip-vit-large-patch14").display()
-        ),
-        format!("flamingo.lm_from={}", shapes.join("mpt-7b").display()),
-    ];
-    let cfg = RunConfig::load(&root.join("flamingo-vitl14-mpt7b.toml"), &sources).unwrap();
-    let (r, _) = rookery_train::stage::flamingo::resolve(&cfg, 50280, (50278, 50277)).unwrap();
-    r.validate().unwrap();
+    let r = resolve_neox_tokenized_recipe("flamingo-vitl14-mpt7b", "mpt-7b");
     let f = &r.flamingo.model;
     let l = &f.lm;
     assert_eq!(l.style, rookery_model::flamingo::LmStyle::Mpt);
@@ -299,13 +295,10 @@ fn the_vitl14_mpt7b_recipe_resolves_against_the_published_shapes() {
         (4096, 32, 32, 16384)
     );
     assert!(l.tie_embeddings && f.cross_attn_every_n_layers == 4);
-    let e = rookery_train::memory::estimate(&r);
-    eprintln!("{e:?}");
     // ViT-L/14 0.30B, MPT-7B 6.86B (its 6.65B, the tied head counted apart), the resampler
     // 63M and 8 gated blocks of 139.5M: 8.34B; 1.18B trained.
-    let params = e.params / 1e9;
+    let (params, trained) = billions(&r);
     assert!((8.32..8.36).contains(&params), "{params}B parameters");
-    let trained = e.optimizer / 12.0 / 1e9;
     assert!((1.17..1.19).contains(&trained), "{trained}B trained");
 }
 
@@ -358,7 +351,7 @@ fn unknown_enum_values_are_refused_with_the_allowed_ones() {
             "model.vision.pool_type",
             ["tok", "avg", "avg"],
         ),
-        ("lm.style=\"mpt\"", "lm.style", ["gpt2", "llama", "llama"]),
+        ("lm.style=\"opt\"", "lm.style", ["gpt2", "llama", "mpt"]),
     ] {
         let err = load("", &[set]).expect_err(set);
         assert!(err.contains(key), "{set}: key not named: {err}");

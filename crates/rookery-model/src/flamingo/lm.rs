@@ -348,6 +348,25 @@ pub(crate) trait DecoderBlock<B: Backend> {
     fn finish(&self, x: Tensor<B, 3>, y: Tensor<B, 3>) -> Tensor<B, 3>;
 }
 
+/// A packed query/key/value projection `[B, T, (h + 2 kv) * Dh]` as query heads `[B, h, T, Dh]`
+/// and key and value heads `[B, kv, T, Dh]`: the query heads first, then the keys, then the
+/// values (how rookery packs every style's projection).
+pub(crate) fn split_qkv<B: Backend>(
+    qkv: Tensor<B, 3>,
+    h: usize,
+    kv: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, t, width] = qkv.dims();
+    let hd = width / (h + 2 * kv);
+    let heads = |from: usize, n: usize| {
+        qkv.clone()
+            .slice(s![.., .., from * hd..(from + n) * hd])
+            .reshape([b, t, n, hd])
+            .swap_dims(1, 2)
+    };
+    (heads(0, h), heads(h, kv), heads(h + kv, kv))
+}
+
 /// `f` (RoPE) on the leading `r` dimensions of each head of `x` `[B, H, T, Dh]`, the rest
 /// passed through. RoPE's table is f32 (a constant, not a parameter): it rotates in f32, as HF
 /// computes its cos/sin in f32, and the result goes on in `x`'s dtype.
@@ -424,19 +443,10 @@ impl<B: Backend> DecoderBlock<B> for LlamaBlock<B> {
 
 impl<B: Backend> LlamaBlock<B> {
     /// The packed projection of `rms(x)` (`x` `[B, T, D]`) as query, key and value heads
-    /// `[B, n, T, Dh]`: query heads first, then key heads, then value heads.
+    /// ([`split_qkv`]).
     pub(crate) fn qkv_heads(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, t, _] = x.dims();
-        let (h, kv) = (self.heads, self.kv_heads);
         let qkv = linear_3d(&self.qkv, self.attn_norm.forward(x));
-        let hd = qkv.dims()[2] / (h + 2 * kv);
-        let heads = |from: usize, n: usize| {
-            qkv.clone()
-                .slice(s![.., .., from * hd..(from + n) * hd])
-                .reshape([b, t, n, hd])
-                .swap_dims(1, 2)
-        };
-        (heads(0, h), heads(h, kv), heads(h + kv, kv))
+        split_qkv(qkv, self.heads, self.kv_heads)
     }
 
     /// Key or value heads `[B, kv, T, Dh]` for every query head `[B, h, T, Dh]`: each serves

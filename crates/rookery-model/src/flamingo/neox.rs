@@ -15,7 +15,7 @@
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
-use super::lm::{DecoderBlock, LmConfig};
+use super::lm::{split_qkv, DecoderBlock, LmConfig};
 use crate::layers::{linear_3d, Mlp};
 
 #[derive(Module, Debug)]
@@ -71,18 +71,8 @@ impl<B: Backend> NeoxBlock<B> {
 
 impl<B: Backend> DecoderBlock<B> for NeoxBlock<B> {
     fn qkv_heads(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, t, _] = x.dims();
-        let h = self.heads;
         let n = crate::cpu::layer_norm(&self.ln_1, x, self.eps);
-        let qkv = linear_3d(&self.qkv, n);
-        let hd = qkv.dims()[2] / (3 * h);
-        let part = |i: usize| {
-            qkv.clone()
-                .slice(s![.., .., i * h * hd..(i + 1) * h * hd])
-                .reshape([b, t, h, hd])
-                .swap_dims(1, 2)
-        };
-        (part(0), part(1), part(2))
+        split_qkv(linear_3d(&self.qkv, n), self.heads, self.heads)
     }
 
     fn shared(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
