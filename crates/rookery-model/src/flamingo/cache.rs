@@ -12,7 +12,8 @@
 
 use burn::prelude::*;
 
-use super::lm::{alibi_bias, rotate_part, DecoderBlock, LanguageModel, LmBlock};
+use super::decoder::{alibi_bias, rotate_part, DecoderBlock};
+use super::lm::{LanguageModel, LmBlock};
 use super::model::Flamingo;
 use crate::cpu::softmax;
 use crate::layers::{linear_3d, norm, ResidualAttentionBlock};

@@ -2,7 +2,7 @@
 //! - `gpt2`: token + learned position embeddings, pre-norm causal blocks with LayerNorm and a
 //!   GELU MLP (the same blocks as CLIP's towers);
 //! - `llama`: no position embeddings but rotary ones (RoPE) on queries and keys, RMSNorm, and a
-//!   SwiGLU feed-forward `down(silu(gate(x)) * up(x))`, all without biases;
+//!   SwiGLU feed-forward `down(silu(gate(x)) * up(x))`, all without biases ([`super::llama`]);
 //! - `neox` (GPT-NeoX: Pythia, RedPajama-INCITE): RoPE on a share of each head, LayerNorm,
 //!   a GELU MLP, biases everywhere, and attention and MLP side by side on the same input
 //!   (`x + attn(ln_1(x)) + mlp(ln_2(x))`) or one after the other ([`super::neox`]);
@@ -17,13 +17,13 @@ use burn::nn::{
     RmsNormConfig, RotaryEncoding, RotaryEncodingConfig,
 };
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
-use crate::cpu::softmax;
 use crate::precision::to_dtype;
 use burn::tensor::DType;
 use serde::{Deserialize, Serialize};
 
+use super::decoder::decoder_forward;
+use super::llama::LlamaBlock;
 use super::mpt::MptBlock;
 use super::neox::NeoxBlock;
 use crate::layers::{linear_3d, Act, ResidualAttentionBlock, Transformer};
@@ -248,7 +248,7 @@ impl LmConfig {
         let (w, rotary) = (self.width, self.style.rotary());
         let blocks = match self.style {
             LmStyle::Llama => (0..self.layers)
-                .map(|_| LmBlock::Llama(self.llama_block(device)))
+                .map(|_| LmBlock::Llama(LlamaBlock::new(self, device)))
                 .collect(),
             LmStyle::Neox => (0..self.layers)
                 .map(|_| LmBlock::Neox(NeoxBlock::new(self, device)))
@@ -289,181 +289,6 @@ impl LmConfig {
             rope: rotary.then(|| self.rope(device)),
             context_length: self.context_length,
         }
-    }
-
-    fn llama_block<B: Backend>(&self, device: &B::Device) -> LlamaBlock<B> {
-        let (w, hidden, hd) = (self.width, self.hidden(), self.head_dim());
-        let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
-        let rms = || {
-            RmsNormConfig::new(w)
-                .with_epsilon(self.norm_eps)
-                .init(device)
-        };
-        LlamaBlock {
-            attn_norm: rms(),
-            qkv: LinearConfig::new(w, (self.heads + 2 * self.kv()) * hd)
-                .with_bias(self.qkv_bias)
-                .init(device),
-            out: lin(self.heads * hd, w),
-            ffn_norm: rms(),
-            gate: lin(w, hidden),
-            up: lin(w, hidden),
-            down: lin(hidden, w),
-            heads: self.heads,
-            kv_heads: self.kv(),
-        }
-    }
-}
-
-/// A Llama decoder block: `x + attn(rms(x))` with RoPE, then `x + swiglu(rms(x))`.
-#[derive(Module, Debug)]
-pub struct LlamaBlock<B: Backend> {
-    pub attn_norm: RmsNorm<B>,
-    pub qkv: Linear<B>,
-    pub out: Linear<B>,
-    pub ffn_norm: RmsNorm<B>,
-    pub gate: Linear<B>,
-    pub up: Linear<B>,
-    pub down: Linear<B>,
-    pub heads: usize,
-    /// Key/value heads; each serves `heads / kv_heads` query heads (grouped-query attention).
-    pub kv_heads: usize,
-}
-
-/// The parts of a decoder block with split attention (llama, neox, mpt) that the whole forward
-/// ([`decoder_forward`]) and the key/value cache ([`super::cache`]) share; positions enter
-/// through the LM's RoPE, or through the block's ALiBi slopes.
-pub(crate) trait DecoderBlock<B: Backend> {
-    /// Query, key and value heads `[B, n, T, Dh]` of the block's input `[B, T, D]` (normed,
-    /// projected; before RoPE).
-    fn qkv_heads(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
-    /// Key or value heads for every query head.
-    fn shared(&self, x: Tensor<B, 4>) -> Tensor<B, 4>;
-    /// ALiBi's slope of each head, for blocks whose positions enter as a bias on the scores.
-    fn alibi(&self) -> Option<Vec<f32>> {
-        None
-    }
-    /// The block's output from its input `x` and the attention's merged heads `y`
-    /// `[B, T, H * Dh]` (before the output projection).
-    fn finish(&self, x: Tensor<B, 3>, y: Tensor<B, 3>) -> Tensor<B, 3>;
-}
-
-/// A packed query/key/value projection `[B, T, (h + 2 kv) * Dh]` as query heads `[B, h, T, Dh]`
-/// and key and value heads `[B, kv, T, Dh]`: the query heads first, then the keys, then the
-/// values (how rookery packs every style's projection).
-pub(crate) fn split_qkv<B: Backend>(
-    qkv: Tensor<B, 3>,
-    h: usize,
-    kv: usize,
-) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
-    let [b, t, width] = qkv.dims();
-    let hd = width / (h + 2 * kv);
-    let heads = |from: usize, n: usize| {
-        qkv.clone()
-            .slice(s![.., .., from * hd..(from + n) * hd])
-            .reshape([b, t, n, hd])
-            .swap_dims(1, 2)
-    };
-    (heads(0, h), heads(h, kv), heads(h + kv, kv))
-}
-
-/// `f` (RoPE) on the leading `r` dimensions of each head of `x` `[B, H, T, Dh]`, the rest
-/// passed through. RoPE's table is f32 (a constant, not a parameter): it rotates in f32, as HF
-/// computes its cos/sin in f32, and the result goes on in `x`'s dtype.
-pub(crate) fn rotate_part<B: Backend>(
-    x: Tensor<B, 4>,
-    r: usize,
-    f: impl Fn(Tensor<B, 4>) -> Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    let (dt, d) = (x.dtype(), x.dims()[3]);
-    let rotate = |t: Tensor<B, 4>| to_dtype(f(to_dtype(t, DType::F32)), dt);
-    if r == d {
-        return rotate(x);
-    }
-    let head = rotate(x.clone().slice(s![.., .., .., 0..r]));
-    Tensor::cat(vec![head, x.slice(s![.., .., .., r..d])], 3)
-}
-
-/// ALiBi's bias `slope_h * (key - query)` `[R, H, t, C]` for queries at positions `queries`
-/// `[R, t]` over keys at positions `0..keys`, in `dtype`.
-pub(crate) fn alibi_bias<B: Backend>(
-    slopes: &[f32],
-    queries: Tensor<B, 2, Int>,
-    keys: usize,
-    dtype: DType,
-) -> Tensor<B, 4> {
-    let device = queries.device();
-    let [r, t] = queries.dims();
-    let k = Tensor::<B, 1, Int>::arange(0..keys as i64, &device)
-        .float()
-        .reshape([1, 1, 1, keys]);
-    let q = queries.float().reshape([r, 1, t, 1]);
-    let s = Tensor::<B, 1>::from_floats(slopes, &device).reshape([1, slopes.len(), 1, 1]);
-    to_dtype((k - q) * s, dtype)
-}
-
-/// A decoder block over the whole causal sequence `x` `[B, T, D]`, rotating queries and keys
-/// by `rope` where the LM has one.
-fn decoder_forward<B: Backend>(
-    block: &impl DecoderBlock<B>,
-    x: Tensor<B, 3>,
-    rope: Option<&RotaryEncoding<B>>,
-) -> Tensor<B, 3> {
-    let [b, t, _] = x.dims();
-    let (q, k, v) = block.qkv_heads(x.clone());
-    let [_, h, _, hd] = q.dims();
-    let rotate = |y: Tensor<B, 4>| match rope {
-        Some(rope) => rotate_part(y, rope.freq_complex.dims()[1], |z| rope.forward(z)),
-        None => y,
-    };
-    let (q, k, v) = (rotate(q), block.shared(rotate(k)), block.shared(v));
-    let mut scores = q.matmul(k.swap_dims(2, 3)) / (hd as f32).sqrt();
-    if let Some(slopes) = block.alibi() {
-        let pos = Tensor::<B, 1, Int>::arange(0..t as i64, &x.device()).reshape([1, t]);
-        scores = scores + alibi_bias(&slopes, pos, t, x.dtype()).expand([b, h, t, t]);
-    }
-    let causal = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &x.device())
-        .unsqueeze::<4>()
-        .expand([b, h, t, t]);
-    let y = softmax(scores.mask_fill(causal, f32::NEG_INFINITY), 3).matmul(v);
-    block.finish(x, y.swap_dims(1, 2).reshape([b, t, h * hd]))
-}
-
-impl<B: Backend> DecoderBlock<B> for LlamaBlock<B> {
-    fn qkv_heads(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
-        LlamaBlock::qkv_heads(self, x)
-    }
-    fn shared(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        LlamaBlock::shared(self, x)
-    }
-    fn finish(&self, x: Tensor<B, 3>, y: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.ffn_residual(x + linear_3d(&self.out, y))
-    }
-}
-
-impl<B: Backend> LlamaBlock<B> {
-    /// The packed projection of `rms(x)` (`x` `[B, T, D]`) as query, key and value heads
-    /// ([`split_qkv`]).
-    pub(crate) fn qkv_heads(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
-        let qkv = linear_3d(&self.qkv, self.attn_norm.forward(x));
-        split_qkv(qkv, self.heads, self.kv_heads)
-    }
-
-    /// Key or value heads `[B, kv, T, Dh]` for every query head `[B, h, T, Dh]`: each serves
-    /// the `h / kv` query heads after it (HF's `repeat_kv`).
-    pub(crate) fn shared(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, kv, t, hd] = x.dims();
-        let h = self.heads;
-        x.unsqueeze_dim::<5>(2)
-            .expand([b, kv, h / kv, t, hd])
-            .reshape([b, h, t, hd])
-    }
-
-    /// `x + swiglu(rms(x))`, the block's second half.
-    pub fn ffn_residual(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let n = self.ffn_norm.forward(x.clone());
-        let g = silu(linear_3d(&self.gate, n.clone())) * linear_3d(&self.up, n);
-        x + linear_3d(&self.down, g)
     }
 }
 

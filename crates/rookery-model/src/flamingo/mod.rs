@@ -3,6 +3,8 @@
 //! Resampler and gated cross-attention blocks.
 
 pub mod cache;
+mod decoder;
+pub mod llama;
 pub mod lm;
 pub mod model;
 pub mod mpt;
@@ -11,6 +13,7 @@ pub mod resampler;
 pub mod xattn;
 
 pub use cache::KvCache;
+pub use llama::LlamaBlock;
 pub use lm::{LanguageModel, LmConfig, LmStyle, RopeScaling};
 pub use model::{Flamingo, FlamingoConfig, VisionTokens, VisionTower};
 pub use mpt::MptBlock;

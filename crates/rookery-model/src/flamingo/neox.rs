@@ -15,7 +15,8 @@
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
-use super::lm::{split_qkv, DecoderBlock, LmConfig};
+use super::decoder::{split_qkv, DecoderBlock};
+use super::lm::LmConfig;
 use crate::layers::{linear_3d, Mlp};
 
 #[derive(Module, Debug)]
