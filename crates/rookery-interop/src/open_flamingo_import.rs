@@ -55,7 +55,48 @@ pub fn load_trained<B: Backend>(
 ) -> Result<(Flamingo<B>, Loaded)> {
     let mut theirs = read(path)?;
     let name = path.display().to_string();
-    let shapes = trained_shapes(&model);
+    let mut ours = trained_parts(&model, cfg, &mut theirs, &name)?;
+    let trained = ours.len() + 1;
+    let rows = embedding_rows(&model, cfg, &mut theirs, &mut ours, &name)?;
+    // Checked here, not on the model: its frozen towers (most of it) came from their files.
+    if let Some((k, _)) = ours
+        .iter()
+        .find(|(_, t)| t.1.iter().any(|x| !x.is_finite()))
+    {
+        bail!("{name}: the values set into {k} are not all finite (a diverged run?)");
+    }
+    let skipped = refuse_left_over(theirs, &name)?;
+    let mut store =
+        SafetensorsStore::from_bytes(Some(crate::tensors::to_bytes(&ours)?)).allow_partial(true);
+    let mut model = model;
+    let res = model
+        .load_from(&mut store)
+        .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    if !res.errors.is_empty() || !res.unused.is_empty() {
+        bail!(
+            "{name}: does not fit this model: {:?} {:?}",
+            res.errors,
+            res.unused
+        );
+    }
+    let model = model.fix_frozen();
+    let loaded = Loaded {
+        trained,
+        embedding_rows: rows,
+        skipped,
+    };
+    Ok((model, loaded))
+}
+
+/// The resampler's and the gated blocks' tensors taken out of `theirs`, under rookery's paths
+/// and layouts; refuses a missing one or a shape that differs from `model`'s.
+fn trained_parts<B: Backend>(
+    model: &Flamingo<B>,
+    cfg: &FlamingoConfig,
+    theirs: &mut Tensors,
+    name: &str,
+) -> Result<Tensors> {
+    let shapes = trained_shapes(model);
     let mut ours = Tensors::new();
     let (mut missing, mut misfit) = (Vec::new(), Vec::new());
     for n in trained(cfg) {
@@ -92,30 +133,7 @@ pub fn load_trained<B: Backend>(
             &missing[..missing.len().min(4)]
         );
     }
-    let trained = ours.len() + 1;
-    let rows = embedding_rows(&model, cfg, &mut theirs, &mut ours, &name)?;
-    let skipped = refuse_left_over(theirs, &name)?;
-    let mut store =
-        SafetensorsStore::from_bytes(Some(crate::tensors::to_bytes(&ours)?)).allow_partial(true);
-    let mut model = model;
-    let res = model
-        .load_from(&mut store)
-        .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-    if !res.errors.is_empty() || !res.unused.is_empty() {
-        bail!(
-            "{name}: does not fit this model: {:?} {:?}",
-            res.errors,
-            res.unused
-        );
-    }
-    let model = model.fix_frozen();
-    crate::store::check_finite(&model).with_context(|| name.clone())?;
-    let loaded = Loaded {
-        trained,
-        embedding_rows: rows,
-        skipped,
-    };
-    Ok((model, loaded))
+    Ok(ours)
 }
 
 /// The checkpoint's embedding (and untied head) rows over the LM's, under rookery's paths, and

@@ -563,7 +563,7 @@ fn an_open_flamingo_training_checkpoint_sets_the_trained_parts() {
 
 /// What does not fit the model is refused naming it, before any training: a trained tensor
 /// missing, trained tensors of another layout left over (the checkpoint's gated blocks sit
-/// before every layer, the model's before every second), a shape that differs.
+/// before every layer, the model's before every second), a shape that differs, a NaN.
 #[test]
 fn an_open_flamingo_checkpoint_that_does_not_fit_is_refused_by_name() {
     use rookery_interop::open_flamingo_import::load_trained;
@@ -584,9 +584,12 @@ fn an_open_flamingo_checkpoint_that_does_not_fit_is_refused_by_name() {
         format!("{x}.attn.to_q.weight"),
         (vec![8, 64], vec![0.0; 512]),
     );
+    let mut diverged = theirs.clone();
+    diverged.get_mut("perceiver.latents").unwrap().1[3] = f32::NAN;
     for (file, want) in [
         (write("dropped.safetensors", &dropped), "ff.3.weight"),
         (write("reshaped.safetensors", &reshaped), "to_q"),
+        (write("diverged.safetensors", &diverged), "not all finite"),
     ] {
         let e = load_trained(model.clone(), &m, &file).err().unwrap();
         let msg = format!("{e:#}");
