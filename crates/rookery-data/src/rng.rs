@@ -80,9 +80,10 @@ pub fn hash_str(s: &str) -> u64 {
 /// dataset moved or mounted elsewhere (another node, another checkout) gets the same crops, and
 /// a resumed run the same as the unbroken one.
 pub fn shard_seed(url: &str) -> u64 {
-    let mut tail = url.trim_end_matches('/').rsplitn(3, '/');
-    let (file, dir) = (tail.next().unwrap_or(""), tail.next().unwrap_or(""));
-    hash_str(&format!("{dir}/{file}"))
+    let url = url.trim_end_matches('/');
+    // From after the second-to-last '/' (the whole name when there is none).
+    let cut = url.rmatch_indices('/').nth(1).map_or(0, |(i, _)| i + 1);
+    hash_str(&url[cut..])
 }
 
 #[cfg(test)]

@@ -20,23 +20,19 @@
 
 use std::path::Path;
 
+use crate::hf_config::HfConfig;
+use crate::tensors::{read_hf, transpose, Tensors};
 use anyhow::{bail, Context, Result};
 use rookery_model::flamingo::LmConfig;
 use rookery_model::layers::Act;
-use serde_json::Value;
 
-use crate::tensors::{read_hf, transpose, Tensors};
+/// The `model_type` of these models.
+pub const MODEL_TYPE: &str = "gpt2";
 
 /// The [`LmConfig`] of the GPT-2 model in `dir`.
 pub fn config(dir: &Path) -> Result<LmConfig> {
-    let path = dir.join("config.json");
-    let v: Value = serde_json::from_slice(
-        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-    )
-    .with_context(|| format!("{}: not JSON", path.display()))?;
-    if v["model_type"].as_str() != Some("gpt2") {
-        bail!("{}: model_type is not \"gpt2\"", path.display());
-    }
+    let c = HfConfig::read(dir, MODEL_TYPE)?;
+    let (path, v) = (&c.path, &c.v);
     let num = |k: &str, d: u64| v[k].as_u64().unwrap_or(d) as usize;
     let act = match v["activation_function"].as_str().unwrap_or("gelu_new") {
         "gelu_new" | "gelu_pytorch_tanh" => Act::GeluTanh,

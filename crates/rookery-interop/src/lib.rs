@@ -5,8 +5,10 @@
 //! - [`open_clip`]: open_clip's key names and layouts (rookery's export, `open_clip_model.safetensors`);
 //!   [`open_clip_config`]: its model config;
 //! - [`hf_clip`]: HF transformers' `CLIPModel` read in; [`hf_clip_export`]: written out;
-//! - [`hf_llama`], [`hf_gpt2`], [`hf_neox`], [`hf_mpt`]: HF causal LMs read in; [`open_flamingo`]: the tokenizer and
-//!   vocabulary OpenFlamingo builds on such an LM;
+//! - [`hf_llama`], [`hf_gpt2`], [`hf_neox`], [`hf_mpt`]: HF causal LMs read in;
+//!   [`open_flamingo`]: the tokenizer and vocabulary OpenFlamingo builds on such an LM;
+//!   [`open_flamingo_export`] / [`open_flamingo_import`]: a Flamingo's trained parts under
+//!   OpenFlamingo's names ([`open_flamingo_names`]), out and in;
 //! - [`store`]: strict, reproducible safetensors through burn-store; [`cast`]: dtype casts;
 //!   [`tensors`]: named f32 tensors in memory, where one layout is renamed into another.
 //!
@@ -37,22 +39,44 @@ use burn::prelude::Backend;
 use burn_store::SafetensorsStore;
 use rookery_model::{Clip, ClipConfig};
 
+/// The HF causal-LM families rookery reads, each through its importer.
+#[derive(Clone, Copy)]
+enum LmFamily {
+    Gpt2,
+    Neox,
+    Mpt,
+    Llama,
+}
+
+impl LmFamily {
+    /// The family of `dir` by its `config.json`'s `model_type`; another type is refused naming
+    /// those rookery reads. Without a readable `model_type`, Llama's reader says what is wrong.
+    fn of(dir: &Path) -> Result<Self> {
+        Ok(match model_type(dir).as_deref() {
+            Some(hf_gpt2::MODEL_TYPE) => LmFamily::Gpt2,
+            Some(hf_neox::MODEL_TYPE) => LmFamily::Neox,
+            Some(hf_mpt::MODEL_TYPE) => LmFamily::Mpt,
+            Some(t) if !hf_llama::MODEL_TYPES.contains(&t) => bail!(
+                "{}: model_type {t:?}: rookery reads the causal LMs {:?}, {:?}, {:?} and {:?}",
+                dir.join("config.json").display(),
+                hf_gpt2::MODEL_TYPE,
+                hf_neox::MODEL_TYPE,
+                hf_mpt::MODEL_TYPE,
+                hf_llama::MODEL_TYPES
+            ),
+            _ => LmFamily::Llama,
+        })
+    }
+}
+
 /// The [`LmConfig`](rookery_model::flamingo::LmConfig) of the HF causal LM in `dir`: GPT-2
-/// ([`hf_gpt2`]), GPT-NeoX ([`hf_neox`]), MPT ([`hf_mpt`]) or Llama-family ([`hf_llama`], which names what it
-/// reads when `model_type` is none of them).
+/// ([`hf_gpt2`]), GPT-NeoX ([`hf_neox`]), MPT ([`hf_mpt`]) or Llama-family ([`hf_llama`]).
 pub fn lm_config(dir: &Path) -> Result<rookery_model::flamingo::LmConfig> {
-    match model_type(dir).as_deref() {
-        Some("gpt2") => hf_gpt2::config(dir),
-        Some(hf_neox::MODEL_TYPE) => hf_neox::config(dir),
-        Some(hf_mpt::MODEL_TYPE) => hf_mpt::config(dir),
-        Some(t) if !hf_llama::MODEL_TYPES.contains(&t) => bail!(
-            "{}: model_type {t:?}: rookery reads the causal LMs \"gpt2\", \"{}\", \"{}\" and {:?}",
-            dir.join("config.json").display(),
-            hf_neox::MODEL_TYPE,
-            hf_mpt::MODEL_TYPE,
-            hf_llama::MODEL_TYPES
-        ),
-        _ => hf_llama::config(dir),
+    match LmFamily::of(dir)? {
+        LmFamily::Gpt2 => hf_gpt2::config(dir),
+        LmFamily::Neox => hf_neox::config(dir),
+        LmFamily::Mpt => hf_mpt::config(dir),
+        LmFamily::Llama => hf_llama::config(dir),
     }
 }
 
@@ -71,13 +95,10 @@ pub fn model_type(dir: &Path) -> Option<String> {
 
 /// Whether `dir` holds an HF causal LM rookery reads (by its `model_type`).
 pub fn is_lm(dir: &Path) -> bool {
-    model_type(dir).is_some_and(|t| {
-        let known = [hf_neox::MODEL_TYPE, hf_mpt::MODEL_TYPE, "gpt2"];
-        known.contains(&t.as_str()) || hf_llama::MODEL_TYPES.contains(&t.as_str())
-    })
+    model_type(dir).is_some() && LmFamily::of(dir).is_ok()
 }
 
-/// Loads the HF causal LM in `dir` (GPT-2, GPT-NeoX or Llama-family) into `model` (built from
+/// Loads the HF causal LM in `dir` (any [`lm_config`] reads) into `model` (built from
 /// [`lm_config`], its `vocab_size` perhaps raised for added tokens:
 /// [`open_flamingo::grow_vocab`]), strictly.
 pub fn load_lm<B: Backend>(
@@ -85,11 +106,11 @@ pub fn load_lm<B: Backend>(
     dir: &Path,
     cfg: &rookery_model::flamingo::LmConfig,
 ) -> Result<rookery_model::flamingo::LanguageModel<B>> {
-    let mut tensors = match model_type(dir).as_deref() {
-        Some("gpt2") => hf_gpt2::to_rookery(dir, cfg)?,
-        Some(hf_neox::MODEL_TYPE) => hf_neox::to_rookery(dir, cfg)?,
-        Some(hf_mpt::MODEL_TYPE) => hf_mpt::to_rookery(dir, cfg)?,
-        _ => hf_llama::to_rookery(dir, cfg)?,
+    let mut tensors = match LmFamily::of(dir)? {
+        LmFamily::Gpt2 => hf_gpt2::to_rookery(dir, cfg)?,
+        LmFamily::Neox => hf_neox::to_rookery(dir, cfg)?,
+        LmFamily::Mpt => hf_mpt::to_rookery(dir, cfg)?,
+        LmFamily::Llama => hf_llama::to_rookery(dir, cfg)?,
     };
     open_flamingo::grow_vocab(&mut tensors, cfg.vocab_size)?;
     let mut store = SafetensorsStore::from_bytes(Some(tensors::to_bytes(&tensors)?));

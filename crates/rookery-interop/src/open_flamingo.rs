@@ -55,8 +55,9 @@ fn configured(dir: &Path, key: &str) -> Option<String> {
 /// (see the module docs). The start token is the one the tokenizer's post-processor adds, else
 /// `config.json`'s `bos_token_id`, else the end token; the end token is `eos_token_id` (the
 /// first, where it is a list), else `tokenizer_config.json`'s `eos_token`; padding is
-/// `pad_token_id`, else `tokenizer_config.json`'s `pad_token`, else the added `<PAD>`. Written to a temporary file and renamed, so ranks that
-/// write the same file at once never see half of it.
+/// `pad_token_id`, else `tokenizer_config.json`'s `pad_token`, else the added `<PAD>`. Written
+/// to a temporary file and renamed, so ranks that write the same file at once never see half
+/// of it.
 pub fn extend_tokenizer(dir: &Path, out: &Path) -> Result<Extended> {
     let src = dir.join("tokenizer.json");
     let mut tk = Tokenizer::from_file(&src).map_err(|e| {

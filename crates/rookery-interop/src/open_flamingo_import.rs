@@ -167,28 +167,44 @@ fn embedding_rows<B: Backend>(
         .flat_map(|&id| rows[id as usize * d..(id as usize + 1) * d].to_vec())
         .collect();
     ours.insert("new_tokens".into(), (vec![2, d], new));
-    // A tied head is the embedding; an untied one (trained by OpenFlamingo too) is replaced.
+    untied_head_rows(model, cfg, theirs, ours, &shape, name)?;
+    Ok(n)
+}
+
+/// An untied head's rows from the checkpoint over the LM's (OpenFlamingo trains it too, when
+/// its run made it trainable); a tied head is the embedding, already set.
+fn untied_head_rows<B: Backend>(
+    model: &Flamingo<B>,
+    cfg: &FlamingoConfig,
+    theirs: &mut Tensors,
+    ours: &mut Tensors,
+    embedding_shape: &[usize],
+    name: &str,
+) -> Result<()> {
     let found = head(cfg)
         .iter()
         .find_map(|k| Some((*k, theirs.remove(*k)?)));
-    let (head_key, found) = match found {
-        Some((k, t)) => (k, Some(t)),
-        None => ("", None),
+    let Some((key, (shape, rows))) = found.filter(|_| !model.tied) else {
+        return Ok(());
     };
-    match (found, model.tied) {
-        (Some(_), true) | (None, _) => {}
-        (Some((hs, h)), false) => {
-            if hs != shape {
-                bail!("{name}: {head_key} is {hs:?}, the embedding {shape:?}");
-            }
-            // rookery's head is [D, V]: as rows [V, D], the first n replaced, back.
-            let (hshape, mut head) =
-                transpose((vec![d, table_rows], values(model.lm.lm_head.weight.val())));
-            head[..n * d].copy_from_slice(&h);
-            ours.insert("lm.lm_head.weight".into(), transpose((hshape, head)));
-        }
+    if shape != embedding_shape {
+        bail!("{name}: {key} is {shape:?}, the embedding {embedding_shape:?}");
     }
-    Ok(n)
+    // rookery's head is [D, V]: as rows [V, D], the first n replaced, back.
+    let [d, v] = model.lm.lm_head.weight.dims();
+    let values: Vec<f32> = model
+        .lm
+        .lm_head
+        .weight
+        .val()
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32");
+    let (as_rows, mut head) = transpose((vec![d, v], values));
+    head[..rows.len()].copy_from_slice(&rows);
+    ours.insert("lm.lm_head.weight".into(), transpose((as_rows, head)));
+    Ok(())
 }
 
 /// Skips the frozen parts a full state dict carries; refuses anything else left over, naming

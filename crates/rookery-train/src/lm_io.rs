@@ -1,6 +1,6 @@
-//! `rookery generate` on a language model alone, imported as it is from an HF GPT-2,
-//! GPT-NeoX or Llama-family directory (text only): a check of an LM before stage 2 is built on it. The prompt is
-//! encoded by the LM's own `tokenizer.json` (its post-processor adds BOS or not; nothing is
+//! `rookery generate` on a language model alone, imported as it is from an HF GPT-2, GPT-NeoX,
+//! MPT or Llama-family directory (text only): a check of an LM before stage 2 is built on it.
+//! The prompt is encoded by the LM's own `tokenizer.json` (its post-processor adds BOS or not; nothing is
 //! added twice), generation stops at the config's `eos_token_id`(s). The prompt goes through the
 //! LM once; each later step feeds the newest token against a key/value cache.
 
@@ -14,11 +14,6 @@ use rookery_model::flamingo::KvCache;
 
 use crate::flamingo_io::{sample_top_k, GenerateArgs};
 use rookery_eval::fewshot::greedy;
-
-/// Whether `dir` holds a language model [`generate_lm`] reads.
-pub fn is_hf_lm(dir: &Path) -> bool {
-    rookery_interop::is_lm(dir)
-}
 
 /// The end-of-sequence ids of the model in `dir` (`eos_token_id`: a number or a list).
 fn eos_ids(dir: &Path) -> Result<Vec<u32>> {

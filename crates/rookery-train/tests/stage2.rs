@@ -539,7 +539,7 @@ fn imported_llama_and_neox_generate_what_transformers_generates() {
             temperature: 1.0,
             seed: 0,
         };
-        assert!(rookery_train::lm_io::is_hf_lm(&dir), "{name}");
+        assert!(rookery_interop::is_lm(&dir), "{name}");
         let (prompt, new, text) =
             rookery_train::lm_io::generate_lm::<IB>(&dir, &args, &Default::default()).unwrap();
         assert_eq!(prompt, ids("prompt_ids"), "{name}");

@@ -452,9 +452,8 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
         f.vision_sha256 = sha256_all(&weight_files(&sources.vision, true)?)?;
         f.lm_sha256 = sha256_all(&weight_files(&sources.lm, false)?)?;
         if !f.init_from.as_os_str().is_empty() {
-            let path = f.init_from.clone();
-            f.init_sha256 = sha256_all(std::slice::from_ref(&path))
-                .with_context(|| format!("flamingo.init_from = {}", path.display()))?;
+            f.init_sha256 = checkpoint::sha256(&f.init_from)
+                .with_context(|| format!("flamingo.init_from = {}", f.init_from.display()))?;
         }
         let (v, l) = (sources.vision.display(), sources.lm.display());
         tracing::info!(vision = %v, lm = %l, "stage 2 starts from these checkpoints");
@@ -483,14 +482,14 @@ impl<B: AutodiffBackend> Stage<B> for FlamingoStage {
         let f = &self.cfg.flamingo;
         model.lm = load_source_lm(&f.lm_from, &f.model.lm, &device)?;
         // Freezing after loading also restarts the new token rows from the loaded LM's rows.
-        let model = model.freeze();
-        if f.init_from.as_os_str().is_empty() {
-            return Ok(model.map(&mut PathIds::default()));
+        let mut model = model.freeze();
+        if !f.init_from.as_os_str().is_empty() {
+            let (from, loaded) =
+                rookery_interop::open_flamingo_import::load_trained(model, &f.model, &f.init_from)
+                    .with_context(|| format!("flamingo.init_from = {}", f.init_from.display()))?;
+            tracing::info!(from = %f.init_from.display(), ?loaded, "trained parts continue from");
+            model = from;
         }
-        let (model, loaded) =
-            rookery_interop::open_flamingo_import::load_trained(model, &f.model, &f.init_from)
-                .with_context(|| format!("flamingo.init_from = {}", f.init_from.display()))?;
-        tracing::info!(from = %f.init_from.display(), ?loaded, "trained parts continue from");
         Ok(model.map(&mut PathIds::default()))
     }
 

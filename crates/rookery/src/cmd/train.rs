@@ -332,7 +332,7 @@ pub fn export(path: &Path, out: &Path, bf16: bool, format: &str, full: bool) -> 
 
 /// `rookery generate`: prints the continuation.
 pub fn generate(weights: &Path, args: &flamingo_io::GenerateArgs) -> Result<()> {
-    if rookery_train::lm_io::is_hf_lm(weights) {
+    if rookery_interop::is_lm(weights) {
         let (_, _, text) =
             rookery_train::lm_io::generate_lm::<Inner>(weights, args, &backend::device())?;
         println!("{text}");
